@@ -1,0 +1,7 @@
+"""Entry point of `python -m tabconv`."""
+
+import sys
+
+from tabconv.cli import main
+
+sys.exit(main())

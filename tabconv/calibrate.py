@@ -1,0 +1,158 @@
+"""Calibration: capture each layer's input rows and learn its tables, independently or sequentially.
+
+`independent`: every layer learns from exact-network activations, so one set of tables serves any
+mask. `sequential` (the paper's): each layer learns from activations coming out of the
+already-approximated upstream layers, so its tables depend on every upstream setting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from tabconv.cache import TableCache, cache_key
+from tabconv.config import Calibration
+from tabconv.convert import convert
+from tabconv.lowering import bias_vector, fold_batchnorm, im2col, weight_matrix
+from tabconv.quantizer import ProductQuantizer
+from tabconv.settings import LayerSetting
+from tabconv.structure import LayerInfo, ModelStructure
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def folded_layer(model: nn.Module, info: LayerInfo) -> nn.Module:
+    """The layer with its batch norm folded in: what the tables must reproduce."""
+    layer = model.get_submodule(info.name)
+    if info.bn:
+        return fold_batchnorm(layer, model.get_submodule(info.bn))
+    return layer
+
+
+def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A's rows for one layer input: im2col for a conv, flattened features for a linear layer."""
+    if isinstance(module, nn.Conv2d):
+        return im2col(x, module)
+    return x.reshape(-1, x.shape[-1])
+
+
+def row_sample(total: int, max_rows: int, seed: int) -> torch.Tensor | None:
+    """Sorted indices of the calibration rows kept (None: keep them all)."""
+    if total <= max_rows:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(total, generator=generator)[:max_rows].sort().values
+
+
+@torch.no_grad()
+def capture_rows(model: nn.Module, layers: list[LayerInfo], images: torch.Tensor, calibration: Calibration,
+                 batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Input rows of each layer over the calibration images, each subsampled (seeded) to max_rows."""
+    samples = {info.name: row_sample(info.rows_per_image * len(images), calibration.max_rows, calibration.seed)
+               for info in layers}
+    parts: dict[str, list[torch.Tensor]] = {info.name: [] for info in layers}
+    offset = {"rows": 0}
+    handles = []
+    for info in layers:
+        module = model.get_submodule(info.name)
+
+        def hook(mod, inputs, output, info=info):
+            rows = layer_rows(mod, inputs[0])
+            keep = samples[info.name]
+            if keep is not None:
+                start = offset["rows"] * info.rows_per_image
+                local = keep[(keep >= start) & (keep < start + rows.shape[0])] - start
+                rows = rows[local.to(rows.device)]
+            parts[info.name].append(rows.cpu())
+
+        handles.append(module.register_forward_hook(hook))
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(images), batch_size):
+            offset["rows"] = start
+            model(images[start:start + batch_size].to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+def fit_layer(model: nn.Module, info: LayerInfo, setting: LayerSetting, rows: torch.Tensor,
+              seed: int) -> ProductQuantizer:
+    """Learn prototypes on the rows and tables for the (BN-folded) layer weight."""
+    layer = folded_layer(model, info)
+    device = layer.weight.device
+    quantizer = ProductQuantizer.from_setting(setting, random_state=seed).fit(rows.to(device))
+    return quantizer.set_weight(weight_matrix(layer), bias_vector(layer))
+
+
+class TableBuilder:
+    """Builds the tables a configuration needs, from the disk cache when they were built before."""
+
+    def __init__(self, model: nn.Module, structure: ModelStructure, images: torch.Tensor,
+                 calibration: Calibration, identity: Mapping[str, Any], cache: TableCache | None = None,
+                 batch_size: int = 256) -> None:
+        self.model = model.eval()
+        self.structure = structure
+        self.images = images
+        self.calibration = calibration
+        self.identity = dict(identity)  # e.g. checkpoint sha256 and dataset: part of every cache key
+        self.cache = cache
+        self.batch_size = batch_size
+        self._exact_rows: dict[str, torch.Tensor] | None = None
+        self._memo: dict[str, ProductQuantizer] = {}  # built this process, by cache key
+        self.fits = 0  # layers actually fitted (not read from memory or disk) by this builder
+
+    def key_parts(self, name: str, setting: LayerSetting, upstream: Mapping[str, LayerSetting]) -> dict[str, Any]:
+        parts = {**self.identity, "layer": name, "setting": setting.to_dict(),
+                 "calibration": vars(self.calibration).copy(),
+                 "quantizer": {k: v for k, v in ProductQuantizer.from_setting(setting).get_params().items()
+                               if k in ("kmeans_iter", "kmeans_backend")}}
+        if self.calibration.mode == "sequential":
+            parts["upstream"] = {n: s.to_dict() for n, s in upstream.items() if s.is_table}
+        return parts
+
+    def exact_rows(self, name: str) -> torch.Tensor:
+        """Rows from the exact network; captured for all layers in one pass, kept for rebuilds."""
+        if self._exact_rows is None:
+            self._exact_rows = capture_rows(self.model, self.structure.layers, self.images, self.calibration,
+                                            self.batch_size)
+        return self._exact_rows[name]
+
+    def build(self, name: str, setting: LayerSetting,
+              upstream: Mapping[str, ProductQuantizer] | None = None) -> ProductQuantizer:
+        """Tables of one layer; in sequential mode `upstream` holds the built tables of earlier layers."""
+        info = self.structure.layer(name)
+        upstream = dict(upstream or {})
+
+        def fit() -> ProductQuantizer:
+            self.fits += 1
+            if self.calibration.mode == "independent":
+                rows = self.exact_rows(name)
+            else:
+                partial = convert(self.model, self.structure, upstream)
+                rows = capture_rows(partial, [info], self.images, self.calibration, self.batch_size)[name]
+            return fit_layer(self.model, info, setting, rows, self.calibration.seed)
+
+        parts = self.key_parts(name, setting, {n: q.setting for n, q in upstream.items()})
+        key = cache_key(parts)
+        if key not in self._memo:
+            self._memo[key] = self.cache.get_or_build(parts, fit) if self.cache else fit()
+        return self._memo[key]
+
+    def build_all(self, settings: Mapping[str, LayerSetting], progress: Progress | None = None
+                  ) -> dict[str, ProductQuantizer]:
+        """Tables for every table layer of `settings`, in forward order, reporting per-layer progress."""
+        names = [n for n in self.structure.names if n in settings and settings[n].is_table]
+        built: dict[str, ProductQuantizer] = {}
+        for i, name in enumerate(names):
+            setting = settings[name]
+            if progress:
+                progress({"stage": "tables", "layer": name, "index": i, "total": len(names)})
+            built[name] = self.build(name, setting, built)
+        if progress:
+            progress({"stage": "tables", "layer": None, "index": len(names), "total": len(names)})
+        return built

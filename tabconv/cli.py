@@ -1,0 +1,322 @@
+"""Command line: python -m tabconv train | cost | evaluate | search | sensitivity | cache.
+
+Every command prints JSON with --json; a bad argument or file exits with status 2 and one line
+saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from tabconv import config as config_file
+from tabconv.cache import TableCache
+from tabconv.config import Calibration, ConfigError
+from tabconv.cost import CONVENTIONS, model_cost
+from tabconv.data import DATASETS, DatasetUnavailable
+from tabconv.lowering import LoweringError
+from tabconv.models import build_model, model_names
+from tabconv.settings import ENCODERS, EXACT, LUT_DTYPES, LayerSetting, SettingError
+from tabconv.structure import ModelStructure, UnknownLayerError
+from tabconv.train import CheckpointError
+
+USER_ERRORS = (ConfigError, CheckpointError, DatasetUnavailable, SettingError, UnknownLayerError, LoweringError,
+               FileNotFoundError, ValueError)
+
+
+class CliError(Exception):
+    """An error whose message is the whole story."""
+
+
+def _progress_bar(desc: str) -> Callable[[dict[str, Any]], None]:
+    """A tqdm bar on stderr driven by the library's progress callbacks."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(event: dict[str, Any]) -> None:
+        if "epoch" in event:  # training: one bar over all epochs
+            event = {"stage": "epochs", "total": event["epochs"] * event["steps"],
+                     "index": (event["epoch"] - 1) * event["steps"] + event["step"],
+                     "layer": f"epoch {event['epoch']}/{event['epochs']} loss {event['loss']:.3f}"}
+        stage = event.get("stage", desc)
+        total = event.get("total")
+        if total is None:
+            return
+        bar = bars.get(stage)
+        if bar is None or bar.total != total:
+            bar = bars[stage] = tqdm(total=total, desc=f"{desc}: {stage}", file=sys.stderr, leave=False)
+        done = event.get("index", 0)
+        bar.update(max(0, done - bar.n))
+        if event.get("layer"):
+            bar.set_postfix_str(str(event["layer"]))
+
+    return update
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"input shape must look like 3,32,32, got {text!r}") from None
+    if len(parts) != 3 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"input shape must be three positive integers C,H,W, got {text!r}")
+    return parts
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def _emit(data: dict[str, Any], as_json: bool, lines: list[str]) -> None:
+    print(json.dumps(data, indent=2) if as_json else "\n".join(lines))
+
+
+# -- train -------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> None:
+    from tabconv.train import train_and_save
+
+    meta = train_and_save(args.model, args.dataset, args.out, epochs=args.epochs, batch_size=args.batch_size,
+                          lr=args.lr, seed=args.seed, device=args.device, data_root=args.data_root,
+                          progress=_progress_bar("train"))
+    _emit(meta, args.json, [f"saved {args.out}: {meta['model']} on {meta['dataset']}, test accuracy "
+                            f"{meta['test_accuracy']:.2%} on {meta['test_images']} images"])
+
+
+# -- cost --------------------------------------------------------------------------------------------
+def cmd_cost(args: argparse.Namespace) -> None:
+    model = build_model(args.model, args.num_classes, args.input_shape[0])
+    settings: dict[str, LayerSetting] = {}
+    if args.config:
+        cfg = config_file.load(args.config)
+        structure = ModelStructure(model, args.input_shape)
+        if cfg.model != args.model:
+            raise ConfigError(f"{args.config}: made for model {cfg.model!r}, not {args.model!r}")
+        settings = cfg.validate_against(structure).layers
+    report = model_cost(model, args.input_shape, settings, args.convention)
+    data = {"model": args.model, "num_classes": args.num_classes, "input_shape": list(args.input_shape),
+            **report.to_dict()}
+    _emit(data, args.json, [f"{args.model} at {','.join(map(str, args.input_shape))}: {report.flops:,} FLOPs "
+                            f"({args.convention} convention), {report.storage_bytes:,} bytes"])
+
+
+# -- evaluate / search / sensitivity -------------------------------------------------------------------
+def _session(args: argparse.Namespace):
+    from tabconv.session import Session
+
+    calibration = Calibration(images=args.calibration_images, mode=args.calibration, seed=args.seed,
+                              max_rows=args.max_rows)
+    cache = None if args.no_cache else TableCache(args.cache_dir)
+    return Session.from_checkpoint(args.checkpoint, calibration=calibration, eval_images=args.eval_images,
+                                   data_root=args.data_root, cache=cache, device=args.device,
+                                   progress=_progress_bar("session"))
+
+
+def _table_setting(args: argparse.Namespace) -> LayerSetting:
+    return LayerSetting("table", args.codebooks, args.centroids, args.encoder, args.lut_dtype)
+
+
+def _metrics_json(session, metrics) -> dict[str, Any]:
+    return {"checkpoint": str(session.meta.get("sha256")), "model": session.meta["model"],
+            "dataset": session.meta["dataset"], "calibration": vars(session.calibration),
+            **metrics.to_dict(session.structure, session.calibration.images)}
+
+
+def _metrics_lines(metrics) -> list[str]:
+    return [f"accuracy {metrics.accuracy:.2%} on {metrics.eval_images} test images "
+            f"(baseline {metrics.baseline_accuracy:.2%}, retention {metrics.retention:.1%})",
+            f"FLOPs paper convention (encoding free): {metrics.flops_paper:,} (-{metrics.reduction_paper:.1%}); "
+            f"full convention (encoding counted): {metrics.flops_full:,} (-{metrics.reduction_full:.1%}); "
+            f"baseline {metrics.baseline.flops:,}",
+            f"storage {metrics.paper.storage_bytes:,} bytes (x{metrics.storage_ratio:.2f} of "
+            f"{metrics.baseline.storage_bytes:,})"]
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    session = _session(args)
+    if args.config:
+        settings = config_file.load(args.config)
+        if settings.model != session.meta["model"]:
+            raise ConfigError(f"{args.config}: made for model {settings.model!r}, the checkpoint is "
+                              f"{session.meta['model']!r}")
+    elif args.all_table:
+        settings = session.uniform(_table_setting(args))
+    else:
+        settings = session.uniform(EXACT)
+    metrics = session.apply(settings, progress=_progress_bar("evaluate"))
+    if args.save_config:
+        session.configuration(metrics).save(args.save_config)
+    _emit(_metrics_json(session, metrics), args.json, _metrics_lines(metrics))
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from tabconv.search import greedy_search, priority_masking
+
+    session = _session(args)
+    setting = _table_setting(args)
+    if args.strategy == "priority":
+        result = priority_masking(session, setting, args.min_retention, max_storage_bytes=args.max_storage_bytes,
+                                  progress=_progress_bar("priority"))
+    else:
+        result = greedy_search(session, setting, args.min_retention, args.max_storage_bytes, args.convention,
+                               args.max_evaluations, progress=_progress_bar("greedy"))
+    if result.best is None:
+        raise CliError(f"no evaluated configuration keeps {args.min_retention:.0%} of the baseline accuracy "
+                       f"({len(result.points)} tried); lower --min-retention or raise --centroids")
+    session.configuration(result.best).save(args.out)
+    data = {**_metrics_json(session, result.best), "strategy": args.strategy, "evaluated": len(result.points),
+            "ranking": result.ranking, "config_file": str(args.out)}
+    _emit(data, args.json, [f"{args.strategy}: best of {len(result.points)} configurations -> {args.out}",
+                            *_metrics_lines(result.best)])
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> None:
+    from tabconv.search import sensitivity
+
+    session = _session(args)
+    rows = sensitivity(session, _table_setting(args), progress=_progress_bar("sensitivity"))
+    data = {"model": session.meta["model"], "dataset": session.meta["dataset"],
+            "eval_images": session.baseline.eval_images, "baseline_accuracy": session.baseline.accuracy,
+            "setting": _table_setting(args).to_dict(), "layers": rows}
+    lines = [f"{'layer':28s} {'only this tabled':>18s} {'only this exact':>18s}  (accuracy on "
+             f"{session.baseline.eval_images} images)"]
+    lines += [f"{r['layer']:28s} {r['only_table']['accuracy']:>18.2%} {r['only_exact']['accuracy']:>18.2%}"
+              for r in rows]
+    _emit(data, args.json, lines)
+
+
+# -- cache ---------------------------------------------------------------------------------------------
+def cmd_cache(args: argparse.Namespace) -> None:
+    cache = TableCache(args.cache_dir)
+    if args.action == "clear":
+        removed = cache.clear()
+        _emit({"root": str(cache.root), "removed": removed}, args.json,
+              [f"removed {removed} entries from {cache.root}"])
+        return
+    entries = cache.entries()
+    data = {"root": str(cache.root), "entries": len(entries), "bytes": sum(e.size_bytes for e in entries),
+            "items": [{"key": e.key, "layer": e.layer, "bytes": e.size_bytes,
+                       "setting": e.description.get("setting"), "damaged": e.description.get("damaged", False)}
+                      for e in entries]}
+    lines = [f"{e.key[:12]}  {e.size_bytes:>10,}  {e.layer}  {e.description.get('setting', 'damaged')}"
+             for e in entries] + [f"{len(entries)} entries, {data['bytes']:,} bytes in {cache.root}"]
+    _emit(data, args.json, lines)
+
+
+# -- parser --------------------------------------------------------------------------------------------
+def _session_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by `tabconv train`")
+    p.add_argument("--calibration-images", type=_positive, default=Calibration.images,
+                   help="first N training images used to learn prototypes (default %(default)s)")
+    p.add_argument("--eval-images", type=_positive, default=None,
+                   help="first N test images to evaluate on (default: the whole test split)")
+    p.add_argument("--calibration", choices=("independent", "sequential"), default="independent",
+                   help="learn each layer on exact activations, or on approximated upstream ones (the paper's)")
+    p.add_argument("--max-rows", type=_positive, default=Calibration.max_rows,
+                   help="calibration rows per layer sampled for k-means (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", default=None, help="dataset root (else $TABCONV_DATA, else the user cache)")
+    p.add_argument("--cache-dir", default=None, help="table cache (else $TABCONV_CACHE, else cached_tables/)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the table cache")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _table_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--codebooks", "-C", type=_positive, default=8, help="C: subspaces per layer (default 8)")
+    p.add_argument("--centroids", "-K", type=_positive, default=64, help="K: prototypes per subspace (default 64)")
+    p.add_argument("--encoder", choices=ENCODERS, default="exhaustive")
+    p.add_argument("--lut-dtype", choices=LUT_DTYPES, default="float32")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tabconv", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model and save a checkpoint")
+    p.add_argument("--model", choices=model_names(), required=True)
+    p.add_argument("--dataset", choices=list(DATASETS), required=True)
+    p.add_argument("--epochs", type=_positive, default=None, help="default: per dataset")
+    p.add_argument("--batch-size", type=_positive, default=128)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("cost", help="FLOPs and storage of a model, optionally under a configuration")
+    p.add_argument("--model", choices=model_names(), required=True)
+    p.add_argument("--num-classes", type=_positive, required=True)
+    p.add_argument("--input-shape", type=_shape, required=True, help="C,H,W e.g. 3,32,32")
+    p.add_argument("--config", default=None, help="a configuration file; its table layers are costed as tables")
+    p.add_argument("--convention", choices=CONVENTIONS, default="paper",
+                   help="paper: encoding free, as the paper counted; full: encoding counted")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cost)
+
+    p = sub.add_parser("evaluate", help="accuracy, FLOPs and storage of a configuration")
+    _session_options(p)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--all-exact", action="store_true")
+    mode.add_argument("--all-table", action="store_true")
+    mode.add_argument("--config", default=None)
+    _table_options(p)
+    p.add_argument("--save-config", default=None, help="write this run's configuration file here")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("search", help="find a configuration: priority masking or greedy, under a retention budget")
+    _session_options(p)
+    _table_options(p)
+    p.add_argument("--strategy", choices=("priority", "greedy"), required=True)
+    p.add_argument("--min-retention", type=_fraction, required=True, help="fraction of baseline accuracy to keep")
+    p.add_argument("--max-storage-bytes", type=_positive, default=None)
+    p.add_argument("--convention", choices=CONVENTIONS, default="paper", help="FLOPs the greedy search minimises")
+    p.add_argument("--max-evaluations", type=_positive, default=400, help="greedy: evaluation budget")
+    p.add_argument("--out", required=True, help="where the best configuration file is written")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("sensitivity", help="per layer: tabling only it, and keeping only it exact")
+    _session_options(p)
+    _table_options(p)
+    p.set_defaults(func=cmd_sensitivity)
+
+    p = sub.add_parser("cache", help="list or clear the table cache")
+    p.add_argument("action", choices=("ls", "clear"))
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cache)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (CliError, *USER_ERRORS) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

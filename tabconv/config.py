@@ -1,0 +1,213 @@
+"""The configuration file: which layers are tables, with which C/K, calibrated how, for which model.
+
+A versioned JSON schema. Loading validates everything and raises ConfigError with a message that
+names the offending item; it never lets a traceback reach the user.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tabconv import __version__
+from tabconv.settings import EXACT, LayerSetting, SettingError
+from tabconv.structure import ModelStructure, unknown_message
+
+SCHEMA = "tabconv-config"
+SCHEMA_VERSION = 1
+CALIBRATION_MODES = ("independent", "sequential")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the item at fault."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where prototypes are learned from: the first `images` training images of `dataset`."""
+
+    images: int = 1000
+    mode: str = "independent"
+    seed: int = 0
+    max_rows: int = 16384  # rows per layer sampled (seeded) for k-means; the rest cost time, not quality
+    split: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.mode not in CALIBRATION_MODES:
+            raise ConfigError(f"calibration.mode must be one of {CALIBRATION_MODES}, got {self.mode!r}")
+        for key in ("images", "max_rows"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"calibration.{key} must be a positive integer, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"calibration.seed must be an integer, got {self.seed!r}")
+        if self.split not in ("train", "test"):
+            raise ConfigError(f"calibration.split must be 'train' or 'test', got {self.split!r}")
+
+
+@dataclass
+class Configuration:
+    """A whole TabConv configuration; `layers` holds every lowerable layer by qualified name."""
+
+    model: str
+    dataset: str
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    layers: dict[str, LayerSetting]
+    calibration: Calibration = field(default_factory=Calibration)
+    checkpoint_sha256: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def table_layers(self) -> list[str]:
+        return [name for name, s in self.layers.items() if s.is_table]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "dataset": self.dataset,
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "calibration": asdict(self.calibration),
+            "layers": {name: s.to_dict() for name, s in self.layers.items()},
+            "metrics": self.metrics,
+            "software": software_versions(),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return atomic_write_text(Path(path), self.to_json())
+
+    def validate_against(self, structure: ModelStructure, checkpoint_sha256: str | None = None) -> Configuration:
+        """Refuse layer names the model lacks and a configuration made for another checkpoint."""
+        for name in self.layers:
+            if name not in structure.names:
+                raise ConfigError(f"layers: {unknown_message('layer', name, structure.names)} (model {self.model})")
+        if tuple(self.input_shape) != tuple(structure.input_shape):
+            raise ConfigError(f"input_shape {list(self.input_shape)} does not match the model's "
+                              f"{list(structure.input_shape)}")
+        if checkpoint_sha256 and self.checkpoint_sha256 and checkpoint_sha256 != self.checkpoint_sha256:
+            raise ConfigError(
+                f"checkpoint_sha256 {self.checkpoint_sha256[:12]}... was made for another checkpoint "
+                f"(this one is {checkpoint_sha256[:12]}...)"
+            )
+        for name in structure.names:
+            self.layers.setdefault(name, EXACT)
+        self.layers = {name: self.layers[name] for name in structure.names}
+        return self
+
+
+def uniform(model: str, dataset: str, num_classes: int, structure: ModelStructure, setting: LayerSetting,
+            calibration: Calibration | None = None, checkpoint_sha256: str | None = None) -> Configuration:
+    """Every layer with the same setting (e.g. all exact, or all tables at one C and K)."""
+    return Configuration(model, dataset, num_classes, structure.input_shape,
+                         {name: setting for name in structure.names}, calibration or Calibration(),
+                         checkpoint_sha256)
+
+
+def software_versions() -> dict[str, str]:
+    import numpy
+    import torch
+    import torchvision
+
+    return {"tabconv": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version()}
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write via a temporary file and rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# -- parsing ---------------------------------------------------------------------------------------
+def load(path: str | os.PathLike) -> Configuration:
+    """Read and validate a configuration file (structure-independent checks)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc})") from None
+    try:
+        return from_json(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def from_json(text: str) -> Configuration:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    return from_dict(data)
+
+
+def from_dict(data: Any) -> Configuration:
+    if not isinstance(data, dict):
+        raise ConfigError("a configuration must be a JSON object")
+    if data.get("schema") != SCHEMA:
+        raise ConfigError(f"'schema' must be {SCHEMA!r}: this is not a TabConv configuration file")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise ConfigError(f"schema_version {data.get('schema_version')!r} is not supported (expected {SCHEMA_VERSION})")
+    for key, kind in (("model", str), ("dataset", str), ("num_classes", int), ("input_shape", list), ("layers", dict)):
+        if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
+            raise ConfigError(f"'{key}' is missing or not a {kind.__name__}")
+    shape = data["input_shape"]
+    if len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape):
+        raise ConfigError(f"'input_shape' must be three positive integers [C, H, W], got {shape!r}")
+    sha = data.get("checkpoint_sha256")
+    if sha is not None and not isinstance(sha, str):
+        raise ConfigError("'checkpoint_sha256' must be a string or null")
+    metrics = data.get("metrics", {})
+    metrics = {} if metrics is None else metrics
+    if not isinstance(metrics, dict):
+        raise ConfigError("'metrics' must be an object")
+    return Configuration(data["model"], data["dataset"], data["num_classes"], tuple(shape),
+                         _parse_layers(data["layers"]), _parse_calibration(data.get("calibration", {})), sha, metrics)
+
+
+def _parse_calibration(raw: Any) -> Calibration:
+    if not isinstance(raw, dict):
+        raise ConfigError("'calibration' must be an object")
+    known = set(Calibration.__dataclass_fields__)
+    extra = set(raw) - known
+    if extra:
+        raise ConfigError(f"calibration: unknown key(s) {sorted(extra)}; known: {sorted(known)}")
+    return Calibration(**raw)
+
+
+def _parse_layers(raw: dict) -> dict[str, LayerSetting]:
+    layers = {}
+    known = set(LayerSetting.__dataclass_fields__)
+    for name, item in raw.items():
+        if not isinstance(item, dict):
+            raise ConfigError(f"layers.{name}: must be an object like {{'mode': 'table', 'codebooks': 8, ...}}")
+        extra = set(item) - known
+        if extra:
+            raise ConfigError(f"layers.{name}: unknown key(s) {sorted(extra)}; known: {sorted(known)}")
+        try:
+            layers[name] = LayerSetting(**item)
+        except SettingError as exc:
+            raise ConfigError(f"layers.{name}: {exc}") from None
+    return layers

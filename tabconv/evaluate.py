@@ -1,0 +1,94 @@
+"""Evaluation: accuracy on a stated number of images, and per-layer error against the exact network.
+
+A layer's error is measured at its output (after its batch norm, which table layers fold in), as
+the paper does: one cosine similarity over the whole flattened activation tensor of the evaluated
+images, plus the relative error ||approx - exact|| / ||exact||.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from tabconv.structure import ModelStructure
+
+
+@dataclass(frozen=True)
+class LayerError:
+    name: str
+    cosine: float
+    relative_error: float
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    accuracy: float
+    correct: int
+    images: int
+    layers: dict[str, LayerError]
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "correct": self.correct, "eval_images": self.images,
+                "layers": [asdict(e) for e in self.layers.values()]}
+
+
+class ErrorAccumulator:
+    """Running sums that give cosine and relative error over all images, batch by batch."""
+
+    def __init__(self) -> None:
+        self.dot = self.exact_sq = self.approx_sq = self.diff_sq = 0.0
+
+    def add(self, exact: torch.Tensor, approx: torch.Tensor) -> None:
+        e, a = exact.double().flatten(), approx.double().flatten()
+        self.dot += float(e @ a)
+        self.exact_sq += float(e @ e)
+        self.approx_sq += float(a @ a)
+        self.diff_sq += float((a - e) @ (a - e))
+
+    def result(self, name: str) -> LayerError:
+        norm = (self.exact_sq * self.approx_sq) ** 0.5
+        cosine = self.dot / norm if norm > 0 else float(self.exact_sq == self.approx_sq)
+        relative = (self.diff_sq / self.exact_sq) ** 0.5 if self.exact_sq > 0 else float(self.diff_sq > 0)
+        return LayerError(name, cosine, relative)
+
+
+def _capture_outputs(model: nn.Module, names: dict[str, str], store: dict[str, torch.Tensor]) -> list:
+    """Hooks that put the output of module `names[layer]` into store[layer]."""
+    handles = []
+    for layer, module_name in names.items():
+
+        def hook(mod, inputs, output, layer=layer):
+            store[layer] = output.clone()  # a later in-place op (ReLU, +=) must not alter it
+
+        handles.append(model.get_submodule(module_name).register_forward_hook(hook))
+    return handles
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             reference: nn.Module | None = None, structure: ModelStructure | None = None) -> Evaluation:
+    """Accuracy of `model`; with an exact `reference` and its structure, per-layer errors too."""
+    outputs = {layer.name: layer.output_name for layer in structure.layers} if structure and reference else {}
+    got: dict[str, torch.Tensor] = {}
+    want: dict[str, torch.Tensor] = {}
+    handles = _capture_outputs(model, outputs, got) + (_capture_outputs(reference, outputs, want) if outputs else [])
+    sums = {name: ErrorAccumulator() for name in outputs}
+    correct = total = 0
+    try:
+        for x, y in batches:
+            logits = model(x)
+            if outputs:
+                reference(x)
+                for name, acc in sums.items():
+                    acc.add(want[name], got[name])
+            correct += int((logits.argmax(1) == y.to(logits.device)).sum())
+            total += len(y)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if total == 0:
+        raise ValueError("no evaluation images")
+    return Evaluation(correct / total, correct, total, {name: acc.result(name) for name, acc in sums.items()})

@@ -1,0 +1,112 @@
+"""Metrics of one evaluated configuration: accuracy (with its image count), cost in both conventions,
+storage, and per-layer errors — the record every view (CLI, search, explorer) shows."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tabconv.cost import CostReport
+from tabconv.evaluate import LayerError
+from tabconv.settings import LayerSetting
+from tabconv.structure import ModelStructure
+
+
+@dataclass
+class Metrics:
+    settings: dict[str, LayerSetting]
+    accuracy: float
+    eval_images: int
+    baseline_accuracy: float
+    paper: CostReport
+    full: CostReport
+    baseline: CostReport
+    errors: dict[str, LayerError]
+    label: str = ""
+    id: int = -1  # position in the session history
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def retention(self) -> float:
+        return self.accuracy / self.baseline_accuracy if self.baseline_accuracy else 0.0
+
+    @property
+    def flops_paper(self) -> int:
+        return self.paper.flops
+
+    @property
+    def flops_full(self) -> int:
+        return self.full.flops
+
+    @property
+    def reduction_paper(self) -> float:
+        return 1 - self.paper.flops / self.baseline.flops
+
+    @property
+    def reduction_full(self) -> float:
+        return 1 - self.full.flops / self.baseline.flops
+
+    @property
+    def storage_ratio(self) -> float:
+        return self.paper.storage_bytes / self.baseline.storage_bytes
+
+    @property
+    def table_layers(self) -> list[str]:
+        return [name for name, s in self.settings.items() if s.is_table]
+
+    def summary(self) -> str:
+        """One line for hovers and logs."""
+        return (f"{len(self.table_layers)}/{len(self.settings)} layers tabled, acc {self.accuracy:.2%} "
+                f"({self.eval_images} images), paper -{self.reduction_paper:.1%}, full -{self.reduction_full:.1%}, "
+                f"storage x{self.storage_ratio:.2f}")
+
+    def layer_rows(self, structure: ModelStructure, calibration_images: int) -> list[dict[str, Any]]:
+        """Per-layer table in forward order: shapes, D, rows, MACs and share, storage, error, K warning."""
+        total_macs = sum(info.macs_per_image for info in structure.layers) or 1
+        rows = []
+        for info in structure.layers:
+            setting = self.settings.get(info.name, LayerSetting())
+            cost = self.paper.layer(info.name)
+            error = self.errors.get(info.name)
+            calib_rows = info.rows_per_image * calibration_images
+            rows.append({
+                "name": info.name, "kind": info.kind, "mode": setting.mode,
+                "codebooks": setting.codebooks, "centroids": setting.centroids,
+                "encoder": setting.encoder, "lut_dtype": setting.lut_dtype,
+                "input_shape": list(info.input_shape), "output_shape": list(info.output_shape),
+                "inner_dim": info.inner_dim, "out_features": info.out_features,
+                "rows_per_image": info.rows_per_image, "calibration_rows": calib_rows,
+                "macs": info.macs_per_image, "mac_share": info.macs_per_image / total_macs,
+                "flops_paper": cost.flops("paper"), "flops_full": self.full.layer(info.name).flops("full"),
+                "weight_bytes": self.baseline.layer(info.name).weight_bytes
+                + (self.baseline.layer(info.bn).weight_bytes if info.bn else 0),
+                "table_bytes": cost.table_bytes, "prototype_bytes": cost.prototype_bytes,
+                "cosine": error.cosine if error else None,
+                "relative_error": error.relative_error if error else None,
+                "k_exceeds_rows": setting.is_table and setting.centroids >= calib_rows,
+            })
+        return rows
+
+    def to_dict(self, structure: ModelStructure | None = None, calibration_images: int = 0) -> dict[str, Any]:
+        """The JSON record of `evaluate` (and of every point of a search)."""
+        data = {
+            "id": self.id, "label": self.label,
+            "accuracy": self.accuracy, "eval_images": self.eval_images,
+            "baseline_accuracy": self.baseline_accuracy, "retention": self.retention,
+            "flops_paper": self.flops_paper, "flops_full": self.flops_full, "baseline_flops": self.baseline.flops,
+            "flops_reduction_paper": self.reduction_paper, "flops_reduction_full": self.reduction_full,
+            "flops_breakdown": {conv: {"exact": r.exact_ops, "encoding": r.encoding_ops, "lookup_adds": r.lookup_ops}
+                                for conv, r in (("paper", self.paper), ("full", self.full))},
+            "flops_convention_note": "paper: encoding free (the paper's count); full: encoding counted",
+            "storage_bytes": self.paper.storage_bytes, "table_bytes": self.paper.table_bytes,
+            "prototype_bytes": self.paper.prototype_bytes, "weight_bytes": self.paper.weight_bytes,
+            "baseline_storage_bytes": self.baseline.storage_bytes, "storage_ratio": self.storage_ratio,
+            **self.extra,
+        }
+        if structure is not None:
+            data["layers"] = self.layer_rows(structure, calibration_images)
+        else:
+            data["layers"] = [{"name": n, **s.to_dict(), **({k: v for k, v in asdict(self.errors[n]).items()
+                                                              if k != "name"} if n in self.errors else {})}
+                              for n, s in self.settings.items()]
+        return data

@@ -1,0 +1,301 @@
+"""Product quantization of a matrix product: A @ B approximated by summed table lookups.
+
+`ProductQuantizer` follows scikit-learn's estimator shape (constructor stores parameters, `fit`
+returns self, learned attributes end in `_`) and is also an `nn.Module`, so its learned tensors
+move with `.to(device)`, serialise with `state_dict` and can be cached as plain tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from tabconv.settings import LayerSetting, SettingError
+
+KMEANS_BACKENDS = ("torch", "sklearn")
+_CHUNK_ELEMENTS = 1 << 23  # bounds the (C, rows, K) distance block held at once
+
+
+class DegenerateCodebookWarning(UserWarning):
+    """K is at least the number of calibration rows: k-means would only memorise rows."""
+
+
+def pad_columns(x: torch.Tensor, padded_dim: int) -> torch.Tensor:
+    """Zero columns appended so that C subspaces of equal width cover D."""
+    return F.pad(x, (0, padded_dim - x.shape[-1])) if padded_dim > x.shape[-1] else x
+
+
+def split_subspaces(x: torch.Tensor, codebooks: int) -> torch.Tensor:
+    """(N, D_pad) -> (C, N, D_pad / C): contiguous column blocks, one per codebook."""
+    return x.reshape(x.shape[0], codebooks, -1).transpose(0, 1)
+
+
+def _sq_distances(xs: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """Squared distances (C, n, K) between rows (C, n, s) and centers (C, K, s), batched over C."""
+    c_norm = (centers * centers).sum(-1).unsqueeze(1)
+    x_norm = (xs * xs).sum(-1, keepdim=True)
+    return torch.baddbmm(c_norm, xs, centers.transpose(1, 2), alpha=-2.0).add_(x_norm).clamp_(min=0)
+
+
+def nearest_codes(xs: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """Index (N, C) of the nearest center per subspace, computed in row chunks to bound memory."""
+    codebooks, rows, _ = xs.shape
+    k = centers.shape[1]
+    chunk = max(1, _CHUNK_ELEMENTS // (codebooks * k))
+    c_norm = (centers * centers).sum(-1).unsqueeze(1)
+    out = torch.empty(rows, codebooks, dtype=torch.long, device=xs.device)
+    for start in range(0, rows, chunk):
+        block = xs[:, start : start + chunk]
+        # ||x||^2 is constant per row, so the argmin needs only ||p||^2 - 2 x.p
+        scores = torch.baddbmm(c_norm, block, centers.transpose(1, 2), alpha=-2.0)
+        out[start : start + chunk] = scores.argmin(-1).t()
+    return out
+
+
+def _kmeanspp_init(xs: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding, batched over subspaces (inverse-CDF sampling keeps it vectorised)."""
+    codebooks, rows, _ = xs.shape
+    idx = torch.arange(codebooks, device=xs.device)
+    x_norm = (xs * xs).sum(-1)  # (C, N)
+    pick = torch.randint(rows, (codebooks,), generator=generator).to(xs.device)
+    centers = torch.empty(codebooks, k, xs.shape[2], dtype=xs.dtype, device=xs.device)
+    closest = torch.full_like(x_norm, float("inf"))
+    for j in range(k):
+        new = xs[idx, pick]  # (C, s)
+        centers[:, j] = new
+        dist = x_norm - 2 * torch.bmm(xs, new.unsqueeze(-1)).squeeze(-1) + (new * new).sum(-1, keepdim=True)
+        closest = torch.minimum(closest, dist.clamp_(min=0))
+        cdf = closest.cumsum(1)
+        draw = torch.rand(codebooks, 1, generator=generator).to(xs.device) * cdf[:, -1:]
+        pick = torch.searchsorted(cdf, draw).squeeze(1).clamp_(max=rows - 1)
+    return centers
+
+
+def kmeans_torch(xs: torch.Tensor, k: int, iters: int, seed: int) -> torch.Tensor:
+    """Lloyd's k-means for all C subspaces at once, seeded by k-means++ on a row subsample.
+
+    Stops early once fewer than 0.1% of rows change cluster; empty clusters are re-seeded on far rows.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    codebooks, rows, width = xs.shape
+    seed_rows = min(rows, max(4096, 16 * k))
+    subset = torch.randperm(rows, generator=generator)[:seed_rows].to(xs.device) if seed_rows < rows else None
+    centers = _kmeanspp_init(xs if subset is None else xs[:, subset], k, generator)
+    codes = None
+    for _ in range(iters):
+        new_codes = nearest_codes(xs, centers).t()  # (C, N)
+        if codes is not None and (new_codes != codes).float().mean() < 1e-3:
+            break
+        codes = new_codes
+        onehot = torch.zeros(codebooks, k, rows, dtype=xs.dtype, device=xs.device)
+        onehot.scatter_(1, codes.unsqueeze(1), 1.0)
+        counts = onehot.sum(-1)
+        new = torch.bmm(onehot, xs) / counts.clamp(min=1).unsqueeze(-1)
+        empty = counts == 0
+        if empty.any():
+            new = _reseed_empty(xs, new, empty, centers)
+        centers = new
+    return centers
+
+
+def _reseed_empty(xs: torch.Tensor, new: torch.Tensor, empty: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Move each empty cluster onto the row farthest from its current center."""
+    dist = _sq_distances(xs, old).min(-1).values  # (C, N)
+    for c in torch.nonzero(empty.any(1)).flatten().tolist():
+        slots = torch.nonzero(empty[c]).flatten()
+        far = dist[c].topk(len(slots)).indices
+        new[c, slots] = xs[c, far]
+    return new
+
+
+def kmeans_sklearn(xs: torch.Tensor, k: int, iters: int, seed: int) -> torch.Tensor:
+    """scikit-learn's KMeans per subspace (the reference backend)."""
+    from sklearn.cluster import KMeans
+
+    centers = []
+    for sub in xs.cpu().numpy():
+        km = KMeans(n_clusters=k, n_init=1, max_iter=iters, random_state=seed).fit(sub)
+        centers.append(torch.from_numpy(km.cluster_centers_).to(xs.dtype))
+    return torch.stack(centers).to(xs.device)
+
+
+class ProductQuantizer(nn.Module):
+    """Learn K prototypes in each of C subspaces; approximate X @ W + b by summed table entries."""
+
+    def __init__(
+        self,
+        n_codebooks: int = 8,
+        n_centroids: int = 64,
+        encoder: str = "exhaustive",
+        lut_dtype: str = "float32",
+        kmeans_iter: int = 12,
+        kmeans_backend: str = "torch",
+        random_state: int = 0,
+    ) -> None:
+        super().__init__()
+        LayerSetting("table", n_codebooks, n_centroids, encoder, lut_dtype)  # validates
+        if kmeans_backend not in KMEANS_BACKENDS:
+            raise SettingError(f"kmeans_backend must be one of {KMEANS_BACKENDS}, got {kmeans_backend!r}")
+        self.n_codebooks = n_codebooks
+        self.n_centroids = n_centroids
+        self.encoder = encoder
+        self.lut_dtype = lut_dtype
+        self.kmeans_iter = kmeans_iter
+        self.kmeans_backend = kmeans_backend
+        self.random_state = random_state
+
+    @classmethod
+    def from_setting(cls, setting: LayerSetting, random_state: int = 0) -> ProductQuantizer:
+        return cls(setting.codebooks, setting.centroids, setting.encoder, setting.lut_dtype, random_state=random_state)
+
+    @property
+    def setting(self) -> LayerSetting:
+        return LayerSetting("table", self.n_codebooks, self.n_centroids, self.encoder, self.lut_dtype)
+
+    def get_params(self) -> dict:
+        """Constructor parameters (scikit-learn convention), e.g. to rebuild from a cache entry."""
+        names = ("n_codebooks", "n_centroids", "encoder", "lut_dtype", "kmeans_iter", "kmeans_backend", "random_state")
+        return {name: getattr(self, name) for name in names}
+
+    # -- fitting -------------------------------------------------------------------------------
+    def padded_dim(self, in_features: int) -> int:
+        return self.n_codebooks * math.ceil(in_features / self.n_codebooks)
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> ProductQuantizer:
+        """Learn prototypes (exhaustive) or a hash tree (tree) from calibration rows x of shape (N, D)."""
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise ValueError(f"fit expects a non-empty (rows, features) matrix, got shape {tuple(x.shape)}")
+        rows, in_features = x.shape
+        self.in_features_ = in_features
+        self.fit_rows_ = rows
+        if self.n_centroids >= rows:
+            warnings.warn(
+                f"K={self.n_centroids} centroids but only {rows} calibration rows: k-means would memorise "
+                "rows; use more calibration images or a smaller K",
+                DegenerateCodebookWarning,
+                stacklevel=3,
+            )
+        xs = split_subspaces(pad_columns(x.float(), self.padded_dim(in_features)), self.n_codebooks).contiguous()
+        if self.encoder == "exhaustive":
+            self.prototypes_ = self._kmeans(xs)
+        else:
+            self._fit_tree(x.float(), xs)
+        return self
+
+    def _kmeans(self, xs: torch.Tensor) -> torch.Tensor:
+        k = min(self.n_centroids, xs.shape[1])
+        fit = kmeans_torch if self.kmeans_backend == "torch" else kmeans_sklearn
+        centers = fit(xs, k, self.kmeans_iter, self.random_state)
+        if k < self.n_centroids:  # unused slots: copies never chosen first by argmin
+            centers = torch.cat([centers, centers[:, :1].expand(-1, self.n_centroids - k, -1)], dim=1)
+        return centers
+
+    def _fit_tree(self, x: torch.Tensor, xs: torch.Tensor) -> None:
+        from tabconv.hashtree import fit_hash_trees
+
+        self.split_dims_, self.thresholds_, self.prototypes_ = fit_hash_trees(
+            x, xs, self.n_centroids, self.random_state
+        )
+
+    # -- encoding and tables -------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes (N, C): which prototype / bucket each row falls in, per subspace."""
+        self._check_fitted("prototypes_")
+        xs = split_subspaces(pad_columns(x.float(), self.padded_dim(self.in_features_)), self.n_codebooks)
+        if self.encoder == "exhaustive":
+            return nearest_codes(xs.contiguous(), self.prototypes_)
+        from tabconv.hashtree import encode_hash_trees
+
+        return encode_hash_trees(xs, self.split_dims_, self.thresholds_)
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> ProductQuantizer:
+        """Precompute tables T[c, k, m] = <prototype(c, k), W[subspace c, m]>, the bias folded into T[0]."""
+        self._check_fitted("prototypes_")
+        if weight.shape[0] != self.in_features_:
+            raise ValueError(f"weight has {weight.shape[0]} rows, the quantizer was fitted on {self.in_features_}")
+        tables = self.float_tables(weight.float())
+        if bias is not None:
+            tables[0] += bias.float()
+        self.out_features_ = weight.shape[1]
+        self._store_tables(tables)
+        return self
+
+    def float_tables(self, weight: torch.Tensor) -> torch.Tensor:
+        """Exact float32 tables (C, K, M) for a weight matrix (D, M)."""
+        w = pad_columns(weight.t(), self.padded_dim(self.in_features_)).t()
+        if self.prototypes_.shape[-1] == w.shape[0]:  # full-width prototypes (tree + ridge refinement)
+            return torch.einsum("ckd,dm->ckm", self.prototypes_, w)
+        w_sub = w.reshape(self.n_codebooks, -1, w.shape[1])
+        return torch.bmm(self.prototypes_, w_sub)
+
+    def _store_tables(self, tables: torch.Tensor) -> None:
+        if self.lut_dtype == "int8":
+            self.tables_, self.table_scale_, self.table_offset_ = quantize_tables_int8(tables)
+        else:
+            self.tables_ = tables.to(getattr(torch, self.lut_dtype))
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """Sum over codebooks of the looked-up table rows: (N, C) codes -> (N, M) outputs."""
+        self._check_fitted("tables_")
+        flat = self.tables_.reshape(-1, self.tables_.shape[-1]).float()
+        offsets = torch.arange(self.n_codebooks, device=codes.device) * self.n_centroids
+        summed = F.embedding_bag(codes + offsets, flat, mode="sum")
+        if self.lut_dtype == "int8":
+            # integer sums are exact in float32 (|sum| <= 128*C << 2**24): this is int accumulation
+            return dequantize_sum(summed, self.table_scale_, self.table_offset_, self.n_codebooks)
+        return summed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lookup(self.encode(x))
+
+    def _check_fitted(self, attr: str) -> None:
+        if not hasattr(self, attr):
+            raise RuntimeError(f"ProductQuantizer is not fitted: {attr} missing (call fit / set_weight first)")
+
+    # -- persistence -----------------------------------------------------------------------------
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        """Every learned tensor (attributes ending in `_`), for the cache."""
+        return {k: (v if isinstance(v, torch.Tensor) else torch.tensor(v)) for k, v in vars(self).items()
+                if k.endswith("_") and not k.startswith("_")}
+
+    def load_learned_state(self, state: dict[str, torch.Tensor]) -> ProductQuantizer:
+        for key, value in state.items():
+            if not key.endswith("_"):
+                raise ValueError(f"unexpected quantizer state entry {key!r}")
+            setattr(self, key, value.item() if value.ndim == 0 and key in _SCALAR_STATE else value)
+        return self
+
+    def _apply(self, fn, recurse=True):  # move learned tensors with .to()/.cuda() like buffers
+        super()._apply(fn, recurse)
+        for key, value in self.learned_state().items():
+            if key not in _SCALAR_STATE:
+                setattr(self, key, fn(value))
+        return self
+
+
+_SCALAR_STATE = ("in_features_", "fit_rows_", "out_features_")
+
+
+def quantize_tables_int8(tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int8 tables with one scale per layer and one offset per codebook.
+
+    A shared scale lets the C looked-up int8 entries be summed as integers (no overflow in int32)
+    and dequantized once per output: sum_c T_c ~= scale * (sum_c q_c + 128 C) + sum_c offset_c.
+    """
+    low = tables.amin(dim=(1, 2))  # (C,)
+    span = (tables.amax(dim=(1, 2)) - low).max().clamp(min=1e-12)
+    scale = span / 255.0
+    q = torch.round((tables - low.reshape(-1, 1, 1)) / scale) - 128
+    return q.clamp_(-128, 127).to(torch.int8), scale.reshape(()), low
+
+
+def dequantize_sum(summed: torch.Tensor, scale: torch.Tensor, offsets: torch.Tensor, codebooks: int) -> torch.Tensor:
+    """Turn summed int8 entries back into the float sum of table values."""
+    return scale * (summed + 128.0 * codebooks) + offsets.sum()

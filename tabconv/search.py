@@ -1,0 +1,186 @@
+"""Automatic choices over a Session: the paper's priority masking, sensitivity sweeps, the error
+propagation matrix, a budgeted greedy search, and Pareto fronts over everything evaluated."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tabconv.metrics import Metrics
+from tabconv.session import Session
+from tabconv.settings import EXACT, LayerSetting
+
+Progress = Callable[[dict[str, Any]], None]
+RANKINGS = ("cumulative", "isolated")
+
+
+@dataclass
+class SearchResult:
+    """Every configuration a search evaluated, and the best one meeting its constraints (if any)."""
+
+    strategy: str
+    points: list[Metrics]
+    best: Metrics | None
+    ranking: list[str] = field(default_factory=list)
+
+
+def feasible(m: Metrics, min_retention: float, max_storage_bytes: int | None = None) -> bool:
+    return m.retention >= min_retention and (max_storage_bytes is None or m.paper.storage_bytes <= max_storage_bytes)
+
+
+def flops(m: Metrics, convention: str) -> int:
+    return m.flops_paper if convention == "paper" else m.flops_full
+
+
+def pick_best(points: Iterable[Metrics], min_retention: float, max_storage_bytes: int | None = None,
+              convention: str = "paper") -> Metrics | None:
+    """Fewest FLOPs among feasible points; ties go to higher accuracy."""
+    ok = [m for m in points if feasible(m, min_retention, max_storage_bytes)]
+    return min(ok, key=lambda m: (flops(m, convention), -m.accuracy)) if ok else None
+
+
+def _notify(progress: Progress | None, stage: str, index: int, total: int, **extra: Any) -> None:
+    if progress:
+        progress({"stage": stage, "index": index, "total": total, **extra})
+
+
+def only_table(session: Session, layer: str, setting: LayerSetting) -> Metrics:
+    """'Approximate only layer i': one layer tabled, the rest exact."""
+    return session.apply({layer: setting}, label=f"only {layer} tabled")
+
+
+def only_exact(session: Session, layer: str, setting: LayerSetting) -> Metrics:
+    """'Keep only layer i exact': every other layer tabled."""
+    settings = session.uniform(setting)
+    settings[layer] = EXACT
+    return session.apply(settings, label=f"all but {layer} tabled")
+
+
+def priority_masking(session: Session, setting: LayerSetting, min_retention: float = 0.0,
+                     rank_by: str = "cumulative", max_storage_bytes: int | None = None,
+                     progress: Progress | None = None) -> SearchResult:
+    """The paper's masking: rank layers by the cosine of their output with every layer tabled
+    ('cumulative', as the reference code does) or with only that layer tabled ('isolated', cosine at
+    the network output), then sweep how many of the worst stay exact (0..L); every point is evaluated."""
+    if rank_by not in RANKINGS:
+        raise ValueError(f"rank_by must be one of {RANKINGS}, got {rank_by!r}")
+    names = session.structure.names
+    all_table = session.apply(session.uniform(setting), label="all tables", progress=progress)
+    if rank_by == "cumulative":
+        score = {n: all_table.errors[n].cosine for n in names}
+    else:
+        score = {n: only_table(session, n, setting).errors[names[-1]].cosine for n in names}
+    ranking = sorted(names, key=lambda n: score[n])
+    points = [all_table]
+    for count in range(1, len(names) + 1):
+        _notify(progress, "priority", count, len(names), exact=count)
+        settings = session.uniform(setting)
+        for name in ranking[:count]:
+            settings[name] = EXACT
+        points.append(session.apply(settings, label=f"priority: {count} worst exact"))
+    return SearchResult("priority", points, pick_best(points, min_retention, max_storage_bytes), ranking)
+
+
+def sensitivity(session: Session, setting: LayerSetting, progress: Progress | None = None) -> list[dict[str, Any]]:
+    """Per layer, both directions: tabling only it, and keeping only it exact."""
+    names = session.structure.names
+    rows = []
+    for i, name in enumerate(names):
+        _notify(progress, "sensitivity", i, len(names), layer=name)
+        alone, rest = only_table(session, name, setting), only_exact(session, name, setting)
+        rows.append({"layer": name,
+                     "only_table": _sweep_row(session, alone), "only_exact": _sweep_row(session, rest)})
+    return rows
+
+
+def _sweep_row(session: Session, m: Metrics) -> dict[str, Any]:
+    base = session.baseline
+    return {"accuracy": m.accuracy, "retention": m.retention, "eval_images": m.eval_images,
+            "flops_saved_paper": base.flops_paper - m.flops_paper, "flops_saved_full": base.flops_full - m.flops_full,
+            "cosine_output": m.errors[session.structure.names[-1]].cosine, "config_id": m.id}
+
+
+def propagation_matrix(session: Session, setting: LayerSetting, current: Metrics | None = None,
+                       progress: Progress | None = None) -> dict[str, Any]:
+    """Rows: each layer tabled alone; columns: every layer's output in forward order; plus the current
+    configuration's row. Values: cosine similarity and relative error against the exact network."""
+    names = session.structure.names
+    cosine, relative = [], []
+    for i, name in enumerate(names):
+        _notify(progress, "propagation", i, len(names), layer=name)
+        m = only_table(session, name, setting)
+        cosine.append([m.errors[n].cosine for n in names])
+        relative.append([m.errors[n].relative_error for n in names])
+    current = current or session.current
+    return {"layers": names, "rows": list(names), "cosine": cosine, "relative_error": relative,
+            "current": {"cosine": [current.errors[n].cosine for n in names],
+                        "relative_error": [current.errors[n].relative_error for n in names],
+                        "config_id": current.id}}
+
+
+def _moves(settings: dict[str, LayerSetting], setting: LayerSetting) -> list[tuple[str, LayerSetting]]:
+    """Moves that can save FLOPs: exact -> table; a table layer's C halved; its K halved."""
+    moves = []
+    for name, s in settings.items():
+        if not s.is_table:
+            moves.append((name, setting))
+            continue
+        if s.codebooks > 1:
+            moves.append((name, s.with_(codebooks=s.codebooks // 2)))
+        if s.centroids > 2:
+            moves.append((name, s.with_(centroids=s.centroids // 2)))
+    return moves
+
+
+def greedy_search(session: Session, setting: LayerSetting, min_retention: float,
+                  max_storage_bytes: int | None = None, convention: str = "paper", max_evaluations: int = 400,
+                  progress: Progress | None = None) -> SearchResult:
+    """Start from priority masking's best point (so never worse), then repeatedly score every move by
+    accuracy lost per FLOP saved and accept moves, best score first, while the budget holds."""
+    start = priority_masking(session, setting, min_retention, max_storage_bytes=max_storage_bytes,
+                             progress=progress)
+    points = list(start.points)
+    current = start.best or session.baseline
+    budget = max_evaluations
+    improved = True
+    while improved and budget > 0:
+        improved = False
+        scored = []
+        for name, new in _moves(dict(current.settings), setting):
+            if budget <= 0:
+                break
+            trial = session.apply({**current.settings, name: new}, label=f"greedy: {name} -> {_short(new)}")
+            budget -= 1
+            points.append(trial)
+            saved = flops(current, convention) - flops(trial, convention)
+            if saved > 0 and feasible(trial, min_retention, max_storage_bytes):
+                scored.append(((current.accuracy - trial.accuracy) / saved, name, new))
+        _notify(progress, "greedy", max_evaluations - budget, max_evaluations, best_flops=flops(current, convention))
+        for _, name, new in sorted(scored, key=lambda item: item[0]):
+            if budget <= 0:
+                break
+            trial = session.apply({**current.settings, name: new}, label=f"greedy: {name} -> {_short(new)}")
+            budget -= 1
+            points.append(trial)
+            if flops(trial, convention) < flops(current, convention) and feasible(trial, min_retention,
+                                                                                  max_storage_bytes):
+                current, improved = trial, True
+    best = pick_best(points, min_retention, max_storage_bytes, convention)
+    return SearchResult("greedy", points, best, start.ranking)
+
+
+def _short(s: LayerSetting) -> str:
+    return "exact" if not s.is_table else f"C={s.codebooks},K={s.centroids}"
+
+
+def pareto_front(points: Iterable[Metrics], cost: str = "flops_paper") -> list[Metrics]:
+    """Points not dominated in (lower cost, higher accuracy), sorted by cost: the step line of the plots."""
+    def key(m: Metrics) -> float:
+        return {"flops_paper": m.flops_paper, "flops_full": m.flops_full,
+                "storage_bytes": m.paper.storage_bytes}[cost]
+    front: list[Metrics] = []
+    for m in sorted(points, key=lambda m: (key(m), -m.accuracy)):
+        if not front or m.accuracy > front[-1].accuracy:
+            front.append(m)
+    return front

@@ -1,0 +1,188 @@
+"""The incremental session: a model, its calibration and evaluation images, and `apply(settings)`.
+
+It rebuilds only the tables whose own key changed (memory, then the disk cache), re-evaluates only
+the graph nodes a changed layer can influence (reusing every activation before it), and keeps every
+evaluated configuration in its history for plots, searches and comparisons.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from tabconv.cache import TableCache
+from tabconv.calibrate import TableBuilder
+from tabconv.config import Calibration, ConfigError, Configuration
+from tabconv.convert import convert, table_module
+from tabconv.cost import CostModel, CostReport
+from tabconv.data import ImageSet, load_dataset
+from tabconv.devices import resolve_device
+from tabconv.evaluate import ErrorAccumulator, LayerError, evaluate
+from tabconv.incremental import IncrementalRunner
+from tabconv.metrics import Metrics
+from tabconv.quantizer import ProductQuantizer
+from tabconv.settings import EXACT, LayerSetting
+from tabconv.structure import ModelStructure
+from tabconv.train import load_checkpoint
+
+Progress = Callable[[dict[str, Any]], None]
+MAX_INCREMENTAL_IMAGES = 2500  # above this, activations are not kept: evaluation streams in batches
+
+
+class Session:
+    """Evaluate configurations of one trained model fast and without redoing work."""
+
+    def __init__(self, model: nn.Module, meta: Mapping[str, Any], calibration_set: ImageSet, eval_set: ImageSet,
+                 calibration: Calibration | None = None, cache: TableCache | None = None,
+                 device: torch.device | str | None = None, batch_size: int = 500,
+                 progress: Progress | None = None) -> None:
+        self.device = resolve_device(device if device is None else str(device))
+        self.model = model.to(self.device).eval()
+        self.meta = dict(meta)
+        self.calibration = calibration or Calibration()
+        self.input_shape = tuple(self.meta["input_shape"])
+        self.structure = ModelStructure(self.model, self.input_shape)
+        if self.calibration.images > len(calibration_set):
+            raise ConfigError(f"calibration.images={self.calibration.images} but the {calibration_set.split} split "
+                              f"of {calibration_set.info.name} has only {len(calibration_set)} images")
+        self.eval_set = eval_set
+        self.batch_size = batch_size
+        calib = calibration_set.head(self.calibration.images)
+        self.builder = TableBuilder(self.model, self.structure, calib.normalize(calib.images), self.calibration,
+                                    {"checkpoint_sha256": self.meta.get("sha256"), "dataset": self.meta.get("dataset")},
+                                    cache)
+        self.incremental = len(eval_set) <= MAX_INCREMENTAL_IMAGES
+        if progress:
+            progress({"stage": "baseline", "images": len(eval_set)})
+        self.runner = IncrementalRunner(self.model, [x for x, _ in eval_set.batches(batch_size, self.device)]) \
+            if self.incremental else None
+        self._labels = eval_set.labels.to(self.device)
+        self._identities: dict[str, nn.Identity] = {}
+        self._tables: dict[int, nn.Module] = {}
+        self._errors: dict[str, LayerError] = {}
+        self._costs: dict[tuple, tuple[CostReport, CostReport]] = {}
+        self._seen: dict[tuple, Metrics] = {}
+        self.history: list[Metrics] = []
+        self.cost_model = CostModel(self.model, self.input_shape)
+        self.baseline_cost = self.cost_model.report(None, "paper")
+        self.baseline_accuracy = 0.0
+        self.baseline = self.apply({}, label="baseline (exact)")
+        self.baseline_accuracy = self.baseline.accuracy
+        self.baseline.baseline_accuracy = self.baseline.accuracy
+        self.current = self.baseline
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str, *, calibration: Calibration | None = None, eval_images: int | None = None,
+                        data_root: str | None = None, cache: TableCache | None = None, device: str | None = None,
+                        progress: Progress | None = None, batch_size: int = 500) -> Session:
+        """Load a checkpoint and its dataset (calibration: first N train images; evaluation: first N test)."""
+        device = resolve_device(device)
+        model, meta = load_checkpoint(path, device)
+        calibration = calibration or Calibration()
+        calib_set = load_dataset(meta["dataset"], calibration.split, data_root)
+        eval_set = load_dataset(meta["dataset"], "test", data_root)
+        if eval_images is not None:
+            eval_set = eval_set.head(eval_images)
+        return cls(model, meta, calib_set, eval_set, calibration, cache, device, batch_size, progress)
+
+    # -- configurations ----------------------------------------------------------------------------
+    def complete(self, settings: Mapping[str, LayerSetting] | Configuration) -> dict[str, LayerSetting]:
+        """Every layer's setting in forward order (unnamed layers exact); unknown names are refused."""
+        if isinstance(settings, Configuration):
+            settings.validate_against(self.structure, self.meta.get("sha256"))
+            settings = settings.layers
+        for name in settings:
+            self.structure.index(name)
+        return {name: settings.get(name, EXACT) for name in self.structure.names}
+
+    def uniform(self, setting: LayerSetting) -> dict[str, LayerSetting]:
+        return {name: setting for name in self.structure.names}
+
+    def configuration(self, metrics: Metrics | None = None) -> Configuration:
+        """The configuration file of a metrics record (default: the current one), metrics included."""
+        metrics = metrics or self.current
+        return Configuration(self.meta["model"], self.meta["dataset"], self.meta["num_classes"], self.input_shape,
+                             dict(metrics.settings), self.calibration, self.meta.get("sha256"),
+                             _metrics_summary(metrics))
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def apply(self, settings: Mapping[str, LayerSetting] | Configuration, progress: Progress | None = None,
+              label: str = "") -> Metrics:
+        """Metrics of a configuration (it becomes the current one); evaluated once per distinct settings."""
+        settings = self.complete(settings)
+        key = tuple(settings.items())
+        if key in self._seen:
+            self.current = self._seen[key]
+            return self.current
+        quantizers = self.builder.build_all(settings, progress)
+        if progress:
+            progress({"stage": "evaluate", "images": len(self.eval_set)})
+        if self.incremental:
+            correct, errors = self._evaluate_incremental(quantizers)
+        else:
+            correct, errors = self._evaluate_streaming(quantizers)
+        paper, full = self.costs(settings)
+        metrics = Metrics(settings, correct / len(self.eval_set), len(self.eval_set), self.baseline_accuracy,
+                          paper, full, self.baseline_cost, errors, label or f"config {len(self.history)}",
+                          len(self.history))
+        self.history.append(metrics)
+        self._seen[key] = metrics
+        self.current = metrics
+        return metrics
+
+    def costs(self, settings: Mapping[str, LayerSetting]) -> tuple[CostReport, CostReport]:
+        """(paper, full) cost reports, memoised per distinct table settings."""
+        tables = {n: s for n, s in settings.items() if s.is_table}
+        key = tuple(tables.items())
+        if key not in self._costs:
+            self._costs[key] = tuple(self.cost_model.report(tables, c) for c in ("paper", "full"))
+        return self._costs[key]
+
+    def tables(self, settings: Mapping[str, LayerSetting]) -> dict[str, ProductQuantizer]:
+        """Built tables of the configuration's table layers (from memory or the cache when possible)."""
+        return self.builder.build_all(self.complete(settings))
+
+    def _overrides(self, quantizers: Mapping[str, ProductQuantizer]) -> dict[str, nn.Module]:
+        """Module swaps for the runner: stable objects, so an unchanged layer is never recomputed."""
+        overrides: dict[str, nn.Module] = {}
+        for name, quantizer in quantizers.items():
+            info = self.structure.layer(name)
+            if id(quantizer) not in self._tables:
+                self._tables[id(quantizer)] = table_module(self.model, info, quantizer).to(self.device)
+            overrides[name] = self._tables[id(quantizer)]
+            if info.bn:
+                overrides[info.bn] = self._identities.setdefault(info.bn, nn.Identity())
+        return overrides
+
+    def _evaluate_incremental(self, quantizers: Mapping[str, ProductQuantizer]) -> tuple[int, dict[str, LayerError]]:
+        dirty = self.runner.run(self._overrides(quantizers))
+        for info in self.structure.layers:
+            node = self.runner.node_for_module(info.output_name)
+            if node in dirty or info.name not in self._errors:
+                acc = ErrorAccumulator()
+                for exact, approx in zip(self.runner.exact(node), self.runner.current(node), strict=False):
+                    acc.add(exact, approx)
+                self._errors[info.name] = acc.result(info.name)
+        logits = torch.cat(self.runner.output())
+        return int((logits.argmax(1) == self._labels).sum()), dict(self._errors)
+
+    def _evaluate_streaming(self, quantizers: Mapping[str, ProductQuantizer]) -> tuple[int, dict[str, LayerError]]:
+        model = convert(self.model, self.structure, quantizers)
+        result = evaluate(model, self.eval_set.batches(self.batch_size, self.device), self.model, self.structure)
+        return result.correct, result.layers
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.history)
+
+
+def _metrics_summary(metrics: Metrics) -> dict[str, Any]:
+    data = metrics.to_dict()
+    data.pop("layers")
+    data["layer_errors"] = {n: {"cosine": e.cosine, "relative_error": e.relative_error}
+                            for n, e in metrics.errors.items()}
+    return data

@@ -1,0 +1,59 @@
+"""Per-layer settings: how one named layer is computed (exact or by table lookups)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+MODES = ("exact", "table")
+ENCODERS = ("exhaustive", "tree")
+LUT_DTYPES = ("float32", "float16", "int8")
+LUT_BYTES = {"float32": 4, "float16": 2, "int8": 1}
+
+
+class SettingError(ValueError):
+    """An invalid layer setting; the message names the offending value."""
+
+
+@dataclass(frozen=True)
+class LayerSetting:
+    """One layer's choice. C (codebooks) and K (centroids) matter only in table mode."""
+
+    mode: str = "exact"
+    codebooks: int = 8
+    centroids: int = 64
+    encoder: str = "exhaustive"
+    lut_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise SettingError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for field, value in (("codebooks", self.codebooks), ("centroids", self.centroids)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SettingError(f"{field} must be a positive integer, got {value!r}")
+        if self.encoder not in ENCODERS:
+            raise SettingError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.lut_dtype not in LUT_DTYPES:
+            raise SettingError(f"lut_dtype must be one of {LUT_DTYPES}, got {self.lut_dtype!r}")
+        if self.encoder == "tree" and self.centroids & (self.centroids - 1):
+            raise SettingError(
+                f"the tree encoder needs K to be a power of two (K = 2**depth), got {self.centroids}"
+            )
+
+    @property
+    def is_table(self) -> bool:
+        return self.mode == "table"
+
+    @property
+    def tree_depth(self) -> int:
+        return int(math.log2(self.centroids))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_(self, **changes: object) -> LayerSetting:
+        """A copy with some fields changed (settings are immutable so they can key caches)."""
+        return LayerSetting(**{**asdict(self), **changes})
+
+
+EXACT = LayerSetting()

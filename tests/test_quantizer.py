@@ -1,0 +1,137 @@
+"""ProductQuantizer: fit / encode / tables / lookup against direct computations."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from tabconv.quantizer import DegenerateCodebookWarning, ProductQuantizer, nearest_codes, split_subspaces
+from tabconv.settings import SettingError
+
+
+def clustered(n: int, d: int, clusters: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(clusters, d, generator=g) * 5
+    return centers[torch.randint(clusters, (n,), generator=g)] + 0.01 * torch.randn(n, d, generator=g)
+
+
+def test_estimator_shape_and_lookup_equals_explicit_sum():
+    x = torch.randn(2000, 30)
+    w, b = torch.randn(30, 7), torch.randn(7)
+    pq = ProductQuantizer(n_codebooks=4, n_centroids=16, random_state=3)
+    assert pq.fit(x) is pq and pq.set_weight(w, b) is pq
+    assert pq.prototypes_.shape == (4, 16, 8)  # D=30 padded to 32
+    codes = pq.encode(x[:50])
+    assert codes.shape == (50, 4) and codes.dtype == torch.long and int(codes.max()) < 16
+    explicit = sum(pq.tables_[c, codes[:, c]] for c in range(4))
+    torch.testing.assert_close(pq.lookup(codes), explicit)
+    # the table entries are prototype . weight over each subspace, bias in table 0
+    w_pad = torch.cat([w, torch.zeros(2, 7)])
+    recon = torch.cat([pq.prototypes_[c, codes[:, c]] for c in range(4)], dim=1)
+    torch.testing.assert_close(pq(x[:50]), recon @ w_pad + b, rtol=1e-4, atol=1e-4)
+
+
+def test_encoding_picks_the_nearest_prototype():
+    x = torch.randn(300, 12)
+    pq = ProductQuantizer(3, 8).fit(x)
+    xs = split_subspaces(x, 3)
+    dist = torch.cdist(xs, pq.prototypes_)  # (C, N, K)
+    torch.testing.assert_close(pq.encode(x), dist.argmin(-1).t())
+    torch.testing.assert_close(nearest_codes(xs.contiguous(), pq.prototypes_), dist.argmin(-1).t())
+
+
+def test_clustered_data_is_reconstructed_almost_exactly():
+    x = clustered(3000, 24, clusters=10)
+    w = torch.randn(24, 5)
+    pq = ProductQuantizer(4, 16).fit(x).set_weight(w)
+    err = (pq(x) - x @ w).norm() / (x @ w).norm()
+    assert err < 0.01
+
+
+def test_more_centroids_reduce_error():
+    x = torch.randn(4000, 32)
+    w = torch.randn(32, 8)
+    errors = [((ProductQuantizer(8, k).fit(x).set_weight(w)(x) - x @ w).norm() / (x @ w).norm()).item()
+              for k in (2, 16, 128)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_k_larger_than_rows_warns_and_memorises_exactly():
+    x = torch.randn(20, 9)
+    w = torch.randn(9, 4)
+    with pytest.warns(DegenerateCodebookWarning, match="only 20 calibration rows"):
+        pq = ProductQuantizer(3, 64).fit(x)
+    pq.set_weight(w)
+    torch.testing.assert_close(pq(x), x @ w, rtol=1e-4, atol=1e-4)
+    assert pq.tables_.shape == (3, 64, 4)
+
+
+def test_k_equal_one_gives_the_mean_row():
+    x = torch.randn(500, 6)
+    w = torch.eye(6)
+    pq = ProductQuantizer(2, 1).fit(x).set_weight(w)
+    torch.testing.assert_close(pq(x[:3]), x.mean(0).expand(3, 6), rtol=1e-5, atol=1e-5)
+
+
+def test_seeds_are_deterministic_and_matter():
+    x = torch.randn(1500, 16)
+    a = ProductQuantizer(4, 8, random_state=0).fit(x).prototypes_
+    b = ProductQuantizer(4, 8, random_state=0).fit(x).prototypes_
+    c = ProductQuantizer(4, 8, random_state=1).fit(x).prototypes_
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sklearn_backend_agrees_in_quality():
+    x = clustered(2000, 16, clusters=6, seed=2)
+    w = torch.randn(16, 3)
+    for backend in ("torch", "sklearn"):
+        pq = ProductQuantizer(4, 8, kmeans_backend=backend).fit(x).set_weight(w)
+        assert (pq(x) - x @ w).norm() / (x @ w).norm() < 0.02
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("float16", 1e-3), ("int8", 0.02)])
+def test_compact_tables_reproduce_float_tables_within_quantization_error(dtype, tolerance):
+    x = torch.randn(3000, 40)
+    w, b = torch.randn(40, 12), torch.randn(12)
+    ref = ProductQuantizer(8, 32).fit(x).set_weight(w, b)
+    pq = ProductQuantizer(8, 32, lut_dtype=dtype).fit(x).set_weight(w, b)
+    assert pq.tables_.dtype == getattr(torch, dtype)
+    out, want = pq(x), ref(x)
+    if dtype == "int8":
+        # each of the C summed entries is off by at most half a quantization step
+        assert (out - want).abs().max() <= 8 * pq.table_scale_ / 2 + 1e-4
+    assert ((out - want).norm() / want.norm()) < tolerance
+
+
+def test_int8_accumulation_does_not_overflow_with_many_codebooks():
+    x = torch.randn(400, 512) * 100
+    w = torch.randn(512, 4) * 100
+    ref = ProductQuantizer(256, 2).fit(x).set_weight(w)
+    pq = ProductQuantizer(256, 2, lut_dtype="int8").fit(x).set_weight(w)
+    assert ((pq(x) - ref(x)).norm() / ref(x).norm()) < 0.02
+
+
+def test_invalid_parameters_are_refused_with_the_value():
+    with pytest.raises(SettingError, match="codebooks must be a positive integer, got 0"):
+        ProductQuantizer(0, 4)
+    with pytest.raises(SettingError, match="centroids"):
+        ProductQuantizer(2, -1)
+    with pytest.raises(SettingError, match="power of two"):
+        ProductQuantizer(2, 12, encoder="tree")
+    with pytest.raises(SettingError, match="kmeans_backend"):
+        ProductQuantizer(2, 4, kmeans_backend="faiss")
+    with pytest.raises(RuntimeError, match="not fitted"):
+        ProductQuantizer(2, 4).encode(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="non-empty"):
+        ProductQuantizer(2, 4).fit(torch.randn(0, 4))
+
+
+def test_learned_state_round_trip():
+    x = torch.randn(800, 10)
+    pq = ProductQuantizer(2, 8, lut_dtype="int8").fit(x).set_weight(torch.randn(10, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clone = ProductQuantizer(**pq.get_params()).load_learned_state(pq.learned_state())
+    torch.testing.assert_close(clone(x), pq(x))

@@ -1,0 +1,124 @@
+"""The incremental session: only changed layers rebuilt, suffix-only re-evaluation exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tabconv.config import Calibration, ConfigError
+from tabconv.data import load_dataset
+from tabconv.session import Session
+from tabconv.settings import EXACT, LayerSetting
+from tabconv.structure import UnknownLayerError
+from tests.helpers import model
+
+TABLE = LayerSetting("table", 4, 16)
+META = {"model": "resnet18", "dataset": "digits", "num_classes": 10, "input_shape": [1, 32, 32], "sha256": "t"}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", "train").head(64), load_dataset("digits", "test").head(60)
+
+
+def new_session(digits, **kwargs) -> Session:
+    train, test = digits
+    return Session(model("resnet18"), META, train, test, Calibration(images=64, max_rows=2048), batch_size=25,
+                   **kwargs)
+
+
+def test_baseline_is_the_exact_network(digits):
+    s = new_session(digits)
+    net = s.model
+    x = digits[1].normalize(digits[1].images)
+    want = (net(x).argmax(1) == digits[1].labels).float().mean().item()
+    assert s.baseline.accuracy == pytest.approx(want)
+    assert s.baseline.eval_images == 60 and s.baseline.retention == 1
+    assert s.baseline.flops_paper == s.baseline.flops_full == s.baseline_cost.flops
+
+
+def test_only_the_changed_layer_is_rebuilt(digits):
+    s = new_session(digits)
+    settings = s.uniform(TABLE)
+    s.apply(settings)
+    assert s.builder.fits == len(s.structure.names)
+    settings["layer3.1.conv1"] = TABLE.with_(centroids=8)
+    s.apply(settings)
+    assert s.builder.fits == len(s.structure.names) + 1
+    settings["layer3.1.conv1"] = EXACT
+    s.apply(settings)
+    assert s.builder.fits == len(s.structure.names) + 1
+
+
+def test_suffix_only_reevaluation_matches_a_full_evaluation_exactly(digits):
+    s = new_session(digits)
+    steps = [s.uniform(TABLE)]
+    steps.append({**steps[-1], "layer4.0.conv2": EXACT})
+    steps.append({**steps[-1], "layer2.1.conv1": TABLE.with_(codebooks=2)})
+    steps.append({**steps[-1], "conv1": EXACT, "fc": EXACT})
+    for settings in steps:
+        incremental = s.apply(settings)
+        fresh = new_session(digits).apply(settings)
+        assert incremental.accuracy == fresh.accuracy
+        assert incremental.flops_paper == fresh.flops_paper and incremental.flops_full == fresh.flops_full
+        for name in s.structure.names:
+            assert incremental.errors[name] == fresh.errors[name], name
+
+
+def test_a_late_change_recomputes_only_the_suffix(digits):
+    s = new_session(digits)
+    settings = s.uniform(EXACT)
+    s.apply({**settings, "layer4.1.conv2": TABLE})
+    assert s.runner.recomputed <= 10  # conv2, its bn, the add, relu, pool, flatten, fc, output
+    s.apply({**settings, "conv1": TABLE})
+    assert s.runner.recomputed > 50
+
+
+def test_streaming_and_incremental_paths_agree(digits, monkeypatch):
+    import tabconv.session as session_module
+
+    settings = {"layer1.0.conv1": TABLE, "layer3.0.downsample.0": TABLE, "fc": TABLE}
+    incremental = new_session(digits).apply(settings)
+    monkeypatch.setattr(session_module, "MAX_INCREMENTAL_IMAGES", 10)
+    streamed_session = new_session(digits)
+    assert not streamed_session.incremental
+    streamed = streamed_session.apply(settings)
+    assert streamed.accuracy == incremental.accuracy
+    for name in streamed_session.structure.names:
+        assert streamed.errors[name].cosine == pytest.approx(incremental.errors[name].cosine, abs=1e-6)
+
+
+def test_history_metrics_and_configuration(digits):
+    s = new_session(digits)
+    m = s.apply({"layer2.0.conv1": TABLE}, label="one layer")
+    assert [h.id for h in s.history] == [0, 1] and m.label == "one layer"
+    assert s.apply({"layer2.0.conv1": TABLE}) is m  # memoised: evaluated once
+    assert m.flops_paper < s.baseline.flops_paper and m.flops_paper < m.flops_full
+    cfg = s.configuration(m)
+    assert cfg.layers["layer2.0.conv1"] == TABLE and cfg.layers["conv1"] == EXACT
+    assert cfg.metrics["accuracy"] == m.accuracy and cfg.metrics["eval_images"] == 60
+    assert s.apply(cfg) is m
+    rows = m.layer_rows(s.structure, 64)
+    assert [r["name"] for r in rows] == s.structure.names
+    assert rows[-1]["k_exceeds_rows"] is False and sum(r["mac_share"] for r in rows) == pytest.approx(1)
+
+
+def test_bad_settings_are_refused(digits):
+    s = new_session(digits)
+    with pytest.raises(UnknownLayerError, match="layer9.conv1"):
+        s.apply({"layer9.conv1": TABLE})
+    cfg = s.configuration(s.baseline)
+    cfg.checkpoint_sha256 = "another"
+    with pytest.raises(ConfigError, match="another checkpoint"):
+        s.apply(cfg)
+    with pytest.raises(ConfigError, match="only 64 images"):
+        Session(model("resnet18"), META, digits[0], digits[1], Calibration(images=65))
+
+
+def test_progress_reports_every_table_layer(digits):
+    s = new_session(digits)
+    events = []
+    s.apply({"conv1": TABLE, "fc": TABLE}, progress=events.append)
+    layers = [e["layer"] for e in events if e["stage"] == "tables" and e["layer"]]
+    assert layers == ["conv1", "fc"] and events[-1]["stage"] == "evaluate"
+    assert torch.is_tensor(s.tables({"conv1": TABLE})["conv1"].tables_)
