@@ -136,8 +136,9 @@ def _moves(settings: dict[str, LayerSetting], setting: LayerSetting) -> list[tup
 def greedy_search(session: Session, setting: LayerSetting, min_retention: float,
                   max_storage_bytes: int | None = None, convention: str = "paper", max_evaluations: int = 400,
                   progress: Progress | None = None) -> SearchResult:
-    """Start from priority masking's best point (so never worse), then repeatedly score every move by
-    accuracy lost per FLOP saved and accept moves, best score first, while the budget holds."""
+    """Start from priority masking's best point (so never worse), then score every move that saves
+    FLOPs (known from the cost model before evaluating) by accuracy lost per FLOP saved, and accept
+    moves best score first while the constraints and the evaluation budget hold."""
     start = priority_masking(session, setting, min_retention, max_storage_bytes=max_storage_bytes,
                              progress=progress)
     points = list(start.points)
@@ -147,14 +148,14 @@ def greedy_search(session: Session, setting: LayerSetting, min_retention: float,
     while improved and budget > 0:
         improved = False
         scored = []
-        for name, new in _moves(dict(current.settings), setting):
+        for name, new in _saving_moves(session, current, setting, convention):
             if budget <= 0:
                 break
             trial = session.apply({**current.settings, name: new}, label=f"greedy: {name} -> {_short(new)}")
             budget -= 1
             points.append(trial)
-            saved = flops(current, convention) - flops(trial, convention)
-            if saved > 0 and feasible(trial, min_retention, max_storage_bytes):
+            if feasible(trial, min_retention, max_storage_bytes):
+                saved = flops(current, convention) - flops(trial, convention)
                 scored.append(((current.accuracy - trial.accuracy) / saved, name, new))
         _notify(progress, "greedy", max_evaluations - budget, max_evaluations, best_flops=flops(current, convention))
         for _, name, new in sorted(scored, key=lambda item: item[0]):
@@ -168,6 +169,18 @@ def greedy_search(session: Session, setting: LayerSetting, min_retention: float,
                 current, improved = trial, True
     best = pick_best(points, min_retention, max_storage_bytes, convention)
     return SearchResult("greedy", points, best, start.ranking)
+
+
+def _saving_moves(session: Session, current: Metrics, setting: LayerSetting,
+                  convention: str) -> list[tuple[str, LayerSetting]]:
+    """The moves whose configuration costs fewer FLOPs than `current` (cost is analytic: no evaluation)."""
+    now = flops(current, convention)
+    moves = []
+    for name, new in _moves(dict(current.settings), setting):
+        paper, full = session.costs({**current.settings, name: new})
+        if (paper if convention == "paper" else full).flops < now:
+            moves.append((name, new))
+    return moves
 
 
 def _short(s: LayerSetting) -> str:

@@ -175,6 +175,13 @@ class Session:
         result = evaluate(model, self.eval_set.batches(self.batch_size, self.device), self.model, self.structure)
         return result.correct, result.layers
 
+    def activate(self, metrics: Metrics) -> None:
+        """Make an evaluated configuration current and the incremental runner's state, so the next change
+        re-runs only what it affects (after a sweep the runner holds the sweep's last configuration)."""
+        if self.incremental:
+            self._evaluate_incremental(self.builder.build_all(metrics.settings))
+        self.current = metrics
+
     @property
     def evaluations(self) -> int:
         return len(self.history)

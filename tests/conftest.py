@@ -1,7 +1,8 @@
-"""Shared fixtures: the offline datasets laid out once per test session."""
+"""Shared fixtures: the offline datasets and the explorer's environment, each set up once per test session."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -30,3 +31,25 @@ def resnet18_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("checkpoints") / "resnet18-digits.pt"
     train_and_save("resnet18", "digits", path)
     return path
+
+
+@pytest.fixture(scope="session")
+def explorer_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for the explorer's tests: its own checkpoint and table-cache folders and small image counts.
+
+    The default checkpoint (ResNet-18 on digits) is trained once per test session, or copied from the
+    developer's checkpoints/ when one is there already.
+    """
+    from tabconv import zoo
+
+    root = tmp_path_factory.mktemp("explorer")
+    checkpoints = root / "checkpoints"
+    existing = zoo.checkpoint_path(zoo.DEFAULT_MODEL, zoo.DEFAULT_DATASET)
+    target = zoo.checkpoint_path(zoo.DEFAULT_MODEL, zoo.DEFAULT_DATASET, root=checkpoints)
+    if existing.is_file():
+        checkpoints.mkdir()
+        shutil.copyfile(existing, target)
+    else:
+        zoo.ensure_checkpoint(zoo.DEFAULT_MODEL, zoo.DEFAULT_DATASET, root=checkpoints)
+    return {"TABCONV_CHECKPOINTS": str(checkpoints), "TABCONV_CACHE": str(root / "tables"),
+            "TABCONV_DATA": str(root / "data"), "TABCONV_EXPLORER_CALIBRATION": "128", "TABCONV_EXPLORER_EVAL": "200"}

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from tabconv import hashtree
 from tabconv.hashtree import (
     encode_hash_trees,
     fit_hash_trees,
@@ -87,20 +88,20 @@ def test_codes_in_range_and_shapes(k: int) -> None:
         assert torch.equal(codes, (column > thresholds).t().long())
 
 
-def test_each_level_halves_buckets_on_the_best_candidate_dimension() -> None:
-    """Depth 1 with 3 dims (all candidates): the split halves the rows at the median of the dimension
-    whose median split leaves the lowest SSE, checked by brute force."""
+def _sse(rows: torch.Tensor, right: torch.Tensor) -> float:
+    return sum(((part - part.mean(0)) ** 2).sum().item() for part in (rows[right], rows[~right]) if len(part))
+
+
+def test_level_split_matches_brute_force() -> None:
+    """Depth 1, 3 dims (all candidates): per dim the cut minimising that dim's SSE, then the dim whose
+    cut leaves the lowest SSE over all dims, both found by brute force over every dim and cut."""
     gen = torch.Generator().manual_seed(3)
-    xs = torch.randn(2, 31, 3, generator=gen) * torch.tensor([1.0, 3.0, 0.5])
+    xs = torch.randn(2, 30, 3, generator=gen) * torch.tensor([1.0, 3.0, 0.5])
     codes, dims, thresholds = learn_trees(xs, depth=1)
-
-    def sse(sub: torch.Tensor, right: torch.Tensor) -> float:
-        return sum(((part - part.mean(0)) ** 2).sum().item() for part in (sub[right], sub[~right]))
-
     for c in range(2):
-        brute = min(sse(xs[c], xs[c, :, d] > xs[c, :, d].median()) for d in range(3))
-        assert sse(xs[c], codes[:, c].bool()) == pytest.approx(brute, rel=1e-6)
-        assert codes[:, c].sum() == 15  # 16 of 31 rows (ceil) go left
+        cuts = [min(xs[c, :, d], key=lambda t, d=d: _sse(xs[c, :, d : d + 1], xs[c, :, d] > t)) for d in range(3)]
+        brute = min(_sse(xs[c], xs[c, :, d] > cuts[d]) for d in range(3))
+        assert _sse(xs[c], codes[:, c].bool()) == pytest.approx(brute, rel=1e-6)
         assert torch.equal(codes[:, c], (xs[c, :, dims[c, 0]] > thresholds[c, 0]).long())
 
 
@@ -111,11 +112,13 @@ def test_structured_data_reconstructs_product_far_better_than_random_trees() -> 
     dims, thresholds, prototypes = fit_hash_trees(x, xs, 16, seed=0)
     learned = _rel_error(_reconstruct(prototypes, encode_hash_trees(xs, dims, thresholds)) @ w, x @ w)
 
-    rand_dims, rand_thresholds = _random_trees(xs, 4, torch.Generator().manual_seed(6))
-    rand_codes = encode_hash_trees(xs, rand_dims, rand_thresholds)
-    baseline = _rel_error(_reconstruct(ridge_prototypes(x, rand_codes, 16, 32), rand_codes) @ w, x @ w)
-    assert learned < 0.1
-    assert learned < 0.3 * baseline
+    gen = torch.Generator().manual_seed(6)
+    baseline = 0.0
+    for _ in range(8):  # random trees vary a lot (0.04 to 0.22 here): compare with their mean
+        rand_codes = encode_hash_trees(xs, *_random_trees(xs, 4, gen))
+        baseline += _rel_error(_reconstruct(ridge_prototypes(x, rand_codes, 16, 32), rand_codes) @ w, x @ w) / 8
+    assert learned < 0.04  # k-means (exhaustive encoder) reaches 0.026 on this data
+    assert learned < 0.35 * baseline
 
 
 def test_ridge_refinement_beats_bucket_means() -> None:
@@ -129,6 +132,24 @@ def test_ridge_refinement_beats_bucket_means() -> None:
     from_means = torch.cat(list(means[torch.arange(4), codes].unbind(1)), dim=1)  # concatenated subspaces
     from_ridge = _reconstruct(ridge_prototypes(x, codes, 8, 24), codes)
     assert _rel_error(from_ridge, x) < 0.9 * _rel_error(from_means, x)
+
+
+def test_training_codes_equal_encoding_and_chunking_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(300, 20, generator=torch.Generator().manual_seed(12)).relu()  # ties at zero
+    xs = _subspaces(x, 4)
+    codes, dims, thresholds = learn_trees(xs, depth=4)
+    assert torch.equal(codes, encode_hash_trees(xs, dims, thresholds))
+    whole = fit_hash_trees(x, xs, 16, seed=0)
+    monkeypatch.setattr(hashtree, "_CHUNK_ELEMENTS", 64)  # forces column strips and many row chunks
+    strips = fit_hash_trees(x, xs, 16, seed=0)
+    assert torch.equal(whole[0], strips[0]) and torch.equal(whole[1], strips[1])
+    torch.testing.assert_close(whole[2], strips[2])
+
+
+def test_k_must_be_a_power_of_two() -> None:
+    x = torch.randn(50, 8)
+    with pytest.raises(ValueError, match="power of two"):
+        fit_hash_trees(x, _subspaces(x, 2), 12, seed=0)
 
 
 def test_fit_is_deterministic() -> None:

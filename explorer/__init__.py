@@ -1,0 +1,1 @@
+"""TabConv Explorer: the Streamlit view over the tabconv library (which never imports it)."""

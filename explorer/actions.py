@@ -1,0 +1,70 @@
+"""Everything that changes which configuration a tab shows: evaluate one, or load one from the history.
+
+Widgets only leave requests in session state (their callbacks run before the script); the workbench
+handles them here at the top of its run, with progress, so the metrics and plots below it are drawn
+from the new configuration in the same run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import streamlit as st
+
+from explorer import state
+from explorer.progress import ProgressBar
+from explorer.workbench import Workbench
+from tabconv.metrics import Metrics
+from tabconv.settings import LayerSetting
+
+
+def evaluate(wb: Workbench, settings: Mapping[str, LayerSetting], label: str,
+             title: str = "Evaluating") -> Metrics | None:
+    """Evaluate (or recall) a configuration and show it; failures become a notice, not a traceback."""
+    session = wb.session
+    fits, known, started = session.builder.fits, len(session.history), time.perf_counter()
+    bar = ProgressBar(title)
+    try:
+        with wb.lock:
+            metrics = session.apply(dict(settings), progress=bar, label=label)
+            recomputed = session.runner.recomputed if session.runner and metrics.id >= known else 0
+            if metrics.id >= known:
+                wb.runner_at = metrics.id
+    except Exception as exc:  # a page must survive any failure of the library (e.g. a broken encoder)
+        state.notify("error", f"Could not evaluate this configuration: {exc}")
+        return None
+    finally:
+        bar.close()
+    st.session_state.last_apply = {
+        "id": metrics.id, "memoised": metrics.id < known, "fitted": session.builder.fits - fits,
+        "recomputed": recomputed, "nodes": len(session.runner.nodes) if session.runner else None,
+        "seconds": time.perf_counter() - started,
+    }
+    state.show_to(metrics.id)
+    return metrics
+
+
+def load(wb: Workbench, config_id: int) -> None:
+    """Show an evaluated configuration; locks it would contradict are released (it was chosen whole)."""
+    if not 0 <= config_id < len(wb.session.history):
+        state.notify("error", f"There is no configuration #{config_id} in this session.")
+        return
+    metrics = wb.metrics(config_id)
+    released = sorted(st.session_state.locks & set(metrics.table_layers))
+    if released:
+        st.session_state.locks = st.session_state.locks - set(released)
+        state.notify("info", f"Unlocked {', '.join(released)}: configuration #{config_id} uses tables there.")
+    st.session_state.last_apply = None
+    state.show_to(config_id)
+    st.session_state.editor_version += 1
+
+
+def handle_requests(wb: Workbench) -> None:
+    """Carry out what widgets asked for since the last run."""
+    config_id, st.session_state.load_request = st.session_state.load_request, None
+    if config_id is not None:
+        load(wb, int(config_id))
+    pending, st.session_state.pending = st.session_state.pending, None
+    if pending is not None:
+        evaluate(wb, *pending)

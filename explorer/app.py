@@ -1,0 +1,64 @@
+"""TabConv Explorer — `streamlit run explorer/app.py`. Layout and wiring only: panels draw, the library computes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `streamlit run` puts explorer/ on the path, not the repository
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+from explorer import actions, state  # noqa: E402
+from explorer.panels import automatic, chooser, editor, history, loading, metrics, plots, teaching, transfer  # noqa: E402
+from explorer.workbench import Workbench  # noqa: E402
+
+
+@st.fragment
+def workbench(wb: Workbench) -> None:
+    """The core loop; a toggle, a click or a search reruns only this part of the page."""
+    actions.handle_requests(wb)
+    if st.session_state.notice:
+        level, text = st.session_state.notice
+        getattr(st, level)(text)
+        st.session_state.notice = None
+    current = wb.metrics(st.session_state.current_id)
+    previous_id = st.session_state.previous_id
+    with st.container(border=True):
+        title, export = st.columns([4, 1], vertical_alignment="center")
+        with export:
+            transfer.export_button(wb, current)
+        with title:
+            metrics.title(current, None if previous_id is None else wb.metrics(previous_id))
+        metrics.live(current, None if previous_id is None else wb.metrics(previous_id))
+        metrics.breakdown(current)
+        metrics.last_change()
+    plots.tradeoffs(wb, current)
+    st.subheader("Automatic choices")
+    automatic.panel(wb)
+    st.subheader("Per-layer configuration (forward order)")
+    editor.group_controls(wb, current)
+    editor.table(wb, current)
+    st.subheader("Error propagation and sensitivity")
+    plots.propagation(wb, current)
+    st.subheader("Import")
+    transfer.import_panel(wb, current)
+    with st.expander(f"Run history ({len(wb.session.history)} configurations) and comparison"):
+        history.panel(wb)
+    wb.settle(current)  # last, once everything is on screen
+
+
+def main() -> None:
+    st.set_page_config(page_title="TabConv Explorer", page_icon=":material/table_chart:", layout="wide")
+    state.init()
+    choice = chooser.sidebar()
+    wb = loading.open_choice(choice)
+    metrics.header(wb)
+    loading.start(wb, choice)
+    workbench(wb)
+    teaching.panel(wb)
+
+
+main()

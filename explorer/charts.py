@@ -1,0 +1,177 @@
+"""Plotly figures as pure functions of library results (no Streamlit), so they are easy to test and reuse.
+
+Every clickable point carries its configuration id in `customdata[0]`; the page turns a click into
+"load that configuration".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import plotly.graph_objects as go
+
+from tabconv.metrics import Metrics
+from tabconv.search import pareto_front
+
+COSTS: dict[str, tuple[str, Callable[[Metrics], float]]] = {
+    "flops_paper": ("FLOPs per image — paper convention (encoding free)", lambda m: m.flops_paper),
+    "flops_full": ("FLOPs per image — full convention (encoding counted)", lambda m: m.flops_full),
+    "storage_bytes": ("Storage of weights + tables + prototypes (bytes)", lambda m: m.paper.storage_bytes),
+}
+ORIGINS = {  # label prefix -> legend group (labels are set by the library's searches and by the page)
+    "priority": "priority masking", "all tables": "priority masking", "greedy": "budgeted search",
+    "only ": "sweeps", "all but ": "sweeps", "baseline": "baseline",
+}
+ORIGIN_COLOURS = {"edits": "#4C78A8", "priority masking": "#F58518", "budgeted search": "#54A24B",
+                  "sweeps": "#B7B7B7", "baseline": "#222222"}
+HEAT_LIMITS = {"cosine": (0.5, 1.0, "RdYlGn"), "relative_error": (0.0, 1.0, "RdYlGn_r")}
+HEAT_NAMES = {"cosine": "cosine similarity", "relative_error": "relative error"}
+
+
+def origin(label: str) -> str:
+    """Which kind of action produced a configuration, from its label."""
+    for prefix, group in ORIGINS.items():
+        if label.startswith(prefix):
+            return group
+    return "edits"
+
+
+def summary_lines(m: Metrics) -> list[str]:
+    """A configuration in four lines: accuracy, FLOPs in both conventions, storage, tabled layers."""
+    return [f"accuracy {m.accuracy:.2%} on {m.eval_images} images (retention {m.retention:.1%})",
+            f"FLOPs paper {m.flops_paper / 1e6:.3g}M (−{m.reduction_paper:.1%}), "
+            f"full {m.flops_full / 1e6:.3g}M (−{m.reduction_full:.1%})",
+            f"storage {m.paper.storage_bytes / 2**20:.3g} MiB (×{m.storage_ratio:.2f} of the original)",
+            f"{len(m.table_layers)}/{len(m.settings)} layers as tables"]
+
+
+def hover(m: Metrics) -> str:
+    """The configuration summary shown when hovering a point."""
+    return "<br>".join([f"<b>#{m.id} {m.label}</b>", *summary_lines(m)])
+
+
+def tradeoff(points: Sequence[Metrics], baseline: Metrics, current: Metrics, cost: str) -> go.Figure:
+    """Accuracy against a cost: every configuration, the Pareto front as a step line, baseline and current."""
+    title, value = COSTS[cost]
+    fig = go.Figure()
+    groups: dict[str, list[Metrics]] = {}
+    for m in points:
+        groups.setdefault(origin(m.label), []).append(m)
+    for group, members in groups.items():
+        if group != "baseline":
+            fig.add_trace(_points(members, value, group, dict(size=8, color=ORIGIN_COLOURS[group], opacity=0.75)))
+    front = pareto_front(points, cost)
+    fig.add_trace(go.Scatter(x=[value(m) for m in front], y=[100 * m.accuracy for m in front], mode="lines",
+                             line=dict(shape="hv", color="#E45756", width=2), name="Pareto front", hoverinfo="skip"))
+    fig.add_trace(_points([baseline], value, "baseline (exact)",
+                          dict(size=16, symbol="star", color=ORIGIN_COLOURS["baseline"])))
+    fig.add_trace(_points([current], value, "current",
+                          dict(size=20, symbol="circle-open", color="#E45756", line=dict(width=3))))
+    fig.update_layout(
+        height=400, margin=dict(l=10, r=10, t=40, b=10), title=dict(text=f"Accuracy vs {title.split(' (')[0]}",
+                                                                    font=dict(size=15)),
+        xaxis=dict(title=title, type="log", tickformat="~s"),
+        yaxis=dict(title=f"top-1 accuracy (%) on {baseline.eval_images} test images"),
+        legend=dict(orientation="h", yanchor="top", y=-0.2, x=0), clickmode="event+select", hovermode="closest",
+    )
+    return fig
+
+
+def _points(members: Sequence[Metrics], value: Callable[[Metrics], float], name: str,
+            marker: dict[str, Any]) -> go.Scatter:
+    return go.Scatter(x=[value(m) for m in members], y=[100 * m.accuracy for m in members], mode="markers",
+                      name=name, marker=marker, customdata=[[m.id] for m in members],
+                      text=[hover(m) for m in members], hovertemplate="%{text}<extra></extra>")
+
+
+def propagation_heatmap(layers: Sequence[str], rows: Sequence[Sequence[float]], current: Sequence[float],
+                        current_label: str, metric: str) -> go.Figure:
+    """Rows: each layer tabled alone, then the current configuration; columns: every layer's output."""
+    zmin, zmax, scale = HEAT_LIMITS[metric]
+    names = [f"only {name}" for name in layers] + [current_label]
+    fig = go.Figure(go.Heatmap(
+        z=[list(r) for r in rows] + [list(current)], x=list(layers), y=names, zmin=zmin, zmax=zmax,
+        colorscale=scale, colorbar=dict(title=dict(text=HEAT_NAMES[metric], side="right"), thickness=12),
+        hovertemplate="tabled: %{y}<br>output of %{x}<br>" + HEAT_NAMES[metric] + " %{z:.4f}<extra></extra>"))
+    fig.add_hline(y=len(layers) - 0.5, line=dict(color="black", width=2))
+    fig.update_layout(
+        height=max(400, 20 * len(names) + 180), margin=dict(l=10, r=10, t=60, b=10),
+        title=dict(text=f"Error propagation: {HEAT_NAMES[metric]} vs exact<br><sup>colour limits fixed at "
+                        f"{zmin:g}–{zmax:g} for every configuration</sup>", font=dict(size=15)),
+        xaxis=dict(title="output of layer (forward order)", tickangle=-45),
+        yaxis=dict(title="layer(s) approximated", autorange="reversed"))
+    return fig
+
+
+def sensitivity_bars(rows: Sequence[dict[str, Any]], all_tables_retention: float) -> go.Figure:
+    """Per layer, both directions: retention with only it tabled, and with only it kept exact."""
+    layers = [r["layer"] for r in rows]
+    fig = go.Figure()
+    for key, name, colour in (("only_table", "only this layer tabled", "#4C78A8"),
+                              ("only_exact", "all but this layer tabled", "#F58518")):
+        fig.add_trace(go.Bar(
+            x=layers, y=[100 * r[key]["retention"] for r in rows], name=name, marker_color=colour,
+            customdata=[[r[key].get("config_id", -1)] for r in rows],
+            text=[f"FLOPs saved/image: paper {r[key]['flops_saved_paper'] / 1e6:.3g}M, "
+                  f"full {r[key]['flops_saved_full'] / 1e6:.3g}M" for r in rows],
+            hovertemplate="%{x}<br>retention %{y:.1f}%<br>%{text}<extra>" + name + "</extra>"))
+    fig.add_hline(y=100 * all_tables_retention, line=dict(dash="dash", color="#E45756"),
+                  annotation_text="every layer tabled", annotation_position="bottom right")
+    fig.update_layout(
+        barmode="group", height=400, margin=dict(l=10, r=10, t=40, b=10),
+        title=dict(text="Sensitivity in both directions (retention, % of exact accuracy)", font=dict(size=15)),
+        xaxis=dict(tickangle=-45), yaxis=dict(title="retention (%)"),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, x=1, xanchor="right"))
+    return fig
+
+
+def patch_chart(result: dict[str, Any]) -> go.Figure:
+    """The im2col patch as bars coloured by subspace, with each subspace's chosen prototype over it."""
+    fig = go.Figure()
+    palette = ["#4C78A8", "#F58518"]
+    for item in result["subspaces"]:
+        start, stop = item["columns"]
+        xs = list(range(start, stop))
+        colour = palette[item["index"] % 2]
+        fig.add_trace(go.Bar(x=xs, y=item["values"], marker_color=colour, opacity=0.55, showlegend=False,
+                             hovertemplate=f"subspace {item['index']}<br>column %{{x}}: %{{y:.3f}}<extra></extra>"))
+        fig.add_trace(go.Scatter(x=xs, y=item["prototype"], mode="lines", line=dict(color="#222222", width=1.5),
+                                 showlegend=item["index"] == 0, name="chosen prototype",
+                                 hovertemplate=f"prototype {item['code']}: %{{y:.3f}}<extra></extra>"))
+    if result["padded_dim"] > result["inner_dim"]:
+        fig.add_vrect(x0=result["inner_dim"] - 0.5, x1=result["padded_dim"] - 0.5, fillcolor="#DDDDDD",
+                      opacity=0.5, line_width=0, annotation_text="zero padding")
+    fig.update_layout(height=300, bargap=0, margin=dict(l=10, r=10, t=30, b=10),
+                      xaxis=dict(title="patch column (input channel, kernel row, kernel column)"),
+                      yaxis=dict(title="value"), legend=dict(orientation="h", y=1.12, x=1, xanchor="right"))
+    return fig
+
+
+def sum_chart(result: dict[str, Any]) -> go.Figure:
+    """Per subspace: the table entry that is summed, next to the exact partial dot product it stands for."""
+    labels = [f"c{item['index']} → k{item['code']}" for item in result["subspaces"]]
+    fig = go.Figure([
+        go.Bar(x=labels, y=result["table_terms"], name="table entry T[c, k, m]", marker_color="#4C78A8"),
+        go.Bar(x=labels, y=result["exact_terms"], name="exact partial dot product", marker_color="#BBBBBB"),
+    ])
+    fig.update_layout(barmode="group", height=300, margin=dict(l=10, r=10, t=30, b=10),
+                      yaxis=dict(title=f"contribution to channel {result['channel']}"),
+                      legend=dict(orientation="h", y=1.12, x=1, xanchor="right"))
+    return fig
+
+
+def channels_chart(result: dict[str, Any]) -> go.Figure:
+    """Every output channel at this position: table sum against the exact value (on the diagonal = exact)."""
+    exact, approx = result["exact"], result["table_sum"]
+    low, high = min(exact + approx), max(exact + approx)
+    fig = go.Figure([
+        go.Scatter(x=[low, high], y=[low, high], mode="lines", line=dict(dash="dot", color="#999999"),
+                   hoverinfo="skip", showlegend=False),
+        go.Scatter(x=exact, y=approx, mode="markers", marker=dict(size=6, color="#4C78A8"), showlegend=False,
+                   customdata=list(range(len(exact))),
+                   hovertemplate="channel %{customdata}<br>exact %{x:.4f}<br>tables %{y:.4f}<extra></extra>"),
+    ])
+    fig.update_layout(height=300, margin=dict(l=10, r=10, t=30, b=10),
+                      xaxis=dict(title="exact (BN-folded layer)"), yaxis=dict(title="table sum"))
+    return fig

@@ -1,0 +1,72 @@
+"""Automatic choices: the paper's priority masking and the budgeted greedy search; results land on the plots."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from explorer import state, sweeps
+from explorer.workbench import Workbench
+from tabconv.search import RANKINGS
+from tabconv.settings import LayerSetting
+
+RANK_HELP = {"cumulative": "cosine of each layer's output with every layer tabled (the paper's reference code)",
+             "isolated": "cosine at the network output with only that layer tabled (one extra evaluation per layer)"}
+
+
+def panel(wb: Workbench) -> None:
+    setting = st.session_state.defaults
+    left, right = st.columns(2, border=True)
+    with left:
+        _masking(wb, setting)
+    with right:
+        _search(wb, setting)
+
+
+def _masking(wb: Workbench, setting: LayerSetting) -> None:
+    layers = len(wb.structure.names)
+    st.markdown(f"**Priority masking** (the paper's): rank layers by cosine, keep the worst exact, table the rest "
+                f"at C={setting.codebooks}, K={setting.centroids}.")
+    rank_by = st.radio("Rank layers by", RANKINGS, horizontal=True, key="mask_rank",
+                       captions=[RANK_HELP[r] for r in RANKINGS])
+    st.slider("Layers that stay exact", 0, layers, 0, key="mask_exact", on_change=_mask_moved,
+              args=(wb, setting, rank_by), help="Once masking has run, moving the slider loads that point at once.")
+    if st.button("Apply priority masking", key="run_masking", type="primary"):
+        result = sweeps.masking(wb, setting, rank_by)
+        st.session_state.load_request = result["ids"][st.session_state.mask_exact]
+        state.refresh()
+    result = wb.sweeps.get(("priority", setting, rank_by))
+    if result:
+        st.caption(f"{len(result['ids'])} configurations on the plots. Ranking, worst first: "
+                   + ", ".join(result["ranking"][:8]) + (" …" if layers > 8 else ""))
+
+
+def _mask_moved(wb: Workbench, setting: LayerSetting, rank_by: str) -> None:
+    result = wb.sweeps.get(("priority", setting, rank_by))
+    if result:
+        st.session_state.load_request = result["ids"][st.session_state.mask_exact]
+
+
+def _search(wb: Workbench, setting: LayerSetting) -> None:
+    base = wb.session.baseline
+    st.markdown("**Budgeted search**: keep at least the target retention, maximise the FLOP reduction "
+                "(greedy: table more layers, halve C or K), optionally under a storage cap.")
+    left, right = st.columns(2)
+    target = left.slider("Target retention (% of exact accuracy)", 50, 100, 93, key="search_target")
+    convention = right.radio("Minimise FLOPs counted", ["paper", "full"], horizontal=True, key="search_convention",
+                             captions=["encoding free", "encoding counted"])
+    left, right = st.columns(2)
+    cap = left.number_input("Storage cap (× original, 0 = none)", 0.0, 1000.0, 0.0, 0.5, key="search_cap",
+                            help=f"Original: {base.baseline.storage_bytes / 2**20:.2f} MiB")
+    budget = right.number_input("Evaluation budget", 1, 400, 40, key="search_budget",
+                                help="At most this many greedy evaluations after the masking sweep.")
+    if st.button("Run budgeted search", key="run_search", type="primary"):
+        cap_bytes = int(cap * base.baseline.storage_bytes) if cap > 0 else None
+        result = sweeps.budgeted(wb, setting, target / 100, cap_bytes, convention, int(budget))
+        if result.best is None:
+            state.notify("warning", f"No configuration among the {len(result.points)} evaluated kept {target}% "
+                         "of the exact accuracy" + (" under the storage cap" if cap_bytes else "") + ".")
+        else:
+            st.session_state.load_request = result.best.id
+            state.notify("success", f"Search evaluated {len(result.points)} configurations; "
+                         f"best: {result.best.summary()}")
+        state.refresh()

@@ -1,0 +1,148 @@
+"""The per-layer table/editor, in forward order, and the group toggles above it.
+
+Edits only leave a request (see actions.py); the data editor gets a new key after each applied
+edit, so what it shows is always the evaluated configuration, never a stale overlay of edits.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pandas as pd
+import streamlit as st
+
+from explorer import editing, state
+from explorer.workbench import Workbench
+from tabconv.metrics import Metrics
+from tabconv.settings import ENCODERS, EXACT, LUT_DTYPES, LayerSetting, SettingError
+
+KIB = 1024
+EDITABLE = ["table", "lock", "C", "K", "encoder", "LUT"]
+
+
+def group_controls(wb: Workbench, current: Metrics) -> None:
+    """Set a group (block, stage, all) or one layer to tables with a C/K, or to exact, in one step."""
+    structure, defaults = wb.structure, st.session_state.defaults
+    cols = st.columns([3, 1, 1, 1.4, 1.4, 1.2, 1.2], vertical_alignment="bottom")
+    cols[0].selectbox("Group or layer", list(structure.groups) + structure.names, key="group_target",
+                      format_func=lambda t: f"{t} ({len(structure.expand(t))} layers)" if t in structure.groups else t)
+    cols[1].number_input("C", 1, 256, defaults.codebooks, key="group_c")
+    cols[2].number_input("K", 2, 65536, defaults.centroids, key="group_k")
+    cols[3].selectbox("Encoder", ENCODERS, ENCODERS.index(defaults.encoder), key="group_encoder")
+    cols[4].selectbox("Table dtype", LUT_DTYPES, LUT_DTYPES.index(defaults.lut_dtype), key="group_lut")
+    cols[5].button("→ tables", key="group_table", width="stretch", on_click=_tabulate_group, args=(wb, current),
+                   help="Tabulate the group or layer with this C, K, encoder and table dtype")
+    cols[6].button("→ exact", key="group_exact", width="stretch", on_click=_exact_group, args=(wb, current),
+                   help="Compute the group or layer exactly")
+    left, right, _ = st.columns([1, 1, 4])
+    left.button("All tables (defaults)", key="all_tables", width="stretch", on_click=_request,
+                args=(current, structure.names, defaults, "all → tables (defaults)"))
+    right.button("None (all exact)", key="all_exact", width="stretch", on_click=_request,
+                 args=(current, structure.names, EXACT, "none: all exact"))
+
+
+def _tabulate_group(wb: Workbench, current: Metrics) -> None:
+    ss = st.session_state
+    try:
+        setting = LayerSetting("table", int(ss.group_c), int(ss.group_k), ss.group_encoder, ss.group_lut)
+    except SettingError as exc:
+        state.notify("error", str(exc))
+        return
+    _request(current, wb.structure.expand(ss.group_target), setting,
+             f"{ss.group_target} → C={setting.codebooks}, K={setting.centroids}")
+
+
+def _exact_group(wb: Workbench, current: Metrics) -> None:
+    target = st.session_state.group_target
+    _request(current, wb.structure.expand(target), EXACT, f"{target} → exact")
+
+
+def _request(current: Metrics, names: list[str], setting: LayerSetting, what: str) -> None:
+    settings, skipped = editing.set_layers(current.settings, names, setting, st.session_state.locks)
+    if skipped:
+        state.notify("info", f"Kept locked layer(s) exact: {', '.join(skipped)}")
+    state.request(settings, f"edit: {what}")
+
+
+def table(wb: Workbench, current: Metrics) -> None:
+    """The per-layer editor: structure, cost and error of every layer, with its setting editable."""
+    rows = current.layer_rows(wb.structure, wb.session.calibration.images)
+    key = f"editor-{st.session_state.editor_version}"
+    st.data_editor(
+        frame(rows, st.session_state.locks), key=key, hide_index=True, width="stretch", height=38 + 35 * len(rows),
+        disabled=[c for c in COLUMNS if c not in EDITABLE], column_config=COLUMNS,
+        on_change=partial(_edited, key, [r["name"] for r in rows], current),
+    )
+
+
+def frame(rows: list[dict], locks: frozenset[str]) -> pd.DataFrame:
+    """One row per layer in forward order; C/K/encoder/LUT are empty for exact layers."""
+    records = []
+    for r in rows:
+        tabled = r["mode"] == "table"
+        records.append({
+            "layer": r["name"], "table": tabled, "lock": r["name"] in locks,
+            "C": r["codebooks"] if tabled else None, "K": r["centroids"] if tabled else None,
+            "encoder": r["encoder"] if tabled else None, "LUT": r["lut_dtype"] if tabled else None,
+            "cosine": r["cosine"], "rel. error": r["relative_error"],
+            "warning": f"K ≥ {r['calibration_rows']} calibration rows" if r["k_exceeds_rows"] else "",
+            "type": r["kind"], "shape in → out": f"{_shape(r['input_shape'])} → {_shape(r['output_shape'])}",
+            "D": r["inner_dim"], "C_out": r["out_features"], "rows/image": r["rows_per_image"],
+            "MACs": r["macs"], "MAC share": r["mac_share"],
+            "FLOPs paper": r["flops_paper"], "FLOPs full": r["flops_full"],
+            "weights KiB": r["weight_bytes"] / KIB, "tables KiB": r["table_bytes"] / KIB,
+            "prototypes KiB": r["prototype_bytes"] / KIB,
+            "tables/weights": (r["table_bytes"] + r["prototype_bytes"]) / r["weight_bytes"] if tabled else None,
+        })
+    return pd.DataFrame.from_records(records).astype({"C": "Int64", "K": "Int64"})
+
+
+def _shape(shape: list[int]) -> str:
+    return "×".join(map(str, shape))
+
+
+def _edited(key: str, names: list[str], current: Metrics) -> None:
+    """Data editor callback: turn its edits into a request and reset it."""
+    edits = st.session_state[key].get("edited_rows", {})
+    settings, locks, messages = editing.apply_row_edits(current.settings, names, edits, st.session_state.defaults,
+                                                        st.session_state.locks)
+    st.session_state.locks = locks
+    st.session_state.editor_version += 1
+    if messages:
+        state.notify("warning", "; ".join(messages))
+    changed = [n for n in names if settings[n] != current.settings[n]]
+    if changed:
+        state.request(settings, "edit: " + ", ".join(f"{n} → {_short(settings[n])}" for n in changed[:3])
+                      + (" …" if len(changed) > 3 else ""))
+
+
+def _short(setting: LayerSetting) -> str:
+    return f"C={setting.codebooks}, K={setting.centroids}" if setting.is_table else "exact"
+
+
+NUMBER = st.column_config.NumberColumn
+COLUMNS = {
+    "layer": st.column_config.TextColumn("layer", pinned=True, help="Qualified module name"),
+    "table": st.column_config.CheckboxColumn("table", help="Compute this layer by table lookups"),
+    "lock": st.column_config.CheckboxColumn("lock", help="Keep exact through group toggles"),
+    "C": NUMBER("C", min_value=1, max_value=256, step=1, help="Codebooks (subspaces)"),
+    "K": NUMBER("K", min_value=2, max_value=65536, step=1, help="Prototypes per subspace"),
+    "encoder": st.column_config.SelectboxColumn("encoder", options=list(ENCODERS)),
+    "LUT": st.column_config.SelectboxColumn("LUT", options=list(LUT_DTYPES), help="Table dtype"),
+    "cosine": NUMBER("cosine", format="%.4f", help="Cosine of this layer's output vs the exact network, now"),
+    "rel. error": NUMBER("rel. error", format="%.3f", help="‖approx − exact‖ / ‖exact‖ of its output, now"),
+    "warning": st.column_config.TextColumn("warning", help="K at least the calibration rows: k-means memorises"),
+    "type": st.column_config.TextColumn("type"),
+    "shape in → out": st.column_config.TextColumn("shape in → out"),
+    "D": NUMBER("D", help="Inner dimension C_in·k·k"),
+    "C_out": NUMBER("C_out"),
+    "rows/image": NUMBER("rows/image", help="im2col rows per image (output positions)"),
+    "MACs": NUMBER("MACs", format="compact", help="Exact multiply-accumulates per image"),
+    "MAC share": st.column_config.ProgressColumn("MAC share", format="percent", min_value=0.0, max_value=1.0),
+    "FLOPs paper": NUMBER("FLOPs paper", format="compact", help="Now, encoding free"),
+    "FLOPs full": NUMBER("FLOPs full", format="compact", help="Now, encoding counted"),
+    "weights KiB": NUMBER("weights KiB", format="%.1f"),
+    "tables KiB": NUMBER("tables KiB", format="%.1f"),
+    "prototypes KiB": NUMBER("prototypes KiB", format="%.1f"),
+    "tables/weights": NUMBER("tables/weights", format="%.2f×", help="(tables + prototypes) / weights"),
+}

@@ -1,0 +1,57 @@
+"""Run history: every configuration evaluated in this session; load one, or compare two side by side."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from explorer import charts
+from explorer.workbench import Workbench
+from tabconv.metrics import Metrics
+
+
+def panel(wb: Workbench) -> None:
+    history = list(wb.session.history)
+    key = f"history-{st.session_state.chart_version}"
+    event = st.dataframe(pd.DataFrame([_row(m) for m in history]), key=key, hide_index=True, width="stretch",
+                         height=min(400, 38 + 35 * len(history)), on_select="rerun", selection_mode="multi-row")
+    chosen = [history[i] for i in event.selection.rows][:2]
+    if not chosen:
+        st.caption("Select one row to load it, or two to compare them.")
+        return
+    st.button(f"Load #{chosen[-1].id}", key="history_load", on_click=_load, args=(chosen[-1].id,))
+    if len(chosen) == 2:
+        compare(*chosen)
+
+
+def _load(config_id: int) -> None:
+    st.session_state.load_request = config_id
+    st.session_state.chart_version += 1
+
+
+def _row(m: Metrics) -> dict[str, object]:
+    return {"id": m.id, "label": m.label, "origin": charts.origin(m.label), "accuracy": f"{m.accuracy:.2%}",
+            "images": m.eval_images, "retention": f"{m.retention:.1%}",
+            "FLOPs paper": f"{m.flops_paper / 1e6:.3g} M (−{m.reduction_paper:.1%})",
+            "FLOPs full": f"{m.flops_full / 1e6:.3g} M (−{m.reduction_full:.1%})",
+            "storage": f"×{m.storage_ratio:.2f}", "tables": f"{len(m.table_layers)}/{len(m.settings)}"}
+
+
+def compare(a: Metrics, b: Metrics) -> None:
+    """Metrics side by side, then only the layers whose settings differ."""
+    left, right = st.columns(2)
+    for column, m in ((left, a), (right, b)):
+        column.markdown(f"**#{m.id}** {m.label}")
+        column.markdown("  \n".join(charts.summary_lines(m)))
+    differ = [{"layer": name, f"#{a.id}": _setting(a, name), f"#{b.id}": _setting(b, name),
+               f"cosine #{a.id}": a.errors[name].cosine, f"cosine #{b.id}": b.errors[name].cosine}
+              for name in a.settings if a.settings[name] != b.settings[name]]
+    if differ:
+        st.dataframe(pd.DataFrame(differ), hide_index=True, width="stretch")
+    else:
+        st.caption("Both use the same per-layer settings.")
+
+
+def _setting(m: Metrics, name: str) -> str:
+    s = m.settings[name]
+    return f"table C={s.codebooks} K={s.centroids} {s.encoder} {s.lut_dtype}" if s.is_table else "exact"

@@ -1,0 +1,100 @@
+"""The numbers: what is loaded, the exact baseline, and the live metrics of the current configuration.
+
+Every accuracy names its number of evaluation images and every FLOP count its convention
+(paper: encoding free, as the paper counted; full: encoding counted).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from explorer.panels.chooser import MODEL_NAMES
+from explorer.workbench import Workbench
+from tabconv.cost import CostReport
+from tabconv.metrics import Metrics
+
+MIB = 2**20
+
+
+def header(wb: Workbench) -> None:
+    """Title, provenance of every number, and the exact baseline's card."""
+    session, meta = wb.session, wb.session.meta
+    calibration = session.calibration
+    st.title("TabConv Explorer")
+    trained = (f", test accuracy {meta['test_accuracy']:.2%} on all {meta['test_images']} test images when trained"
+               if "test_accuracy" in meta else "")
+    st.caption(f"**{MODEL_NAMES.get(meta['model'], meta['model'])}** on **{meta['dataset']}** — checkpoint "
+               f"`{str(meta.get('sha256', ''))[:12]}`{trained}. Calibration: first {calibration.images} training "
+               f"images ({calibration.mode}, ≤ {calibration.max_rows} rows per layer). Evaluation: first "
+               f"{len(session.eval_set)} test images. FLOPs and storage are per image / per model.")
+    base = session.baseline
+    with st.container(border=True):
+        st.markdown("**Exact baseline**")
+        cols = st.columns(4)
+        cols[0].metric(f"Accuracy ({base.eval_images} test images)", f"{base.accuracy:.2%}")
+        cols[1].metric("FLOPs per image (both conventions)", f"{base.flops_paper / 1e6:.2f} M",
+                       help="The exact model has no encoding, so the paper and full counts agree.")
+        cols[2].metric("Weight storage (float32)", f"{base.baseline.storage_bytes / MIB:.2f} MiB")
+        cols[3].metric("Layers that can become tables", len(wb.structure.names))
+
+
+def title(current: Metrics, previous: Metrics | None) -> None:
+    st.markdown(f"**Current configuration #{current.id}** — {current.label} "
+                f"({len(current.table_layers)}/{len(current.settings)} layers as tables)"
+                + (f"; deltas against #{previous.id}" if previous else ""))
+
+
+def live(current: Metrics, previous: Metrics | None) -> None:
+    """The current configuration's metrics, with deltas against the one shown before it."""
+    cols = st.columns(5)
+    cols[0].metric(f"Accuracy ({current.eval_images} test images)", f"{current.accuracy:.2%}",
+                   _delta(current.accuracy, previous and previous.accuracy, 100, " pp"))
+    cols[1].metric("Retention (of exact accuracy)", f"{current.retention:.1%}",
+                   _delta(current.retention, previous and previous.retention, 100, " pp"))
+    cols[2].metric(f"FLOPs, paper: −{current.reduction_paper:.1%}", f"{current.flops_paper / 1e6:.3g} M",
+                   _delta(current.flops_paper, previous and previous.flops_paper, 1e-6, " M"), delta_color="inverse",
+                   help="Paper convention: encoding free (exact MACs + table lookups and additions).")
+    cols[3].metric(f"FLOPs, full: −{current.reduction_full:.1%}", f"{current.flops_full / 1e6:.3g} M",
+                   _delta(current.flops_full, previous and previous.flops_full, 1e-6, " M"), delta_color="inverse",
+                   help="Full convention: the encoding (nearest-prototype search or tree comparisons) counted too.")
+    cols[4].metric(f"Storage: ×{current.storage_ratio:.2f} of the original",
+                   f"{current.paper.storage_bytes / MIB:.2f} MiB",
+                   _delta(current.paper.storage_bytes, previous and previous.paper.storage_bytes, 1 / MIB, " MiB"),
+                   delta_color="inverse", help="Weights of exact layers + tables + prototypes.")
+
+
+def _delta(now: float, before: float | None, scale: float, unit: str) -> str | None:
+    return None if before is None else f"{(now - before) * scale:+.3g}{unit}"
+
+
+def breakdown(current: Metrics) -> None:
+    """Where the operations and bytes go, in both conventions."""
+    st.dataframe(pd.DataFrame([_row(name, report, current) for name, report in
+                               (("paper (encoding free)", current.paper), ("full (encoding counted)", current.full))]),
+                 hide_index=True, width="stretch")
+
+
+def _row(name: str, report: CostReport, current: Metrics) -> dict[str, object]:
+    return {"convention": name, "FLOPs/image": f"{report.flops / 1e6:.3f} M",
+            "reduction": f"{1 - report.flops / current.baseline.flops:.1%}",
+            "exact MACs & other ops": f"{report.exact_ops / 1e6:.3f} M",
+            "encoding": f"{report.encoding_ops / 1e6:.3f} M",
+            "lookups + adds": f"{report.lookup_ops / 1e6:.3f} M",
+            "weights / tables / prototypes": f"{report.weight_bytes / MIB:.2f} / {report.table_bytes / MIB:.2f} / "
+                                             f"{report.prototype_bytes / MIB:.2f} MiB"}
+
+
+def last_change() -> None:
+    """What the last evaluation cost: the evidence that only the affected part was recomputed."""
+    info = st.session_state.last_apply
+    if not info:
+        return
+    if info["memoised"]:
+        st.caption(f"Configuration #{info['id']} was evaluated before in this session: shown from memory "
+                   f"({info['seconds']:.2f} s).")
+        return
+    nodes = (f", re-ran {info['recomputed']} of {info['nodes']} graph nodes" if info["nodes"]
+             else " (streaming evaluation)")
+    st.caption(f"Last change: fitted {info['fitted']} layer table(s) (others from memory or the disk cache)"
+               f"{nodes}, {info['seconds']:.2f} s.")

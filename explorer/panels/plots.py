@@ -1,0 +1,72 @@
+"""Trade-off plots, error-propagation heatmap and sensitivity bars; a click on a point loads it."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import streamlit as st
+
+from explorer import charts, state, sweeps
+from explorer.workbench import Workbench
+from tabconv.metrics import Metrics
+from tabconv.settings import LayerSetting
+
+
+def _clicked(key: str) -> None:
+    """Chart selection callback: load the clicked configuration, then clear the selection."""
+    points = st.session_state[key]["selection"]["points"]
+    ids = [p["customdata"][0] for p in points if p.get("customdata") and p["customdata"][0] >= 0]
+    if ids:
+        st.session_state.load_request = int(ids[0])
+        st.session_state.chart_version += 1
+
+
+def _chart(figure: object, name: str) -> None:
+    key = f"{name}-{st.session_state.chart_version}"
+    st.plotly_chart(figure, key=key, on_select=partial(_clicked, key), selection_mode="points",
+                    config={"displaylogo": False})
+
+
+def tradeoffs(wb: Workbench, current: Metrics) -> None:
+    """Accuracy vs FLOPs and vs storage, with every configuration this session evaluated."""
+    history = list(wb.session.history)
+    convention = st.segmented_control("FLOP convention", ["paper", "full"], default="paper", key="plot_convention",
+                                      help="paper: encoding free (the paper's count); full: encoding counted")
+    left, right = st.columns(2)
+    with left:
+        _chart(charts.tradeoff(history, wb.session.baseline, current, f"flops_{convention or 'paper'}"), "plot-flops")
+    with right:
+        _chart(charts.tradeoff(history, wb.session.baseline, current, "storage_bytes"), "plot-storage")
+    st.caption(f"{len(history)} configurations evaluated in this session, each on {current.eval_images} test images. "
+               "Hover for a summary; click a point to load it. The red step line is the Pareto front.")
+
+
+def propagation(wb: Workbench, current: Metrics) -> None:
+    """The heatmap (computed once per setting, with progress, then kept on disk) and the sensitivity bars."""
+    setting = st.session_state.defaults
+    metric = st.segmented_control("Heatmap colour", list(charts.HEAT_NAMES), default="cosine",
+                                  format_func=charts.HEAT_NAMES.get, key="heat_metric") or "cosine"
+    left, right = st.columns(2)
+    with left:
+        matrix = sweeps.propagation(wb, setting)
+        current_row = [getattr(current.errors[name], metric) for name in matrix["layers"]]
+        st.plotly_chart(charts.propagation_heatmap(matrix["layers"], matrix[metric], current_row,
+                                                   f"current #{current.id}", metric), key="heatmap",
+                        config={"displaylogo": False})
+        st.caption(f"Rows: one layer tabled alone (C={setting.codebooks}, K={setting.centroids}, {setting.encoder}), "
+                   f"then the current configuration; columns: each layer's output on {current.eval_images} images.")
+    with right:
+        _sensitivity(wb, setting)
+
+
+def _sensitivity(wb: Workbench, setting: LayerSetting) -> None:
+    result = sweeps.sensitivity(wb, setting)
+    if result is None:
+        layers = len(wb.structure.names)
+        st.info(f"Sensitivity in both directions: per layer, tabling only it and keeping only it exact "
+                f"({2 * layers} evaluations; the first direction reuses the heatmap's).")
+        if st.button("Run the sensitivity sweep", key="run_sensitivity"):
+            sweeps.sensitivity(wb, setting, run=True)
+            state.refresh()
+        return
+    _chart(charts.sensitivity_bars(result["rows"], result["all_tables_retention"]), "sensitivity")

@@ -1,0 +1,65 @@
+"""Per-browser-tab state, initialised in one place.
+
+The Session (shared, cached) holds every evaluated configuration; a tab only remembers which one it
+is looking at, the one before it (for deltas), its locks and the requests its widgets made.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+from tabconv.settings import LayerSetting
+
+DEFAULTS: dict[str, Any] = {
+    "spec": None,  # the Spec of the Session this tab shows
+    "defaults": LayerSetting("table"),  # the default table setting (C, K, encoder, LUT dtype)
+    "current_id": None,  # id (history index) of the configuration shown
+    "previous_id": None,  # the one shown before it, for deltas
+    "locks": frozenset(),  # layers locked exact
+    "pending": None,  # (settings, label): a configuration a widget asked to evaluate
+    "load_request": None,  # a history id a widget (chart click, history, test) asked to show
+    "notice": None,  # (level, text) shown once at the top of the workbench
+    "last_apply": None,  # what the last evaluation rebuilt and re-ran, and how long it took
+    "editor_version": 0,  # bumped to reset the data editor after its edits were applied
+    "chart_version": 0,  # bumped to clear a chart's selection after a click was handled
+}
+
+
+def init() -> None:
+    """Give every key its default once per tab."""
+    for key, value in DEFAULTS.items():
+        if key not in st.session_state:
+            st.session_state[key] = copy.copy(value)
+
+
+def reset_view() -> None:
+    """Forget what this tab showed (a different Session was opened)."""
+    for key in ("current_id", "previous_id", "locks", "pending", "load_request", "notice", "last_apply"):
+        st.session_state[key] = copy.copy(DEFAULTS[key])
+
+
+def notify(level: str, text: str) -> None:
+    """Leave a message ('error', 'warning', 'info', 'success') for the next workbench run."""
+    st.session_state.notice = (level, text)
+
+
+def show_to(config_id: int) -> None:
+    """Make a configuration the current one, remembering the previous one for deltas."""
+    if config_id != st.session_state.current_id:
+        st.session_state.previous_id = st.session_state.current_id
+        st.session_state.current_id = config_id
+
+
+def request(settings: dict[str, LayerSetting], label: str) -> None:
+    """Ask the workbench to evaluate and show a configuration on its next run."""
+    st.session_state.pending = (settings, label)
+
+
+def refresh() -> None:
+    """Redraw after an action: just the fragment during a fragment run (a full run must rerun the app)."""
+    ctx = get_script_run_ctx()
+    st.rerun(scope="fragment" if ctx is not None and ctx.fragment_ids_this_run else "app")

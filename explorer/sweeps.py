@@ -1,0 +1,75 @@
+"""The library's searches and sweeps, run under the workbench lock with a progress bar.
+
+Sweep results that are plain data (the propagation matrix, the sensitivity bars) are written to the
+result store, so a later launch shows them without evaluating anything; the configurations a sweep
+evaluated are in this process's history too (their ids are only valid here, so the disk copy drops them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from explorer.progress import ProgressBar
+from explorer.workbench import Workbench
+from tabconv import search
+from tabconv.settings import LayerSetting
+
+
+def _run(wb: Workbench, title: str, work: Any, *args: Any, **kwargs: Any) -> Any:
+    bar = ProgressBar(title)
+    try:
+        with wb.lock:
+            wb.runner_at = None  # the sweep leaves the runner on its last configuration
+            return work(wb.session, *args, progress=bar, **kwargs)
+    finally:
+        bar.close()
+
+
+def propagation(wb: Workbench, setting: LayerSetting) -> dict[str, Any]:
+    """Rows 'only layer i tabled' × columns 'output of every layer' (cosine and relative error)."""
+    parts = wb.identity("propagation", setting)
+    found = wb.store.get(parts)
+    if found is None:
+        layers = len(wb.structure.names)
+        result = _run(wb, f"Error propagation: each of the {layers} layers tabled alone ({layers} evaluations, once)",
+                      search.propagation_matrix, setting)
+        found = {key: result[key] for key in ("layers", "cosine", "relative_error")}
+        wb.store.put(parts, found)
+    return found
+
+
+def sensitivity(wb: Workbench, setting: LayerSetting, run: bool = False) -> dict[str, Any] | None:
+    """Both directions per layer and the all-tables retention they compare with; computed only when
+    `run` (2 evaluations per layer), else recalled from this process or the disk."""
+    key = ("sensitivity", setting)
+    parts = wb.identity("sensitivity", setting)
+    if key in wb.sweeps:
+        return wb.sweeps[key]
+    if not run:
+        return wb.store.get(parts)
+    layers = len(wb.structure.names)
+    rows = _run(wb, f"Sensitivity: {layers} layers × 2 directions", search.sensitivity, setting)
+    with wb.lock:
+        every = wb.session.apply(wb.session.uniform(setting), label="all tables")
+    wb.sweeps[key] = {"rows": rows, "all_tables_retention": every.retention}
+    wb.store.put(parts, {"rows": [{**row, **{side: {k: v for k, v in row[side].items() if k != "config_id"}
+                                             for side in ("only_table", "only_exact")}} for row in rows],
+                         "all_tables_retention": every.retention})
+    return wb.sweeps[key]
+
+
+def masking(wb: Workbench, setting: LayerSetting, rank_by: str) -> dict[str, Any]:
+    """The paper's priority masking: point n keeps the n worst-ranked layers exact (0..L)."""
+    key = ("priority", setting, rank_by)
+    if key not in wb.sweeps:
+        result = _run(wb, "Priority masking (one evaluation per number of exact layers)", search.priority_masking,
+                      setting, rank_by=rank_by)
+        wb.sweeps[key] = {"ranking": result.ranking, "ids": [m.id for m in result.points]}
+    return wb.sweeps[key]
+
+
+def budgeted(wb: Workbench, setting: LayerSetting, min_retention: float, max_storage_bytes: int | None,
+             convention: str, max_evaluations: int) -> search.SearchResult:
+    """Greedy search from priority masking's best point: the most FLOPs saved within the budget."""
+    return _run(wb, "Budgeted search", search.greedy_search, setting, min_retention,
+                max_storage_bytes=max_storage_bytes, convention=convention, max_evaluations=max_evaluations)

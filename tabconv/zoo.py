@@ -1,0 +1,53 @@
+"""Default checkpoints: where they live and how a missing one gets trained.
+
+The explorer opens on a model that may never have been trained on this machine, so a checkpoint is
+named by (model, dataset) and trained on demand. Training writes the file atomically under a file
+lock: an interrupted run leaves no half-written checkpoint, and two processes asking for the same
+one train it once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from filelock import FileLock
+
+from tabconv.train import train_and_save
+
+DEFAULT_MODEL = "resnet18"
+DEFAULT_DATASET = "digits"
+DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "checkpoints"
+
+Progress = Callable[[dict], None]
+
+
+def checkpoint_dir() -> Path:
+    """$TABCONV_CHECKPOINTS, else the repository's checkpoints/ (git-ignored)."""
+    return Path(os.environ.get("TABCONV_CHECKPOINTS") or DEFAULT_ROOT).expanduser()
+
+
+def checkpoint_path(model: str, dataset: str, root: str | os.PathLike[str] | None = None) -> Path:
+    """`<root>/<model>-<dataset>.pt`: one default checkpoint per pair."""
+    return Path(root or checkpoint_dir()) / f"{model}-{dataset}.pt"
+
+
+def ensure_checkpoint(model: str, dataset: str, data_root: str | os.PathLike[str] | None = None,
+                      progress: Progress | None = None, root: str | os.PathLike[str] | None = None,
+                      epochs: int | None = None) -> Path:
+    """The checkpoint of (model, dataset), trained first (per-dataset default epochs) when missing."""
+    path = checkpoint_path(model, dataset, root)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.is_file():  # another process may have finished it while we waited
+            train_and_save(model, dataset, path, epochs=epochs, data_root=data_root, progress=progress)
+    return path
+
+
+def cached_checkpoints(root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Checkpoints already on disk, by name."""
+    folder = Path(root or checkpoint_dir())
+    return sorted(folder.glob("*.pt")) if folder.is_dir() else []

@@ -1,0 +1,184 @@
+"""The explorer's flows, headless (streamlit.testing AppTest), on the embedded default: ResNet-18 on digits.
+
+AppTest runs the page in this process, so the cached Session is shared by every test here (its history
+only grows); each test therefore checks what its own action changed. Chart clicks are simulated through
+session state, as AppTest cannot click a plotly point.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from explorer import charts, editing
+from tabconv.settings import EXACT, LayerSetting
+
+APP = Path(__file__).resolve().parents[1] / "explorer" / "app.py"
+TABLE = LayerSetting("table")
+
+
+@pytest.fixture
+def app(explorer_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> AppTest:
+    for key, value in explorer_env.items():
+        monkeypatch.setenv(key, value)
+    at = AppTest.from_file(str(APP), default_timeout=900)
+    at.run()
+    _no_failure(at)
+    return at
+
+
+def _no_failure(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def _metric(at: AppTest, prefix: str) -> str:
+    return next(m.value for m in at.metric if m.label.startswith(prefix))
+
+
+def _history_size(at: AppTest) -> int:
+    label = next(e.label for e in at.expander if e.label.startswith("Run history"))
+    return int(re.search(r"\((\d+) configurations", label).group(1))
+
+
+def _current_label(at: AppTest) -> str:
+    return next(m.value for m in at.markdown if m.value.startswith("**Current configuration"))
+
+
+def test_first_load_shows_the_default_with_every_part_of_the_core_loop(app: AppTest) -> None:
+    assert any("ResNet-18" in c.value and "digits" in c.value for c in app.caption)
+    assert _metric(app, "Accuracy (200 test images)")  # the baseline and the live metric name their image count
+    assert "start: every layer tabled" in _current_label(app)
+    for prefix in ("Retention", "FLOPs, paper", "FLOPs, full", "Storage"):
+        assert _metric(app, prefix)
+    assert len(app.get("plotly_chart")) >= 4  # two trade-off plots, the heatmap, the teaching view's charts
+    assert [b.label for b in app.download_button] == ["Export configuration (JSON)"]
+    editor = app.data_editor[0].value
+    assert list(editor["layer"][:2]) == ["conv1", "layer1.0.conv1"] and editor["table"].all()
+
+
+def test_toggling_a_layer_changes_the_metrics_and_reuses_everything_before_it(app: AppTest) -> None:
+    before = (_metric(app, "FLOPs, paper"), _metric(app, "Storage"))
+    app.selectbox(key="group_target").set_value("layer4.1.conv2")
+    app.button(key="group_exact").click().run()
+    _no_failure(app)
+    assert "layer4.1.conv2 → exact" in _current_label(app)
+    assert (_metric(app, "FLOPs, paper"), _metric(app, "Storage")) != before
+    done = app.session_state["last_apply"]
+    assert done["fitted"] == 0 and 0 < done["recomputed"] < done["nodes"] / 4  # only the network's tail re-ran
+    row = app.data_editor[0].value.set_index("layer").loc["layer4.1.conv2"]
+    assert not row["table"]
+
+
+def test_changing_c_and_k_of_one_layer_rebuilds_only_that_layer(app: AppTest) -> None:
+    app.selectbox(key="group_target").set_value("layer3.1.conv2")
+    app.number_input(key="group_c").set_value(4)
+    app.number_input(key="group_k").set_value(32)
+    app.button(key="group_table").click().run()
+    _no_failure(app)
+    assert app.session_state["last_apply"]["fitted"] == 1
+    row = app.data_editor[0].value.set_index("layer").loc["layer3.1.conv2"]
+    assert (row["C"], row["K"]) == (4, 32)
+    assert any("fitted 1 layer table" in c.value for c in app.caption)
+
+
+def test_priority_masking_and_search_add_configurations(app: AppTest) -> None:
+    start = _history_size(app)
+    app.slider(key="mask_exact").set_value(3)
+    app.button(key="run_masking").click().run()
+    _no_failure(app)
+    assert "priority: 3 worst exact" in _current_label(app)
+    after_masking = _history_size(app)
+    assert after_masking > start
+    app.number_input(key="search_budget").set_value(3)
+    app.slider(key="search_target").set_value(50)
+    app.button(key="run_search").click().run()
+    assert not app.exception
+    assert _history_size(app) > after_masking
+    assert any("Search evaluated" in s.value for s in app.success)
+
+
+def test_clicking_a_point_loads_that_configuration(app: AppTest) -> None:
+    app.session_state["load_request"] = 0  # what a click on the baseline's star leaves behind
+    app.run()
+    _no_failure(app)
+    assert app.session_state["current_id"] == 0
+    assert "baseline (exact)" in _current_label(app)
+
+
+def test_export_then_import_round_trips(app: AppTest) -> None:
+    app.selectbox(key="group_target").set_value("stage:layer2")
+    app.button(key="group_exact").click().run()
+    exported_id = app.session_state["current_id"]
+    exported = next(c.value for c in app.code if '"schema": "tabconv-config"' in c.value)
+    app.button(key="all_tables").click().run()
+    assert app.session_state["current_id"] != exported_id
+    app.file_uploader(key="import_file").set_value(("mine.json", exported.encode(), "application/json")).run()
+    _no_failure(app)
+    assert any("mine.json** is valid" in s.value for s in app.success)
+    app.button(key="import_load").click().run()
+    _no_failure(app)
+    assert app.session_state["current_id"] == exported_id
+    assert json.loads(exported)["layers"]["layer2.0.conv1"]["mode"] == "exact"
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"{not json", "not valid JSON"),
+    (b'{"schema": "something-else"}', "not a TabConv configuration file"),
+    (b"\xff\xfe\x00", "not a UTF-8 text file"),
+])
+def test_a_bad_upload_shows_a_specific_error(app: AppTest, content: bytes, message: str) -> None:
+    app.file_uploader(key="import_file").set_value(("bad.json", content, "application/json")).run()
+    assert not app.exception
+    assert any(message in e.value for e in app.error), [e.value for e in app.error]
+
+
+def test_a_configuration_with_an_unknown_layer_is_refused_by_name(app: AppTest) -> None:
+    config = json.loads(next(c.value for c in app.code if '"schema": "tabconv-config"' in c.value))
+    config["layers"]["layer9.conv1"] = {"mode": "table"}
+    app.file_uploader(key="import_file").set_value(("x.json", json.dumps(config).encode(), "application/json")).run()
+    assert any("layer9.conv1" in e.value for e in app.error)
+
+
+def test_an_unavailable_dataset_explains_how_to_get_it(app: AppTest) -> None:
+    app.selectbox(key="choose_dataset").set_value("cifar100")
+    next(b for b in app.button if b.label == "Open").click().run()
+    assert not app.exception
+    assert any("How to get them" in e.value for e in app.error)
+
+
+def test_a_missing_checkpoint_is_trained_from_the_page(app: AppTest) -> None:
+    app.selectbox(key="choose_model").set_value("tiny")
+    next(b for b in app.button if b.label == "Open").click().run()
+    assert any("No checkpoint for tiny CNN" in i.value for i in app.info)
+    app.button(key="train").click().run()
+    _no_failure(app)
+    assert any("tiny CNN" in c.value for c in app.caption)
+    assert "start: every layer tabled" in _current_label(app)
+
+
+def test_edits_keep_exact_layers_canonical_and_respect_locks() -> None:
+    names = ["a", "b", "c"]
+    settings = {"a": TABLE, "b": EXACT, "c": TABLE}
+    new, locks, messages = editing.apply_row_edits(settings, names, {1: {"C": 4.0}, 2: {"lock": True}}, TABLE,
+                                                   frozenset())
+    assert new == {"a": TABLE, "b": TABLE.with_(codebooks=4), "c": EXACT} and locks == {"c"} and not messages
+    new, _, messages = editing.apply_row_edits(new, names, {2: {"table": True}}, TABLE, locks)
+    assert new["c"] == EXACT and "locked" in messages[0]
+    grouped, skipped = editing.set_layers(new, names, TABLE, locks)
+    assert skipped == ["c"] and grouped["b"] == TABLE
+    unchanged, _, messages = editing.apply_row_edits(settings, names, {0: {"K": 2.5}, 1: {"K": 6, "encoder": "tree"}},
+                                                     TABLE, frozenset())
+    assert unchanged == settings and "whole number" in messages[0] and "power of two" in messages[1]
+
+
+def test_charts_carry_config_ids_and_fixed_colour_limits() -> None:
+    heat = charts.propagation_heatmap(["a", "b"], [[1.0, 0.9], [1.0, 0.8]], [0.95, 0.7], "current #3", "cosine")
+    assert (heat.data[0].zmin, heat.data[0].zmax) == (0.5, 1.0)
+    assert charts.origin("priority: 2 worst exact") == "priority masking"
+    assert charts.origin("greedy: fc -> exact") == "budgeted search"
+    assert charts.origin("edit: conv1 → exact") == "edits"

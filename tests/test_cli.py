@@ -1,0 +1,116 @@
+"""The command line end to end: cost baselines, evaluate, search, sensitivity, cache, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tabconv.cli import main
+
+CALIB = ["--calibration-images", "512", "--max-rows", "8192"]
+
+
+def run(capsys, *args: str) -> tuple[int, dict | str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    try:
+        return code, json.loads(out), err
+    except json.JSONDecodeError:
+        return code, out, err
+
+
+@pytest.mark.parametrize("model,classes,flops", [
+    ("resnet18", 1000, 37_673_472), ("resnet34", 1000, 75_486_208), ("nin", 10, 223_897_472)])
+def test_cost_reproduces_the_paper_baselines(capsys, model, classes, flops):
+    code, data, _ = run(capsys, "cost", "--model", model, "--num-classes", str(classes), "--input-shape", "3,32,32",
+                        "--convention", "paper", "--json")
+    assert code == 0 and data["flops"] == flops and data["convention"] == "paper"
+    assert sum(layer["flops"] for layer in data["layers"]) == flops
+
+
+@pytest.fixture(scope="module")
+def evaluated(resnet18_digits, tmp_path_factory):
+    """All layers tabled at C=8, K=64 on the trained ResNet-18 (tables cached for later commands)."""
+    tmp = tmp_path_factory.mktemp("cli")
+    cache = str(tmp / "cache")
+    config = tmp / "all-table.json"
+    code = main(["evaluate", "--checkpoint", str(resnet18_digits), "--all-table", "--codebooks", "8",
+                 "--centroids", "64", *CALIB, "--cache-dir", cache, "--save-config", str(config), "--json"])
+    assert code == 0
+    return tmp, cache, config
+
+
+def test_evaluate_all_table_reports_both_conventions(evaluated, resnet18_digits, capsys):
+    tmp, cache, config = evaluated
+    code, data, _ = run(capsys, "evaluate", "--checkpoint", str(resnet18_digits), "--config", str(config), *CALIB,
+                        "--cache-dir", cache, "--json")
+    assert code == 0
+    assert data["baseline_accuracy"] >= 0.90 and data["eval_images"] == 450
+    assert data["flops_paper"] < data["baseline_flops"] and data["flops_full"] > data["flops_paper"]
+    assert data["storage_bytes"] == data["weight_bytes"] + data["table_bytes"] + data["prototype_bytes"]
+    assert data["table_bytes"] > 0 and data["baseline_storage_bytes"] > 0
+    names = [layer["name"] for layer in data["layers"]]
+    assert names[0] == "conv1" and "layer3.1.conv2" in names and names[-1] == "fc"
+    assert all(layer["mode"] == "table" and layer["cosine"] is not None for layer in data["layers"])
+    saved = json.loads(config.read_text())
+    assert set(saved["layers"]) == set(names) and saved["metrics"]["eval_images"] == 450
+
+
+def test_a_configuration_naming_a_missing_layer_is_refused(evaluated, resnet18_digits, capsys):
+    tmp, cache, config = evaluated
+    data = json.loads(config.read_text())
+    data["layers"]["layer3.5.conv2"] = {"mode": "table"}
+    bad = tmp / "bad.json"
+    bad.write_text(json.dumps(data))
+    code, out, err = run(capsys, "evaluate", "--checkpoint", str(resnet18_digits), "--config", str(bad), *CALIB,
+                         "--cache-dir", cache)
+    assert code == 2 and "layer3.5.conv2" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_priority_and_greedy_keep_93_percent(evaluated, resnet18_digits, capsys):
+    tmp, cache, _ = evaluated
+    results = {}
+    for strategy in ("priority", "greedy"):
+        out = tmp / f"{strategy}.json"
+        code, data, err = run(capsys, "search", "--checkpoint", str(resnet18_digits), "--strategy", strategy,
+                              "--min-retention", "0.93", "--codebooks", "8", "--centroids", "64", *CALIB,
+                              "--cache-dir", cache, "--out", str(out), "--max-evaluations", "150", "--json")
+        assert code == 0, err
+        assert data["retention"] >= 0.93 and data["flops_paper"] < data["baseline_flops"]
+        assert json.loads(out.read_text())["metrics"]["retention"] == data["retention"]
+        results[strategy] = data
+    assert results["greedy"]["flops_reduction_paper"] >= results["priority"]["flops_reduction_paper"]
+
+
+def test_sensitivity_and_cache_commands(evaluated, resnet18_digits, capsys):
+    tmp, cache, _ = evaluated
+    code, data, _ = run(capsys, "sensitivity", "--checkpoint", str(resnet18_digits), *CALIB, "--cache-dir", cache,
+                        "--eval-images", "100", "--json")
+    assert code == 0 and len(data["layers"]) == 21 and data["eval_images"] == 100
+    code, data, _ = run(capsys, "cache", "ls", "--cache-dir", cache, "--json")
+    assert code == 0 and data["entries"] >= 21 and data["bytes"] > 0
+    code, data, _ = run(capsys, "cache", "clear", "--cache-dir", cache, "--json")
+    assert code == 0 and data["removed"] >= 21
+
+
+@pytest.mark.parametrize("args,message", [
+    (["evaluate", "--checkpoint", "/nonexistent.pt", "--all-exact"], "no such checkpoint"),
+    (["evaluate", "--checkpoint", __file__, "--all-exact"], "not a readable torch checkpoint"),
+    (["cost", "--model", "resnet18", "--num-classes", "10", "--input-shape", "3,32,32", "--config", "/none.json"],
+     "no such configuration file"),
+])
+def test_bad_input_exits_2_with_one_line(capsys, args, message):
+    code, _, err = run(capsys, *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_module_entry_point_and_argument_errors():
+    ok = subprocess.run([sys.executable, "-m", "tabconv", "cost", "--model", "tiny", "--num-classes", "3",
+                         "--input-shape", "1,8,8"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "FLOPs (paper convention)" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "tabconv", "evaluate", "--checkpoint", "x.pt", "--all-table",
+                          "--codebooks", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "positive integer" in bad.stderr

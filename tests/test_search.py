@@ -1,0 +1,88 @@
+"""Priority masking, sensitivity, error propagation, greedy search and Pareto fronts on a real session."""
+
+from __future__ import annotations
+
+import pytest
+
+from tabconv.config import Calibration
+from tabconv.data import load_dataset
+from tabconv.search import greedy_search, pareto_front, priority_masking, propagation_matrix, sensitivity
+from tabconv.session import Session
+from tabconv.settings import LayerSetting
+from tests.helpers import model
+
+TABLE = LayerSetting("table", 2, 8)
+META = {"model": "tiny", "dataset": "digits", "num_classes": 10, "input_shape": [1, 32, 32], "sha256": "s"}
+
+
+@pytest.fixture(scope="module")
+def session():
+    from tabconv.train import train_model
+
+    train = load_dataset("digits", "train")
+    net = train_model(model("tiny"), train, epochs=5, batch_size=32, lr=0.2)
+    return Session(net, META, train.head(128), load_dataset("digits", "test").head(150),
+                   Calibration(images=128, max_rows=4096))
+
+
+def test_priority_masking_sweeps_every_count_of_exact_layers(session):
+    result = priority_masking(session, TABLE, min_retention=0.5)
+    names = session.structure.names
+    assert len(result.points) == len(names) + 1 and sorted(result.ranking) == sorted(names)
+    for count, point in enumerate(result.points):
+        exact = {n for n, s in point.settings.items() if not s.is_table}
+        assert exact == set(result.ranking[:count])
+    all_table = result.points[0]
+    cosines = [all_table.errors[n].cosine for n in result.ranking]
+    assert cosines == sorted(cosines)  # worst layer first
+    assert result.points[-1].accuracy == session.baseline.accuracy
+    feasible = [p for p in result.points if p.retention >= 0.5]
+    assert result.best is min(feasible, key=lambda p: (p.flops_paper, -p.accuracy))
+
+
+def test_isolated_ranking_uses_each_layer_alone(session):
+    result = priority_masking(session, TABLE, rank_by="isolated")
+    alone = {n: session.apply({n: TABLE}).errors[session.structure.names[-1]].cosine for n in result.ranking}
+    assert [alone[n] for n in result.ranking] == sorted(alone.values())
+
+
+def test_sensitivity_in_both_directions(session):
+    rows = sensitivity(session, TABLE)
+    assert [r["layer"] for r in rows] == session.structure.names
+    for row in rows:
+        only = session.history[row["only_table"]["config_id"]]
+        assert only.table_layers == [row["layer"]]
+        rest = session.history[row["only_exact"]["config_id"]]
+        assert row["layer"] not in rest.table_layers and len(rest.table_layers) == len(rows) - 1
+        assert row["only_table"]["flops_saved_paper"] > 0 and row["only_table"]["eval_images"] == 150
+
+
+def test_propagation_matrix_is_exact_before_the_approximated_layer(session):
+    matrix = propagation_matrix(session, TABLE)
+    names = matrix["layers"]
+    assert len(matrix["cosine"]) == len(names) and all(len(r) == len(names) for r in matrix["cosine"])
+    for i, row in enumerate(matrix["relative_error"]):
+        assert all(v == 0 for v in row[:i]) and row[i] > 0
+    assert len(matrix["current"]["cosine"]) == len(names)
+
+
+def test_greedy_is_never_worse_than_priority(session):
+    priority = priority_masking(session, TABLE, min_retention=0.8)
+    greedy = greedy_search(session, TABLE, min_retention=0.8, max_evaluations=60)
+    assert greedy.best is not None and greedy.best.retention >= 0.8
+    assert greedy.best.flops_paper <= priority.best.flops_paper
+    capped = greedy_search(session, TABLE, min_retention=0.8, max_storage_bytes=priority.best.paper.storage_bytes,
+                           max_evaluations=30)
+    assert capped.best.paper.storage_bytes <= priority.best.paper.storage_bytes
+
+
+def test_pareto_front_is_non_dominated_and_sorted(session):
+    points = session.history
+    for cost in ("flops_paper", "flops_full", "storage_bytes"):
+        front = pareto_front(points, cost)
+        value = {"flops_paper": lambda m: m.flops_paper, "flops_full": lambda m: m.flops_full,
+                 "storage_bytes": lambda m: m.paper.storage_bytes}[cost]
+        assert [value(m) for m in front] == sorted(value(m) for m in front)
+        assert all(a.accuracy < b.accuracy for a, b in zip(front, front[1:], strict=False))
+        for m in points:  # nothing outside the front beats a front point on both axes
+            assert not any(value(m) < value(f) and m.accuracy > f.accuracy for f in front)
