@@ -20,19 +20,16 @@ from explorer.workbench import Workbench  # noqa: E402
 def workbench(wb: Workbench) -> None:
     """The core loop; a toggle, a click or a search reruns only this part of the page."""
     actions.handle_requests(wb)
-    if st.session_state.notice:
-        level, text = st.session_state.notice
-        getattr(st, level)(text)
-        st.session_state.notice = None
+    state.show_notice()
     current = wb.metrics(st.session_state.current_id)
-    previous_id = st.session_state.previous_id
+    previous = None if st.session_state.previous_id is None else wb.metrics(st.session_state.previous_id)
     with st.container(border=True):
         title, export = st.columns([4, 1], vertical_alignment="center")
         with export:
             transfer.export_button(wb, current)
         with title:
-            metrics.title(current, None if previous_id is None else wb.metrics(previous_id))
-        metrics.live(current, None if previous_id is None else wb.metrics(previous_id))
+            metrics.title(current, previous)
+        metrics.live(current, previous)
         metrics.breakdown(current)
         metrics.last_change()
     plots.tradeoffs(wb, current)
@@ -53,6 +50,7 @@ def workbench(wb: Workbench) -> None:
 def main() -> None:
     st.set_page_config(page_title="TabConv Explorer", page_icon=":material/table_chart:", layout="wide")
     state.init()
+    st.title("TabConv Explorer")
     choice = chooser.sidebar()
     wb = loading.open_choice(choice)
     metrics.header(wb)

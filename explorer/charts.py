@@ -37,11 +37,16 @@ def origin(label: str) -> str:
     return "edits"
 
 
+def change(reduction: float) -> str:
+    """A FLOP reduction as a change against the exact model: '−98.9%', or '+0.1%' when the full count grows."""
+    return "±0%" if abs(reduction) < 5e-4 else f"{-reduction:+.1%}".replace("-", "−")
+
+
 def summary_lines(m: Metrics) -> list[str]:
     """A configuration in four lines: accuracy, FLOPs in both conventions, storage, tabled layers."""
     return [f"accuracy {m.accuracy:.2%} on {m.eval_images} images (retention {m.retention:.1%})",
-            f"FLOPs paper {m.flops_paper / 1e6:.3g}M (−{m.reduction_paper:.1%}), "
-            f"full {m.flops_full / 1e6:.3g}M (−{m.reduction_full:.1%})",
+            f"FLOPs paper {m.flops_paper / 1e6:.3g}M ({change(m.reduction_paper)}), "
+            f"full {m.flops_full / 1e6:.3g}M ({change(m.reduction_full)})",
             f"storage {m.paper.storage_bytes / 2**20:.3g} MiB (×{m.storage_ratio:.2f} of the original)",
             f"{len(m.table_layers)}/{len(m.settings)} layers as tables"]
 
@@ -119,10 +124,10 @@ def sensitivity_bars(rows: Sequence[dict[str, Any]], all_tables_retention: float
     fig.add_hline(y=100 * all_tables_retention, line=dict(dash="dash", color="#E45756"),
                   annotation_text="every layer tabled", annotation_position="bottom right")
     fig.update_layout(
-        barmode="group", height=400, margin=dict(l=10, r=10, t=40, b=10),
-        title=dict(text="Sensitivity in both directions (retention, % of exact accuracy)", font=dict(size=15)),
+        barmode="group", height=420, margin=dict(l=10, r=10, t=70, b=10),
+        title=dict(text="Sensitivity in both directions: retention (% of exact accuracy)", font=dict(size=15)),
         xaxis=dict(tickangle=-45), yaxis=dict(title="retention (%)"),
-        legend=dict(orientation="h", yanchor="bottom", y=1.0, x=1, xanchor="right"))
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
     return fig
 
 

@@ -22,7 +22,7 @@ def describe(event: dict[str, Any]) -> tuple[float | None, str]:
     """(fraction done or None, one line of text) for any progress event of the library."""
     if "epoch" in event:
         done = ((event["epoch"] - 1) * event["steps"] + event["step"]) / (event["epochs"] * event["steps"])
-        return done, f"Training: epoch {event['epoch']}/{event['epochs']}, loss {event['loss']:.3f}"
+        return done, f"epoch {event['epoch']}/{event['epochs']}, loss {event['loss']:.3f}"
     stage = STAGES.get(event.get("stage", ""), str(event.get("stage", "Working")))
     if "images" in event:
         return None, f"{stage} on {event['images']} images"

@@ -47,6 +47,14 @@ def notify(level: str, text: str) -> None:
     st.session_state.notice = (level, text)
 
 
+def show_notice() -> None:
+    """Show the pending message once."""
+    if st.session_state.notice:
+        level, text = st.session_state.notice
+        getattr(st, level)(text)
+        st.session_state.notice = None
+
+
 def show_to(config_id: int) -> None:
     """Make a configuration the current one, remembering the previous one for deltas."""
     if config_id != st.session_state.current_id:

@@ -97,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     meta = train_and_save(args.model, args.dataset, args.out, epochs=args.epochs, batch_size=args.batch_size,
                           lr=args.lr, seed=args.seed, device=args.device, data_root=args.data_root,
-                          progress=_progress_bar("train"))
+                          progress=_progress_bar("train"), train_images=args.train_images)
     _emit(meta, args.json, [f"saved {args.out}: {meta['model']} on {meta['dataset']}, test accuracy "
                             f"{meta['test_accuracy']:.2%} on {meta['test_images']} images"])
 
@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=model_names(), required=True)
     p.add_argument("--dataset", choices=list(DATASETS), required=True)
     p.add_argument("--epochs", type=_positive, default=None, help="default: per dataset")
+    p.add_argument("--train-images", type=_positive, default=None,
+                   help="train on the first N training images only (default: all)")
     p.add_argument("--batch-size", type=_positive, default=128)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)

@@ -197,10 +197,11 @@ def train_and_save(
     device: torch.device | str | None = "cpu",
     data_root: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
+    train_images: int | None = None,
 ) -> dict:
-    """Train on the train split, measure the whole test split, save; epochs default per dataset."""
+    """Train on the train split (or its first `train_images`), measure the whole test split, save."""
     device = resolve_device(None if device is None else str(device))
-    train_set = load_dataset(dataset, "train", data_root)
+    train_set = load_dataset(dataset, "train", data_root).head(train_images)
     test_set = load_dataset(dataset, "test", data_root)
     epochs = DEFAULT_EPOCHS[dataset] if epochs is None else epochs
     info = train_set.info
@@ -224,6 +225,7 @@ def train_and_save(
         "test_accuracy": accuracy(model, test_set, device=device),
         "test_images": len(test_set),
         "epochs": epochs,
+        "train_images": len(train_set),
         "seed": seed,
         "batch_size": batch_size,
         "lr": lr,

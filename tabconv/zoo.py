@@ -14,7 +14,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from tabconv.train import train_and_save
+from tabconv.train import DEFAULT_LR, train_and_save
 
 DEFAULT_MODEL = "resnet18"
 DEFAULT_DATASET = "digits"
@@ -35,7 +35,7 @@ def checkpoint_path(model: str, dataset: str, root: str | os.PathLike[str] | Non
 
 def ensure_checkpoint(model: str, dataset: str, data_root: str | os.PathLike[str] | None = None,
                       progress: Progress | None = None, root: str | os.PathLike[str] | None = None,
-                      epochs: int | None = None) -> Path:
+                      epochs: int | None = None, train_images: int | None = None, lr: float = DEFAULT_LR) -> Path:
     """The checkpoint of (model, dataset), trained first (per-dataset default epochs) when missing."""
     path = checkpoint_path(model, dataset, root)
     if path.is_file():
@@ -43,11 +43,6 @@ def ensure_checkpoint(model: str, dataset: str, data_root: str | os.PathLike[str
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not path.is_file():  # another process may have finished it while we waited
-            train_and_save(model, dataset, path, epochs=epochs, data_root=data_root, progress=progress)
+            train_and_save(model, dataset, path, epochs=epochs, data_root=data_root, progress=progress,
+                           train_images=train_images, lr=lr)
     return path
-
-
-def cached_checkpoints(root: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Checkpoints already on disk, by name."""
-    folder = Path(root or checkpoint_dir())
-    return sorted(folder.glob("*.pt")) if folder.is_dir() else []

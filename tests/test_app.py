@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from explorer import charts, editing
@@ -56,12 +57,32 @@ def test_first_load_shows_the_default_with_every_part_of_the_core_loop(app: AppT
     for prefix in ("Retention", "FLOPs, paper", "FLOPs, full", "Storage"):
         assert _metric(app, prefix)
     assert len(app.get("plotly_chart")) >= 4  # two trade-off plots, the heatmap, the teaching view's charts
-    assert [b.label for b in app.download_button] == ["Export configuration (JSON)"]
+    assert [b.label for b in app.download_button] == ["Export configuration"]
     editor = app.data_editor[0].value
     assert list(editor["layer"][:2]) == ["conv1", "layer1.0.conv1"] and editor["table"].all()
+    assert any(m.value.startswith("**4 · The result.**") for m in app.markdown)  # the teaching view
+
+
+def test_a_relaunch_reuses_tables_and_the_heatmap_from_disk(app: AppTest) -> None:
+    st.cache_resource.clear()  # as in a new server process: no Session in memory, only the disk caches
+    again = AppTest.from_file(str(APP), default_timeout=900)
+    again.run()
+    _no_failure(again)
+    assert again.session_state["last_apply"]["fitted"] == 0
+    assert _history_size(again) == 2  # baseline and the starting configuration: no sweep evaluations
+    assert any(c.value.startswith("Rows: one layer tabled alone") for c in again.caption)
+
+
+def test_the_sensitivity_sweep_draws_both_directions(app: AppTest) -> None:
+    if any(b.key == "run_sensitivity" for b in app.button):  # not yet on disk in this test session
+        app.button(key="run_sensitivity").click().run()
+    _no_failure(app)
+    assert any(c.value.startswith("Retention on 200 test images") for c in app.caption)
 
 
 def test_toggling_a_layer_changes_the_metrics_and_reuses_everything_before_it(app: AppTest) -> None:
+    app.selectbox(key="group_target").set_value("fc")  # first fc, so that the pair below is a new configuration
+    app.button(key="group_exact").click().run()
     before = (_metric(app, "FLOPs, paper"), _metric(app, "Storage"))
     app.selectbox(key="group_target").set_value("layer4.1.conv2")
     app.button(key="group_exact").click().run()
@@ -142,6 +163,13 @@ def test_a_configuration_with_an_unknown_layer_is_refused_by_name(app: AppTest) 
     config["layers"]["layer9.conv1"] = {"mode": "table"}
     app.file_uploader(key="import_file").set_value(("x.json", json.dumps(config).encode(), "application/json")).run()
     assert any("layer9.conv1" in e.value for e in app.error)
+
+
+def test_a_bad_checkpoint_upload_is_refused_with_its_reason(app: AppTest) -> None:
+    app.file_uploader(key="choose_upload").set_value(("mine.pt", b"not a checkpoint", "application/octet-stream"))
+    next(b for b in app.button if b.label == "Open").click().run()
+    assert not app.exception
+    assert any("not a readable torch checkpoint" in e.value for e in app.error), [e.value for e in app.error]
 
 
 def test_an_unavailable_dataset_explains_how_to_get_it(app: AppTest) -> None:

@@ -19,7 +19,6 @@ from tabconv.config import CALIBRATION_MODES, Calibration
 from tabconv.data import DATASETS, is_available, resolve_root
 from tabconv.models import MODEL_DESCRIPTIONS
 from tabconv.settings import ENCODERS, LUT_DTYPES, LayerSetting, SettingError
-from tabconv.train import DEFAULT_EPOCHS
 
 MODEL_NAMES = {"resnet18": "ResNet-18", "resnet34": "ResNet-34", "nin": "NIN", "tiny": "tiny CNN (for tests)"}
 CHECKPOINT_UPLOAD_MB = 200  # a ResNet-34 checkpoint is about 85 MB
@@ -118,8 +117,5 @@ def _checkpoint_file(upload: UploadedFile | None, named: str) -> str | None:
 def _dataset_note(choice: Choice) -> None:
     info = DATASETS[choice.dataset]
     st.caption(f"**{info.name}**: {info.description}.")
-    if choice.checkpoint is None and not is_available(choice.dataset, choice.data_root):
+    if not is_available(choice.dataset, choice.data_root):
         st.caption(f"Not on disk. How to get it: {info.how_to_get}.")
-    elif choice.checkpoint is None and not choice.zoo_path.is_file():
-        st.caption(f"No {MODEL_NAMES[choice.model]} checkpoint for {info.name} yet: it can be trained from the "
-                   f"page ({DEFAULT_EPOCHS[info.name]} epochs).")

@@ -32,8 +32,8 @@ def _load(config_id: int) -> None:
 def _row(m: Metrics) -> dict[str, object]:
     return {"id": m.id, "label": m.label, "origin": charts.origin(m.label), "accuracy": f"{m.accuracy:.2%}",
             "images": m.eval_images, "retention": f"{m.retention:.1%}",
-            "FLOPs paper": f"{m.flops_paper / 1e6:.3g} M (−{m.reduction_paper:.1%})",
-            "FLOPs full": f"{m.flops_full / 1e6:.3g} M (−{m.reduction_full:.1%})",
+            "FLOPs paper": f"{m.flops_paper / 1e6:.3g} M ({charts.change(m.reduction_paper)})",
+            "FLOPs full": f"{m.flops_full / 1e6:.3g} M ({charts.change(m.reduction_full)})",
             "storage": f"×{m.storage_ratio:.2f}", "tables": f"{len(m.table_layers)}/{len(m.settings)}"}
 
 

@@ -16,6 +16,7 @@ from tabconv.config import ConfigError
 from tabconv.data import DatasetUnavailable, is_available, load_dataset
 from tabconv.train import DEFAULT_EPOCHS, CheckpointError
 
+GROUP_WIDGETS = ("group_c", "group_k", "group_encoder", "group_lut")
 USER_ERRORS = (CheckpointError, ConfigError, DatasetUnavailable, ValueError, OSError)
 
 
@@ -27,7 +28,7 @@ def open_choice(choice: Choice) -> Workbench:
         with st.spinner(f"Loading {path.name} and evaluating the exact model (once per launch)…"):
             return open_workbench(spec)
     except USER_ERRORS as exc:
-        st.error(f"Cannot open {path}: {exc}")
+        st.error(f"Cannot open this checkpoint: {exc}")
         st.stop()
 
 
@@ -41,6 +42,8 @@ def start(wb: Workbench, choice: Choice) -> None:
     elif choice.defaults != st.session_state.defaults:
         st.session_state.defaults = choice.defaults
         st.session_state.current_id = None
+        for key in GROUP_WIDGETS:  # the group controls start again from the new defaults
+            st.session_state.pop(key, None)
     if st.session_state.current_id is not None:
         return
     with st.status("Building the tables of every layer (first time only: later launches read them from the cache)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from explorer.charts import change
 from explorer.panels.chooser import MODEL_NAMES
 from explorer.workbench import Workbench
 from tabconv.cost import CostReport
@@ -18,10 +19,9 @@ MIB = 2**20
 
 
 def header(wb: Workbench) -> None:
-    """Title, provenance of every number, and the exact baseline's card."""
+    """Provenance of every number, and the exact baseline's card."""
     session, meta = wb.session, wb.session.meta
     calibration = session.calibration
-    st.title("TabConv Explorer")
     trained = (f", test accuracy {meta['test_accuracy']:.2%} on all {meta['test_images']} test images when trained"
                if "test_accuracy" in meta else "")
     st.caption(f"**{MODEL_NAMES.get(meta['model'], meta['model'])}** on **{meta['dataset']}** — checkpoint "
@@ -52,10 +52,10 @@ def live(current: Metrics, previous: Metrics | None) -> None:
                    _delta(current.accuracy, previous and previous.accuracy, 100, " pp"))
     cols[1].metric("Retention (of exact accuracy)", f"{current.retention:.1%}",
                    _delta(current.retention, previous and previous.retention, 100, " pp"))
-    cols[2].metric(f"FLOPs, paper: −{current.reduction_paper:.1%}", f"{current.flops_paper / 1e6:.3g} M",
+    cols[2].metric(f"FLOPs, paper: {change(current.reduction_paper)}", f"{current.flops_paper / 1e6:.3g} M",
                    _delta(current.flops_paper, previous and previous.flops_paper, 1e-6, " M"), delta_color="inverse",
                    help="Paper convention: encoding free (exact MACs + table lookups and additions).")
-    cols[3].metric(f"FLOPs, full: −{current.reduction_full:.1%}", f"{current.flops_full / 1e6:.3g} M",
+    cols[3].metric(f"FLOPs, full: {change(current.reduction_full)}", f"{current.flops_full / 1e6:.3g} M",
                    _delta(current.flops_full, previous and previous.flops_full, 1e-6, " M"), delta_color="inverse",
                    help="Full convention: the encoding (nearest-prototype search or tree comparisons) counted too.")
     cols[4].metric(f"Storage: ×{current.storage_ratio:.2f} of the original",
@@ -77,7 +77,7 @@ def breakdown(current: Metrics) -> None:
 
 def _row(name: str, report: CostReport, current: Metrics) -> dict[str, object]:
     return {"convention": name, "FLOPs/image": f"{report.flops / 1e6:.3f} M",
-            "reduction": f"{1 - report.flops / current.baseline.flops:.1%}",
+            "vs exact": change(1 - report.flops / current.baseline.flops),
             "exact MACs & other ops": f"{report.exact_ops / 1e6:.3f} M",
             "encoding": f"{report.encoding_ops / 1e6:.3f} M",
             "lookups + adds": f"{report.lookup_ops / 1e6:.3f} M",

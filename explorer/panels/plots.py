@@ -46,17 +46,14 @@ def propagation(wb: Workbench, current: Metrics) -> None:
     setting = st.session_state.defaults
     metric = st.segmented_control("Heatmap colour", list(charts.HEAT_NAMES), default="cosine",
                                   format_func=charts.HEAT_NAMES.get, key="heat_metric") or "cosine"
-    left, right = st.columns(2)
-    with left:
-        matrix = sweeps.propagation(wb, setting)
-        current_row = [getattr(current.errors[name], metric) for name in matrix["layers"]]
-        st.plotly_chart(charts.propagation_heatmap(matrix["layers"], matrix[metric], current_row,
-                                                   f"current #{current.id}", metric), key="heatmap",
-                        config={"displaylogo": False})
-        st.caption(f"Rows: one layer tabled alone (C={setting.codebooks}, K={setting.centroids}, {setting.encoder}), "
-                   f"then the current configuration; columns: each layer's output on {current.eval_images} images.")
-    with right:
-        _sensitivity(wb, setting)
+    matrix = sweeps.propagation(wb, setting)
+    current_row = [getattr(current.errors[name], metric) for name in matrix["layers"]]
+    st.plotly_chart(charts.propagation_heatmap(matrix["layers"], matrix[metric], current_row,
+                                               f"current #{current.id}", metric), key="heatmap",
+                    config={"displaylogo": False})
+    st.caption(f"Rows: one layer tabled alone (C={setting.codebooks}, K={setting.centroids}, {setting.encoder}), "
+               f"then the current configuration; columns: each layer's output on {current.eval_images} images.")
+    _sensitivity(wb, setting)
 
 
 def _sensitivity(wb: Workbench, setting: LayerSetting) -> None:
@@ -70,3 +67,5 @@ def _sensitivity(wb: Workbench, setting: LayerSetting) -> None:
             state.refresh()
         return
     _chart(charts.sensitivity_bars(result["rows"], result["all_tables_retention"]), "sensitivity")
+    st.caption(f"Retention on {result['rows'][0]['only_table']['eval_images']} test images; the dashed line is every "
+               "layer tabled. Click a bar to load its configuration (bars recalled from disk are not loadable).")

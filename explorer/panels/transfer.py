@@ -17,7 +17,7 @@ CONFIG_UPLOAD_MB = 1  # a ResNet-34 configuration with metrics is about 30 KB
 def export_button(wb: Workbench, current: Metrics) -> None:
     """Download the current configuration (settings, calibration, checkpoint hash, metrics, versions)."""
     meta = wb.session.meta
-    st.download_button("Export configuration (JSON)", _json(wb, current), key="export",
+    st.download_button("Export configuration", _json(wb, current), key="export", help="The library's JSON file",
                        file_name=f"tabconv-{meta['model']}-{meta['dataset']}-config{current.id}.json",
                        mime="application/json", on_click="ignore", type="primary", icon=":material/download:",
                        width="stretch")

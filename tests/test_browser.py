@@ -1,0 +1,129 @@
+"""A real browser on the real server: the first page renders every part of the core loop and reacts.
+
+Starts `streamlit run explorer/app.py` on a free port, drives Debian's chromium through playwright,
+changes a setting, waits for the metrics to change, and saves docs/screenshot.png for the README.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOT = ROOT / "docs" / "screenshot.png"
+FIRST_LAUNCH_S = 600  # the page's first run may train nothing here, but builds every table and the heatmap
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"streamlit exited with status {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"streamlit did not answer at {url} within {timeout} s")
+
+
+@pytest.fixture
+def server(explorer_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    """The app served headless on localhost; stopped (and only it) at the end."""
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} is absent (Debian's chromium drives the real-browser test)")
+    pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    port = _free_port()
+    # the screenshot shows the user's data root, not the tests' empty one
+    env = {**os.environ, **{k: v for k, v in explorer_env.items() if k != "TABCONV_DATA"},
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    log = (tmp_path / "streamlit.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "explorer" / "app.py"), "--server.port", str(port),
+         "--server.headless", "true"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, process)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def _metric(page: Page, prefix: str) -> str:
+    card = page.locator('[data-testid="stMetric"]').filter(has_text=prefix).first
+    return card.locator('[data-testid="stMetricValue"]').inner_text()
+
+
+def _wait_idle(page: Page, timeout_ms: int) -> None:
+    """Until the script has finished running: no 'running' indicator and no element left stale."""
+    page.wait_for_timeout(500)  # the indicator appears shortly after a run starts
+    page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"], [data-stale=\"true\"]')",
+                           timeout=timeout_ms)
+
+
+def test_first_page_renders_and_reacts(server: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 2000})
+            started = time.monotonic()
+            page.goto(server)
+            page.get_by_text("Current configuration #").wait_for(timeout=FIRST_LAUNCH_S * 1000)
+            page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 3",
+                                   timeout=FIRST_LAUNCH_S * 1000)
+            _wait_idle(page, FIRST_LAUNCH_S * 1000)
+            first_screen_s = time.monotonic() - started
+            assert page.get_by_text("Accuracy vs FLOPs per image").count() == 1
+            assert page.get_by_text("Accuracy vs Storage").count() == 1
+            assert page.get_by_text("Error propagation: cosine similarity").count() == 1
+            assert page.get_by_role("button", name="Export configuration").is_visible()
+            before = _metric(page, "FLOPs, paper")
+
+            page.locator('[data-testid="stSelectbox"]').filter(has_text="Group or layer").click()
+            page.keyboard.type("stage:layer4")
+            page.keyboard.press("Enter")
+            page.get_by_role("button", name="→ exact").click()
+            page.wait_for_function(
+                "(before) => [...document.querySelectorAll('[data-testid=\"stMetric\"]')].some(m => "
+                "m.innerText.includes('FLOPs, paper') && !m.innerText.includes(before))", arg=before, timeout=120_000)
+            _wait_idle(page, 120_000)
+            title = page.locator('[data-testid="stMarkdownContainer"]').filter(has_text="Current configuration #")
+            assert "stage:layer4 → exact" in title.first.inner_text()
+            assert _metric(page, "FLOPs, paper") != before
+            assert page.locator('[data-testid="stException"]').count() == 0
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT))
+        finally:
+            browser.close()
+    print(f"first screen ready in {first_screen_s:.0f} s")
