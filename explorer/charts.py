@@ -79,6 +79,7 @@ def tradeoff(points: Sequence[Metrics], baseline: Metrics, current: Metrics, cos
         xaxis=dict(title=title, type="log", tickformat="~s"),
         yaxis=dict(title=f"top-1 accuracy (%) on {baseline.eval_images} test images"),
         legend=dict(orientation="h", yanchor="top", y=-0.2, x=0), clickmode="event+select", hovermode="closest",
+        modebar=dict(orientation="v"),
     )
     return fig
 
@@ -105,7 +106,7 @@ def propagation_heatmap(layers: Sequence[str], rows: Sequence[Sequence[float]], 
         title=dict(text=f"Error propagation: {HEAT_NAMES[metric]} vs exact<br><sup>colour limits fixed at "
                         f"{zmin:g}–{zmax:g} for every configuration</sup>", font=dict(size=15)),
         xaxis=dict(title="output of layer (forward order)", tickangle=-45),
-        yaxis=dict(title="layer(s) approximated", autorange="reversed"))
+        yaxis=dict(title="layer(s) approximated", autorange="reversed"), modebar=dict(orientation="v"))
     return fig
 
 
@@ -117,7 +118,7 @@ def sensitivity_bars(rows: Sequence[dict[str, Any]], all_tables_retention: float
                               ("only_exact", "all but this layer tabled", "#F58518")):
         fig.add_trace(go.Bar(
             x=layers, y=[100 * r[key]["retention"] for r in rows], name=name, marker_color=colour,
-            customdata=[[r[key].get("config_id", -1)] for r in rows],
+            customdata=[[r[key].get("config_id", -1)] for r in rows], textposition="none",
             text=[f"FLOPs saved/image: paper {r[key]['flops_saved_paper'] / 1e6:.3g}M, "
                   f"full {r[key]['flops_saved_full'] / 1e6:.3g}M" for r in rows],
             hovertemplate="%{x}<br>retention %{y:.1f}%<br>%{text}<extra>" + name + "</extra>"))
@@ -127,7 +128,7 @@ def sensitivity_bars(rows: Sequence[dict[str, Any]], all_tables_retention: float
         barmode="group", height=420, margin=dict(l=10, r=10, t=70, b=10),
         title=dict(text="Sensitivity in both directions: retention (% of exact accuracy)", font=dict(size=15)),
         xaxis=dict(tickangle=-45), yaxis=dict(title="retention (%)"),
-        legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0), modebar=dict(orientation="v"))
     return fig
 
 
