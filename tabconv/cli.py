@@ -120,11 +120,12 @@ def cmd_cost(args: argparse.Namespace) -> None:
 
 
 # -- evaluate / search / sensitivity -------------------------------------------------------------------
-def _session(args: argparse.Namespace):
+def _session(args: argparse.Namespace, calibration: Calibration | None = None):
+    """The session of a command; a configuration file's own calibration wins over the calibration flags."""
     from tabconv.session import Session
 
-    calibration = Calibration(images=args.calibration_images, mode=args.calibration, seed=args.seed,
-                              max_rows=args.max_rows)
+    calibration = calibration or Calibration(images=args.calibration_images, mode=args.calibration,
+                                             seed=args.seed, max_rows=args.max_rows)
     cache = None if args.no_cache else TableCache(args.cache_dir)
     return Session.from_checkpoint(args.checkpoint, calibration=calibration, eval_images=args.eval_images,
                                    data_root=args.data_root, cache=cache, device=args.device,
@@ -152,9 +153,10 @@ def _metrics_lines(metrics) -> list[str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    session = _session(args)
-    if args.config:
-        settings = config_file.load(args.config)
+    loaded = config_file.load(args.config) if args.config else None
+    session = _session(args, loaded.calibration if loaded else None)
+    if loaded:
+        settings = loaded
         if settings.model != session.meta["model"]:
             raise ConfigError(f"{args.config}: made for model {settings.model!r}, the checkpoint is "
                               f"{session.meta['model']!r}")
@@ -282,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--all-exact", action="store_true")
     mode.add_argument("--all-table", action="store_true")
-    mode.add_argument("--config", default=None)
+    mode.add_argument("--config", default=None, help="a configuration file (its calibration settings are used)")
     _table_options(p)
     p.add_argument("--save-config", default=None, help="write this run's configuration file here")
     p.set_defaults(func=cmd_evaluate)

@@ -120,7 +120,18 @@ def test_first_page_renders_and_reacts(server: str) -> None:
             title = page.locator('[data-testid="stMarkdownContainer"]').filter(has_text="Current configuration #")
             assert "stage:layer4 → exact" in title.first.inner_text()
             assert _metric(page, "FLOPs, paper") != before
+
+            # for the README: the paper's priority masking with 3 layers exact, its sweep on the plots
+            slider = page.locator('[data-testid="stSlider"]').filter(has_text="Layers that stay exact")
+            for _ in range(3):
+                slider.get_by_role("slider").press("ArrowRight")
+                _wait_idle(page, 60_000)
+            page.get_by_role("button", name="Apply priority masking").click()
+            page.get_by_text("Ranking, worst first").wait_for(timeout=FIRST_LAUNCH_S * 1000)
+            _wait_idle(page, 120_000)
+            assert "priority: 3 worst exact" in title.first.inner_text()
             assert page.locator('[data-testid="stException"]').count() == 0
+            page.mouse.move(0, 0)  # no tooltip in the picture
             SCREENSHOT.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(SCREENSHOT))
         finally:

@@ -65,7 +65,10 @@ def live(current: Metrics, previous: Metrics | None) -> None:
 
 
 def _delta(now: float, before: float | None, scale: float, unit: str) -> str | None:
-    return None if before is None else f"{(now - before) * scale:+.3g}{unit}"
+    if before is None:
+        return None
+    diff = (now - before) * scale
+    return f"{diff:+.2f}{unit}" if unit == " pp" else f"{diff:+.3g}{unit}"
 
 
 def breakdown(current: Metrics) -> None:
