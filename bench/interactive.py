@@ -34,8 +34,8 @@ def timed(fn) -> float:
 
 
 def floor_s(session: Session, repeats: int) -> float:
-    """One exact forward of the evaluation images, in the session's batches."""
-    batches = [x for x, _ in session.eval_set.batches(session.batch_size, session.device)]
+    """One exact forward of the evaluation images, in the session's batches and memory layout."""
+    batches = session.eval_batches()
 
     @torch.no_grad()
     def forward() -> None:
@@ -46,14 +46,21 @@ def floor_s(session: Session, repeats: int) -> float:
 
 
 def toggles(session: Session, table: LayerSetting) -> dict[str, float]:
-    """Each layer switched once each way with its tables already built: table->exact, exact->table."""
-    all_table = session.uniform(table)
-    session.apply(all_table)
-    to_exact = [timed(lambda n=n: session.apply({**all_table, n: EXACT})) for n in session.structure.names]
-    session.apply({})
-    to_table = [timed(lambda n=n: session.apply({n: table})) for n in session.structure.names]
-    return {"toggle_s": statistics.median(to_exact + to_table), "toggle_to_exact_s": statistics.median(to_exact),
-            "toggle_to_table_s": statistics.median(to_table), "toggle_max_s": max(to_exact + to_table)}
+    """Each layer switched once each way with its tables built: from all-table to exact, from all-exact to table.
+
+    Before each timed switch the session is put back (untimed) in the starting configuration, so every
+    switch is exactly one layer's change from the state the runner holds.
+    """
+    start = {"to_exact": session.apply(session.uniform(table)), "to_table": session.baseline}
+    times: dict[str, list[float]] = {"to_exact": [], "to_table": []}
+    for direction, metrics in start.items():
+        for name in session.structure.names:
+            session.activate(metrics)
+            changed = {**metrics.settings, name: EXACT if direction == "to_exact" else table}
+            times[direction].append(timed(lambda c=changed: session.apply(c)))
+    both = times["to_exact"] + times["to_table"]
+    return {"toggle_s": statistics.median(both), "toggle_to_exact_s": statistics.median(times["to_exact"]),
+            "toggle_to_table_s": statistics.median(times["to_table"]), "toggle_max_s": max(both)}
 
 
 def rebuilds(session: Session, table: LayerSetting, layers: int) -> float:

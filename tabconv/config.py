@@ -117,11 +117,13 @@ def uniform(model: str, dataset: str, num_classes: int, structure: ModelStructur
 
 
 def software_versions() -> dict[str, str]:
+    """Versions recorded in a configuration file (package metadata: no slow torchvision import)."""
+    from importlib.metadata import version
+
     import numpy
     import torch
-    import torchvision
 
-    return {"tabconv": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    return {"tabconv": __version__, "torch": torch.__version__, "torchvision": version("torchvision"),
             "numpy": numpy.__version__, "python": platform.python_version()}
 
 

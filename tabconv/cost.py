@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from tabconv.lowering import check_lowerable, conv_bn_pairs
+from tabconv.lowering import ModuleCall, check_lowerable, conv_bn_pairs, trace_modules
 from tabconv.settings import LUT_BYTES, LayerSetting
 
 CONVENTIONS = ("paper", "full")
@@ -27,7 +27,6 @@ _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _FREE = (nn.Dropout, nn.Flatten, nn.Identity)
-_Call = tuple[str, nn.Module, tuple[int, ...], tuple[int, ...]]  # name, module, input/output shape
 _SCALE_BYTES = 4  # int8 tables: one float32 scale per layer and one float32 offset per codebook
 
 
@@ -203,33 +202,9 @@ def _layer_cost(
     return cost
 
 
-@torch.no_grad()
-def _trace_shapes(model: nn.Module, example: torch.Tensor) -> list[_Call]:
-    """Leaf modules in first-call order with per-image input and output shapes."""
-    calls: dict[str, _Call] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if name and not list(module.children()):
-
-            def hook(mod, inputs, output, name=name):
-                if name not in calls:
-                    calls[name] = (name, mod, tuple(inputs[0].shape[1:]), tuple(output.shape[1:]))
-
-            handles.append(module.register_forward_hook(hook))
-    was_training = model.training
-    try:
-        model.eval()
-        model(example)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return list(calls.values())
-
-
-def _validate_settings(calls: list[_Call], settings: Mapping[str, LayerSetting]) -> None:
+def _validate_settings(calls: list[ModuleCall], settings: Mapping[str, LayerSetting]) -> None:
     """Every key must name a Conv2d/Linear leaf that runs; table keys must be lowerable."""
-    layers = {name: mod for name, mod, _, _ in calls if isinstance(mod, (nn.Conv2d, nn.Linear))}
+    layers = {c.name: c.module for c in calls if isinstance(c.module, (nn.Conv2d, nn.Linear))}
     for name, setting in settings.items():
         if name not in layers:
             raise ValueError(f"setting for {name!r}: not a Conv2d/Linear layer of this model")
@@ -248,10 +223,11 @@ def _example(model: nn.Module, input_shape: tuple[int, int, int]) -> torch.Tenso
 class CostModel:
     """A model traced once at an input shape; `report(settings, convention)` is then pure arithmetic."""
 
-    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
-        example = _example(model, input_shape)
-        self.calls = _trace_shapes(model, example)
-        self.pairs = conv_bn_pairs(model, example)
+    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int],
+                 calls: list[ModuleCall] | None = None) -> None:
+        """`calls`: a trace of this model at this shape already made (ModelStructure.calls), reused."""
+        self.calls = calls if calls is not None else trace_modules(model, _example(model, input_shape))
+        self.pairs = conv_bn_pairs(self.calls)
 
     def report(self, settings: Mapping[str, LayerSetting] | None = None, convention: str = "paper") -> CostReport:
         """Per-image cost with the named layers as table layers (layers not named stay exact)."""
@@ -261,8 +237,8 @@ class CostModel:
         table_convs = {name for name, s in settings.items() if s.is_table}
         folded = {bn for conv, bn in self.pairs.items() if conv in table_convs}
         layers = [
-            _layer_cost(name, mod, (shape_in, shape_out), settings.get(name), name in folded)
-            for name, mod, shape_in, shape_out in self.calls
+            _layer_cost(c.name, c.module, (c.input_shape, c.output_shape), settings.get(c.name), c.name in folded)
+            for c in self.calls
         ]
         return _report(convention, layers)
 

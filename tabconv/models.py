@@ -2,6 +2,12 @@
 
 Layer names are stable qualified module names (``layer3.5.conv2``, ``block1.0``) because every
 per-layer setting is keyed by them.
+
+The ResNets are torchvision's BasicBlock ResNets module for module (same names, types, order,
+initialisation and forward; tests/test_models.py proves identical state-dict keys and outputs
+against torchvision itself). They are defined here because ``import torchvision`` costs ~2.7 s on
+the project's 2-core machine (torchvision.ops imports torch._dynamo), more than half of the
+explorer's 5 s warm-start budget; torchvision is still used to download datasets.
 """
 
 from __future__ import annotations
@@ -9,24 +15,75 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
+import torch
 from torch import nn
-from torchvision import models as tv_models
 
 MODEL_DESCRIPTIONS: dict[str, str] = {
-    "resnet18": "torchvision ResNet-18 (ImageNet stem: 7x7 stride-2 conv + max-pool), untrained",
-    "resnet34": "torchvision ResNet-34 (ImageNet stem: 7x7 stride-2 conv + max-pool), untrained",
+    "resnet18": "ResNet-18 as torchvision defines it (ImageNet stem: 7x7 stride-2 conv + max-pool), untrained",
+    "resnet34": "ResNet-34 as torchvision defines it (ImageNet stem: 7x7 stride-2 conv + max-pool), untrained",
     "nin": "Network-in-Network: three mlpconv blocks (5x5/5x5/3x3 conv + two 1x1 convs), "
     "global average pool, no fully connected layer",
     "tiny": "Two-conv CNN with batch norm and a linear head, for fast tests",
 }
 
 
-def _resnet(factory: Callable[..., nn.Module], num_classes: int, in_channels: int) -> nn.Module:
-    """torchvision's ResNet; a non-RGB input gets a stem conv of the same geometry."""
-    model = factory(weights=None, num_classes=num_classes)
-    if in_channels != 3:
-        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    return model
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock: two 3x3 convs with batch norm, one ReLU module called twice."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x if self.downsample is None else self.downsample(x)  # after conv2, as torchvision: forward order
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet for BasicBlock depths; the stem takes any number of input channels."""
+
+    def __init__(self, blocks: tuple[int, int, int, int], num_classes: int, in_channels: int = 3) -> None:
+        super().__init__()
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(64, blocks[0], 1)
+        self.layer2 = self._make_layer(128, blocks[1], 2)
+        self.layer3 = self._make_layer(256, blocks[2], 2)
+        self.layer4 = self._make_layer(512, blocks[3], 2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.constant_(module.weight, 1)
+                nn.init.constant_(module.bias, 0)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.in_planes != planes:
+            downsample = nn.Sequential(nn.Conv2d(self.in_planes, planes, 1, stride=stride, bias=False),
+                                       nn.BatchNorm2d(planes))
+        layers = [BasicBlock(self.in_planes, planes, stride, downsample)]
+        self.in_planes = planes
+        layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 def _mlpconv(in_channels: int, kernel: int, widths: tuple[int, int, int]) -> list[nn.Module]:
@@ -79,8 +136,8 @@ def _tiny(num_classes: int, in_channels: int) -> nn.Module:
 
 
 _BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
-    "resnet18": lambda n, c: _resnet(tv_models.resnet18, n, c),
-    "resnet34": lambda n, c: _resnet(tv_models.resnet34, n, c),
+    "resnet18": lambda n, c: ResNet((2, 2, 2, 2), n, c),
+    "resnet34": lambda n, c: ResNet((3, 4, 6, 3), n, c),
     "nin": _nin,
     "tiny": _tiny,
 }

@@ -209,7 +209,7 @@ class ProductQuantizer(nn.Module):
         self._check_fitted("prototypes_")
         xs = split_subspaces(pad_columns(x.float(), self.padded_dim(self.in_features_)), self.n_codebooks)
         if self.encoder == "exhaustive":
-            return nearest_codes(xs.contiguous(), self.prototypes_)
+            return nearest_codes(xs, self.prototypes_)  # strided (C, N, s): BLAS reads it in place
         from tabconv.hashtree import encode_hash_trees
 
         return encode_hash_trees(xs, self.split_dims_, self.thresholds_)

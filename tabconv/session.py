@@ -40,7 +40,8 @@ class Session:
                  device: torch.device | str | None = None, batch_size: int = 500,
                  progress: Progress | None = None) -> None:
         self.device = resolve_device(device if device is None else str(device))
-        self.model = model.to(self.device).eval()
+        # channels-last: measured 1.8x faster for ResNet-18 on this CPU, and the layout of table-layer outputs
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.meta = dict(meta)
         self.calibration = calibration or Calibration()
         self.input_shape = tuple(self.meta["input_shape"])
@@ -57,8 +58,7 @@ class Session:
         self.incremental = len(eval_set) <= MAX_INCREMENTAL_IMAGES
         if progress:
             progress({"stage": "baseline", "images": len(eval_set)})
-        self.runner = IncrementalRunner(self.model, [x for x, _ in eval_set.batches(batch_size, self.device)]) \
-            if self.incremental else None
+        self.runner = IncrementalRunner(self.model, self.eval_batches()) if self.incremental else None
         self._labels = eval_set.labels.to(self.device)
         self._identities: dict[str, nn.Identity] = {}
         self._tables: dict[int, nn.Module] = {}
@@ -66,13 +66,17 @@ class Session:
         self._costs: dict[tuple, tuple[CostReport, CostReport]] = {}
         self._seen: dict[tuple, Metrics] = {}
         self.history: list[Metrics] = []
-        self.cost_model = CostModel(self.model, self.input_shape)
+        self.cost_model = CostModel(self.model, self.input_shape, self.structure.calls)
         self.baseline_cost = self.cost_model.report(None, "paper")
         self.baseline_accuracy = 0.0
         self.baseline = self.apply({}, label="baseline (exact)")
         self.baseline_accuracy = self.baseline.accuracy
         self.baseline.baseline_accuracy = self.baseline.accuracy
         self.current = self.baseline
+
+    def eval_batches(self) -> list[torch.Tensor]:
+        """The evaluation images as batches on the device, in the session's (channels-last) layout."""
+        return [_channels_last(x) for x, _ in self.eval_set.batches(self.batch_size, self.device)]
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -172,7 +176,8 @@ class Session:
 
     def _evaluate_streaming(self, quantizers: Mapping[str, ProductQuantizer]) -> tuple[int, dict[str, LayerError]]:
         model = convert(self.model, self.structure, quantizers)
-        result = evaluate(model, self.eval_set.batches(self.batch_size, self.device), self.model, self.structure)
+        batches = ((_channels_last(x), y) for x, y in self.eval_set.batches(self.batch_size, self.device))
+        result = evaluate(model, batches, self.model, self.structure)
         return result.correct, result.layers
 
     def activate(self, metrics: Metrics) -> None:
@@ -185,6 +190,10 @@ class Session:
     @property
     def evaluations(self) -> int:
         return len(self.history)
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def _metrics_summary(metrics: Metrics) -> dict[str, Any]:

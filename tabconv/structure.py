@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tabconv.lowering import conv_bn_pairs, lowerable_layers, trace_modules
+from tabconv.lowering import ModuleCall, conv_bn_pairs, lowerable_layers, trace_modules
 
 
 class UnknownLayerError(KeyError):
@@ -50,13 +50,10 @@ class ModelStructure:
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
         self.input_shape = tuple(input_shape)
-        example = torch.zeros(1, *self.input_shape, device=_device_of(model))
-        shapes = _io_shapes(model, example)
-        pairs = conv_bn_pairs(model, example)
-        modules = dict(model.named_modules())
-        self.layers = [
-            _layer_info(name, modules[name], shapes[name], pairs.get(name)) for name in lowerable_layers(model, example)
-        ]
+        self.calls = trace_modules(model, torch.zeros(1, *self.input_shape, device=_device_of(model)))
+        pairs = conv_bn_pairs(self.calls)
+        by_name = {call.name: call for call in self.calls}
+        self.layers = [_layer_info(by_name[name], pairs.get(name)) for name in lowerable_layers(self.calls)]
         self._index = {layer.name: i for i, layer in enumerate(self.layers)}
         self.groups = _groups(model, self.names)
 
@@ -93,27 +90,8 @@ def _device_of(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-@torch.no_grad()
-def _io_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-
-            def hook(mod, inputs, output, name=name):
-                shapes.setdefault(name, (tuple(inputs[0].shape[1:]), tuple(output.shape[1:])))
-
-            handles.append(module.register_forward_hook(hook))
-    try:
-        trace_modules(model, example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return shapes
-
-
-def _layer_info(name: str, module: nn.Module, shapes: tuple, bn: str | None) -> LayerInfo:
-    in_shape, out_shape = shapes
+def _layer_info(call: ModuleCall, bn: str | None) -> LayerInfo:
+    name, module, in_shape, out_shape = call.name, call.module, call.input_shape, call.output_shape
     if isinstance(module, nn.Conv2d):
         rows = out_shape[1] * out_shape[2]
         inner = module.in_channels * module.kernel_size[0] * module.kernel_size[1]

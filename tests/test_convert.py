@@ -106,3 +106,26 @@ def test_evaluate_reports_per_layer_errors_against_exact():
     assert all(approx.layers[n].relative_error == 0 for n in names[:first])
     assert approx.layers["layer3.0.conv1"].cosine < 0.999
     assert approx.layers["fc"].relative_error > 0
+
+
+@pytest.mark.parametrize(("in_channels", "kernel", "stride", "direct"), [(16, 3, 1, True), (16, 1, 2, True),
+                                                                         (6, 3, 2, False)])
+def test_grouped_conv_encoding_gives_the_im2col_codes(in_channels, kernel, stride, direct):
+    """When C divides C_in the codes come from a grouped conv; they match im2col + nearest prototype."""
+    from tabconv.lowering import im2col
+    from tabconv.quantizer import ProductQuantizer
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(in_channels, 12, kernel, stride, kernel // 2).eval()
+    x = torch.randn(24, in_channels, 9, 9).relu()
+    quantizer = ProductQuantizer(4, 16, random_state=0).fit(im2col(x, conv))
+    layer = TableConv2d.from_conv(conv, quantizer, TABLE)
+    assert (layer.score_weight is not None) is direct
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        fresh = torch.randn(5, in_channels, 9, 9).relu().contiguous(memory_format=fmt)
+        want = quantizer.encode(im2col(fresh, conv))
+        got = layer.encode_by_conv(fresh) if direct else want
+        assert (got == want).float().mean() >= 0.999  # float rounding may flip an exact near-tie, nothing more
+        rows = quantizer.lookup(want)
+        out = layer(fresh)
+        torch.testing.assert_close(out.permute(0, 2, 3, 1).reshape(rows.shape), rows)

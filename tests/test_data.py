@@ -143,3 +143,29 @@ def test_cifar10_image_folders_load_balanced_and_cache(
 
 def _no_decoding(path: Path) -> None:
     raise AssertionError(f"the second load must come from the cache, not from decoding {path}")
+
+
+def test_static_file_lists_match_torchvision() -> None:
+    """The file names known without importing torchvision are the ones its dataset classes read."""
+    from torchvision import datasets
+
+    from tabconv.data import _torchvision_files
+
+    for name, cls in (("mnist", datasets.MNIST), ("fashion-mnist", datasets.FashionMNIST)):
+        assert _torchvision_files(name) == [f"{cls.__name__}/raw/{prefix}-{kind}-ubyte" for prefix in ("train", "t10k")
+                                            for kind in ("images-idx3", "labels-idx1")]
+    for name, cls in (("cifar10", datasets.CIFAR10), ("cifar100", datasets.CIFAR100)):
+        names = [entry[0] for entry in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+        assert _torchvision_files(name) == [f"{cls.base_folder}/{file}" for file in names]
+
+
+def test_loading_a_decoded_split_does_not_import_torchvision(data_root: Path) -> None:
+    """The warm path (decoded cache present) stays free of torchvision's ~2.7 s import."""
+    import subprocess
+    import sys
+
+    load = f"from tabconv.data import load_dataset; s = load_dataset('mnist', 'test', {str(data_root)!r})\n"
+    subprocess.run([sys.executable, "-c", load], check=True)  # decodes (with torchvision) unless cached
+    check = ("import sys; from tabconv.models import build_model; build_model('resnet18', 10, 1)\n"
+             "assert len(s) == 10000 and 'torchvision' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", load + check], check=True)

@@ -17,6 +17,7 @@ from tabconv.lowering import (
     lowerable_layers,
     output_hw,
     rows_to_nchw,
+    trace_modules,
     weight_matrix,
 )
 
@@ -41,6 +42,16 @@ def test_im2col_matmul_equals_conv2d(case):
     assert rows.shape == (3 * ho * wo, conv.weight[0].numel())
     out = rows_to_nchw(rows @ weight_matrix(conv) + bias_vector(conv), 3, ho, wo)
     torch.testing.assert_close(out, conv(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_im2col_of_non_contiguous_inputs_matches_unfold(padding):
+    """Slices and channels-last tensors (strided views) give the same rows as F.unfold."""
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=padding)
+    base = torch.randn(2, 6, 11, 12)
+    for x in (base[:, 1:4, 1:], base[:, :3].contiguous(memory_format=torch.channels_last)):
+        cols = torch.nn.functional.unfold(x, 3, 1, padding, 2)
+        assert torch.equal(im2col(x, conv), cols.transpose(1, 2).reshape(-1, cols.shape[1]))
 
 
 def test_linear_weight_matrix():
@@ -76,12 +87,12 @@ def test_grouped_and_unsupported_layers_are_refused_clearly():
 
 def test_resnet_pairs_and_forward_order():
     model = torchvision.models.resnet18(num_classes=10)
-    example = torch.zeros(1, 3, 32, 32)
-    pairs = conv_bn_pairs(model, example)
+    calls = trace_modules(model, torch.zeros(1, 3, 32, 32))
+    pairs = conv_bn_pairs(calls)
     assert pairs["conv1"] == "bn1"
     assert pairs["layer2.0.downsample.0"] == "layer2.0.downsample.1"
     assert pairs["layer4.1.conv2"] == "layer4.1.bn2"
-    names = lowerable_layers(model, example)
+    names = lowerable_layers(calls)
     assert len(names) == 21 and names[0] == "conv1" and names[-1] == "fc"
     assert names.index("layer2.0.conv2") < names.index("layer2.0.downsample.0") < names.index("layer2.1.conv1")
 
@@ -89,4 +100,4 @@ def test_resnet_pairs_and_forward_order():
 def test_grouped_conv_is_not_offered_as_a_table_layer():
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.Conv2d(6, 6, 3, groups=3), nn.Flatten(), nn.LazyLinear(2))
     model(torch.zeros(1, 3, 8, 8))
-    assert lowerable_layers(model, torch.zeros(1, 3, 8, 8)) == ["0", "3"]
+    assert lowerable_layers(trace_modules(model, torch.zeros(1, 3, 8, 8))) == ["0", "3"]

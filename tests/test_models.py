@@ -63,3 +63,30 @@ def test_nin_structure() -> None:
 def test_tiny_names() -> None:
     names = [name for name, _ in build_model("tiny", 10, 3).named_children()]
     assert names == ["conv1", "bn1", "relu1", "conv2", "bn2", "relu2", "pool", "flatten", "fc"]
+
+
+@pytest.mark.parametrize(("name", "blocks"), [("resnet18", (2, 2, 2, 2)), ("resnet34", (3, 4, 6, 3))])
+def test_resnets_are_torchvisions_module_for_module(name: str, blocks: tuple[int, ...]) -> None:
+    """Same seed -> same initial weights, same module names and types in order, same outputs."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    torch.manual_seed(0)
+    ours = build_model(name, 10, 3).eval()
+    torch.manual_seed(0)
+    theirs = ResNet(BasicBlock, list(blocks), num_classes=10).eval()
+    assert [(n, type(m).__name__) for n, m in ours.named_modules()] == [
+        (n, type(m).__name__) for n, m in theirs.named_modules()]
+    ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+    assert list(ours_state) == list(theirs_state)
+    assert all(torch.equal(ours_state[k], theirs_state[k]) for k in ours_state)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+    order: list[list[str]] = [[], []]
+    for model, seen in zip((ours, theirs), order, strict=True):
+        for n, m in model.named_modules():
+            if isinstance(m, nn.Conv2d):
+                m.register_forward_hook(lambda *_, n=n, seen=seen: seen.append(n))
+        with torch.no_grad():
+            model(x)
+    assert order[0] == order[1]
