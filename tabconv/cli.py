@@ -145,8 +145,8 @@ def _metrics_json(session, metrics) -> dict[str, Any]:
 def _metrics_lines(metrics) -> list[str]:
     return [f"accuracy {metrics.accuracy:.2%} on {metrics.eval_images} test images "
             f"(baseline {metrics.baseline_accuracy:.2%}, retention {metrics.retention:.1%})",
-            f"FLOPs paper convention (encoding free): {metrics.flops_paper:,} (-{metrics.reduction_paper:.1%}); "
-            f"full convention (encoding counted): {metrics.flops_full:,} (-{metrics.reduction_full:.1%}); "
+            f"FLOPs paper convention (encoding free): {metrics.flops_paper:,} ({-metrics.reduction_paper:+.1%}); "
+            f"full convention (encoding counted): {metrics.flops_full:,} ({-metrics.reduction_full:+.1%}); "
             f"baseline {metrics.baseline.flops:,}",
             f"storage {metrics.paper.storage_bytes:,} bytes (x{metrics.storage_ratio:.2f} of "
             f"{metrics.baseline.storage_bytes:,})"]

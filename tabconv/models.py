@@ -86,12 +86,13 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def _mlpconv(in_channels: int, kernel: int, widths: tuple[int, int, int]) -> list[nn.Module]:
+def _mlpconv(in_channels: int, kernel: int, widths: tuple[int, int, int], batch_norm: bool) -> list[nn.Module]:
     """One NIN block: a same-padded k x k conv then two 1x1 convs, each followed by its own ReLU."""
     layers: list[nn.Module] = []
     for i, width in enumerate(widths):
         size = kernel if i == 0 else 1
-        layers += [nn.Conv2d(in_channels, width, size, padding=size // 2), nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(in_channels, width, size, padding=size // 2),
+                   *([nn.BatchNorm2d(width)] if batch_norm else []), nn.ReLU(inplace=True)]
         in_channels = width
     return layers
 
@@ -101,14 +102,14 @@ def _downsample() -> list[nn.Module]:
     return [nn.MaxPool2d(kernel_size=3, stride=2, padding=1), nn.Dropout(0.5)]
 
 
-def _nin(num_classes: int, in_channels: int) -> nn.Module:
+def _nin(num_classes: int, in_channels: int, batch_norm: bool = False) -> nn.Module:
     """NIN as in the TabConv reference; this variant reproduces the paper's 223,897,472 count."""
     return nn.Sequential(
         OrderedDict(
             [
-                ("block1", nn.Sequential(*_mlpconv(in_channels, 5, (192, 160, 96)), *_downsample())),
-                ("block2", nn.Sequential(*_mlpconv(96, 5, (192, 192, 192)), *_downsample())),
-                ("block3", nn.Sequential(*_mlpconv(192, 3, (192, 192, num_classes)))),
+                ("block1", nn.Sequential(*_mlpconv(in_channels, 5, (192, 160, 96), batch_norm), *_downsample())),
+                ("block2", nn.Sequential(*_mlpconv(96, 5, (192, 192, 192), batch_norm), *_downsample())),
+                ("block3", nn.Sequential(*_mlpconv(192, 3, (192, 192, num_classes), batch_norm))),
                 ("pool", nn.AdaptiveAvgPool2d(1)),
                 ("flatten", nn.Flatten()),
             ]
@@ -141,6 +142,33 @@ _BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
     "nin": _nin,
     "tiny": _tiny,
 }
+
+
+def build_training_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """The network to train. NIN trains with a batch norm after every conv, folded away by `deployable`:
+    without normalisation its ReLU on the class maps died within 100 SGD or Adam steps in every recipe tried
+    here (loss stuck at ln 10), so the plain NIN never learned."""
+    if name == "nin":
+        return _nin(num_classes, in_channels, batch_norm=True)
+    return build_model(name, num_classes, in_channels)
+
+
+@torch.no_grad()
+def deployable(name: str, trained: nn.Module, num_classes: int, in_channels: int) -> nn.Module:
+    """The registered architecture computing what `trained` computes in eval mode (NIN: batch norms folded)."""
+    if name != "nin":
+        return trained
+    from tabconv.lowering import fold_batchnorm
+
+    plain = build_model(name, num_classes, in_channels).eval()
+    convs = [m for m in trained.modules() if isinstance(m, nn.Conv2d)]
+    norms = [m for m in trained.modules() if isinstance(m, nn.BatchNorm2d)]
+    targets = [m for m in plain.modules() if isinstance(m, nn.Conv2d)]
+    for conv, norm, target in zip(convs, norms, targets, strict=True):
+        folded = fold_batchnorm(conv, norm)
+        target.weight.copy_(folded.weight)
+        target.bias.copy_(folded.bias)
+    return plain.to(next(trained.parameters()).device)
 
 
 def model_names() -> list[str]:

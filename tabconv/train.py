@@ -21,7 +21,7 @@ from torch import nn
 from tabconv import __version__
 from tabconv.data import ImageSet, load_dataset
 from tabconv.devices import resolve_device
-from tabconv.models import build_model
+from tabconv.models import build_model, build_training_model, deployable
 
 CHECKPOINT_FORMAT = "tabconv-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -206,7 +206,7 @@ def train_and_save(
     epochs = DEFAULT_EPOCHS[dataset] if epochs is None else epochs
     info = train_set.info
     torch.manual_seed(seed)
-    model = build_model(model_name, info.num_classes, info.channels)
+    model = build_training_model(model_name, info.num_classes, info.channels)
     train_model(
         model,
         train_set,
@@ -217,6 +217,7 @@ def train_and_save(
         device=device,
         progress=progress,
     )
+    model = deployable(model_name, model, info.num_classes, info.channels)
     meta = {
         "model": model_name,
         "dataset": dataset,

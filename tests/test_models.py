@@ -90,3 +90,28 @@ def test_resnets_are_torchvisions_module_for_module(name: str, blocks: tuple[int
         with torch.no_grad():
             model(x)
     assert order[0] == order[1]
+
+
+def test_nin_trains_with_batch_norm_and_deploys_as_the_plain_nin() -> None:
+    """Folding the training-time batch norms gives the registered NIN, computing the same function."""
+    from tabconv.models import build_training_model, deployable
+
+    torch.manual_seed(0)
+    trained = build_training_model("nin", 10, 1)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in trained.modules()) == 9
+    trained.train()
+    with torch.no_grad():
+        for _ in range(3):  # give the batch norms real running statistics
+            trained(torch.randn(8, 1, 28, 28))
+        for m in trained.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    trained.eval()
+    plain = deployable("nin", trained, 10, 1)
+    assert list(plain.state_dict()) == list(build_model("nin", 10, 1).state_dict())
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), trained(x), rtol=1e-4, atol=1e-5)
+    resnet = build_model("resnet18", 10, 1)
+    assert deployable("resnet18", resnet, 10, 1) is resnet
