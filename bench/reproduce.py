@@ -217,8 +217,9 @@ def write_markdown(rows: list[dict[str, Any]], offline_missing: list[dict[str, A
     for r in offline_missing:
         lines.append(f"| {r['model']} | {r['dataset']} | not reproducible offline | - | - | - | - | - "
                      f"({pct(r['paper_reduction'])}) | - | - | - | `{r['command']}` |")
-    notes = sorted({(r["dataset"], r["note"]) for r in rows if r["note"]})
-    lines += ["", *[f"- {dataset}: {note}" for dataset, note in notes]]
+    notes = sorted({(r["model"], r["dataset"], r["note"]) for r in rows if r["note"]})
+    lines += ["", *[f"- {model} / {dataset}: {note}" for model, dataset, note in notes],
+              "- a negative full-convention reduction is an increase: encoding costs more than the exact layers"]
     verified = [r for r in rows if r.get("verified")]
     lines += ["", f"Every configuration file above was reloaded in a fresh process with `python -m tabconv evaluate "
               "--checkpoint CHECKPOINT --config CONFIG --data-root DIR --json` and re-measured on the full test "
@@ -255,9 +256,13 @@ def main() -> None:
     parser.add_argument("--min-retention", type=float, default=0.93)
     parser.add_argument("--max-evaluations", type=int, default=150)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--render-only", action="store_true", help="rewrite results.md from results.json")
     args = parser.parse_args()
     out = ROOT / "docs/results.json"
     previous = json.loads(out.read_text())["rows"] if out.exists() else []
+    if args.render_only:
+        write_markdown(previous, json.loads(out.read_text())["not_reproducible_offline"], args)
+        return
     selected = [r for r in ROWS if (args.rows is None and r.offline) or f"{r.model}-{r.dataset}" in (args.rows or [])]
     redone = {(r.model, r.dataset) for r in selected}
     rows = [r for r in previous if (r["model"], r["dataset"]) not in redone]
