@@ -57,7 +57,8 @@ class Metrics:
     def summary(self) -> str:
         """One line for hovers and logs."""
         return (f"{len(self.table_layers)}/{len(self.settings)} layers tabled, acc {self.accuracy:.2%} "
-                f"({self.eval_images} images), FLOPs paper {-self.reduction_paper:+.1%}, full {-self.reduction_full:+.1%}, "
+                f"({self.eval_images} images), FLOPs paper {-self.reduction_paper:+.1%}, "
+                f"full {-self.reduction_full:+.1%}, "
                 f"storage x{self.storage_ratio:.2f}")
 
     def layer_rows(self, structure: ModelStructure, calibration_images: int) -> list[dict[str, Any]]:
