@@ -15,10 +15,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-import torch
 from torch import nn
 
-from tabconv.lowering import ModuleCall, check_lowerable, conv_bn_pairs, trace_modules
+from tabconv.lowering import ModuleCall, check_lowerable, conv_bn_pairs, example_input, trace_modules
 from tabconv.settings import LUT_BYTES, LayerSetting
 
 CONVENTIONS = ("paper", "full")
@@ -212,21 +211,13 @@ def _validate_settings(calls: list[ModuleCall], settings: Mapping[str, LayerSett
             check_lowerable(name, layers[name])
 
 
-def _example(model: nn.Module, input_shape: tuple[int, int, int]) -> torch.Tensor:
-    """A zeros batch of one image on the model's device and dtype."""
-    param = next(model.parameters(), None)
-    if param is None:
-        return torch.zeros((1, *input_shape))
-    return torch.zeros((1, *input_shape), device=param.device, dtype=param.dtype)
-
-
 class CostModel:
     """A model traced once at an input shape; `report(settings, convention)` is then pure arithmetic."""
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, int, int],
                  calls: list[ModuleCall] | None = None) -> None:
         """`calls`: a trace of this model at this shape already made (ModelStructure.calls), reused."""
-        self.calls = calls if calls is not None else trace_modules(model, _example(model, input_shape))
+        self.calls = calls if calls is not None else trace_modules(model, example_input(model, input_shape))
         self.pairs = conv_bn_pairs(self.calls)
 
     def report(self, settings: Mapping[str, LayerSetting] | None = None, convention: str = "paper") -> CostReport:

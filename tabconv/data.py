@@ -11,7 +11,7 @@ import os
 import socket
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,10 +295,9 @@ def _load_files(info: DatasetInfo, split: str, root: Path, download: bool) -> tu
     try:
         if use_folders:
             return _load_image_folder(root / _CIFAR10_FOLDER / split)
-        if not fetch:
-            return _load_decoded(info.name, root, split)
-        with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
-            _torchvision_dataset(info.name, root, split, download=True)
+        if fetch:
+            with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
+                _torchvision_dataset(info.name, root, split, download=True)
         return _load_decoded(info.name, root, split)
     except Exception as err:  # any failure to fetch or read user files becomes one clear message
         action = "download failed" if fetch else "reading failed"
@@ -310,16 +309,14 @@ def _load_decoded(name: str, root: Path, split: str) -> tuple[torch.Tensor, torc
     files = [root / file for file in _torchvision_files(name)]
     stamp = "\n".join(f"{file.resolve()}:{file.stat().st_size}:{file.stat().st_mtime_ns}" for file in files)
     key = hashlib.sha256(f"{stamp}\n{split}".encode()).hexdigest()[:16]
-    cache = _cache_home() / "decoded" / f"{name}-{split}-{key}.npz"
-    stored = _read_npz(cache)
-    if stored is not None:
-        return torch.from_numpy(stored["images"]), torch.from_numpy(stored["labels"])
-    dataset = _torchvision_dataset(name, root, split, download=False)
-    images = torch.as_tensor(np.asarray(dataset.data))
-    images = (images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)).contiguous()
-    labels = torch.as_tensor(dataset.targets, dtype=torch.long)
-    _save_npz_atomic(cache, images=images.numpy(), labels=labels.numpy())
-    return images, labels
+
+    def decode() -> tuple[np.ndarray, np.ndarray]:
+        dataset = _torchvision_dataset(name, root, split, download=False)
+        images = np.asarray(dataset.data)
+        images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(images), np.asarray(dataset.targets, dtype=np.int64)
+
+    return _cached_decode(_cache_home() / "decoded" / f"{name}-{split}-{key}.npz", decode)
 
 
 @contextmanager
@@ -343,12 +340,21 @@ def _load_image_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
     paths = [folder / classes[label] / per_class[label][i] for i, label in order]
     labels = np.array([label for _, label in order], dtype=np.int64)
     key = hashlib.sha256(f"{folder.resolve()}\n{len(paths)}".encode()).hexdigest()[:16]
-    cache = _cache_home() / "decoded" / f"{folder.parent.name}-{folder.name}-{key}.npz"
+
+    def decode() -> tuple[np.ndarray, np.ndarray]:
+        return np.ascontiguousarray(np.stack([_decode_rgb(path) for path in paths]).transpose(0, 3, 1, 2)), labels
+
+    return _cached_decode(_cache_home() / "decoded" / f"{folder.parent.name}-{folder.name}-{key}.npz", decode,
+                          len(paths))
+
+
+def _cached_decode(cache: Path, decode: Callable[[], tuple[np.ndarray, np.ndarray]],
+                   expected: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) from a .npz cache, else decoded and cached; a damaged or short cache is rebuilt."""
     stored = _read_npz(cache)
-    if stored is not None and len(stored["labels"]) == len(paths):
+    if stored is not None and expected in (None, len(stored["labels"])):
         return torch.from_numpy(stored["images"]), torch.from_numpy(stored["labels"])
-    images = np.stack([_decode_rgb(path) for path in paths]).transpose(0, 3, 1, 2)
-    images = np.ascontiguousarray(images)
+    images, labels = decode()
     _save_npz_atomic(cache, images=images, labels=labels)
     return torch.from_numpy(images), torch.from_numpy(labels)
 

@@ -111,6 +111,14 @@ class ModuleCall(NamedTuple):
     output_shape: tuple[int, ...]
 
 
+def example_input(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Tensor:
+    """A zeros batch of one image on the model's device and dtype, for tracing."""
+    param = next(model.parameters(), None)
+    if param is None:
+        return torch.zeros((1, *input_shape))
+    return torch.zeros((1, *input_shape), device=param.device, dtype=param.dtype)
+
+
 @torch.no_grad()
 def trace_modules(model: nn.Module, example: torch.Tensor) -> list[ModuleCall]:
     """Leaf modules in call order, each recorded at its first call (ids tie producers to consumers)."""

@@ -7,7 +7,7 @@ evaluated configuration in its history for plots, searches and comparisons.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -76,7 +76,11 @@ class Session:
 
     def eval_batches(self) -> list[torch.Tensor]:
         """The evaluation images as batches on the device, in the session's (channels-last) layout."""
-        return [_channels_last(x) for x, _ in self.eval_set.batches(self.batch_size, self.device)]
+        return [x for x, _ in self._labelled_batches()]
+
+    def _labelled_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self.eval_set.batches(self.batch_size, self.device):
+            yield (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x), y
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -176,8 +180,7 @@ class Session:
 
     def _evaluate_streaming(self, quantizers: Mapping[str, ProductQuantizer]) -> tuple[int, dict[str, LayerError]]:
         model = convert(self.model, self.structure, quantizers)
-        batches = ((_channels_last(x), y) for x, y in self.eval_set.batches(self.batch_size, self.device))
-        result = evaluate(model, batches, self.model, self.structure)
+        result = evaluate(model, self._labelled_batches(), self.model, self.structure)
         return result.correct, result.layers
 
     def activate(self, metrics: Metrics) -> None:
@@ -190,10 +193,6 @@ class Session:
     @property
     def evaluations(self) -> int:
         return len(self.history)
-
-
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def _metrics_summary(metrics: Metrics) -> dict[str, Any]:

@@ -9,10 +9,9 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from tabconv.lowering import ModuleCall, conv_bn_pairs, lowerable_layers, trace_modules
+from tabconv.lowering import ModuleCall, conv_bn_pairs, example_input, lowerable_layers, trace_modules
 
 
 class UnknownLayerError(KeyError):
@@ -50,7 +49,7 @@ class ModelStructure:
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
         self.input_shape = tuple(input_shape)
-        self.calls = trace_modules(model, torch.zeros(1, *self.input_shape, device=_device_of(model)))
+        self.calls = trace_modules(model, example_input(model, self.input_shape))
         pairs = conv_bn_pairs(self.calls)
         by_name = {call.name: call for call in self.calls}
         self.layers = [_layer_info(by_name[name], pairs.get(name)) for name in lowerable_layers(self.calls)]
@@ -83,11 +82,6 @@ def unknown_message(what: str, name: str, known: list[str]) -> str:
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known[:12])}" + (
         " ..." if len(known) > 12 else "")
     return f"unknown {what} {name!r}{hint}"
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def _layer_info(call: ModuleCall, bn: str | None) -> LayerInfo:
