@@ -94,8 +94,9 @@ install_python() {
   local req=$1 stamp f
   stamp=$(stamp_of "$req")
   if [[ -f $stamp && $(<"$stamp") == "$(req_hash "$req")" ]]; then return; fi
-  echo "run.sh: installing $req into $VENV (the first time downloads torch: several minutes)" >&2
-  "$VPY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r "$req"
+  echo "run.sh: installing $req into $VENV (torch is large: the first time takes minutes)" >&2
+  # -qq: errors only (this machine's pip configuration otherwise warns about every package's index location)
+  "$VPY" -m pip install -qq --disable-pip-version-check --root-user-action=ignore -r "$req"
   # Everything the file includes is installed too: stamp it as well.
   while read -r f; do req_hash "$f" >"$(stamp_of "$f")"; done < <(req_closure "$req")
 }

@@ -33,7 +33,7 @@ fi
 exit 1
 """
 
-PIP = "-m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r"
+PIP = "-m pip install -qq --disable-pip-version-check --root-user-action=ignore -r"
 
 VENV_PYTHON = """#!/usr/bin/env bash
 # fake venv interpreter: logs what it runs
