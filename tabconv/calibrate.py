@@ -80,13 +80,24 @@ def capture_rows(model: nn.Module, layers: list[LayerInfo], images: torch.Tensor
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 
-def fit_layer(model: nn.Module, info: LayerInfo, setting: LayerSetting, rows: torch.Tensor,
-              seed: int) -> ProductQuantizer:
-    """Learn prototypes on the rows and tables for the (BN-folded) layer weight."""
-    layer = folded_layer(model, info)
-    device = layer.weight.device
-    quantizer = ProductQuantizer.from_setting(setting, random_state=seed).fit(rows.to(device))
-    return quantizer.set_weight(weight_matrix(layer), bias_vector(layer))
+def fit_tables(weight: torch.Tensor, bias: torch.Tensor, setting: LayerSetting, rows: torch.Tensor,
+               seed: int) -> ProductQuantizer:
+    """k-means prototypes on the rows, tables for weight (D, M) and bias (M,)."""
+    quantizer = ProductQuantizer.from_setting(setting, random_state=seed).fit(rows.to(weight.device))
+    return quantizer.set_weight(weight, bias)
+
+
+def refit_linear(features: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's classifier refit, in closed form: weight (D, M) and bias minimising
+    ||[X 1] [W; b] - Y||^2 + lam ||[W; b] - [W0; b0]||^2, lam = ridge * mean squared feature norm."""
+    x = torch.cat([features.double(), torch.ones(len(features), 1, dtype=torch.float64)], dim=1)
+    lam = ridge * float(x.square().sum(1).mean())
+    prior = torch.cat([weight.double(), bias.double().unsqueeze(0)])
+    gram = x.t() @ x
+    gram.diagonal().add_(lam)
+    solution = torch.linalg.solve(gram, x.t() @ target.double() + lam * prior)
+    return solution[:-1].float(), solution[-1].float()
 
 
 class TableBuilder:
@@ -111,9 +122,18 @@ class TableBuilder:
                  "calibration": vars(self.calibration).copy(),
                  "quantizer": {k: v for k, v in ProductQuantizer.from_setting(setting).get_params().items()
                                if k in ("kmeans_iter", "kmeans_backend")}}
-        if self.calibration.mode == "sequential":
+        if self.depends_on_upstream(name):
             parts["upstream"] = {n: s.to_dict() for n, s in upstream.items() if s.is_table}
         return parts
+
+    def depends_on_upstream(self, name: str) -> bool:
+        """Whether the layer's tables are learned from the approximated upstream network (and so must be
+        rebuilt when any upstream setting changes): sequential calibration, or the classifier refit."""
+        return self.calibration.mode == "sequential" or self._refits_classifier(name)
+
+    def _refits_classifier(self, name: str) -> bool:
+        last = self.structure.layers[-1]
+        return self.calibration.refit_classifier and name == last.name and last.kind == "linear"
 
     def exact_rows(self, name: str) -> torch.Tensor:
         """Rows from the exact network; captured for all layers in one pass, kept for rebuilds."""
@@ -130,18 +150,32 @@ class TableBuilder:
 
         def fit() -> ProductQuantizer:
             self.fits += 1
-            if self.calibration.mode == "independent":
-                rows = self.exact_rows(name)
-            else:
+            if self.depends_on_upstream(name) and upstream:
                 partial = convert(self.model, self.structure, upstream)
                 rows = capture_rows(partial, [info], self.images, self.calibration, self.batch_size)[name]
-            return fit_layer(self.model, info, setting, rows, self.calibration.seed)
+            else:
+                rows = self.exact_rows(name)
+            return self._fit(info, setting, rows)
 
         parts = self.key_parts(name, setting, {n: q.setting for n, q in upstream.items()})
         key = cache_key(parts)
         if key not in self._memo:
             self._memo[key] = self.cache.get_or_build(parts, fit) if self.cache else fit()
         return self._memo[key]
+
+    def _fit(self, info: LayerInfo, setting: LayerSetting, rows: torch.Tensor) -> ProductQuantizer:
+        """Tables of one layer from its input rows, by the calibration's fitting method."""
+        layer = folded_layer(self.model, info)
+        weight, bias = weight_matrix(layer), bias_vector(layer)
+        rows = rows.to(weight.device)
+        needs_target = self.calibration.fit == "least-squares" or self._refits_classifier(info.name)
+        target = self.exact_rows(info.name).to(weight.device) @ weight + bias if needs_target else None
+        if self._refits_classifier(info.name):
+            weight, bias = refit_linear(rows, target, weight, bias, self.calibration.ridge)
+        quantizer = fit_tables(weight, bias, setting, rows, self.calibration.seed)
+        if self.calibration.fit == "least-squares":
+            quantizer.refit_tables(rows, target, self.calibration.ridge)
+        return quantizer
 
     def build_all(self, settings: Mapping[str, LayerSetting], progress: Progress | None = None
                   ) -> dict[str, ProductQuantizer]:

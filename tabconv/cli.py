@@ -1,4 +1,4 @@
-"""Command line: python -m tabconv train | cost | evaluate | search | sensitivity | cache.
+"""Command line: python -m tabconv train | cost | evaluate | finetune | search | sensitivity | cache.
 
 Every command prints JSON with --json; a bad argument or file exits with status 2 and one line
 saying what is wrong.
@@ -10,21 +10,23 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tabconv import config as config_file
 from tabconv.cache import TableCache
-from tabconv.config import Calibration, ConfigError
+from tabconv.config import FIT_METHODS, Calibration, ConfigError, Configuration
 from tabconv.cost import CONVENTIONS, model_cost
 from tabconv.data import DATASETS, DatasetUnavailable
 from tabconv.lowering import LoweringError
 from tabconv.models import build_model, model_names
 from tabconv.settings import ENCODERS, EXACT, LUT_DTYPES, LayerSetting, SettingError
 from tabconv.structure import ModelStructure, UnknownLayerError
+from tabconv.tablesfile import TablesFileError, load_tables, save_tables, tables_path_for
 from tabconv.train import CheckpointError
 
-USER_ERRORS = (ConfigError, CheckpointError, DatasetUnavailable, SettingError, UnknownLayerError, LoweringError,
-               FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, TablesFileError, CheckpointError, DatasetUnavailable, SettingError, UnknownLayerError,
+               LoweringError, FileNotFoundError, ValueError)
 
 
 class CliError(Exception):
@@ -125,7 +127,8 @@ def _session(args: argparse.Namespace, calibration: Calibration | None = None):
     from tabconv.session import Session
 
     calibration = calibration or Calibration(images=args.calibration_images, mode=args.calibration,
-                                             seed=args.seed, max_rows=args.max_rows)
+                                             seed=args.seed, max_rows=args.max_rows, fit=args.fit,
+                                             ridge=args.ridge, refit_classifier=args.refit_classifier)
     cache = None if args.no_cache else TableCache(args.cache_dir)
     return Session.from_checkpoint(args.checkpoint, calibration=calibration, eval_images=args.eval_images,
                                    data_root=args.data_root, cache=cache, device=args.device,
@@ -133,7 +136,24 @@ def _session(args: argparse.Namespace, calibration: Calibration | None = None):
 
 
 def _table_setting(args: argparse.Namespace) -> LayerSetting:
-    return LayerSetting("table", args.codebooks, args.centroids, args.encoder, args.lut_dtype)
+    return LayerSetting("table", args.codebooks, args.centroids, args.encoder, args.lut_dtype, args.subvector)
+
+
+def _load_config(path: str, session) -> tuple[Configuration, dict | None]:
+    """A configuration file for this session's checkpoint, with its fine-tuned tables when it has them."""
+    loaded = config_file.load(path)
+    if loaded.model != session.meta["model"]:
+        raise ConfigError(f"{path}: made for model {loaded.model!r}, the checkpoint is {session.meta['model']!r}")
+    loaded.validate_against(session.structure, session.meta.get("sha256"))
+    tables_path = loaded.tables_path()
+    if tables_path is None:
+        return loaded, None
+    return loaded, load_tables(tables_path, loaded.tables_sha256, session.structure, loaded.layers, session.device)
+
+
+def _apply_config(session, loaded: Configuration, tables: dict | None, label: str = ""):
+    tables_id = loaded.tables_sha256 if tables is not None else None
+    return session.apply(loaded, progress=_progress_bar("evaluate"), label=label, tables=tables, tables_id=tables_id)
 
 
 def _metrics_json(session, metrics) -> dict[str, Any]:
@@ -153,21 +173,49 @@ def _metrics_lines(metrics) -> list[str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    loaded = config_file.load(args.config) if args.config else None
-    session = _session(args, loaded.calibration if loaded else None)
-    if loaded:
-        settings = loaded
-        if settings.model != session.meta["model"]:
-            raise ConfigError(f"{args.config}: made for model {settings.model!r}, the checkpoint is "
-                              f"{session.meta['model']!r}")
-    elif args.all_table:
-        settings = session.uniform(_table_setting(args))
+    session = _session(args, config_file.load(args.config).calibration if args.config else None)
+    if args.config:
+        loaded, tables = _load_config(args.config, session)
+        metrics = _apply_config(session, loaded, tables)
     else:
-        settings = session.uniform(EXACT)
-    metrics = session.apply(settings, progress=_progress_bar("evaluate"))
+        setting = _table_setting(args) if args.all_table else EXACT
+        metrics = session.apply(session.uniform(setting), progress=_progress_bar("evaluate"))
     if args.save_config:
+        if metrics.extra.get("tables_sha256"):
+            raise CliError("--save-config cannot copy a fine-tuned configuration (its tables file belongs to it); "
+                           "copy the configuration and its .tables.pt file together instead")
         session.configuration(metrics).save(args.save_config)
     _emit(_metrics_json(session, metrics), args.json, _metrics_lines(metrics))
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from tabconv.finetune import finetune
+
+    session = _session(args, config_file.load(args.config).calibration)
+    loaded, tables = _load_config(args.config, session)
+    if not args.out.endswith(".json"):
+        raise CliError(f"--out {args.out!r} must name a .json configuration file (its tables go beside it)")
+    parent = _apply_config(session, loaded, tables, label="before fine-tuning")
+    images = session.calibration_set.head(min(args.images, len(session.calibration_set)))
+    tuned, report = finetune(session.model, session.structure, session.quantizers(parent),
+                             images.normalize(images.images), steps=args.steps, lr=args.lr,
+                             batch_size=args.batch_size, layer_loss=args.layer_loss, seed=args.seed,
+                             progress=_progress_bar("finetune"))
+    out = Path(args.out)
+    tables_path = tables_path_for(out)
+    sha = save_tables(tables_path, tuned)
+    metrics = session.apply(parent.settings, label="fine-tuned", tables=tuned, tables_id=sha)
+    record = {**report.to_dict(), "images_split": images.split, "parent_accuracy": parent.accuracy,
+              "parent_config": str(args.config)}
+    result = session.configuration(metrics)
+    result.tables_file, result.tables_sha256, result.finetune = tables_path.name, sha, record
+    result.save(out)
+    data = {**_metrics_json(session, metrics), "finetune": record, "config_file": str(out),
+            "tables_file": str(tables_path)}
+    _emit(data, args.json, [f"fine-tuned {len(tuned)} table layers in {report.steps} steps "
+                            f"({report.seconds:.0f} s): distillation loss {report.loss_before:.4f} -> "
+                            f"{report.loss_after:.4f}; accuracy {parent.accuracy:.2%} -> {metrics.accuracy:.2%}",
+                            f"-> {out} + {tables_path.name}", *_metrics_lines(metrics)])
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -235,6 +283,12 @@ def _session_options(p: argparse.ArgumentParser) -> None:
                    help="learn each layer on exact activations, or on approximated upstream ones (the paper's)")
     p.add_argument("--max-rows", type=_positive, default=Calibration.max_rows,
                    help="calibration rows per layer sampled for k-means (default %(default)s)")
+    p.add_argument("--fit", choices=FIT_METHODS, default="kmeans",
+                   help="tables: k-means prototypes x weights, or refit by least squares to the exact output")
+    p.add_argument("--ridge", type=float, default=Calibration.ridge,
+                   help="least-squares pull toward the k-means tables (default %(default)s)")
+    p.add_argument("--refit-classifier", action="store_true",
+                   help="refit the classifier's weights to the exact logits before tabling it (the reference's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", default=None, help="dataset root (else $TABCONV_DATA, else the user cache)")
     p.add_argument("--cache-dir", default=None, help="table cache (else $TABCONV_CACHE, else cached_tables/)")
@@ -245,6 +299,8 @@ def _session_options(p: argparse.ArgumentParser) -> None:
 
 def _table_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codebooks", "-C", type=_positive, default=8, help="C: subspaces per layer (default 8)")
+    p.add_argument("--subvector", "-S", type=_positive, default=None,
+                   help="sub-vector length S: each layer's C becomes ceil(D/S) (overrides -C)")
     p.add_argument("--centroids", "-K", type=_positive, default=64, help="K: prototypes per subspace (default 64)")
     p.add_argument("--encoder", choices=ENCODERS, default="exhaustive")
     p.add_argument("--lut-dtype", choices=LUT_DTYPES, default="float32")
@@ -288,6 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
     _table_options(p)
     p.add_argument("--save-config", default=None, help="write this run's configuration file here")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("finetune", help="train a configuration's tables end to end, distilling the exact network")
+    _session_options(p)
+    p.add_argument("--config", required=True, help="the configuration to fine-tune (its calibration is used)")
+    p.add_argument("--steps", type=_positive, default=300)
+    p.add_argument("--images", type=_positive, default=4096, help="first N training images (default %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--layer-loss", type=float, default=0.0,
+                   help="weight of the per-layer output loss beside the logits' (default 0)")
+    p.add_argument("--out", required=True, help="TUNED.json; the tables go to TUNED.tables.pt beside it")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("search", help="find a configuration: priority masking or greedy, under a retention budget")
     _session_options(p)

@@ -20,8 +20,10 @@ from tabconv.settings import EXACT, LayerSetting, SettingError
 from tabconv.structure import ModelStructure, unknown_message
 
 SCHEMA = "tabconv-config"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: calibration.fit / ridge / refit_classifier, tables_file, finetune
+READABLE_VERSIONS = (1, 2)
 CALIBRATION_MODES = ("independent", "sequential")
+FIT_METHODS = ("kmeans", "least-squares")
 
 
 class ConfigError(ValueError):
@@ -37,10 +39,19 @@ class Calibration:
     seed: int = 0
     max_rows: int = 16384  # rows per layer sampled (seeded) for k-means; the rest cost time, not quality
     split: str = "train"
+    fit: str = "kmeans"  # kmeans: prototypes x weights; least-squares: tables refit against the exact output
+    ridge: float = 1.0  # least-squares pull toward the k-means tables, in units of the mean bucket size
+    refit_classifier: bool = False  # the reference's step: classifier weights refit to the exact logits first
 
     def __post_init__(self) -> None:
         if self.mode not in CALIBRATION_MODES:
             raise ConfigError(f"calibration.mode must be one of {CALIBRATION_MODES}, got {self.mode!r}")
+        if self.fit not in FIT_METHODS:
+            raise ConfigError(f"calibration.fit must be one of {FIT_METHODS}, got {self.fit!r}")
+        if isinstance(self.ridge, bool) or not isinstance(self.ridge, int | float) or not self.ridge > 0:
+            raise ConfigError(f"calibration.ridge must be a positive number, got {self.ridge!r}")
+        if not isinstance(self.refit_classifier, bool):
+            raise ConfigError(f"calibration.refit_classifier must be true or false, got {self.refit_classifier!r}")
         for key in ("images", "max_rows"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -63,6 +74,16 @@ class Configuration:
     calibration: Calibration = field(default_factory=Calibration)
     checkpoint_sha256: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    tables_file: str | None = None  # fine-tuned tables, a file beside this one (name relative to it)
+    tables_sha256: str | None = None
+    finetune: dict[str, Any] = field(default_factory=dict)  # how the tables file was trained
+    folder: Path | None = field(default=None, compare=False)  # where it was loaded from (tables_file is beside it)
+
+    def tables_path(self) -> Path | None:
+        """The fine-tuned tables file this configuration needs, or None when its tables are rebuilt."""
+        if not self.tables_file:
+            return None
+        return (self.folder or Path.cwd()) / self.tables_file
 
     def table_layers(self) -> list[str]:
         return [name for name, s in self.layers.items() if s.is_table]
@@ -79,6 +100,9 @@ class Configuration:
             "calibration": asdict(self.calibration),
             "layers": {name: s.to_dict() for name, s in self.layers.items()},
             "metrics": self.metrics,
+            "tables_file": self.tables_file,
+            "tables_sha256": self.tables_sha256,
+            "finetune": self.finetune,
             "software": software_versions(),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
@@ -104,7 +128,7 @@ class Configuration:
             )
         for name in structure.names:
             self.layers.setdefault(name, EXACT)
-        self.layers = {name: self.layers[name] for name in structure.names}
+        self.layers = {info.name: self.layers[info.name].for_inner_dim(info.inner_dim) for info in structure.layers}
         return self
 
 
@@ -129,11 +153,16 @@ def software_versions() -> dict[str, str]:
 
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write via a temporary file and rename, so a reader never sees half a file."""
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write via a temporary file and rename, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -152,9 +181,11 @@ def load(path: str | os.PathLike) -> Configuration:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read ({exc})") from None
     try:
-        return from_json(text)
+        loaded = from_json(text)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    loaded.folder = path.resolve().parent
+    return loaded
 
 
 def from_json(text: str) -> Configuration:
@@ -170,8 +201,9 @@ def from_dict(data: Any) -> Configuration:
         raise ConfigError("a configuration must be a JSON object")
     if data.get("schema") != SCHEMA:
         raise ConfigError(f"'schema' must be {SCHEMA!r}: this is not a TabConv configuration file")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise ConfigError(f"schema_version {data.get('schema_version')!r} is not supported (expected {SCHEMA_VERSION})")
+    if data.get("schema_version") not in READABLE_VERSIONS:
+        raise ConfigError(f"schema_version {data.get('schema_version')!r} is not supported (expected one of "
+                          f"{READABLE_VERSIONS})")
     for key, kind in (("model", str), ("dataset", str), ("num_classes", int), ("input_shape", list), ("layers", dict)):
         if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
             raise ConfigError(f"'{key}' is missing or not a {kind.__name__}")
@@ -185,8 +217,18 @@ def from_dict(data: Any) -> Configuration:
     metrics = {} if metrics is None else metrics
     if not isinstance(metrics, dict):
         raise ConfigError("'metrics' must be an object")
+    tables_file, tables_sha = data.get("tables_file"), data.get("tables_sha256")
+    for key, value in (("tables_file", tables_file), ("tables_sha256", tables_sha)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"'{key}' must be a non-empty string or null")
+    if tables_file and (Path(tables_file).name != tables_file or not tables_sha):
+        raise ConfigError("'tables_file' must be a bare file name beside the configuration, with its tables_sha256")
+    finetune = data.get("finetune") or {}
+    if not isinstance(finetune, dict):
+        raise ConfigError("'finetune' must be an object")
     return Configuration(data["model"], data["dataset"], data["num_classes"], tuple(shape),
-                         _parse_layers(data["layers"]), _parse_calibration(data.get("calibration", {})), sha, metrics)
+                         _parse_layers(data["layers"]), _parse_calibration(data.get("calibration", {})), sha, metrics,
+                         tables_file, tables_sha, finetune)
 
 
 def _parse_calibration(raw: Any) -> Calibration:

@@ -95,9 +95,9 @@ def ridge_prototypes(x: torch.Tensor, codes: torch.Tensor, n_centroids: int, pad
     rows, codebooks = codes.shape
     size = codebooks * n_centroids
     flat = codes + torch.arange(codebooks, device=codes.device) * n_centroids  # column of G per (row, c)
-    gram = _pair_counts(flat, size)
+    gram = pair_counts(flat, size)
     gram.diagonal().add_(RIDGE_SCALE * rows / n_centroids)  # mean of diag(G^T G) is N*C/(C*K)
-    solution = torch.cholesky_solve(_bucket_sums(x, flat, size), torch.linalg.cholesky(gram))
+    solution = torch.cholesky_solve(bucket_sums(x, flat, size), torch.linalg.cholesky(gram))
     return F.pad(solution.float(), (0, padded_dim - x.shape[1])).reshape(codebooks, n_centroids, padded_dim)
 
 
@@ -187,7 +187,7 @@ def _best_thresholds(value: torch.Tensor, node: torch.Tensor, nodes: int) -> tor
     return threshold.where(cut < rows, math.inf)
 
 
-def _pair_counts(flat: torch.Tensor, size: int) -> torch.Tensor:
+def pair_counts(flat: torch.Tensor, size: int) -> torch.Tensor:
     """G^T G (size, size) float64: how many rows fall in bucket a of one codebook and b of another."""
     rows, codebooks = flat.shape
     gram = torch.zeros(size * size, dtype=torch.float64, device=flat.device)
@@ -199,7 +199,7 @@ def _pair_counts(flat: torch.Tensor, size: int) -> torch.Tensor:
     return gram.view(size, size)
 
 
-def _bucket_sums(x: torch.Tensor, flat: torch.Tensor, size: int) -> torch.Tensor:
+def bucket_sums(x: torch.Tensor, flat: torch.Tensor, size: int) -> torch.Tensor:
     """G^T X (size, D) float64: the sum of the full-width rows in each bucket of each codebook."""
     rows, features = x.shape
     sums = torch.zeros(size, features, dtype=torch.float64, device=x.device)

@@ -43,6 +43,8 @@ class TableConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = output_hw(self, x.shape[2], x.shape[3])
+        if self.training:  # fine-tuning: the quantizer is trainable and computes rows -> outputs itself
+            return rows_to_nchw(self.quantizer(im2col(x, self)), x.shape[0], height, width)
         codes = self.encode_by_conv(x) if self.score_weight is not None else self.quantizer.encode(im2col(x, self))
         return rows_to_nchw(self.quantizer.lookup(codes), x.shape[0], height, width).to(x.dtype)
 

@@ -235,6 +235,42 @@ class ProductQuantizer(nn.Module):
         w_sub = w.reshape(self.n_codebooks, -1, w.shape[1])
         return torch.bmm(self.prototypes_, w_sub)
 
+    @torch.no_grad()
+    def refit_tables(self, x: torch.Tensor, target: torch.Tensor, ridge: float = 1.0) -> ProductQuantizer:
+        """Least-squares tables: argmin_T ||G T - Y||^2 + lam ||T - T0||^2, with the codes fixed.
+
+        G (N, C*K) is the one-hot of the codes of x (e.g. rows coming out of an approximated upstream
+        network), Y the exact layer output wanted for those rows, T0 the current tables (prototypes x
+        weights) and lam = ridge * N / K (the mean bucket size, so `ridge` is scale-free). Every output
+        channel is its own ridge problem in C*K unknowns; they share one Cholesky factor. When K covers
+        every distinct row and ridge -> 0 the layer reproduces Y exactly.
+        """
+        self._check_fitted("tables_")
+        if target.shape != (x.shape[0], self.out_features_):
+            raise ValueError(f"refit_tables needs targets of shape {(x.shape[0], self.out_features_)}, "
+                             f"got {tuple(target.shape)}")
+        if ridge <= 0:
+            raise ValueError(f"ridge must be positive, got {ridge}")
+        from tabconv.hashtree import bucket_sums, pair_counts
+
+        size = self.n_codebooks * self.n_centroids
+        flat = self.encode(x) + torch.arange(self.n_codebooks, device=x.device) * self.n_centroids
+        lam = ridge * x.shape[0] / self.n_centroids
+        gram = pair_counts(flat, size)
+        gram.diagonal().add_(lam)
+        prior = self.table_values().reshape(size, -1).double()
+        rhs = bucket_sums(target.float(), flat, size).add_(prior, alpha=lam)
+        solution = torch.cholesky_solve(rhs, torch.linalg.cholesky(gram))
+        self._store_tables(solution.float().reshape(self.n_codebooks, self.n_centroids, -1))
+        return self
+
+    def table_values(self) -> torch.Tensor:
+        """The tables as float32 (C, K, M), dequantized when they are stored as int8."""
+        self._check_fitted("tables_")
+        if self.lut_dtype == "int8":
+            return self.table_scale_ * (self.tables_.float() + 128.0) + self.table_offset_.reshape(-1, 1, 1)
+        return self.tables_.float()
+
     def _store_tables(self, tables: torch.Tensor) -> None:
         if self.lut_dtype == "int8":
             self.tables_, self.table_scale_, self.table_offset_ = quantize_tables_int8(tables)

@@ -50,6 +50,7 @@ class Session:
             raise ConfigError(f"calibration.images={self.calibration.images} but the {calibration_set.split} split "
                               f"of {calibration_set.info.name} has only {len(calibration_set)} images")
         self.eval_set = eval_set
+        self.calibration_set = calibration_set  # fine-tuning draws its images from here
         self.batch_size = batch_size
         calib = calibration_set.head(self.calibration.images)
         self.builder = TableBuilder(self.model, self.structure, calib.normalize(calib.images), self.calibration,
@@ -65,6 +66,7 @@ class Session:
         self._errors: dict[str, LayerError] = {}
         self._costs: dict[tuple, tuple[CostReport, CostReport]] = {}
         self._seen: dict[tuple, Metrics] = {}
+        self._tuned: dict[str, dict[str, ProductQuantizer]] = {}  # given (e.g. fine-tuned) tables by tables_id
         self.history: list[Metrics] = []
         self.cost_model = CostModel(self.model, self.input_shape, self.structure.calls)
         self.baseline_cost = self.cost_model.report(None, "paper")
@@ -105,7 +107,8 @@ class Session:
             settings = settings.layers
         for name in settings:
             self.structure.index(name)
-        return {name: settings.get(name, EXACT) for name in self.structure.names}
+        return {info.name: settings.get(info.name, EXACT).for_inner_dim(info.inner_dim)
+                for info in self.structure.layers}
 
     def uniform(self, setting: LayerSetting) -> dict[str, LayerSetting]:
         return {name: setting for name in self.structure.names}
@@ -119,14 +122,21 @@ class Session:
 
     # -- evaluation --------------------------------------------------------------------------------
     def apply(self, settings: Mapping[str, LayerSetting] | Configuration, progress: Progress | None = None,
-              label: str = "") -> Metrics:
-        """Metrics of a configuration (it becomes the current one); evaluated once per distinct settings."""
+              label: str = "", tables: Mapping[str, ProductQuantizer] | None = None,
+              tables_id: str | None = None) -> Metrics:
+        """Metrics of a configuration (it becomes the current one); evaluated once per distinct settings.
+
+        `tables` (e.g. fine-tuned ones, identified by `tables_id`, the tables file's sha256) replace the
+        built tables of every table layer instead of building them.
+        """
         settings = self.complete(settings)
-        key = tuple(settings.items())
+        if (tables is None) != (tables_id is None):
+            raise ValueError("tables and tables_id go together")
+        key = (tuple(settings.items()), tables_id)
         if key in self._seen:
             self.current = self._seen[key]
             return self.current
-        quantizers = self.builder.build_all(settings, progress)
+        quantizers = self.builder.build_all(settings, progress) if tables is None else self._pinned(settings, tables)
         if progress:
             progress({"stage": "evaluate", "images": len(self.eval_set)})
         if self.incremental:
@@ -137,10 +147,21 @@ class Session:
         metrics = Metrics(settings, correct / len(self.eval_set), len(self.eval_set), self.baseline_accuracy,
                           paper, full, self.baseline_cost, errors, label or f"config {len(self.history)}",
                           len(self.history))
+        if tables_id is not None:
+            metrics.extra["tables_sha256"] = tables_id
+            self._tuned[tables_id] = quantizers
         self.history.append(metrics)
         self._seen[key] = metrics
         self.current = metrics
         return metrics
+
+    def _pinned(self, settings: Mapping[str, LayerSetting], tables: Mapping[str, ProductQuantizer]
+                ) -> dict[str, ProductQuantizer]:
+        names = [n for n, s in settings.items() if s.is_table]
+        missing = [n for n in names if n not in tables]
+        if missing:
+            raise ConfigError(f"the given tables lack table layer(s) {missing}")
+        return {n: tables[n].to(self.device) for n in names}
 
     def costs(self, settings: Mapping[str, LayerSetting]) -> tuple[CostReport, CostReport]:
         """(paper, full) cost reports, memoised per distinct table settings."""
@@ -187,8 +208,13 @@ class Session:
         """Make an evaluated configuration current and the incremental runner's state, so the next change
         re-runs only what it affects (after a sweep the runner holds the sweep's last configuration)."""
         if self.incremental:
-            self._evaluate_incremental(self.builder.build_all(metrics.settings))
+            self._evaluate_incremental(self.quantizers(metrics))
         self.current = metrics
+
+    def quantizers(self, metrics: Metrics) -> dict[str, ProductQuantizer]:
+        """The tables an evaluated configuration used: given (fine-tuned) ones, else built ones."""
+        tuned = metrics.extra.get("tables_sha256")
+        return dict(self._tuned[tuned]) if tuned else self.builder.build_all(metrics.settings)
 
     @property
     def evaluations(self) -> int:

@@ -24,6 +24,7 @@ class LayerSetting:
     centroids: int = 64
     encoder: str = "exhaustive"
     lut_dtype: str = "float32"
+    subvector: int | None = None  # when set, C is ceil(D / subvector) per layer (resolved by the structure)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -31,6 +32,9 @@ class LayerSetting:
         for field, value in (("codebooks", self.codebooks), ("centroids", self.centroids)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SettingError(f"{field} must be a positive integer, got {value!r}")
+        if self.subvector is not None and (isinstance(self.subvector, bool) or not isinstance(self.subvector, int)
+                                           or self.subvector < 1):
+            raise SettingError(f"subvector must be a positive integer or null, got {self.subvector!r}")
         if self.encoder not in ENCODERS:
             raise SettingError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.lut_dtype not in LUT_DTYPES:
@@ -47,6 +51,13 @@ class LayerSetting:
     @property
     def tree_depth(self) -> int:
         return int(math.log2(self.centroids))
+
+    def for_inner_dim(self, inner_dim: int) -> LayerSetting:
+        """This setting for a layer of D = inner_dim inputs: C = ceil(D / subvector) when a sub-vector
+        length is set (the literature's way to give C: 9 = one input channel of a 3x3 conv)."""
+        if self.subvector is None or not self.is_table:
+            return self
+        return self.with_(codebooks=math.ceil(inner_dim / self.subvector))
 
     def to_dict(self) -> dict:
         return asdict(self)

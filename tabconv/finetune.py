@@ -1,0 +1,232 @@
+"""Fine-tuning: train the table layers' prototypes, tables and temperature end to end.
+
+The argmin that picks a prototype has no gradient, so, as LUT-NN (MobiCom 2023) and halutmatmul do,
+the forward pass uses the hard codes - exactly what inference computes - while the backward pass
+goes through a soft assignment softmax(-d / (tau * scale)) over the prototypes (straight-through:
+hard - soft.detach() + soft). Tables get the gradient of the rows that really use them; prototypes,
+the learned temperature and every upstream layer learn through the soft path. The tree encoder's
+soft assignment is the product of sigmoid decisions along each root-to-leaf path, so its
+thresholds learn too. The loss distils the exact network: KL divergence of the logits, plus an
+optional per-layer output loss. Exact layers (and batch-norm statistics) stay frozen.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from tabconv.convert import convert
+from tabconv.hashtree import encode_hash_trees
+from tabconv.quantizer import ProductQuantizer, pad_columns, split_subspaces
+from tabconv.structure import ModelStructure
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+class TrainableTables(nn.Module):
+    """A fitted ProductQuantizer's learned tensors as Parameters, with a straight-through forward."""
+
+    def __init__(self, quantizer: ProductQuantizer) -> None:
+        super().__init__()
+        self.base = [quantizer]  # a list: kept out of the module tree, never trained in place
+        self.codebooks, self.centroids = quantizer.n_codebooks, quantizer.n_centroids
+        self.padded_dim = quantizer.padded_dim(quantizer.in_features_)
+        self.tree = quantizer.encoder == "tree"
+        self.tables = nn.Parameter(quantizer.table_values().detach().clone())
+        self.log_temperature = nn.Parameter(torch.zeros((), device=self.tables.device))
+        self.register_buffer("scale", torch.zeros((), device=self.tables.device))  # set by the first batch
+        if self.tree:
+            finite = torch.isfinite(quantizer.thresholds_)
+            self.register_buffer("finite", finite)
+            self.register_buffer("split_dims", quantizer.split_dims_.clone())
+            self.thresholds = nn.Parameter(torch.where(finite, quantizer.thresholds_, 0.0).clone())
+        else:
+            self.prototypes = nn.Parameter(quantizer.prototypes_.detach().clone().float())
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """(N, D) rows -> (N, M): the hard lookup's value with the soft assignment's gradient."""
+        xs = split_subspaces(pad_columns(rows.float(), self.padded_dim), self.codebooks)
+        soft, hard = self._tree_assign(xs) if self.tree else self._nearest_assign(xs)
+        onehot = F.one_hot(hard, self.centroids).to(soft.dtype)  # (C, N, K)
+        assign = onehot - soft.detach() + soft
+        flat = assign.permute(1, 0, 2).reshape(rows.shape[0], -1)
+        return flat @ self.tables.reshape(-1, self.tables.shape[-1])
+
+    def _temperature(self, spread: torch.Tensor) -> torch.Tensor:
+        if not self.scale:
+            self.scale.copy_(spread.detach().clamp(min=1e-6))
+        return self.log_temperature.exp() * self.scale
+
+    def _nearest_assign(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.prototypes
+        dist = (torch.baddbmm((p * p).sum(-1).unsqueeze(1), xs, p.transpose(1, 2), alpha=-2.0)
+                + (xs * xs).sum(-1, keepdim=True)).clamp(min=0)  # (C, N, K)
+        nearest = dist.min(-1)
+        temperature = self._temperature(nearest.values.mean())
+        return F.softmax(-(dist - nearest.values.unsqueeze(-1)) / temperature, dim=-1), nearest.indices
+
+    def _tree_assign(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        thresholds = torch.where(self.finite, self.thresholds, torch.inf)
+        with torch.no_grad():
+            hard = encode_hash_trees(xs, self.split_dims, thresholds).t()  # (C, N)
+        temperature = self._temperature(xs.std())
+        codebooks, rows, _ = xs.shape
+        prob = xs.new_ones(codebooks, rows, 1)
+        for level in range(self.split_dims.shape[1]):
+            nodes = 2**level
+            value = xs.gather(2, self.split_dims[:, level].view(-1, 1, 1).expand(codebooks, rows, 1))
+            right = torch.sigmoid((value - thresholds[:, nodes - 1 : 2 * nodes - 1].unsqueeze(1)) / temperature)
+            prob = torch.stack([prob * (1 - right), prob * right], dim=-1).reshape(codebooks, rows, 2 * nodes)
+        return prob, hard
+
+    def to_quantizer(self) -> ProductQuantizer:
+        """A new fitted quantizer holding the trained tensors (int8 / float16 tables re-quantized)."""
+        tuned = copy.deepcopy(self.base[0])
+        with torch.no_grad():
+            if self.tree:
+                tuned.thresholds_ = torch.where(self.finite, self.thresholds, torch.inf).detach().clone()
+            else:
+                tuned.prototypes_ = self.prototypes.detach().clone()
+            tuned._store_tables(self.tables.detach().clone())
+        return tuned
+
+
+@dataclass
+class FinetuneReport:
+    """What a fine-tuning run did: its settings, its time and its distillation loss before and after."""
+
+    steps: int
+    images: int
+    batch_size: int
+    lr: float
+    layer_loss: float
+    seconds: float
+    loss_before: float  # on the fine-tuning images, inference (hard) forward
+    loss_after: float
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, mean training loss)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the class distributions, averaged over images."""
+    return F.kl_div(F.log_softmax(student, 1), F.log_softmax(teacher, 1), log_target=True, reduction="batchmean")
+
+
+class _LayerOutputs:
+    """Forward hooks collecting named modules' outputs (for the optional per-layer loss)."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            self.outputs[name] = output
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def finetune(teacher: nn.Module, structure: ModelStructure, quantizers: Mapping[str, ProductQuantizer],
+             images: torch.Tensor, *, steps: int = 300, lr: float = 1e-3, batch_size: int = 64,
+             layer_loss: float = 0.0, seed: int = 0, progress: Progress | None = None
+             ) -> tuple[dict[str, ProductQuantizer], FinetuneReport]:
+    """Train the table layers of `quantizers` to match `teacher` on `images` (already normalised).
+
+    Returns new quantizers (the given ones are not touched: caches and other views share them) and
+    the run's report. `layer_loss` weights a per-layer loss: each table layer's output against the
+    exact layer's, relative to the exact output's mean square.
+    """
+    if steps < 1 or batch_size < 1 or not lr > 0 or layer_loss < 0:
+        raise ValueError(f"finetune needs steps >= 1, batch_size >= 1, lr > 0 and layer_loss >= 0, got "
+                         f"steps={steps}, batch_size={batch_size}, lr={lr}, layer_loss={layer_loss}")
+    if not quantizers:
+        raise ValueError("the configuration has no table layers to fine-tune")
+    start = time.perf_counter()
+    teacher = teacher.eval()
+    device = next(teacher.parameters()).device
+    probe = images[: min(len(images), 512)]
+    student = convert(teacher, structure, quantizers)
+    loss_before = _hard_loss(student, teacher, probe, device)
+    student.requires_grad_(False)
+    trainables = _make_trainable(student, quantizers)
+    params = [p for t in trainables.values() for p in t.parameters()]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    names = list(quantizers)
+    exact_outputs = {n: structure.layer(n).output_name for n in names}
+    watch_teacher = _LayerOutputs(teacher, list(exact_outputs.values())) if layer_loss else None
+    watch_student = _LayerOutputs(student, names) if layer_loss else None
+    generator = torch.Generator().manual_seed(seed)
+    curve: list[tuple[int, float]] = []
+    running = []
+    try:
+        for step in range(1, steps + 1):
+            batch = images[torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)]
+            batch = batch.to(device).contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                target = teacher(batch)
+            loss = distillation_loss(student(batch), target)
+            if layer_loss:
+                loss = loss + layer_loss * _layer_term(watch_student, watch_teacher, exact_outputs)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            value = float(loss.detach())
+            running.append(value)
+            if step % max(1, steps // 50) == 0 or step == steps:
+                curve.append((step, sum(running) / len(running)))
+                running = []
+            if progress:
+                progress({"stage": "finetune", "index": step, "total": steps, "layer": f"loss {value:.4f}"})
+    finally:
+        for watch in (watch_teacher, watch_student):
+            if watch:
+                watch.remove()
+    tuned = {name: t.to_quantizer() for name, t in trainables.items()}
+    loss_after = _hard_loss(convert(teacher, structure, tuned), teacher, probe, device)
+    report = FinetuneReport(steps, len(images), batch_size, lr, layer_loss, time.perf_counter() - start,
+                            loss_before, loss_after, curve)
+    return tuned, report
+
+
+def _make_trainable(student: nn.Module, quantizers: Mapping[str, ProductQuantizer]) -> dict[str, TrainableTables]:
+    """Swap each table layer's quantizer for its trainable form and put only those layers in train mode."""
+    student.eval()
+    trainables = {}
+    for name in quantizers:
+        layer = student.get_submodule(name)
+        trainables[name] = layer.quantizer = TrainableTables(layer.quantizer)
+        layer.train()
+    return trainables
+
+
+def _layer_term(student: _LayerOutputs, teacher: _LayerOutputs, exact_outputs: Mapping[str, str]) -> torch.Tensor:
+    terms = []
+    for name, exact_name in exact_outputs.items():
+        exact = teacher.outputs[exact_name].detach()
+        terms.append((student.outputs[name] - exact).square().mean() / exact.square().mean().clamp(min=1e-12))
+    return torch.stack(terms).mean()
+
+
+@torch.no_grad()
+def _hard_loss(student: nn.Module, teacher: nn.Module, images: torch.Tensor, device: torch.device,
+               batch_size: int = 256) -> float:
+    """Distillation loss of the inference (hard-code) forward over `images`."""
+    total = 0.0
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].to(device).contiguous(memory_format=torch.channels_last)
+        total += float(distillation_loss(student.eval()(batch), teacher(batch))) * len(batch)
+    return total / len(images)

@@ -1,0 +1,106 @@
+"""The tables file of a fine-tuned configuration (`TUNED.tables.pt` beside `TUNED.json`).
+
+Fine-tuned tables cannot be rebuilt from calibration data, so they travel as a file: every table
+layer's quantizer parameters and learned tensors, loadable with `weights_only=True`. The
+configuration records the file's name and sha256; loading refuses a missing, edited or mismatching
+file with one line that names it and says what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from tabconv.config import atomic_write_bytes
+from tabconv.quantizer import ProductQuantizer
+from tabconv.settings import LayerSetting
+from tabconv.structure import ModelStructure
+
+FORMAT = "tabconv-tuned-tables"
+VERSION = 1
+SUFFIX = ".tables.pt"
+
+
+class TablesFileError(ValueError):
+    """A tables file that cannot be used; the message names the file and the way forward."""
+
+
+def tables_path_for(config_path: str | os.PathLike) -> Path:
+    """`TUNED.json` -> `TUNED.tables.pt` in the same folder."""
+    path = Path(config_path)
+    return path.with_name(path.name.removesuffix(".json") + SUFFIX)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_tables(path: str | os.PathLike, quantizers: Mapping[str, ProductQuantizer]) -> str:
+    """Write the tables atomically; returns the file's sha256 (to record in the configuration)."""
+    entry = {"format": FORMAT, "version": VERSION,
+             "layers": {name: {"params": q.get_params(),
+                               "state": {k: v.detach().cpu() for k, v in q.learned_state().items()}}
+                        for name, q in quantizers.items()}}
+    buffer = io.BytesIO()
+    torch.save(entry, buffer)
+    data = buffer.getvalue()
+    atomic_write_bytes(Path(path), data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_tables(path: str | os.PathLike, sha256: str | None, structure: ModelStructure,
+                settings: Mapping[str, LayerSetting], device: torch.device | str = "cpu"
+                ) -> dict[str, ProductQuantizer]:
+    """The quantizers of a tables file, checked against its recorded sha256, the model and the settings."""
+    path = Path(path)
+    again = "re-run `python -m tabconv finetune` to recreate it"
+    if not path.is_file():
+        raise TablesFileError(f"{path}: tables file not found; keep it beside its configuration file or {again}")
+    if sha256 and file_sha256(path) != sha256:
+        raise TablesFileError(f"{path}: sha256 does not match the configuration's tables_sha256 (the file was "
+                              f"edited, damaged or belongs to another run); {again}")
+    try:
+        entry = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(entry, dict) or entry.get("format") != FORMAT:
+            raise ValueError("no tabconv-tuned-tables marker")
+        if entry.get("version") != VERSION:
+            raise TablesFileError(f"{path}: tables file version {entry.get('version')!r} is not supported "
+                                  f"(expected {VERSION}); {again}")
+        layers = entry["layers"]
+        quantizers = {name: ProductQuantizer(**item["params"]).load_learned_state(item["state"])
+                      for name, item in layers.items()}
+    except TablesFileError:
+        raise
+    except Exception as exc:
+        raise TablesFileError(f"{path}: not a readable TabConv tables file ({type(exc).__name__}); {again}") from None
+    wanted = sorted(n for n, s in settings.items() if s.is_table)
+    if sorted(quantizers) != wanted:
+        missing, extra = sorted(set(wanted) - set(quantizers)), sorted(set(quantizers) - set(wanted))
+        raise TablesFileError(f"{path}: its layers do not match the configuration's table layers "
+                              f"(missing {missing or 'none'}, extra {extra or 'none'}); {again}")
+    for name, quantizer in quantizers.items():
+        _check_layer(path, name, quantizer, settings[name], structure)
+    return quantizers
+
+
+def _check_layer(path: Path, name: str, quantizer: ProductQuantizer, setting: LayerSetting,
+                 structure: ModelStructure) -> None:
+    info = structure.layer(name)
+    if quantizer.setting != setting.with_(subvector=None):
+        raise TablesFileError(f"{path}: layer {name} holds tables for {quantizer.setting.to_dict()}, the "
+                              f"configuration asks for {setting.to_dict()}")
+    state = quantizer.learned_state()
+    shape = (setting.codebooks, setting.centroids, info.out_features)
+    if (int(state.get("in_features_", -1)) != info.inner_dim or "tables_" not in state
+            or tuple(state["tables_"].shape) != shape):
+        raise TablesFileError(f"{path}: layer {name} does not fit the model (expected D={info.inner_dim} and "
+                              f"tables of shape {shape})")

@@ -1,0 +1,244 @@
+"""Learned tables: least-squares refit, classifier refit, sub-vector length, fine-tuning, the tables file."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tabconv import config as config_file
+from tabconv.calibrate import refit_linear
+from tabconv.cli import main
+from tabconv.config import Calibration, ConfigError
+from tabconv.finetune import TrainableTables, finetune
+from tabconv.quantizer import DegenerateCodebookWarning, ProductQuantizer
+from tabconv.session import Session
+from tabconv.settings import LayerSetting
+from tabconv.tablesfile import TablesFileError, load_tables, save_tables
+from tabconv.train import train_and_save
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_least_squares_tables_reproduce_any_target_when_k_covers_the_rows():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 12, generator=g)  # 16 distinct rows, K = 16: every codebook can give each its own code
+    w, b = torch.randn(12, 5, generator=g), torch.randn(5, generator=g)
+    target = torch.randn(16, 5, generator=g)  # not even x @ w: least squares must still hit it
+    with pytest.warns(DegenerateCodebookWarning):
+        pq = ProductQuantizer(3, 16).fit(x).set_weight(w, b)
+    assert (pq(x) - target).abs().max() > 0.5
+    assert pq.refit_tables(x, target, ridge=1e-6) is pq
+    torch.testing.assert_close(pq(x), target, atol=1e-3, rtol=1e-3)
+
+
+def test_least_squares_corrects_the_error_an_approximated_upstream_brings():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4000, 24, generator=g)
+    w, b = torch.randn(24, 6, generator=g), torch.randn(6, generator=g)
+    exact = x @ w + b
+    received = 0.7 * x + 0.3  # what an approximated upstream delivers: a systematic error
+    for dtype in ("float32", "int8"):
+        pq = ProductQuantizer(4, 8, lut_dtype=dtype).fit(received).set_weight(w, b)
+        before = (pq(received) - exact).square().mean()
+        pq.refit_tables(received, exact, ridge=0.01)
+        assert (pq(received) - exact).square().mean() < 0.9 * before  # 0.86 here: the rest is quantization
+        assert pq.tables_.dtype == getattr(torch, dtype)
+    unused = ProductQuantizer(1, 4).fit(x[:, :2]).set_weight(w[:2], b)
+    prior = unused.table_values().clone()
+    codes = unused.encode(x[:, :2])[:, 0]
+    keep = codes != codes[0]  # rows that never use code codes[0]
+    unused.refit_tables(x[keep, :2], exact[keep], ridge=0.01)
+    torch.testing.assert_close(unused.table_values()[0, codes[0]], prior[0, codes[0]])  # no data: stays at prior
+
+
+def test_refit_tables_refuses_wrong_targets_and_ridge():
+    x = torch.randn(100, 8)
+    pq = ProductQuantizer(2, 4).fit(x).set_weight(torch.randn(8, 3))
+    with pytest.raises(ValueError, match="targets of shape"):
+        pq.refit_tables(x, torch.randn(100, 4))
+    with pytest.raises(ValueError, match="ridge"):
+        pq.refit_tables(x, torch.randn(100, 3), ridge=0)
+
+
+def test_classifier_refit_recovers_the_weights_that_map_features_to_the_targets():
+    g = torch.Generator().manual_seed(2)
+    features = torch.randn(500, 10, generator=g)
+    w_true, b_true = torch.randn(10, 4, generator=g), torch.randn(4, generator=g)
+    target = features @ w_true + b_true
+    w, b = refit_linear(features, target, torch.zeros(10, 4), torch.zeros(4), ridge=1e-8)
+    torch.testing.assert_close(w, w_true, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b, b_true, atol=1e-4, rtol=1e-4)
+
+
+def test_calibration_validates_the_fit_method():
+    with pytest.raises(ConfigError, match="calibration.fit"):
+        Calibration(fit="magic")
+    with pytest.raises(ConfigError, match="ridge"):
+        Calibration(ridge=0)
+    with pytest.raises(ConfigError, match="refit_classifier"):
+        Calibration(refit_classifier="yes")
+
+
+@pytest.fixture(scope="module")
+def tiny_digits(tmp_path_factory) -> Path:
+    """The tiny CNN trained on the embedded digits (seconds)."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny-digits.pt"
+    train_and_save("tiny", "digits", path, epochs=3)
+    return path
+
+
+def _session(checkpoint: Path, **calibration) -> Session:
+    return Session.from_checkpoint(str(checkpoint), calibration=Calibration(images=256, max_rows=4096, **calibration))
+
+
+def test_least_squares_tables_beat_kmeans_on_a_trained_model_and_key_the_cache_right(tiny_digits):
+    setting = LayerSetting("table", 4, 8)
+    results = {}
+    for fit, mode in (("kmeans", "independent"), ("least-squares", "independent"), ("least-squares", "sequential")):
+        session = _session(tiny_digits, fit=fit, mode=mode, ridge=0.01)
+        metrics = session.apply(session.uniform(setting))
+        last = session.structure.names[-1]
+        results[fit, mode] = metrics.errors[last].relative_error
+        first, later = session.structure.names[0], session.structure.names[1]
+        upstream = {first: setting}
+        assert ("upstream" in session.builder.key_parts(later, setting, upstream)) == (mode == "sequential")
+    assert results["least-squares", "independent"] < results["kmeans", "independent"]
+    assert results["least-squares", "sequential"] < results["kmeans", "independent"]
+
+
+def test_classifier_refit_makes_the_classifier_depend_on_upstream_only(tiny_digits):
+    session = _session(tiny_digits, refit_classifier=True)
+    names, setting = session.structure.names, LayerSetting("table", 4, 8)
+    assert "upstream" in session.builder.key_parts(names[-1], setting, {names[0]: setting})
+    assert "upstream" not in session.builder.key_parts(names[1], setting, {names[0]: setting})
+    refit = session.apply(session.uniform(setting))
+    plain = _session(tiny_digits).apply(session.uniform(setting))
+    assert refit.errors[names[-1]].relative_error < plain.errors[names[-1]].relative_error
+
+
+def test_subvector_sets_each_layers_codebooks_and_its_cost(tiny_digits):
+    session = _session(tiny_digits)
+    settings = session.complete(session.uniform(LayerSetting("table", 8, 16, subvector=9)))
+    for info in session.structure.layers:
+        assert settings[info.name].codebooks == math.ceil(info.inner_dim / 9)
+        assert settings[info.name].subvector == 9
+    paper, _ = session.costs(settings)
+    by_name = {layer.name: layer for layer in paper.layers}
+    info = session.structure.layers[1]
+    rows, c = info.rows_per_image, settings[info.name].codebooks
+    assert by_name[info.name].lookup_adds == rows * info.out_features * (c - 1)  # R*M*(C-1) additions per image
+    assert by_name[info.name].table_bytes == c * 16 * info.out_features * 4
+    with pytest.raises(ValueError, match="subvector"):
+        LayerSetting("table", subvector=0)
+
+
+def test_finetuning_lowers_the_loss_and_raises_accuracy(tiny_digits):
+    session = _session(tiny_digits)
+    before = session.apply(session.uniform(LayerSetting("table", 4, 8)))
+    images = session.calibration_set.normalize(session.calibration_set.images)
+    quantizers = session.quantizers(before)
+    snapshot = {n: q.tables_.clone() for n, q in quantizers.items()}
+    tuned, report = finetune(session.model, session.structure, quantizers, images, steps=120, lr=3e-3)
+    assert report.loss_after < 0.8 * report.loss_before
+    assert len(report.loss_curve) >= 10 and report.loss_curve[-1][0] == 120
+    for name, quantizer in quantizers.items():  # the shared (cached) tables are never trained in place
+        assert torch.equal(quantizer.tables_, snapshot[name])
+        assert not torch.equal(tuned[name].tables_, snapshot[name])
+    after = session.apply(before.settings, tables=tuned, tables_id="tuned")
+    assert after.accuracy > before.accuracy
+    assert after.extra["tables_sha256"] == "tuned"
+
+
+def test_the_straight_through_forward_is_the_inference_forward_and_trees_learn_thresholds():
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(512, 16, generator=g), torch.randn(16, 4, generator=g)
+    for encoder in ("exhaustive", "tree"):
+        pq = ProductQuantizer(4, 8, encoder=encoder).fit(x).set_weight(w)
+        trainable = TrainableTables(pq)
+        out = trainable(x)
+        torch.testing.assert_close(out, pq(x), atol=1e-5, rtol=1e-5)
+        out.square().sum().backward()
+        learned = trainable.thresholds if encoder == "tree" else trainable.prototypes
+        assert learned.grad is not None and learned.grad.abs().sum() > 0
+        assert trainable.tables.grad.abs().sum() > 0 and trainable.log_temperature.grad is not None
+
+
+def test_tables_file_round_trip_and_refusals(tiny_digits, tmp_path):
+    session = _session(tiny_digits)
+    settings = session.complete(session.uniform(LayerSetting("table", 4, 8, lut_dtype="int8")))
+    quantizers = session.tables(settings)
+    path = tmp_path / "t.tables.pt"
+    sha = save_tables(path, quantizers)
+    loaded = load_tables(path, sha, session.structure, settings)
+    for name, quantizer in quantizers.items():
+        for key, value in quantizer.learned_state().items():
+            assert torch.equal(loaded[name].learned_state()[key], value)
+    with pytest.raises(TablesFileError, match="not found"):
+        load_tables(tmp_path / "gone.tables.pt", sha, session.structure, settings)
+    with pytest.raises(TablesFileError, match="sha256 does not match"):
+        load_tables(path, "0" * 64, session.structure, settings)
+    other = {**settings, session.structure.names[0]: LayerSetting("table", 2, 8, lut_dtype="int8")}
+    with pytest.raises(TablesFileError, match="configuration asks for"):
+        load_tables(path, sha, session.structure, other)
+    fewer = {**settings, session.structure.names[0]: LayerSetting()}
+    with pytest.raises(TablesFileError, match="extra"):
+        load_tables(path, sha, session.structure, fewer)
+    junk = tmp_path / "junk.tables.pt"
+    junk.write_text("hello")
+    with pytest.raises(TablesFileError, match="not a readable TabConv tables file"):
+        load_tables(junk, None, session.structure, settings)
+
+
+def test_cli_finetune_saves_a_configuration_that_reloads_exactly(tiny_digits, tmp_path, capsys):
+    calib = ["--calibration-images", "256", "--max-rows", "4096", "--cache-dir", str(tmp_path / "cache")]
+    start = tmp_path / "start.json"
+    assert main(["evaluate", "--checkpoint", str(tiny_digits), "--all-table", "-C", "4", "-K", "8", "--fit",
+                 "least-squares", *calib, "--save-config", str(start), "--json"]) == 0
+    capsys.readouterr()
+    saved = json.loads(start.read_text())
+    assert saved["schema_version"] == 2 and saved["calibration"]["fit"] == "least-squares"
+    tuned = tmp_path / "tuned.json"
+    assert main(["finetune", "--checkpoint", str(tiny_digits), "--config", str(start), "--steps", "40",
+                 "--images", "512", "--lr", "3e-3", *calib, "--out", str(tuned), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    for key in ("accuracy", "eval_images", "flops_paper", "flops_full", "storage_bytes", "layers"):
+        assert key in data
+    report = data["finetune"]
+    assert report["steps"] == 40 and report["loss_after"] < report["loss_before"] and report["loss_curve"]
+    written = json.loads(tuned.read_text())
+    tables = tmp_path / "tuned.tables.pt"
+    assert written["tables_file"] == "tuned.tables.pt" and tables.is_file()
+    fresh = subprocess.run([sys.executable, "-m", "tabconv", "evaluate", "--checkpoint", str(tiny_digits), "--config",
+                            str(tuned), *calib, "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert fresh.returncode == 0, fresh.stderr
+    again = json.loads(fresh.stdout)
+    assert again["accuracy"] == data["accuracy"]
+    assert [r["relative_error"] for r in again["layers"]] == [r["relative_error"] for r in data["layers"]]
+    # an edited tables file, then a missing one: one clear line each, exit status 2
+    blob = bytearray(tables.read_bytes())
+    blob[-20] ^= 0xFF
+    tables.write_bytes(bytes(blob))
+    assert main(["evaluate", "--checkpoint", str(tiny_digits), "--config", str(tuned), *calib]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "tuned.tables.pt" in err and "sha256 does not match" in err and "\n" not in err
+    tables.unlink()
+    assert main(["evaluate", "--checkpoint", str(tiny_digits), "--config", str(tuned), *calib]) == 2
+    assert "tables file not found" in capsys.readouterr().err
+
+
+def test_version_1_configuration_files_still_load():
+    old = ROOT / "docs" / "configs" / "resnet18-mnist-greedy.json"
+    data = json.loads(old.read_text())
+    assert data["schema_version"] == 1
+    loaded = config_file.from_dict(data)
+    assert loaded.calibration.fit == "kmeans" and loaded.tables_file is None
+    data["tables_file"] = "../elsewhere.tables.pt"
+    data["tables_sha256"] = "0" * 64
+    with pytest.raises(ConfigError, match="bare file name"):
+        config_file.from_dict(data)
