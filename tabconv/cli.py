@@ -15,14 +15,14 @@ from typing import Any
 
 from tabconv import config as config_file
 from tabconv.cache import TableCache
-from tabconv.config import FIT_METHODS, Calibration, ConfigError, Configuration
+from tabconv.config import FIT_METHODS, Calibration, ConfigError, Configuration, atomic_write_bytes
 from tabconv.cost import CONVENTIONS, model_cost
 from tabconv.data import DATASETS, DatasetUnavailable
 from tabconv.lowering import LoweringError
 from tabconv.models import build_model, model_names
 from tabconv.settings import ENCODERS, EXACT, LUT_DTYPES, LayerSetting, SettingError
 from tabconv.structure import ModelStructure, UnknownLayerError
-from tabconv.tablesfile import TablesFileError, load_tables, save_tables, tables_path_for
+from tabconv.tablesfile import TablesFileError, load_tables, tables_path_for
 from tabconv.train import CheckpointError
 
 USER_ERRORS = (ConfigError, TablesFileError, CheckpointError, DatasetUnavailable, SettingError, UnknownLayerError,
@@ -189,30 +189,23 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from tabconv.finetune import finetune
+    from tabconv.finetune import finetune_session
 
     session = _session(args, config_file.load(args.config).calibration)
     loaded, tables = _load_config(args.config, session)
     if not args.out.endswith(".json"):
         raise CliError(f"--out {args.out!r} must name a .json configuration file (its tables go beside it)")
     parent = _apply_config(session, loaded, tables, label="before fine-tuning")
-    images = session.calibration_set.head(min(args.images, len(session.calibration_set)))
-    tuned, report = finetune(session.model, session.structure, session.quantizers(parent),
-                             images.normalize(images.images), steps=args.steps, lr=args.lr,
+    tuned = finetune_session(session, parent, steps=args.steps, images=args.images, lr=args.lr,
                              batch_size=args.batch_size, layer_loss=args.layer_loss, seed=args.seed,
                              progress=_progress_bar("finetune"))
-    out = Path(args.out)
-    tables_path = tables_path_for(out)
-    sha = save_tables(tables_path, tuned)
-    metrics = session.apply(parent.settings, label="fine-tuned", tables=tuned, tables_id=sha)
-    record = {**report.to_dict(), "images_split": images.split, "parent_accuracy": parent.accuracy,
-              "parent_config": str(args.config)}
-    result = session.configuration(metrics)
-    result.tables_file, result.tables_sha256, result.finetune = tables_path.name, sha, record
-    result.save(out)
-    data = {**_metrics_json(session, metrics), "finetune": record, "config_file": str(out),
+    out, tables_path = Path(args.out), tables_path_for(args.out)
+    atomic_write_bytes(tables_path, tuned.tables)
+    tuned.configuration(session, tables_path.name).save(out)
+    report, metrics = tuned.report, tuned.metrics
+    data = {**_metrics_json(session, metrics), "finetune": tuned.record(), "config_file": str(out),
             "tables_file": str(tables_path)}
-    _emit(data, args.json, [f"fine-tuned {len(tuned)} table layers in {report.steps} steps "
+    _emit(data, args.json, [f"fine-tuned {len(tuned.quantizers)} table layers in {report.steps} steps "
                             f"({report.seconds:.0f} s): distillation loss {report.loss_before:.4f} -> "
                             f"{report.loss_after:.4f}; accuracy {parent.accuracy:.2%} -> {metrics.accuracy:.2%}",
                             f"-> {out} + {tables_path.name}", *_metrics_lines(metrics)])

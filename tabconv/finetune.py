@@ -16,16 +16,22 @@ import copy
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tabconv.config import Configuration
 from tabconv.convert import convert
 from tabconv.hashtree import encode_hash_trees
+from tabconv.metrics import Metrics
 from tabconv.quantizer import ProductQuantizer, pad_columns, split_subspaces
 from tabconv.structure import ModelStructure
+from tabconv.tablesfile import tables_bytes
+
+if TYPE_CHECKING:
+    from tabconv.session import Session
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -200,6 +206,43 @@ def finetune(teacher: nn.Module, structure: ModelStructure, quantizers: Mapping[
     report = FinetuneReport(steps, len(images), batch_size, lr, layer_loss, time.perf_counter() - start,
                             loss_before, loss_after, curve)
     return tuned, report
+
+
+@dataclass
+class Tuned:
+    """A fine-tuned configuration: its metrics (evaluated like any other), tables, file content and report."""
+
+    parent: Metrics
+    metrics: Metrics
+    quantizers: dict[str, ProductQuantizer]
+    report: FinetuneReport
+    tables: bytes  # the tables file's content
+    sha256: str
+
+    def record(self) -> dict[str, Any]:
+        """The `finetune` entry of the configuration file."""
+        return {**self.report.to_dict(), "parent_accuracy": self.parent.accuracy,
+                "parent_label": self.parent.label}
+
+    def configuration(self, session: Session, tables_file: str) -> Configuration:
+        """The configuration file of the tuned tables, pointing at `tables_file` (a name beside it)."""
+        config = session.configuration(self.metrics)
+        config.tables_file, config.tables_sha256, config.finetune = tables_file, self.sha256, self.record()
+        return config
+
+
+def finetune_session(session: Session, parent: Metrics, *, steps: int = 300, images: int = 4096,
+                     lr: float = 1e-3, batch_size: int = 64, layer_loss: float = 0.0, seed: int = 0,
+                     progress: Progress | None = None) -> Tuned:
+    """Fine-tune an evaluated configuration of a session on its first `images` calibration-split images;
+    the result is evaluated on the session's images and lands in its history labelled "fine-tuned"."""
+    chosen = session.calibration_set.head(min(images, len(session.calibration_set)))
+    tuned, report = finetune(session.model, session.structure, session.quantizers(parent),
+                             chosen.normalize(chosen.images), steps=steps, lr=lr, batch_size=batch_size,
+                             layer_loss=layer_loss, seed=seed, progress=progress)
+    data, sha = tables_bytes(tuned)
+    metrics = session.apply(parent.settings, label=f"fine-tuned ({parent.label})", tables=tuned, tables_id=sha)
+    return Tuned(parent, metrics, tuned, report, data, sha)
 
 
 def _make_trainable(student: nn.Module, quantizers: Mapping[str, ProductQuantizer]) -> dict[str, TrainableTables]:

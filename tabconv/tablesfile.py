@@ -44,8 +44,8 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def save_tables(path: str | os.PathLike, quantizers: Mapping[str, ProductQuantizer]) -> str:
-    """Write the tables atomically; returns the file's sha256 (to record in the configuration)."""
+def tables_bytes(quantizers: Mapping[str, ProductQuantizer]) -> tuple[bytes, str]:
+    """The tables file's content and its sha256 (for a download, or to write)."""
     entry = {"format": FORMAT, "version": VERSION,
              "layers": {name: {"params": q.get_params(),
                                "state": {k: v.detach().cpu() for k, v in q.learned_state().items()}}
@@ -53,8 +53,14 @@ def save_tables(path: str | os.PathLike, quantizers: Mapping[str, ProductQuantiz
     buffer = io.BytesIO()
     torch.save(entry, buffer)
     data = buffer.getvalue()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def save_tables(path: str | os.PathLike, quantizers: Mapping[str, ProductQuantizer]) -> str:
+    """Write the tables atomically; returns the file's sha256 (to record in the configuration)."""
+    data, sha = tables_bytes(quantizers)
     atomic_write_bytes(Path(path), data)
-    return hashlib.sha256(data).hexdigest()
+    return sha
 
 
 def load_tables(path: str | os.PathLike, sha256: str | None, structure: ModelStructure,
