@@ -1,4 +1,5 @@
-"""Everything that changes which configuration a tab shows: evaluate one, or load one from the history.
+"""Everything that changes which configuration a tab shows: evaluate one (with built tables, or with an
+imported fine-tuned tables file), or load one from the history.
 
 Widgets only leave requests in session state (their callbacks run before the script); the workbench
 handles them here at the top of its run, with progress, so the metrics and plots below it are drawn
@@ -7,27 +8,34 @@ from the new configuration in the same run.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import streamlit as st
 
 from explorer import state
 from explorer.progress import ProgressBar
-from explorer.workbench import Workbench
+from explorer.workbench import ImportedTables, Workbench
+from tabconv.config import ConfigError, from_json
 from tabconv.metrics import Metrics
+from tabconv.quantizer import ProductQuantizer
 from tabconv.settings import LayerSetting
+from tabconv.tablesfile import TablesFileError, load_tables
 
 
-def evaluate(wb: Workbench, settings: Mapping[str, LayerSetting], label: str,
-             title: str = "Evaluating") -> Metrics | None:
-    """Evaluate (or recall) a configuration and show it; failures become a notice, not a traceback."""
+def evaluate(wb: Workbench, settings: Mapping[str, LayerSetting], label: str, title: str = "Evaluating",
+             tables: Mapping[str, ProductQuantizer] | None = None, tables_id: str | None = None) -> Metrics | None:
+    """Evaluate (or recall) a configuration and show it; failures become a notice, not a traceback.
+
+    `tables` (fine-tuned ones, `tables_id` their file's sha256) replace the built tables of its table layers."""
     session = wb.session
     fits, known, started = session.builder.fits, len(session.history), time.perf_counter()
     bar = ProgressBar(title)
     try:
         with wb.lock:
-            metrics = session.apply(dict(settings), progress=bar, label=label)
+            metrics = session.apply(dict(settings), progress=bar, label=label, tables=tables, tables_id=tables_id)
             recomputed = session.runner.recomputed if session.runner and metrics.id >= known else 0
             if metrics.id >= known:
                 wb.runner_at = metrics.id
@@ -42,6 +50,31 @@ def evaluate(wb: Workbench, settings: Mapping[str, LayerSetting], label: str,
         "seconds": time.perf_counter() - started,
     }
     state.show_to(metrics.id)
+    return metrics
+
+
+def import_tuned(wb: Workbench, config_text: str, name: str, tables: bytes, tables_name: str) -> Metrics | None:
+    """Evaluate an imported fine-tuned configuration with its uploaded tables file. A missing, edited or
+    mismatching file is one line of error, and the page keeps the configuration it shows."""
+    session = wb.session
+    try:
+        config = from_json(config_text).validate_against(session.structure, session.meta.get("sha256"))
+        if not config.tables_file:
+            raise ConfigError("it names no tables file (its tables are rebuilt: load it as an ordinary configuration)")
+        with tempfile.TemporaryDirectory(prefix="tabconv-import-") as folder:
+            path = Path(folder) / config.tables_file  # a bare file name (checked by from_json)
+            path.write_bytes(tables)
+            try:
+                loaded = load_tables(path, config.tables_sha256, session.structure, config.layers, session.device)
+            except TablesFileError as exc:  # name the uploaded file, not the temporary copy
+                raise TablesFileError(str(exc).replace(str(path), tables_name)) from None
+    except (ConfigError, TablesFileError) as exc:
+        state.notify("error", f"Could not use **{name}** with **{tables_name}**: {exc}")
+        return None
+    metrics = evaluate(wb, config.layers, "imported (fine-tuned)", "Evaluating the imported fine-tuned tables",
+                       tables=loaded, tables_id=config.tables_sha256)
+    if metrics is not None:
+        wb.imported.setdefault(config.tables_sha256, ImportedTables(tables, dict(config.finetune)))
     return metrics
 
 
@@ -68,3 +101,6 @@ def handle_requests(wb: Workbench) -> None:
     pending, st.session_state.pending = st.session_state.pending, None
     if pending is not None:
         evaluate(wb, *pending)
+    tuned, st.session_state.tables_request = st.session_state.tables_request, None
+    if tuned is not None:
+        import_tuned(wb, *tuned)

@@ -12,7 +12,7 @@ if str(ROOT) not in sys.path:  # `streamlit run` puts explorer/ on the path, not
 import streamlit as st  # noqa: E402
 
 from explorer import actions, state  # noqa: E402
-from explorer.panels import automatic, chooser, editor, history, loading, metrics, plots, teaching, transfer  # noqa: E402
+from explorer.panels import automatic, chooser, editor, finetuning, history, loading, metrics, plots, teaching, transfer  # noqa: E402
 from explorer.workbench import Workbench  # noqa: E402
 
 
@@ -35,6 +35,8 @@ def workbench(wb: Workbench) -> None:
     plots.tradeoffs(wb, current)
     st.subheader("Automatic choices")
     automatic.panel(wb)
+    st.subheader("Fine-tuning")
+    finetuning.panel(wb, current)
     st.subheader("Per-layer configuration (forward order)")
     editor.group_controls(wb, current)
     editor.table(wb, current)

@@ -14,6 +14,7 @@ import plotly.graph_objects as go
 from tabconv.metrics import Metrics
 from tabconv.search import pareto_front
 
+FINE_TUNED = "fine-tuned"
 COSTS: dict[str, tuple[str, Callable[[Metrics], float]]] = {
     "flops_paper": ("FLOPs per image — paper convention (encoding free)", lambda m: m.flops_paper),
     "flops_full": ("FLOPs per image — full convention (encoding counted)", lambda m: m.flops_full),
@@ -21,10 +22,13 @@ COSTS: dict[str, tuple[str, Callable[[Metrics], float]]] = {
 }
 ORIGINS = {  # label prefix -> legend group (labels are set by the library's searches and by the page)
     "priority": "priority masking", "all tables": "priority masking", "greedy": "budgeted search",
-    "only ": "sweeps", "all but ": "sweeps", "baseline": "baseline",
+    "only ": "sweeps", "all but ": "sweeps", "baseline": "baseline", "fine-tuned": FINE_TUNED,
 }
 ORIGIN_COLOURS = {"edits": "#4C78A8", "priority masking": "#F58518", "budgeted search": "#54A24B",
-                  "sweeps": "#B7B7B7", "baseline": "#222222"}
+                  "sweeps": "#B7B7B7", "baseline": "#222222", FINE_TUNED: "#B279A2"}
+ORIGIN_SYMBOLS = {FINE_TUNED: "diamond"}
+TUNED_NOTE = ("fine-tuned tables belong to this exact configuration:<br>a toggle from it evaluates an ordinary "
+              "(untuned) one")
 HEAT_LIMITS = {"cosine": (0.5, 1.0, "RdYlGn"), "relative_error": (0.0, 1.0, "RdYlGn_r")}
 HEAT_NAMES = {"cosine": "cosine similarity", "relative_error": "relative error"}
 
@@ -35,6 +39,17 @@ def origin(label: str) -> str:
         if label.startswith(prefix):
             return group
     return "edits"
+
+
+def is_tuned(m: Metrics) -> bool:
+    """Whether a configuration was evaluated with fine-tuned (given) tables rather than built ones."""
+    return bool(m.extra.get("tables_sha256"))
+
+
+def kind(m: Metrics) -> str:
+    """The legend group of a configuration: 'fine-tuned' for fine-tuned tables (run here or imported), else
+    the kind of action that produced it."""
+    return FINE_TUNED if is_tuned(m) else origin(m.label)
 
 
 def change(reduction: float) -> str:
@@ -52,20 +67,34 @@ def summary_lines(m: Metrics) -> list[str]:
 
 
 def hover(m: Metrics) -> str:
-    """The configuration summary shown when hovering a point."""
-    return "<br>".join([f"<b>#{m.id} {m.label}</b>", *summary_lines(m)])
+    """The configuration summary shown when hovering a point (fine-tuned ones say what a toggle does)."""
+    return "<br>".join([f"<b>#{m.id} {m.label}</b>", *summary_lines(m)]
+                       + ([f"<i>{TUNED_NOTE}</i>"] if is_tuned(m) else []))
 
 
-def tradeoff(points: Sequence[Metrics], baseline: Metrics, current: Metrics, cost: str) -> go.Figure:
-    """Accuracy against a cost: every configuration, the Pareto front as a step line, baseline and current."""
+def tradeoff(points: Sequence[Metrics], baseline: Metrics, current: Metrics, cost: str,
+             links: Sequence[tuple[Metrics, Metrics]] = ()) -> go.Figure:
+    """Accuracy against a cost: every configuration, the Pareto front as a step line, baseline and current.
+
+    `links` are (parent, fine-tuned) pairs, drawn as dotted segments from a configuration to its tuned form."""
     title, value = COSTS[cost]
     fig = go.Figure()
     groups: dict[str, list[Metrics]] = {}
     for m in points:
-        groups.setdefault(origin(m.label), []).append(m)
+        groups.setdefault(kind(m), []).append(m)
+    if links:
+        xs: list[float | None] = []
+        ys: list[float | None] = []
+        for parent, tuned in links:
+            xs += [value(parent), value(tuned), None]
+            ys += [100 * parent.accuracy, 100 * tuned.accuracy, None]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="fine-tuning (parent → tuned)", hoverinfo="skip",
+                                 line=dict(color=ORIGIN_COLOURS[FINE_TUNED], width=1.5, dash="dot")))
     for group, members in groups.items():
         if group != "baseline":
-            fig.add_trace(_points(members, value, group, dict(size=8, color=ORIGIN_COLOURS[group], opacity=0.75)))
+            size = 12 if group == FINE_TUNED else 8
+            fig.add_trace(_points(members, value, group, dict(size=size, color=ORIGIN_COLOURS[group], opacity=0.75,
+                                                              symbol=ORIGIN_SYMBOLS.get(group, "circle"))))
     front = pareto_front(points, cost)
     fig.add_trace(go.Scatter(x=[value(m) for m in front], y=[100 * m.accuracy for m in front], mode="lines",
                              line=dict(shape="hv", color="#E45756", width=2), name="Pareto front", hoverinfo="skip"))

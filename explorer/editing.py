@@ -1,8 +1,9 @@
 """Edits to a configuration, as pure functions (no Streamlit), so the rules are testable on their own.
 
 Rules: an exact layer is always stored as EXACT (one key per distinct configuration); giving an exact
-layer a C, K, encoder or LUT dtype turns it into a table layer; a locked layer stays exact whatever a
-group action or an edit asks, until it is unlocked.
+layer a C, K, S, encoder or LUT dtype turns it into a table layer; a locked layer stays exact whatever a
+group action or an edit asks, until it is unlocked. C comes either per layer or from a sub-vector length
+S (C = ceil(D / S), resolved by the library): giving a layer a C drops its S, giving it an S sets C from it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,41 @@ from typing import Any
 
 from tabconv.settings import EXACT, LayerSetting, SettingError
 
-EDIT_FIELDS = {"C": "codebooks", "K": "centroids", "encoder": "encoder", "LUT": "lut_dtype"}
+EDIT_FIELDS = {"C": "codebooks", "S": "subvector", "K": "centroids", "encoder": "encoder", "LUT": "lut_dtype"}
+# Input limits of the page's C, K and S widgets (the library checks only C, K, S >= 1 and a tree's K = 2**depth).
+# A sub-vector length can resolve to more codebooks than C_LIMITS allows to type (ceil(D / S) for a large D).
+C_LIMITS = (1, 256)
+K_LIMITS = (2, 65536)
+S_LIMITS = (1, 4096)
+C_FROM = ("C per layer", "sub-vector length S")
+C_FROM_HELP = ("C per layer: the same number of codebooks C in every layer. Sub-vector length S: each layer "
+               "gets C = ⌈D / S⌉ codebooks of S inputs (D = C_in·k·k), so deep layers get more of them; "
+               "S = 9 is one input channel of a 3×3 convolution.")
+
+
+def table_setting(c_from: str, codebooks: int, subvector: int, centroids: int, encoder: str,
+                  lut_dtype: str) -> LayerSetting:
+    """The table setting of a C / K widget group: C given per layer, or from a sub-vector length S."""
+    by_subvector = c_from == C_FROM[1]
+    return LayerSetting("table", int(codebooks), int(centroids), encoder, lut_dtype,
+                        int(subvector) if by_subvector else None)
+
+
+def describe(setting: LayerSetting) -> str:
+    """'C=8, K=64' or 'S=9 (C=⌈D/9⌉), K=64' or 'exact'."""
+    if not setting.is_table:
+        return "exact"
+    if setting.subvector is not None:
+        return f"S={setting.subvector} (C=⌈D/{setting.subvector}⌉), K={setting.centroids}"
+    return f"C={setting.codebooks}, K={setting.centroids}"
+
+
+def describe_resolved(setting: LayerSetting) -> str:
+    """A layer's resolved setting: 'C=8, K=64', or 'C=7 (S=9), K=64' when C came from a sub-vector length."""
+    if not setting.is_table:
+        return "exact"
+    from_s = f" (S={setting.subvector})" if setting.subvector is not None else ""
+    return f"C={setting.codebooks}{from_s}, K={setting.centroids}"
 
 
 def set_layers(settings: Mapping[str, LayerSetting], names: Iterable[str], setting: LayerSetting,
@@ -61,12 +96,14 @@ def _edited_setting(current: LayerSetting, change: Mapping[str, Any], defaults: 
     base = current if current.is_table else defaults
     fields = {field: _value(field, change[column]) for column, field in EDIT_FIELDS.items()
               if change.get(column) is not None}
+    if "codebooks" in fields and "subvector" not in fields:
+        fields["subvector"] = None  # a C typed in replaces the one a sub-vector length gave
     return base.with_(mode="table", **fields)
 
 
 def _value(field: str, value: Any) -> Any:
-    """Editor cells arrive as JSON numbers (maybe 4.0): C and K must be whole numbers."""
-    if field in ("codebooks", "centroids"):
+    """Editor cells arrive as JSON numbers (maybe 4.0): C, K and S must be whole numbers."""
+    if field in ("codebooks", "centroids", "subvector"):
         if isinstance(value, float) and not value.is_integer():
             raise SettingError(f"{field} must be a whole number, got {value}")
         return int(value)

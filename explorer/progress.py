@@ -15,6 +15,7 @@ STAGES = {
     "greedy": "Budgeted search",
     "sensitivity": "Sensitivity sweep",
     "propagation": "Error propagation",
+    "finetune": "Fine-tuning",
 }
 
 
@@ -29,6 +30,8 @@ def describe(event: dict[str, Any]) -> tuple[float | None, str]:
     total, index = event.get("total"), event.get("index", 0)
     if not total:
         return None, stage
+    if event.get("stage") == "finetune":  # steps count from 1; the detail is the step's loss
+        return min(index / total, 1.0), f"{stage}: step {index}/{total}, {event.get('layer') or ''}".rstrip(", ")
     detail = f": {event['layer']}" if event.get("layer") else ""
     return min(index / total, 1.0), f"{stage} ({min(index + 1, total)}/{total}){detail}"
 

@@ -21,6 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "previous_id": None,  # the one shown before it, for deltas
     "locks": frozenset(),  # layers locked exact
     "pending": None,  # (settings, label): a configuration a widget asked to evaluate
+    "tables_request": None,  # (configuration JSON, its name, tables bytes, their name): a fine-tuned import
     "load_request": None,  # a history id a widget (chart click, history, test) asked to show
     "notice": None,  # (level, text) shown once at the top of the workbench
     "last_apply": None,  # what the last evaluation rebuilt and re-ran, and how long it took
@@ -38,7 +39,8 @@ def init() -> None:
 
 def reset_view() -> None:
     """Forget what this tab showed (a different Session was opened)."""
-    for key in ("current_id", "previous_id", "locks", "pending", "load_request", "notice", "last_apply"):
+    for key in ("current_id", "previous_id", "locks", "pending", "tables_request", "load_request", "notice",
+                "last_apply"):
         st.session_state[key] = copy.copy(DEFAULTS[key])
 
 

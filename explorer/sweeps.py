@@ -1,4 +1,4 @@
-"""The library's searches and sweeps, run under the workbench lock with a progress bar.
+"""The library's searches, sweeps and fine-tuning, run under the workbench lock with a progress bar.
 
 Sweep results that are plain data (the propagation matrix, the sensitivity bars) are written to the
 result store, so a later launch shows them without evaluating anything; the configurations a sweep
@@ -12,6 +12,8 @@ from typing import Any
 from explorer.progress import ProgressBar
 from explorer.workbench import Workbench
 from tabconv import search
+from tabconv.finetune import Tuned, finetune_session
+from tabconv.metrics import Metrics
 from tabconv.settings import LayerSetting
 
 
@@ -73,3 +75,14 @@ def budgeted(wb: Workbench, setting: LayerSetting, min_retention: float, max_sto
     """Greedy search from priority masking's best point: the most FLOPs saved within the budget."""
     return _run(wb, "Budgeted search", search.greedy_search, setting, min_retention,
                 max_storage_bytes=max_storage_bytes, convention=convention, max_evaluations=max_evaluations)
+
+
+def finetune(wb: Workbench, parent: Metrics, steps: int, images: int, lr: float) -> Tuned:
+    """Fine-tune a configuration's tables (its tuned metrics land in the history); the run is kept by its
+    tables' sha256, so that its configuration and tables file can be exported. Toggles never re-run it."""
+    layers = len(parent.table_layers)
+    run = _run(wb, f"Fine-tuning the {layers} table layer(s) of #{parent.id}", finetune_session, parent,
+               steps=steps, images=images, lr=lr)
+    with wb.lock:
+        wb.tuned[run.sha256] = run
+    return run

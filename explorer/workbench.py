@@ -21,6 +21,7 @@ import streamlit as st
 from tabconv.cache import TableCache, cache_key
 from tabconv.config import Calibration, atomic_write_text
 from tabconv.data import load_dataset
+from tabconv.finetune import Tuned
 from tabconv.metrics import Metrics
 from tabconv.session import Session
 from tabconv.settings import LayerSetting
@@ -62,9 +63,17 @@ class ResultStore:
         atomic_write_text(self.root / f"{key}.json", json.dumps({"parts": parts, "value": value}, default=str))
 
 
+@dataclass(frozen=True)
+class ImportedTables:
+    """Fine-tuned tables that came in as files (no Tuned run here): what re-exporting them needs."""
+
+    tables: bytes  # the tables file's content
+    finetune: dict[str, Any]  # the configuration's `finetune` record (how the tables were trained)
+
+
 @dataclass
 class Workbench:
-    """A Session plus what the page derives from it (sweeps), guarded by one lock."""
+    """A Session plus what the page derives from it (sweeps, fine-tuned tables), guarded by one lock."""
 
     session: Session
     spec: Spec
@@ -72,6 +81,8 @@ class Workbench:
     lock: threading.RLock = field(default_factory=threading.RLock)
     sweeps: dict[tuple, Any] = field(default_factory=dict)  # this process's sweep results, with config ids
     runner_at: int | None = None  # the configuration whose activations the incremental runner holds
+    tuned: dict[str, Tuned] = field(default_factory=dict)  # fine-tuning runs of this page, by tables sha256
+    imported: dict[str, ImportedTables] = field(default_factory=dict)  # imported tables files, by sha256
 
     def settle(self, current: Metrics) -> None:
         """Bring the runner to the configuration on screen (after a sweep or a load), so that the next
@@ -87,6 +98,16 @@ class Workbench:
 
     def metrics(self, config_id: int) -> Metrics:
         return self.session.history[config_id]
+
+    @staticmethod
+    def tables_sha256(metrics: Metrics) -> str | None:
+        """The sha256 of a configuration's fine-tuned tables, None for built (ordinary) tables."""
+        return metrics.extra.get("tables_sha256")
+
+    def tuning(self, metrics: Metrics) -> Tuned | None:
+        """The fine-tuning run (on this page) that produced a configuration's tables, if any."""
+        sha = self.tables_sha256(metrics)
+        return self.tuned.get(sha) if sha else None
 
     def identity(self, kind: str, setting: LayerSetting) -> dict[str, Any]:
         """Cache key parts of a sweep: the checkpoint, calibration, evaluation set and table setting."""

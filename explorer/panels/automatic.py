@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from explorer import state, sweeps
+from explorer import editing, state, sweeps
 from explorer.workbench import Workbench
 from tabconv.search import RANKINGS
 from tabconv.settings import LayerSetting
@@ -25,7 +25,7 @@ def panel(wb: Workbench) -> None:
 def _masking(wb: Workbench, setting: LayerSetting) -> None:
     layers = len(wb.structure.names)
     st.markdown(f"**Priority masking** (the paper's): rank layers by cosine, keep the worst exact, table the rest "
-                f"at C={setting.codebooks}, K={setting.centroids}.")
+                f"at {editing.describe(setting)}.")
     rank_by = st.radio("Rank layers by", RANKINGS, horizontal=True, key="mask_rank",
                        captions=[RANK_HELP[r] for r in RANKINGS])
     st.slider("Layers that stay exact", 0, layers, 0, key="mask_exact", on_change=_mask_moved,

@@ -1,4 +1,5 @@
-"""Sidebar: what to explore (model or checkpoint file, dataset, image counts, calibration, default C/K).
+"""Sidebar: what to explore (model or checkpoint file, dataset, image counts, calibration and table
+fitting, default C/K or sub-vector length).
 
 It is one form, because every choice except the defaults costs a new Session; the page opens on the
 form's initial values (ResNet-18 on digits), so the first screen needs no set-up.
@@ -14,11 +15,26 @@ from pathlib import Path
 import streamlit as st
 from streamlit.runtime.uploaded_file_manager import UploadedFile
 
+from explorer.editing import C_FROM, C_FROM_HELP, C_LIMITS, K_LIMITS, S_LIMITS, table_setting
 from tabconv import zoo
-from tabconv.config import CALIBRATION_MODES, Calibration
+from tabconv.config import CALIBRATION_MODES, FIT_METHODS, Calibration
 from tabconv.data import DATASETS, is_available, resolve_root
 from tabconv.models import MODEL_DESCRIPTIONS
 from tabconv.settings import ENCODERS, LUT_DTYPES, LayerSetting, SettingError
+
+MODE_HELP = ("**independent**: every layer learns from exact activations, so its tables serve any mask and a "
+             "toggle rebuilds nothing: interactive. **sequential** (the paper's): each layer learns from the "
+             "approximated upstream network, so changing a layer rebuilds every table after it. With "
+             "least-squares fitting that is slow (about a minute for ResNet-18 per toggle): it suits choosing a "
+             "configuration first (e.g. in independent mode), then evaluating it sequentially.")
+FIT_HELP = ("**kmeans**: prototypes × weights (the paper's tables). **least-squares**: the tables are refit to "
+            "the exact layer output; with sequential calibration each layer's tables then correct the error it "
+            "receives from the layers before it.")
+RIDGE_HELP = ("Least-squares (and classifier refit) pull toward the k-means tables, in units of the mean bucket "
+              "size: larger = closer to k-means. Not used by plain k-means fitting.")
+REFIT_HELP = ("Before tabling the classifier, refit its weights by least squares so that the tabled network's "
+              "features give the exact logits (the reference's step). Its tables then depend on every upstream "
+              "choice, like sequential calibration.")
 
 MODEL_NAMES = {"resnet18": "ResNet-18", "resnet34": "ResNet-34", "nin": "NIN", "tiny": "tiny CNN (for tests)"}
 CHECKPOINT_UPLOAD_MB = 200  # a ResNet-34 checkpoint is about 85 MB
@@ -78,14 +94,20 @@ def _form() -> Choice:
     evaluation = right.number_input("Evaluation images", 1, 10000, key="choose_eval",
                                     value=default_images("TABCONV_EXPLORER_EVAL", 1000),
                                     help="The first N test images (capped at the test split's size).")
-    mode = st.selectbox("Calibration mode", CALIBRATION_MODES, key="choose_mode",
-                        help="independent: every layer learns from exact activations (tables serve any mask). "
-                        "sequential (the paper's): each layer learns from the approximated upstream network, "
-                        "so changing a layer rebuilds the tables after it.")
-    st.subheader("Default table setting")
     left, right = st.columns(2)
-    codebooks = left.number_input("C (codebooks)", 1, 256, 8, key="choose_c")
-    centroids = right.number_input("K (prototypes)", 2, 65536, 64, key="choose_k")
+    mode = left.selectbox("Calibration mode", CALIBRATION_MODES, key="choose_mode", help=MODE_HELP)
+    fit = right.selectbox("Table fitting", FIT_METHODS, key="choose_fit", help=FIT_HELP)
+    left, right = st.columns(2, vertical_alignment="bottom")
+    ridge = left.number_input("Ridge (least-squares)", 1e-6, 1e6, float(Calibration.ridge), 0.1, format="%g",
+                              key="choose_ridge", help=RIDGE_HELP)
+    refit = right.checkbox("Refit classifier to exact logits", key="choose_refit", help=REFIT_HELP)
+    st.subheader("Default table setting")
+    c_from = st.radio("Codebooks", C_FROM, horizontal=True, key="choose_c_from", help=C_FROM_HELP)
+    left, middle, right = st.columns(3)
+    codebooks = left.number_input("C (codebooks)", *C_LIMITS, 8, key="choose_c", help="With 'C per layer'.")
+    subvector = middle.number_input("S (sub-vector)", *S_LIMITS, 9, key="choose_s",
+                                    help="With 'sub-vector length S': each layer gets C = ⌈D / S⌉ (4, 8, 9, 16 …).")
+    centroids = right.number_input("K (prototypes)", *K_LIMITS, 64, key="choose_k")
     left, right = st.columns(2)
     encoder = left.selectbox("Encoder", ENCODERS, key="choose_encoder",
                              help="exhaustive: nearest prototype (N·K·D multiply-adds). tree: MADDNESS-style "
@@ -93,11 +115,19 @@ def _form() -> Choice:
     lut = right.selectbox("Table dtype", LUT_DTYPES, key="choose_lut")
     st.form_submit_button("Open", type="primary", width="stretch")
     try:
-        defaults, error = LayerSetting("table", int(codebooks), int(centroids), encoder, lut), ""
+        defaults, error = table_setting(c_from, codebooks, subvector, centroids, encoder, lut), ""
     except SettingError as exc:
         defaults, error = None, str(exc)
-    return Choice(model, dataset, _checkpoint_file(upload, named), root, Calibration(int(calibration), mode),
-                  int(evaluation), defaults, error)
+    return Choice(model, dataset, _checkpoint_file(upload, named), root,
+                  _calibration(int(calibration), mode, fit, float(ridge), bool(refit)), int(evaluation), defaults,
+                  error)
+
+
+def _calibration(images: int, mode: str, fit: str, ridge: float, refit: bool) -> Calibration:
+    """The form's calibration; the ridge only where it is used, so that k-means tables keep their cache keys."""
+    uses_ridge = fit == "least-squares" or refit
+    return Calibration(images, mode, fit=fit, ridge=ridge if uses_ridge else Calibration.ridge,
+                       refit_classifier=refit)
 
 
 def _checkpoint_file(upload: UploadedFile | None, named: str) -> str | None:
@@ -115,6 +145,10 @@ def _checkpoint_file(upload: UploadedFile | None, named: str) -> str | None:
 
 
 def _dataset_note(choice: Choice) -> None:
+    calibration = choice.calibration
+    if (calibration.mode, calibration.fit) == ("sequential", "least-squares"):
+        st.caption("Sequential calibration with least-squares tables: every toggle rebuilds the tables after the "
+                   "layer it changes (slow). Choose a configuration in independent mode, then evaluate it here.")
     info = DATASETS[choice.dataset]
     st.caption(f"**{info.name}**: {info.description}.")
     if not is_available(choice.dataset, choice.data_root):

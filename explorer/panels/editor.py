@@ -6,6 +6,7 @@ edit, so what it shows is always the evaluated configuration, never a stale over
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 
 import pandas as pd
@@ -17,22 +18,29 @@ from tabconv.metrics import Metrics
 from tabconv.settings import ENCODERS, EXACT, LUT_DTYPES, LayerSetting, SettingError
 
 KIB = 1024
-EDITABLE = ["table", "lock", "C", "K", "encoder", "LUT"]
+EDITABLE = ["table", "lock", "C", "S", "K", "encoder", "LUT"]
 
 
 def group_controls(wb: Workbench, current: Metrics) -> None:
-    """Set a group (block, stage, all) or one layer to tables with a C/K, or to exact, in one step."""
+    """Set a group (block, stage, all) or one layer to tables with a C (or sub-vector length S) and K, or to
+    exact, in one step."""
     structure, defaults = wb.structure, st.session_state.defaults
-    cols = st.columns([3, 1, 1, 1.4, 1.4, 1.2, 1.2], vertical_alignment="bottom")
+    cols = st.columns([3, 1.5, 1, 1, 1.4, 1.4, 1.2, 1.2], vertical_alignment="bottom")
     cols[0].selectbox("Group or layer", list(structure.groups) + structure.names, key="group_target",
                       format_func=lambda t: f"{t} ({len(structure.expand(t))} layers)" if t in structure.groups else t)
-    cols[1].number_input("C", 1, 256, defaults.codebooks, key="group_c")
-    cols[2].number_input("K", 2, 65536, defaults.centroids, key="group_k")
-    cols[3].selectbox("Encoder", ENCODERS, ENCODERS.index(defaults.encoder), key="group_encoder")
-    cols[4].selectbox("Table dtype", LUT_DTYPES, LUT_DTYPES.index(defaults.lut_dtype), key="group_lut")
-    cols[5].button("→ tables", key="group_table", width="stretch", on_click=_tabulate_group, args=(wb, current),
-                   help="Tabulate the group or layer with this C, K, encoder and table dtype")
-    cols[6].button("→ exact", key="group_exact", width="stretch", on_click=_exact_group, args=(wb, current),
+    c_from = cols[1].selectbox("Codebooks", editing.C_FROM, int(defaults.subvector is not None), key="group_c_from",
+                               help=editing.C_FROM_HELP)
+    if c_from == editing.C_FROM[1]:
+        cols[2].number_input("S", *editing.S_LIMITS, defaults.subvector or 9, key="group_s",
+                             help="Sub-vector length: each layer gets C = ⌈D / S⌉ codebooks")
+    else:
+        cols[2].number_input("C", *editing.C_LIMITS, defaults.codebooks, key="group_c")
+    cols[3].number_input("K", *editing.K_LIMITS, defaults.centroids, key="group_k")
+    cols[4].selectbox("Encoder", ENCODERS, ENCODERS.index(defaults.encoder), key="group_encoder")
+    cols[5].selectbox("Table dtype", LUT_DTYPES, LUT_DTYPES.index(defaults.lut_dtype), key="group_lut")
+    cols[6].button("→ tables", key="group_table", width="stretch", on_click=_tabulate_group, args=(wb, current),
+                   help="Tabulate the group or layer with this C (or S), K, encoder and table dtype")
+    cols[7].button("→ exact", key="group_exact", width="stretch", on_click=_exact_group, args=(wb, current),
                    help="Compute the group or layer exactly")
     left, right, _ = st.columns([1, 1, 4])
     left.button("All tables (defaults)", key="all_tables", width="stretch", on_click=_request,
@@ -42,14 +50,15 @@ def group_controls(wb: Workbench, current: Metrics) -> None:
 
 
 def _tabulate_group(wb: Workbench, current: Metrics) -> None:
-    ss = st.session_state
+    ss, defaults = st.session_state, st.session_state.defaults
     try:
-        setting = LayerSetting("table", int(ss.group_c), int(ss.group_k), ss.group_encoder, ss.group_lut)
+        setting = editing.table_setting(ss.group_c_from, ss.get("group_c", defaults.codebooks),
+                                        ss.get("group_s", defaults.subvector or 9), ss.group_k, ss.group_encoder,
+                                        ss.group_lut)
     except SettingError as exc:
         state.notify("error", str(exc))
         return
-    _request(current, wb.structure.expand(ss.group_target), setting,
-             f"{ss.group_target} → C={setting.codebooks}, K={setting.centroids}")
+    _request(current, wb.structure.expand(ss.group_target), setting, f"{ss.group_target} → {editing.describe(setting)}")
 
 
 def _exact_group(wb: Workbench, current: Metrics) -> None:
@@ -69,20 +78,24 @@ def table(wb: Workbench, current: Metrics) -> None:
     rows = current.layer_rows(wb.structure, wb.session.calibration.images)
     key = f"editor-{st.session_state.editor_version}"
     st.data_editor(
-        frame(rows, st.session_state.locks), key=key, hide_index=True, width="stretch", height=38 + 35 * len(rows),
+        frame(rows, st.session_state.locks, current.settings), key=key, hide_index=True, width="stretch",
+        height=38 + 35 * len(rows),
         disabled=[c for c in COLUMNS if c not in EDITABLE], column_config=COLUMNS,
         on_change=partial(_edited, key, [r["name"] for r in rows], current),
     )
 
 
-def frame(rows: list[dict], locks: frozenset[str]) -> pd.DataFrame:
-    """One row per layer in forward order; C/K/encoder/LUT are empty for exact layers."""
+def frame(rows: list[dict], locks: frozenset[str], settings: Mapping[str, LayerSetting] | None = None
+          ) -> pd.DataFrame:
+    """One row per layer in forward order; C/S/K/encoder/LUT are empty for exact layers. C is the layer's
+    resolved number of codebooks (⌈D / S⌉ when it came from a sub-vector length S)."""
     records = []
     for r in rows:
         tabled = r["mode"] == "table"
+        subvector = settings[r["name"]].subvector if settings and tabled else None
         records.append({
             "layer": r["name"], "table": tabled, "lock": r["name"] in locks,
-            "C": r["codebooks"] if tabled else None, "K": r["centroids"] if tabled else None,
+            "C": r["codebooks"] if tabled else None, "S": subvector, "K": r["centroids"] if tabled else None,
             "encoder": r["encoder"] if tabled else None, "LUT": r["lut_dtype"] if tabled else None,
             "cosine": r["cosine"], "rel. error": r["relative_error"],
             "warning": f"K ≥ {r['calibration_rows']} calibration rows" if r["k_exceeds_rows"] else "",
@@ -94,7 +107,7 @@ def frame(rows: list[dict], locks: frozenset[str]) -> pd.DataFrame:
             "prototypes KiB": r["prototype_bytes"] / KIB,
             "tables/weights": (r["table_bytes"] + r["prototype_bytes"]) / r["weight_bytes"] if tabled else None,
         })
-    return pd.DataFrame.from_records(records).astype({"C": "Int64", "K": "Int64"})
+    return pd.DataFrame.from_records(records).astype({"C": "Int64", "S": "Int64", "K": "Int64"})
 
 
 def _shape(shape: list[int]) -> str:
@@ -112,12 +125,8 @@ def _edited(key: str, names: list[str], current: Metrics) -> None:
         state.notify("warning", "; ".join(messages))
     changed = [n for n in names if settings[n] != current.settings[n]]
     if changed:
-        state.request(settings, "edit: " + ", ".join(f"{n} → {_short(settings[n])}" for n in changed[:3])
+        state.request(settings, "edit: " + ", ".join(f"{n} → {editing.describe(settings[n])}" for n in changed[:3])
                       + (" …" if len(changed) > 3 else ""))
-
-
-def _short(setting: LayerSetting) -> str:
-    return f"C={setting.codebooks}, K={setting.centroids}" if setting.is_table else "exact"
 
 
 NUMBER = st.column_config.NumberColumn
@@ -125,8 +134,13 @@ COLUMNS = {
     "layer": st.column_config.TextColumn("layer", pinned=True, help="Qualified module name"),
     "table": st.column_config.CheckboxColumn("table", help="Compute this layer by table lookups"),
     "lock": st.column_config.CheckboxColumn("lock", help="Keep exact through group toggles"),
-    "C": NUMBER("C", min_value=1, max_value=256, step=1, help="Codebooks (subspaces)"),
-    "K": NUMBER("K", min_value=2, max_value=65536, step=1, help="Prototypes per subspace"),
+    "C": NUMBER("C", min_value=editing.C_LIMITS[0], max_value=editing.C_LIMITS[1], step=1,
+                help="Codebooks (subspaces) of this layer, resolved (⌈D / S⌉ when it has an S); typing one drops "
+                     "its S"),
+    "S": NUMBER("S", min_value=editing.S_LIMITS[0], max_value=editing.S_LIMITS[1], step=1,
+                help="Sub-vector length, when C came from one: C = ⌈D / S⌉. Typing one sets C from it."),
+    "K": NUMBER("K", min_value=editing.K_LIMITS[0], max_value=editing.K_LIMITS[1], step=1,
+                help="Prototypes per subspace"),
     "encoder": st.column_config.SelectboxColumn("encoder", options=list(ENCODERS)),
     "LUT": st.column_config.SelectboxColumn("LUT", options=list(LUT_DTYPES), help="Table dtype"),
     "cosine": NUMBER("cosine", format="%.4f", help="Cosine of this layer's output vs the exact network, now"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from explorer import charts
+from explorer import charts, editing
 from explorer.workbench import Workbench
 from tabconv.metrics import Metrics
 
@@ -30,7 +30,7 @@ def _load(config_id: int) -> None:
 
 
 def _row(m: Metrics) -> dict[str, object]:
-    return {"id": m.id, "label": m.label, "origin": charts.origin(m.label), "accuracy": f"{m.accuracy:.2%}",
+    return {"id": m.id, "label": m.label, "origin": charts.kind(m), "accuracy": f"{m.accuracy:.2%}",
             "images": m.eval_images, "retention": f"{m.retention:.1%}",
             "FLOPs paper": f"{m.flops_paper / 1e6:.3g} M ({charts.change(m.reduction_paper)})",
             "FLOPs full": f"{m.flops_full / 1e6:.3g} M ({charts.change(m.reduction_full)})",
@@ -54,4 +54,4 @@ def compare(a: Metrics, b: Metrics) -> None:
 
 def _setting(m: Metrics, name: str) -> str:
     s = m.settings[name]
-    return f"table C={s.codebooks} K={s.centroids} {s.encoder} {s.lut_dtype}" if s.is_table else "exact"
+    return f"table {editing.describe_resolved(s)}, {s.encoder} {s.lut_dtype}" if s.is_table else "exact"

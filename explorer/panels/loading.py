@@ -16,7 +16,7 @@ from tabconv.config import ConfigError
 from tabconv.data import DatasetUnavailable, is_available, load_dataset
 from tabconv.train import DEFAULT_EPOCHS, CheckpointError
 
-GROUP_WIDGETS = ("group_c", "group_k", "group_encoder", "group_lut")
+GROUP_WIDGETS = ("group_c_from", "group_c", "group_s", "group_k", "group_encoder", "group_lut")
 USER_ERRORS = (CheckpointError, ConfigError, DatasetUnavailable, ValueError, OSError)
 
 

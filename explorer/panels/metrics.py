@@ -12,6 +12,7 @@ import streamlit as st
 from explorer.charts import change
 from explorer.panels.chooser import MODEL_NAMES
 from explorer.workbench import Workbench
+from tabconv.config import Calibration
 from tabconv.cost import CostReport
 from tabconv.metrics import Metrics
 
@@ -26,8 +27,8 @@ def header(wb: Workbench) -> None:
                if "test_accuracy" in meta else "")
     st.caption(f"**{MODEL_NAMES.get(meta['model'], meta['model'])}** on **{meta['dataset']}** — checkpoint "
                f"`{str(meta.get('sha256', ''))[:12]}`{trained}. Calibration: first {calibration.images} training "
-               f"images ({calibration.mode}, ≤ {calibration.max_rows} rows per layer). Evaluation: first "
-               f"{len(session.eval_set)} test images. FLOPs and storage are per image / per model.")
+               f"images ({calibration.mode}, {_fitting(calibration)}, ≤ {calibration.max_rows} rows per layer). "
+               f"Evaluation: first {len(session.eval_set)} test images. FLOPs and storage are per image / per model.")
     base = session.baseline
     with st.container(border=True):
         st.markdown("**Exact baseline**")
@@ -37,6 +38,14 @@ def header(wb: Workbench) -> None:
                        help="The exact model has no encoding, so the paper and full counts agree.")
         cols[2].metric("Weight storage (float32)", f"{base.baseline.storage_bytes / MIB:.2f} MiB")
         cols[3].metric("Layers that can become tables", len(wb.structure.names))
+
+
+def _fitting(calibration: Calibration) -> str:
+    """How the tables are fitted, in a few words: 'kmeans', 'least-squares, ridge 1', '… + classifier refit'."""
+    text = calibration.fit + (" + classifier refit to exact logits" if calibration.refit_classifier else "")
+    if calibration.fit == "least-squares" or calibration.refit_classifier:
+        text += f", ridge {calibration.ridge:g}"
+    return text
 
 
 def title(current: Metrics, previous: Metrics | None) -> None:

@@ -6,7 +6,7 @@ from functools import partial
 
 import streamlit as st
 
-from explorer import charts, state, sweeps
+from explorer import charts, editing, state, sweeps
 from explorer.workbench import Workbench
 from tabconv.metrics import Metrics
 from tabconv.settings import LayerSetting
@@ -30,15 +30,21 @@ def _chart(figure: object, name: str) -> None:
 def tradeoffs(wb: Workbench, current: Metrics) -> None:
     """Accuracy vs FLOPs and vs storage, with every configuration this session evaluated."""
     history = list(wb.session.history)
+    links = [(run.parent, run.metrics) for run in wb.tuned.values()]
     convention = st.segmented_control("FLOP convention", ["paper", "full"], default="paper", key="plot_convention",
                                       help="paper: encoding free (the paper's count); full: encoding counted")
     left, right = st.columns(2)
     with left:
-        _chart(charts.tradeoff(history, wb.session.baseline, current, f"flops_{convention or 'paper'}"), "plot-flops")
+        _chart(charts.tradeoff(history, wb.session.baseline, current, f"flops_{convention or 'paper'}", links),
+               "plot-flops")
     with right:
-        _chart(charts.tradeoff(history, wb.session.baseline, current, "storage_bytes"), "plot-storage")
+        _chart(charts.tradeoff(history, wb.session.baseline, current, "storage_bytes", links), "plot-storage")
+    tuned = sum(charts.is_tuned(m) for m in history)
     st.caption(f"{len(history)} configurations evaluated in this session, each on {current.eval_images} test images. "
-               "Hover for a summary; click a point to load it. The red step line is the Pareto front.")
+               "Hover for a summary; click a point to load it. The red step line is the Pareto front."
+               + (f" Diamonds: {tuned} fine-tuned configuration(s), dotted from the one they were tuned from. "
+                  "Fine-tuned tables belong to this exact configuration: a toggle from one evaluates an ordinary "
+                  "(untuned) configuration." if tuned else ""))
 
 
 def propagation(wb: Workbench, current: Metrics) -> None:
@@ -51,7 +57,7 @@ def propagation(wb: Workbench, current: Metrics) -> None:
     st.plotly_chart(charts.propagation_heatmap(matrix["layers"], matrix[metric], current_row,
                                                f"current #{current.id}", metric), key="heatmap",
                     config={"displaylogo": False})
-    st.caption(f"Rows: one layer tabled alone (C={setting.codebooks}, K={setting.centroids}, {setting.encoder}), "
+    st.caption(f"Rows: one layer tabled alone ({editing.describe(setting)}, {setting.encoder}), "
                f"then the current configuration; columns: each layer's output on {current.eval_images} images.")
     _sensitivity(wb, setting)
 

@@ -1,4 +1,5 @@
-"""Export the current configuration as the library's JSON file; import one, validated, with specific errors."""
+"""Export the current configuration as the library's JSON file (with its tables file when fine-tuned);
+import one, validated, with specific errors (a fine-tuned one together with its tables file)."""
 
 from __future__ import annotations
 
@@ -6,25 +7,63 @@ from dataclasses import asdict
 
 import streamlit as st
 
-from explorer import state
+from explorer import charts, state
 from explorer.workbench import Workbench
 from tabconv.config import ConfigError, Configuration, from_json
 from tabconv.metrics import Metrics
+from tabconv.tablesfile import SUFFIX
 
 CONFIG_UPLOAD_MB = 1  # a ResNet-34 configuration with metrics is about 30 KB
+TABLES_UPLOAD_MB = 1024  # a fine-tuned tables file: every table layer's tables and prototypes (ResNet-18: MBs)
+TOGETHER = ("Keep both files together, under these names: the configuration names its tables file and checks "
+            "its sha256; without it the fine-tuned tables cannot be rebuilt.")
+
+
+def _name(wb: Workbench, current: Metrics) -> str:
+    meta = wb.session.meta
+    return f"tabconv-{meta['model']}-{meta['dataset']}-config{current.id}"
+
+
+def tuned_files(wb: Workbench, metrics: Metrics, tables_file: str) -> tuple[str, bytes] | None:
+    """(configuration JSON naming `tables_file`, that file's bytes) of a fine-tuned configuration whose
+    tables this page holds (fine-tuned or imported here); None otherwise."""
+    sha = wb.tables_sha256(metrics)
+    if sha in wb.tuned:
+        run = wb.tuned[sha]
+        return run.configuration(wb.session, tables_file).to_json(), run.tables
+    if sha in wb.imported:
+        imported = wb.imported[sha]
+        config = wb.session.configuration(metrics)
+        config.tables_file, config.tables_sha256, config.finetune = tables_file, sha, dict(imported.finetune)
+        return config.to_json(), imported.tables
+    return None
 
 
 def export_button(wb: Workbench, current: Metrics) -> None:
-    """Download the current configuration (settings, calibration, checkpoint hash, metrics, versions)."""
-    meta = wb.session.meta
+    """Download the current configuration (settings, calibration, checkpoint hash, metrics, versions); a
+    fine-tuned one comes as two files, the configuration and its tables."""
+    name = _name(wb, current)
+    common = dict(on_click="ignore", icon=":material/download:", width="stretch")
+    if charts.is_tuned(current):
+        files = tuned_files(wb, current, name + SUFFIX)
+        if files is None:
+            st.caption("Fine-tuned tables that this page cannot export (not fine-tuned or imported here).")
+            return
+        text, tables = files
+        st.download_button("Export configuration", text, key="export", file_name=f"{name}.json",
+                           mime="application/json", type="primary", help="The library's JSON file", **common)
+        st.download_button("Export tables file", tables, key="export_tables", file_name=name + SUFFIX,
+                           mime="application/octet-stream", help="The fine-tuned tables the configuration names",
+                           **common)
+        st.caption(TOGETHER)
+        return
     st.download_button("Export configuration", _json(wb, current), key="export", help="The library's JSON file",
-                       file_name=f"tabconv-{meta['model']}-{meta['dataset']}-config{current.id}.json",
-                       mime="application/json", on_click="ignore", type="primary", icon=":material/download:",
-                       width="stretch")
+                       file_name=f"{name}.json", mime="application/json", type="primary", **common)
 
 
 def _json(wb: Workbench, current: Metrics) -> str:
-    return wb.session.configuration(current).to_json()
+    files = tuned_files(wb, current, _name(wb, current) + SUFFIX) if charts.is_tuned(current) else None
+    return files[0] if files else wb.session.configuration(current).to_json()
 
 
 def import_panel(wb: Workbench, current: Metrics) -> None:
@@ -47,14 +86,35 @@ def _check(wb: Workbench, name: str, data: bytes) -> None:
         return
     tabled = config.table_layers()
     st.success(f"**{name}** is valid for this model: {len(tabled)}/{len(config.layers)} layers as tables.")
-    if config.calibration != wb.session.calibration:
+    if config.calibration != wb.session.calibration and not config.tables_file:
         st.warning(f"It was calibrated with {asdict(config.calibration)}; this session's tables use "
                    f"{asdict(wb.session.calibration)}, so its measured numbers may differ from the file's.")
     recorded = config.metrics.get("accuracy")
     if recorded is not None:
         st.caption(f"Recorded in the file: accuracy {recorded:.2%} on {config.metrics.get('eval_images')} images.")
+    if config.tables_file:
+        _tuned_import(name, data, config)
+        return
     st.button("Load this configuration", key="import_load", on_click=state.request,
               args=(dict(config.layers), f"imported: {name}"))
+
+
+def _tuned_import(name: str, data: bytes, config: Configuration) -> None:
+    """A fine-tuned configuration needs its tables file: a second upload, checked when it is evaluated."""
+    st.info(f"Its tables were fine-tuned: they come from its tables file **{config.tables_file}** "
+            f"(sha256 {str(config.tables_sha256)[:12]}…), which cannot be rebuilt here. Upload it too.")
+    tables = st.file_uploader(f"Its tables file ({config.tables_file})", type=["pt"], key="import_tables",
+                              max_upload_size=TABLES_UPLOAD_MB)
+    if tables is None:
+        st.button("Load its layer settings with rebuilt (untuned) tables", key="import_load", on_click=state.request,
+                  args=(dict(config.layers), f"imported: {name} (tables rebuilt, not fine-tuned)"))
+        return
+    st.button("Evaluate with the fine-tuned tables", key="import_tuned", type="primary", on_click=_request_tuned,
+              args=(data.decode("utf-8"), name, tables.getvalue(), tables.name))
+
+
+def _request_tuned(text: str, name: str, tables: bytes, tables_name: str) -> None:
+    st.session_state.tables_request = (text, name, tables, tables_name)
 
 
 def _parse(wb: Workbench, data: bytes) -> Configuration:

@@ -1,0 +1,83 @@
+"""Fine-tuning: train the current configuration's tables end to end (the library's finetune_session), with
+progress. The tuned configuration becomes current and lands in the history and on the plots as its own
+kind of point; a compare line says what fine-tuning changed. Toggles never re-run it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from explorer import charts, state, sweeps
+from explorer.workbench import Workbench
+from tabconv.finetune import Tuned
+from tabconv.metrics import Metrics
+
+DEFAULT_STEPS = 300
+DEFAULT_IMAGES = 4096
+DEFAULT_LR = 1e-3
+BELONGS = ("Fine-tuned tables belong to this exact configuration: toggles never re-run fine-tuning, and a toggle "
+           "from a fine-tuned configuration evaluates an ordinary (untuned) one.")
+
+
+def panel(wb: Workbench, current: Metrics) -> None:
+    run = wb.tuning(current)
+    if run is not None:
+        _result(run)
+    elif charts.is_tuned(current):
+        _imported(wb, current)
+    tabled = current.table_layers
+    if not tabled:
+        st.info("Fine-tuning trains table layers, and this configuration has none: tabulate some layers first.")
+        return
+    available = len(wb.session.calibration_set)
+    if st.session_state.get("tune_images", 0) > available:  # a session with a smaller calibration split
+        st.session_state.tune_images = available
+    cols = st.columns([1, 1, 1, 1.3], vertical_alignment="bottom")
+    steps = cols[0].number_input("Steps", 1, 100_000, DEFAULT_STEPS, key="tune_steps",
+                                 help="Adam steps (cosine schedule), each on a batch of 64 images")
+    images = cols[1].number_input("Images", 1, available, min(DEFAULT_IMAGES, available), key="tune_images",
+                                  help=f"The first N images of the calibration ({wb.session.calibration.split}) split, "
+                                       f"which has {available}; the exact network's logits are the targets")
+    lr = cols[2].number_input("Learning rate", 1e-6, 1.0, DEFAULT_LR, format="%g", step=1e-4, key="tune_lr")
+    start = cols[3].button(f"Fine-tune #{current.id}", key="run_finetune", type="primary", width="stretch",
+                           icon=":material/model_training:")
+    st.caption(f"Trains the tables, prototypes (or tree thresholds) and temperature of the {len(tabled)} table "
+               "layer(s) to match the exact network's logits (distillation, straight-through codes); exact layers "
+               f"stay frozen. {BELONGS}")
+    if start:
+        try:
+            run = sweeps.finetune(wb, current, int(steps), int(images), float(lr))
+        except Exception as exc:  # the page survives any failure of the library
+            state.notify("error", f"Fine-tuning failed: {exc}")
+        else:
+            st.session_state.load_request = run.metrics.id
+            state.notify("success", compare_line(run))
+        state.refresh()
+
+
+def compare_line(run: Tuned) -> str:
+    """Parent → tuned accuracy (with the image count), loss before → after, time."""
+    parent, tuned, report = run.parent, run.metrics, run.report
+    return (f"Fine-tuned #{tuned.id} from #{parent.id}: accuracy {parent.accuracy:.2%} → {tuned.accuracy:.2%} on "
+            f"{tuned.eval_images} test images; distillation loss {report.loss_before:.4f} → {report.loss_after:.4f}; "
+            f"{report.steps} steps on {report.images} calibration images (lr {report.lr:g}) in {report.seconds:.1f} s.")
+
+
+def _result(run: Tuned) -> None:
+    with st.container(border=True):
+        st.markdown(f"**{compare_line(run)}**")
+        if len(run.report.loss_curve) > 1:
+            curve = pd.DataFrame(run.report.loss_curve, columns=["step", "training loss"]).set_index("step")
+            st.line_chart(curve, height=160, x_label="step", y_label="distillation loss")
+
+
+def _imported(wb: Workbench, current: Metrics) -> None:
+    record: dict[str, Any] = wb.imported[sha].finetune if (sha := wb.tables_sha256(current)) in wb.imported else {}
+    line = f"Imported fine-tuned tables: accuracy {current.accuracy:.2%} on {current.eval_images} test images here"
+    if record:
+        line += (f"; when tuned: from accuracy {record.get('parent_accuracy', float('nan')):.2%}, distillation "
+                 f"loss {record.get('loss_before', float('nan')):.4f} → {record.get('loss_after', float('nan')):.4f}, "
+                 f"{record.get('steps')} steps on {record.get('images')} images")
+    st.markdown(f"**{line}.**")
