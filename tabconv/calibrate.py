@@ -118,8 +118,8 @@ class TableBuilder:
         self.fits = 0  # layers actually fitted (not read from memory or disk) by this builder
 
     def key_parts(self, name: str, setting: LayerSetting, upstream: Mapping[str, LayerSetting]) -> dict[str, Any]:
-        parts = {**self.identity, "layer": name, "setting": setting.to_dict(),
-                 "calibration": vars(self.calibration).copy(),
+        parts = {**self.identity, "layer": name, "setting": setting.with_(subvector=None).to_dict(),
+                 "calibration": self.calibration.key_parts(),
                  "quantizer": {k: v for k, v in ProductQuantizer.from_setting(setting).get_params().items()
                                if k in ("kmeans_iter", "kmeans_backend")}}
         if self.depends_on_upstream(name):

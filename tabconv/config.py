@@ -43,6 +43,18 @@ class Calibration:
     ridge: float = 1.0  # least-squares pull toward the k-means tables, in units of the mean bucket size
     refit_classifier: bool = False  # the reference's step: classifier weights refit to the exact logits first
 
+    def key_parts(self) -> dict[str, Any]:
+        """What tables depend on: the fields, less those the fitting method ignores (so k-means tables keep
+        the cache keys they had before least squares existed, and a ridge change refits only what uses it)."""
+        parts = asdict(self)
+        if not self.refit_classifier:
+            del parts["refit_classifier"]
+            if self.fit == "kmeans":
+                del parts["ridge"]
+        if self.fit == "kmeans":
+            del parts["fit"]
+        return parts
+
     def __post_init__(self) -> None:
         if self.mode not in CALIBRATION_MODES:
             raise ConfigError(f"calibration.mode must be one of {CALIBRATION_MODES}, got {self.mode!r}")

@@ -127,7 +127,7 @@ def _moves(settings: dict[str, LayerSetting], setting: LayerSetting) -> list[tup
             moves.append((name, setting))
             continue
         if s.codebooks > 1:
-            moves.append((name, s.with_(codebooks=s.codebooks // 2)))
+            moves.append((name, s.with_(codebooks=s.codebooks // 2, subvector=None)))
         if s.centroids > 2:
             moves.append((name, s.with_(centroids=s.centroids // 2)))
     return moves

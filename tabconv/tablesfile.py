@@ -68,7 +68,7 @@ def load_tables(path: str | os.PathLike, sha256: str | None, structure: ModelStr
                 ) -> dict[str, ProductQuantizer]:
     """The quantizers of a tables file, checked against its recorded sha256, the model and the settings."""
     path = Path(path)
-    again = "re-run `python -m tabconv finetune` to recreate it"
+    again = "fine-tune the configuration again to recreate it"
     if not path.is_file():
         raise TablesFileError(f"{path}: tables file not found; keep it beside its configuration file or {again}")
     if sha256 and file_sha256(path) != sha256:

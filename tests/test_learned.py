@@ -242,3 +242,15 @@ def test_version_1_configuration_files_still_load():
     data["tables_sha256"] = "0" * 64
     with pytest.raises(ConfigError, match="bare file name"):
         config_file.from_dict(data)
+
+
+def test_cache_keys_ignore_what_the_fitting_method_does_not_use(tiny_digits):
+    kmeans = _session(tiny_digits)
+    name, setting = kmeans.structure.names[1], LayerSetting("table", 4, 8)
+    keys = kmeans.builder.key_parts(name, setting, {})
+    assert set(keys["calibration"]) == {"images", "mode", "seed", "max_rows", "split"}  # as before least squares
+    assert _session(tiny_digits, ridge=0.5).builder.key_parts(name, setting, {}) == keys
+    assert _session(tiny_digits, fit="least-squares").builder.key_parts(name, setting, {}) != keys
+    info = kmeans.structure.layer(name)
+    by_subvector = LayerSetting("table", 1, 8, subvector=info.inner_dim // 4).for_inner_dim(info.inner_dim)
+    assert by_subvector.codebooks == 4 and kmeans.builder.key_parts(name, by_subvector, {}) == keys
