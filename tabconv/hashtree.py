@@ -30,6 +30,8 @@ import math
 import torch
 from torch.nn import functional as F
 
+from tabconv.lstsq import table_correction
+
 N_CANDIDATE_DIMS = 4  # as in MADDNESS: more candidates cost time and rarely pick a better dimension
 RIDGE_SCALE = 1e-3  # lam = RIDGE_SCALE * mean bucket size: removes the gauge freedom, barely shrinks
 _CHUNK_ELEMENTS = 1 << 21  # bounds the float64 blocks (row chunks, pair counts) held at once
@@ -88,16 +90,14 @@ def learn_trees(xs: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tenso
 def ridge_prototypes(x: torch.Tensor, codes: torch.Tensor, n_centroids: int, padded_dim: int) -> torch.Tensor:
     """P (C, K, D_pad) = argmin ||X - G P||^2 + lam ||P||^2, G the (N, C*K) one-hot of all codebooks.
 
-    The normal equations (G^T G + lam I) P = G^T X are built from counts and bucket sums (G is never
-    materialised) and solved by Cholesky in float64: G^T G is rank-deficient by C-1 (each codebook's
-    indicators sum to one), so lam is what makes it definite and the system is ill-conditioned in float32.
+    The same ridge problem as a least-squares table refit with a zero prior (tabconv/lstsq.py), solved in
+    float64: G^T G is rank-deficient by C-1 (each codebook's indicators sum to one), so lam is what makes
+    it definite and the system is ill-conditioned in float32.
     """
     rows, codebooks = codes.shape
     size = codebooks * n_centroids
     flat = codes + torch.arange(codebooks, device=codes.device) * n_centroids  # column of G per (row, c)
-    gram = pair_counts(flat, size)
-    gram.diagonal().add_(RIDGE_SCALE * rows / n_centroids)  # mean of diag(G^T G) is N*C/(C*K)
-    solution = torch.cholesky_solve(bucket_sums(x, flat, size), torch.linalg.cholesky(gram))
+    solution = table_correction(flat, x, size, RIDGE_SCALE * rows / n_centroids)  # mean diag(G^T G): N*C/(C*K)
     return F.pad(solution.float(), (0, padded_dim - x.shape[1])).reshape(codebooks, n_centroids, padded_dim)
 
 
@@ -185,27 +185,3 @@ def _best_thresholds(value: torch.Tensor, node: torch.Tensor, nodes: int) -> tor
     midpoint = low + (high - low) / 2
     threshold = torch.where(midpoint < high, midpoint, low)  # a midpoint rounded onto `high` would move it left
     return threshold.where(cut < rows, math.inf)
-
-
-def pair_counts(flat: torch.Tensor, size: int) -> torch.Tensor:
-    """G^T G (size, size) float64: how many rows fall in bucket a of one codebook and b of another."""
-    rows, codebooks = flat.shape
-    gram = torch.zeros(size * size, dtype=torch.float64, device=flat.device)
-    step = max(1, _CHUNK_ELEMENTS // (codebooks * codebooks))
-    for start in range(0, rows, step):
-        block = flat[start : start + step]
-        pairs = (block.unsqueeze(2) * size + block.unsqueeze(1)).flatten()
-        gram.index_add_(0, pairs, torch.ones(pairs.shape[0], dtype=torch.float64, device=flat.device))
-    return gram.view(size, size)
-
-
-def bucket_sums(x: torch.Tensor, flat: torch.Tensor, size: int) -> torch.Tensor:
-    """G^T X (size, D) float64: the sum of the full-width rows in each bucket of each codebook."""
-    rows, features = x.shape
-    sums = torch.zeros(size, features, dtype=torch.float64, device=x.device)
-    step = max(1, _CHUNK_ELEMENTS // features)
-    for start in range(0, rows, step):
-        block = x[start : start + step].double()
-        for column in flat[start : start + step].t():
-            sums.index_add_(0, column, block)
-    return sums

@@ -243,7 +243,7 @@ class ProductQuantizer(nn.Module):
         network), Y the exact layer output wanted for those rows, T0 the current tables (prototypes x
         weights) and lam = ridge * N / K (the mean bucket size, so `ridge` is scale-free). Every output
         channel is its own ridge problem in C*K unknowns; they share one Cholesky factor. When K covers
-        every distinct row and ridge -> 0 the layer reproduces Y exactly.
+        every distinct row and ridge -> 0 the layer reproduces Y exactly. See tabconv/lstsq.py.
         """
         self._check_fitted("tables_")
         if target.shape != (x.shape[0], self.out_features_):
@@ -251,16 +251,15 @@ class ProductQuantizer(nn.Module):
                              f"got {tuple(target.shape)}")
         if ridge <= 0:
             raise ValueError(f"ridge must be positive, got {ridge}")
-        from tabconv.hashtree import bucket_sums, pair_counts
+        from tabconv.lstsq import table_correction
 
         size = self.n_codebooks * self.n_centroids
-        flat = self.encode(x) + torch.arange(self.n_codebooks, device=x.device) * self.n_centroids
+        codes = self.encode(x)
+        prior = self.table_values()
+        residual = target.float() - self._sum_tables(prior, codes)
         lam = ridge * x.shape[0] / self.n_centroids
-        gram = pair_counts(flat, size)
-        gram.diagonal().add_(lam)
-        prior = self.table_values().reshape(size, -1).double()
-        rhs = bucket_sums(target.float(), flat, size).add_(prior, alpha=lam)
-        solution = torch.cholesky_solve(rhs, torch.linalg.cholesky(gram))
+        solution = prior.reshape(size, -1).double() + table_correction(
+            codes + self._code_offsets(codes.device), residual, size, lam)
         self._store_tables(solution.float().reshape(self.n_codebooks, self.n_centroids, -1))
         return self
 
@@ -280,13 +279,19 @@ class ProductQuantizer(nn.Module):
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Sum over codebooks of the looked-up table rows: (N, C) codes -> (N, M) outputs."""
         self._check_fitted("tables_")
-        flat = self.tables_.reshape(-1, self.tables_.shape[-1]).float()
-        offsets = torch.arange(self.n_codebooks, device=codes.device) * self.n_centroids
-        summed = F.embedding_bag(codes + offsets, flat, mode="sum")
+        summed = self._sum_tables(self.tables_.float(), codes)
         if self.lut_dtype == "int8":
             # integer sums are exact in float32 (|sum| <= 128*C << 2**24): this is int accumulation
             return dequantize_sum(summed, self.table_scale_, self.table_offset_, self.n_codebooks)
         return summed
+
+    def _code_offsets(self, device: torch.device) -> torch.Tensor:
+        return torch.arange(self.n_codebooks, device=device) * self.n_centroids
+
+    def _sum_tables(self, tables: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Sum over codebooks of the rows of float tables (C, K, M) picked by codes (N, C)."""
+        flat = tables.reshape(-1, tables.shape[-1])
+        return F.embedding_bag(codes + self._code_offsets(codes.device), flat, mode="sum")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lookup(self.encode(x))

@@ -254,3 +254,18 @@ def test_cache_keys_ignore_what_the_fitting_method_does_not_use(tiny_digits):
     info = kmeans.structure.layer(name)
     by_subvector = LayerSetting("table", 1, 8, subvector=info.inner_dim // 4).for_inner_dim(info.inner_dim)
     assert by_subvector.codebooks == 4 and kmeans.builder.key_parts(name, by_subvector, {}) == keys
+
+
+def test_primal_and_dual_least_squares_agree_with_a_dense_solve():
+    from tabconv.lstsq import table_correction
+
+    g = torch.Generator().manual_seed(4)
+    codebooks, k = 5, 6
+    size = codebooks * k
+    for rows in (12, 200):  # fewer rows than codes (dual form), more (primal form)
+        flat = torch.randint(k, (rows, codebooks), generator=g) + torch.arange(codebooks) * k
+        residual = torch.randn(rows, 3, generator=g, dtype=torch.float64)
+        onehot = torch.zeros(rows, size, dtype=torch.float64).scatter_(1, flat, 1.0)
+        dense = torch.linalg.solve(onehot.t() @ onehot + 0.3 * torch.eye(size, dtype=torch.float64),
+                                   onehot.t() @ residual)
+        torch.testing.assert_close(table_correction(flat, residual, size, 0.3), dense)
