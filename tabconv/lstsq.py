@@ -7,7 +7,7 @@ one ridge problem per output channel sharing one matrix. It is solved in whichev
 primal (G^T G + lam I) D = G^T R with C*K unknowns, or dual D = G^T (G G^T + lam I)^-1 R with N
 unknowns - deep layers see few rows per image while sub-vector settings give thousands of codes.
 G is never held whole: G^T G comes from one-hot row chunks multiplied by BLAS (an index_add over the
-C^2 code pairs of every row was measured far slower at C = 512), G G^T counts shared codes.
+C^2 code pairs of every row was measured far slower at C = 512); so does G G^T.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def table_correction(flat: torch.Tensor, residual: torch.Tensor, size: int, lam:
         gram = code_gram(flat, size)
         gram.diagonal().add_(lam)
         return torch.cholesky_solve(bucket_sums(residual, flat, size), torch.linalg.cholesky(gram))
-    shared = shared_codes(flat)
+    shared = shared_codes(flat, size)
     shared.diagonal().add_(lam)
     alpha = torch.cholesky_solve(residual, torch.linalg.cholesky(shared))
     return bucket_sums(alpha, flat, size)
@@ -44,15 +44,12 @@ def code_gram(flat: torch.Tensor, size: int) -> torch.Tensor:
     return gram.double()
 
 
-def shared_codes(flat: torch.Tensor) -> torch.Tensor:
-    """G G^T (N, N) float64: in how many codebooks two rows share their code."""
-    rows, codebooks = flat.shape
-    shared = torch.zeros(rows, rows, dtype=torch.float64, device=flat.device)
-    step = max(1, _CHUNK_ELEMENTS // (rows * rows))
-    for start in range(0, codebooks, step):
-        block = flat[:, start:start + step]
-        shared += (block.unsqueeze(1) == block.unsqueeze(0)).sum(-1)
-    return shared
+def shared_codes(flat: torch.Tensor, size: int) -> torch.Tensor:
+    """G G^T (N, N) float64: in how many codebooks two rows share their code (used when N < size,
+    so the dense one-hot G, N * size floats, stays below size**2)."""
+    onehot = torch.zeros(flat.shape[0], size, dtype=torch.float32, device=flat.device)
+    onehot.scatter_(1, flat, 1.0)
+    return (onehot @ onehot.t()).double()  # integer counts <= C: exact in float32
 
 
 def bucket_sums(values: torch.Tensor, flat: torch.Tensor, size: int) -> torch.Tensor:
