@@ -40,7 +40,7 @@ class Calibration:
     max_rows: int = 16384  # rows per layer sampled (seeded) for k-means; the rest cost time, not quality
     split: str = "train"
     fit: str = "kmeans"  # kmeans: prototypes x weights; least-squares: tables refit against the exact output
-    ridge: float = 1.0  # least-squares pull toward the k-means tables, in units of the mean bucket size
+    ridge: float = 0.01  # least-squares pull toward the k-means tables, in units of the mean bucket size
     refit_classifier: bool = False  # the reference's step: classifier weights refit to the exact logits first
 
     def key_parts(self) -> dict[str, Any]:

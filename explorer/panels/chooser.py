@@ -98,7 +98,7 @@ def _form() -> Choice:
     mode = left.selectbox("Calibration mode", CALIBRATION_MODES, key="choose_mode", help=MODE_HELP)
     fit = right.selectbox("Table fitting", FIT_METHODS, key="choose_fit", help=FIT_HELP)
     left, right = st.columns(2, vertical_alignment="bottom")
-    ridge = left.number_input("Ridge (least-squares)", 1e-6, 1e6, float(Calibration.ridge), 0.1, format="%g",
+    ridge = left.number_input("Ridge (least-squares)", 1e-6, 1e6, float(Calibration.ridge), 0.01, format="%g",
                               key="choose_ridge", help=RIDGE_HELP)
     refit = right.checkbox("Refit classifier to exact logits", key="choose_refit", help=REFIT_HELP)
     st.subheader("Default table setting")
@@ -124,7 +124,7 @@ def _form() -> Choice:
 
 
 def _calibration(images: int, mode: str, fit: str, ridge: float, refit: bool) -> Calibration:
-    """The form's calibration; the ridge only where it is used, so that k-means tables keep their cache keys."""
+    """The form's calibration; the ridge only where it is used, so a ridge edit under k-means keeps the session."""
     uses_ridge = fit == "least-squares" or refit
     return Calibration(images, mode, fit=fit, ridge=ridge if uses_ridge else Calibration.ridge,
                        refit_classifier=refit)
