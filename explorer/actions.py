@@ -8,10 +8,8 @@ from the new configuration in the same run.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 import streamlit as st
 
@@ -22,7 +20,7 @@ from tabconv.config import ConfigError, from_json
 from tabconv.metrics import Metrics
 from tabconv.quantizer import ProductQuantizer
 from tabconv.settings import LayerSetting
-from tabconv.tablesfile import TablesFileError, load_tables
+from tabconv.tablesfile import TablesFileError, read_tables
 
 
 def evaluate(wb: Workbench, settings: Mapping[str, LayerSetting], label: str, title: str = "Evaluating",
@@ -61,13 +59,8 @@ def import_tuned(wb: Workbench, config_text: str, name: str, tables: bytes, tabl
         config = from_json(config_text).validate_against(session.structure, session.meta.get("sha256"))
         if not config.tables_file:
             raise ConfigError("it names no tables file (its tables are rebuilt: load it as an ordinary configuration)")
-        with tempfile.TemporaryDirectory(prefix="tabconv-import-") as folder:
-            path = Path(folder) / config.tables_file  # a bare file name (checked by from_json)
-            path.write_bytes(tables)
-            try:
-                loaded = load_tables(path, config.tables_sha256, session.structure, config.layers, session.device)
-            except TablesFileError as exc:  # name the uploaded file, not the temporary copy
-                raise TablesFileError(str(exc).replace(str(path), tables_name)) from None
+        loaded = read_tables(tables, tables_name, config.tables_sha256, session.structure, config.layers,
+                             session.device)
     except (ConfigError, TablesFileError) as exc:
         state.notify("error", f"Could not use **{name}** with **{tables_name}**: {exc}")
         return None

@@ -24,6 +24,7 @@ from tabconv.structure import ModelStructure
 FORMAT = "tabconv-tuned-tables"
 VERSION = 1
 SUFFIX = ".tables.pt"
+AGAIN = "fine-tune the configuration again to recreate it"
 
 
 class TablesFileError(ValueError):
@@ -34,14 +35,6 @@ def tables_path_for(config_path: str | os.PathLike) -> Path:
     """`TUNED.json` -> `TUNED.tables.pt` in the same folder."""
     path = Path(config_path)
     return path.with_name(path.name.removesuffix(".json") + SUFFIX)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tables_bytes(quantizers: Mapping[str, ProductQuantizer]) -> tuple[bytes, str]:
@@ -68,37 +61,42 @@ def load_tables(path: str | os.PathLike, sha256: str | None, structure: ModelStr
                 ) -> dict[str, ProductQuantizer]:
     """The quantizers of a tables file, checked against its recorded sha256, the model and the settings."""
     path = Path(path)
-    again = "fine-tune the configuration again to recreate it"
     if not path.is_file():
-        raise TablesFileError(f"{path}: tables file not found; keep it beside its configuration file or {again}")
-    if sha256 and file_sha256(path) != sha256:
-        raise TablesFileError(f"{path}: sha256 does not match the configuration's tables_sha256 (the file was "
-                              f"edited, damaged or belongs to another run); {again}")
+        raise TablesFileError(f"{path}: tables file not found; keep it beside its configuration file or {AGAIN}")
+    return read_tables(path.read_bytes(), str(path), sha256, structure, settings, device)
+
+
+def read_tables(data: bytes, name: str, sha256: str | None, structure: ModelStructure,
+                settings: Mapping[str, LayerSetting], device: torch.device | str = "cpu"
+                ) -> dict[str, ProductQuantizer]:
+    """Like `load_tables` for a file's content (e.g. an upload); `name` is what messages call it."""
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise TablesFileError(f"{name}: sha256 does not match the configuration's tables_sha256 (the file was "
+                              f"edited, damaged or belongs to another run); {AGAIN}")
     try:
-        entry = torch.load(path, map_location=device, weights_only=True)
+        entry = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
         if not isinstance(entry, dict) or entry.get("format") != FORMAT:
             raise ValueError("no tabconv-tuned-tables marker")
         if entry.get("version") != VERSION:
-            raise TablesFileError(f"{path}: tables file version {entry.get('version')!r} is not supported "
-                                  f"(expected {VERSION}); {again}")
-        layers = entry["layers"]
-        quantizers = {name: ProductQuantizer(**item["params"]).load_learned_state(item["state"])
-                      for name, item in layers.items()}
+            raise TablesFileError(f"{name}: tables file version {entry.get('version')!r} is not supported "
+                                  f"(expected {VERSION}); {AGAIN}")
+        quantizers = {layer: ProductQuantizer(**item["params"]).load_learned_state(item["state"])
+                      for layer, item in entry["layers"].items()}
     except TablesFileError:
         raise
     except Exception as exc:
-        raise TablesFileError(f"{path}: not a readable TabConv tables file ({type(exc).__name__}); {again}") from None
+        raise TablesFileError(f"{name}: not a readable TabConv tables file ({type(exc).__name__}); {AGAIN}") from None
     wanted = sorted(n for n, s in settings.items() if s.is_table)
     if sorted(quantizers) != wanted:
         missing, extra = sorted(set(wanted) - set(quantizers)), sorted(set(quantizers) - set(wanted))
-        raise TablesFileError(f"{path}: its layers do not match the configuration's table layers "
-                              f"(missing {missing or 'none'}, extra {extra or 'none'}); {again}")
-    for name, quantizer in quantizers.items():
-        _check_layer(path, name, quantizer, settings[name], structure)
+        raise TablesFileError(f"{name}: its layers do not match the configuration's table layers "
+                              f"(missing {missing or 'none'}, extra {extra or 'none'}); {AGAIN}")
+    for layer, quantizer in quantizers.items():
+        _check_layer(name, layer, quantizer, settings[layer], structure)
     return quantizers
 
 
-def _check_layer(path: Path, name: str, quantizer: ProductQuantizer, setting: LayerSetting,
+def _check_layer(path: str, name: str, quantizer: ProductQuantizer, setting: LayerSetting,
                  structure: ModelStructure) -> None:
     info = structure.layer(name)
     if quantizer.setting != setting.with_(subvector=None):
