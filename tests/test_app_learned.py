@@ -141,6 +141,6 @@ def test_least_squares_fitting_from_the_sidebar(app: AppTest) -> None:
     next(b for b in app.button if b.label == "Open").click().run()
     _no_failure(app)
     assert app.session_state["spec"].calibration.fit == "least-squares"
-    assert any("least-squares, ridge 1" in c.value for c in app.caption)
+    assert any("least-squares, ridge 0.01" in c.value for c in app.caption)
     assert "start: every layer tabled" in _current_label(app)
     assert next(m.value for m in app.metric if m.label.startswith("Accuracy (200 test images)"))
