@@ -29,7 +29,7 @@ def test_round_trip_keys_layers_by_module_name(structure, tmp_path):
     cfg = good(structure)
     path = cfg.save(tmp_path / "c.json")
     data = json.loads(path.read_text())
-    assert data["schema_version"] == 1 and set(data["layers"]) == set(structure.names)
+    assert data["schema_version"] == config.SCHEMA_VERSION == 2 and set(data["layers"]) == set(structure.names)
     assert data["software"]["torch"] and data["layers"]["conv2"]["centroids"] == 32
     back = config.load(path)
     assert back.layers == cfg.layers and back.calibration == cfg.calibration
