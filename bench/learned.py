@@ -88,8 +88,14 @@ def markdown(results: list[dict[str, Any]], checkpoint: str) -> str:
              "build s | fine-tune s | loss before -> after |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
+        if "untuned" in r:  # the starting point of a fine-tuned row, measured in the same run
+            start = r["untuned"]
+            lines.append(f"| {r['row'].replace(' + fine-tuned', '')} | {start['accuracy']:.2%} "
+                         f"({start['eval_images']:,}) | {start['retention']:.1%} | {start['reduction_paper']:.1%} | "
+                         f"{start['reduction_full']:.1%} | {r['build_s']} | - | - |")
         tune = r.get("finetune")
-        seconds, losses = (tune["seconds"], f"{tune['loss_before']:.3f} -> {tune['loss_after']:.3f}") if tune else "--"
+        seconds, losses = ("-", "-") if not tune else (
+            tune["seconds"], f"{tune['loss_before']:.3f} -> {tune['loss_after']:.3f}")
         lines.append(
             f"| {r['row']} | {r['accuracy']:.2%} ({r['eval_images']:,}) | {r['retention']:.1%} | "
             f"{r['reduction_paper']:.1%} | {r['reduction_full']:.1%} | {r['build_s']} | {seconds} | {losses} |")
