@@ -109,7 +109,7 @@ class FinetuneReport:
     """What a fine-tuning run did: its settings, its time and its distillation loss before and after."""
 
     steps: int
-    images: int
+    images: int  # all the images given, the held-out ones included
     batch_size: int
     lr: float
     layer_loss: float
@@ -168,7 +168,7 @@ def finetune(teacher: nn.Module, structure: ModelStructure, quantizers: Mapping[
     start = time.perf_counter()
     teacher = teacher.eval()
     device = next(teacher.parameters()).device
-    held = min(512, len(images) // 8)
+    total, held = len(images), min(512, len(images) // 8)
     probe, images = (images[-held:], images[:-held]) if held else (images, images)
     student = convert(teacher, structure, quantizers)
     loss_before = _probe_loss(student.eval(), teacher, probe, device)
@@ -218,7 +218,7 @@ def finetune(teacher: nn.Module, structure: ModelStructure, quantizers: Mapping[
         trainable.load_state_dict(best[2][name])
     tuned = {name: t.to_quantizer() for name, t in trainables.items()}
     loss_after = _probe_loss(convert(teacher, structure, tuned), teacher, probe, device)
-    report = FinetuneReport(steps, len(images), batch_size, lr, layer_loss, time.perf_counter() - start,
+    report = FinetuneReport(steps, total, batch_size, lr, layer_loss, time.perf_counter() - start,
                             loss_before, loss_after, len(probe), best[1], curve, checks)
     return tuned, report
 

@@ -269,3 +269,19 @@ def test_primal_and_dual_least_squares_agree_with_a_dense_solve():
         dense = torch.linalg.solve(onehot.t() @ onehot + 0.3 * torch.eye(size, dtype=torch.float64),
                                    onehot.t() @ residual)
         torch.testing.assert_close(table_correction(flat, residual, size, 0.3), dense)
+
+
+def test_finetuning_keeps_the_starting_tables_when_training_only_hurts(tiny_digits):
+    session = _session(tiny_digits, fit="least-squares")
+    start = session.apply(session.uniform(LayerSetting("table", 4, 8)))
+    images = session.calibration_set.normalize(session.calibration_set.images)
+    quantizers = session.quantizers(start)
+    tuned, report = finetune(session.model, session.structure, quantizers, images, steps=20, lr=5.0)
+    assert report.held_out == min(512, len(images) // 8) and len(report.held_out_curve) == 10
+    assert report.loss_after <= report.loss_before + 1e-6
+    if report.best_step == 0:  # lr 5 wrecks every step: the tables it started from come back
+        for name, quantizer in quantizers.items():
+            torch.testing.assert_close(tuned[name].tables_, quantizer.tables_)
+    else:  # the kept tables are the best check's, and their inference loss is what that check measured
+        assert dict(report.held_out_curve)[report.best_step] == min(loss for _, loss in report.held_out_curve)
+        assert report.loss_after == pytest.approx(dict(report.held_out_curve)[report.best_step], rel=1e-4)
