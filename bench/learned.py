@@ -44,6 +44,7 @@ ROWS = [
     Row("least squares + fine-tuned, C=8 K=64", LayerSetting("table", 8, 64), "least-squares", steps=300),
     Row("least squares + fine-tuned, S=9 K=16", LayerSetting("table", 8, 16, subvector=9), "least-squares",
         steps=300),
+    Row("least squares, tree, S=9 K=16", LayerSetting("table", 8, 16, "tree", subvector=9), "least-squares"),
     Row("least squares + fine-tuned, tree, S=9 K=16", LayerSetting("table", 8, 16, "tree", subvector=9),
         "least-squares", steps=300),
 ]
