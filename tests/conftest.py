@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+APP = Path(__file__).resolve().parents[1] / "explorer" / "app.py"
 # The checkout sits beside shared/ on developer machines and in CI: <parent>/main, <parent>/shared.
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -53,3 +54,18 @@ def explorer_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         zoo.ensure_checkpoint(zoo.DEFAULT_MODEL, zoo.DEFAULT_DATASET, root=checkpoints)
     return {"TABCONV_CHECKPOINTS": str(checkpoints), "TABCONV_CACHE": str(root / "tables"),
             "TABCONV_DATA": str(root / "data"), "TABCONV_EXPLORER_CALIBRATION": "128", "TABCONV_EXPLORER_EVAL": "200"}
+
+
+@pytest.fixture
+def app(explorer_env: dict[str, str], monkeypatch: pytest.MonkeyPatch):
+    """The explorer's page after its first run on the default model (an AppTest), with nothing failed."""
+    from streamlit.testing.v1 import AppTest
+
+    from tests.helpers import no_failure
+
+    for key, value in explorer_env.items():
+        monkeypatch.setenv(key, value)
+    at = AppTest.from_file(str(APP), default_timeout=900)
+    at.run()
+    no_failure(at)
+    return at

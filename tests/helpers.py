@@ -25,3 +25,9 @@ def randomised_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 def model(name: str = "tiny", classes: int = 10, channels: int = 1, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return randomised_bn(build_model(name, classes, channels), seed)
+
+
+def no_failure(at) -> None:
+    """An AppTest run showed no exception and no error."""
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import streamlit as st
@@ -17,24 +16,10 @@ from streamlit.testing.v1 import AppTest
 
 from explorer import charts, editing
 from tabconv.settings import EXACT, LayerSetting
+from tests.conftest import APP
+from tests.helpers import no_failure
 
-APP = Path(__file__).resolve().parents[1] / "explorer" / "app.py"
 TABLE = LayerSetting("table")
-
-
-@pytest.fixture
-def app(explorer_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> AppTest:
-    for key, value in explorer_env.items():
-        monkeypatch.setenv(key, value)
-    at = AppTest.from_file(str(APP), default_timeout=900)
-    at.run()
-    _no_failure(at)
-    return at
-
-
-def _no_failure(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
 
 
 def _metric(at: AppTest, prefix: str) -> str:
@@ -67,7 +52,7 @@ def test_a_relaunch_reuses_tables_and_the_heatmap_from_disk(app: AppTest) -> Non
     st.cache_resource.clear()  # as in a new server process: no Session in memory, only the disk caches
     again = AppTest.from_file(str(APP), default_timeout=900)
     again.run()
-    _no_failure(again)
+    no_failure(again)
     assert again.session_state["last_apply"]["fitted"] == 0
     assert _history_size(again) == 2  # baseline and the starting configuration: no sweep evaluations
     assert any(c.value.startswith("Rows: one layer tabled alone") for c in again.caption)
@@ -76,7 +61,7 @@ def test_a_relaunch_reuses_tables_and_the_heatmap_from_disk(app: AppTest) -> Non
 def test_the_sensitivity_sweep_draws_both_directions(app: AppTest) -> None:
     if any(b.key == "run_sensitivity" for b in app.button):  # not yet on disk in this test session
         app.button(key="run_sensitivity").click().run()
-    _no_failure(app)
+    no_failure(app)
     assert any(c.value.startswith("Retention on 200 test images") for c in app.caption)
 
 
@@ -86,7 +71,7 @@ def test_toggling_a_layer_changes_the_metrics_and_reuses_everything_before_it(ap
     before = (_metric(app, "FLOPs, paper"), _metric(app, "Storage"))
     app.selectbox(key="group_target").set_value("layer4.1.conv2")
     app.button(key="group_exact").click().run()
-    _no_failure(app)
+    no_failure(app)
     assert "layer4.1.conv2 → exact" in _current_label(app)
     assert (_metric(app, "FLOPs, paper"), _metric(app, "Storage")) != before
     done = app.session_state["last_apply"]
@@ -100,7 +85,7 @@ def test_changing_c_and_k_of_one_layer_rebuilds_only_that_layer(app: AppTest) ->
     app.number_input(key="group_c").set_value(4)
     app.number_input(key="group_k").set_value(32)
     app.button(key="group_table").click().run()
-    _no_failure(app)
+    no_failure(app)
     assert app.session_state["last_apply"]["fitted"] == 1
     row = app.data_editor[0].value.set_index("layer").loc["layer3.1.conv2"]
     assert (row["C"], row["K"]) == (4, 32)
@@ -111,7 +96,7 @@ def test_priority_masking_and_search_add_configurations(app: AppTest) -> None:
     start = _history_size(app)
     app.slider(key="mask_exact").set_value(3)
     app.button(key="run_masking").click().run()
-    _no_failure(app)
+    no_failure(app)
     assert "priority: 3 worst exact" in _current_label(app)
     after_masking = _history_size(app)
     assert after_masking > start
@@ -126,7 +111,7 @@ def test_priority_masking_and_search_add_configurations(app: AppTest) -> None:
 def test_clicking_a_point_loads_that_configuration(app: AppTest) -> None:
     app.session_state["load_request"] = 0  # what a click on the baseline's star leaves behind
     app.run()
-    _no_failure(app)
+    no_failure(app)
     assert app.session_state["current_id"] == 0
     assert "baseline (exact)" in _current_label(app)
 
@@ -139,10 +124,10 @@ def test_export_then_import_round_trips(app: AppTest) -> None:
     app.button(key="all_tables").click().run()
     assert app.session_state["current_id"] != exported_id
     app.file_uploader(key="import_file").set_value(("mine.json", exported.encode(), "application/json")).run()
-    _no_failure(app)
+    no_failure(app)
     assert any("mine.json** is valid" in s.value for s in app.success)
     app.button(key="import_load").click().run()
-    _no_failure(app)
+    no_failure(app)
     assert app.session_state["current_id"] == exported_id
     assert json.loads(exported)["layers"]["layer2.0.conv1"]["mode"] == "exact"
 
@@ -184,7 +169,7 @@ def test_a_missing_checkpoint_is_trained_from_the_page(app: AppTest) -> None:
     next(b for b in app.button if b.label == "Open").click().run()
     assert any("No checkpoint for tiny CNN" in i.value for i in app.info)
     app.button(key="train").click().run()
-    _no_failure(app)
+    no_failure(app)
     assert any("tiny CNN" in c.value for c in app.caption)
     assert "start: every layer tabled" in _current_label(app)
 

@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
@@ -20,19 +19,9 @@ from streamlit.testing.v1 import app_test as app_test_module
 
 from explorer import charts, editing
 from tabconv.settings import LayerSetting
+from tests.helpers import no_failure
 
-APP = Path(__file__).resolve().parents[1] / "explorer" / "app.py"
 TABLE = LayerSetting("table")
-
-
-@pytest.fixture
-def app(explorer_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> AppTest:
-    for key, value in explorer_env.items():
-        monkeypatch.setenv(key, value)
-    at = AppTest.from_file(str(APP), default_timeout=900)
-    at.run()
-    _no_failure(at)
-    return at
 
 
 @pytest.fixture
@@ -47,11 +36,6 @@ def media(monkeypatch: pytest.MonkeyPatch) -> list[MemoryMediaFileStorage]:
 
     monkeypatch.setattr(app_test_module, "MemoryMediaFileStorage", Recording)
     return stores
-
-
-def _no_failure(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
 
 
 def _downloaded(at: AppTest, stores: list[MemoryMediaFileStorage], label: str) -> bytes:
@@ -91,7 +75,7 @@ def test_fine_tune_export_and_import_round_trip(app: AppTest, media: list[Memory
 
     app.selectbox(key="group_target").set_value("fc")  # a toggle: an ordinary configuration, no fine-tuning
     app.button(key="group_exact").click().run()
-    _no_failure(app)
+    no_failure(app)
     label = _current_label(app)  # a new configuration, or the same one an earlier test on this server evaluated
     assert "fc → exact" in label or "all but fc tabled" in label, label
     toggled = app.session_state["current_id"]
@@ -99,7 +83,7 @@ def test_fine_tune_export_and_import_round_trip(app: AppTest, media: list[Memory
     assert [b.label for b in app.download_button] == ["Export configuration"]
 
     app.file_uploader(key="import_file").set_value(("tuned.json", config_text.encode(), "application/json")).run()
-    _no_failure(app)
+    no_failure(app)
     assert any(config["tables_file"] in i.value for i in app.info)
     edited = bytearray(tables)
     edited[len(edited) // 2] ^= 0xFF
@@ -112,7 +96,7 @@ def test_fine_tune_export_and_import_round_trip(app: AppTest, media: list[Memory
     assert app.session_state["current_id"] == toggled and _current_label(app) == label  # the page keeps its workbench
     app.file_uploader(key="import_tables").set_value((config["tables_file"], tables, "application/octet-stream")).run()
     app.button(key="import_tuned").click().run()
-    _no_failure(app)
+    no_failure(app)
     assert app.session_state["current_id"] == tuned_id  # the same tables: the same configuration, same accuracy
     assert any(m.value.startswith(f"**Fine-tuned #{tuned_id}") and f"→ {accuracy} on 200" in m.value
                for m in app.markdown)
@@ -124,7 +108,7 @@ def test_sub_vector_length_gives_each_layer_its_own_c(app: AppTest) -> None:
     app.selectbox(key="group_c_from").set_value(editing.C_FROM[1]).run()
     app.number_input(key="group_s").set_value(16)
     app.button(key="group_table").click().run()
-    _no_failure(app)
+    no_failure(app)
     assert "fc → S=16" in _current_label(app)
     row = app.data_editor[0].value.set_index("layer").loc["fc"]
     assert (row["C"], row["S"], row["D"]) == (math.ceil(512 / 16), 16, 512)
@@ -142,7 +126,7 @@ def test_editing_c_drops_the_sub_vector_length_and_editing_s_sets_it() -> None:
 def test_least_squares_fitting_from_the_sidebar(app: AppTest) -> None:
     app.selectbox(key="choose_fit").set_value("least-squares")
     next(b for b in app.button if b.label == "Open").click().run()
-    _no_failure(app)
+    no_failure(app)
     assert app.session_state["spec"].calibration.fit == "least-squares"
     assert any("least-squares, ridge 0.01" in c.value for c in app.caption)
     assert "start: every layer tabled" in _current_label(app)
