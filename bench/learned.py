@@ -61,7 +61,7 @@ def measure(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     result = {"row": row.name, "fit": row.fit, "calibration": row.mode, "setting": row.setting.to_dict(),
               "layers_tabled": len(quantizers), "build_s": round(build_s, 1), **_numbers(metrics)}
     if row.steps:
-        tuned = finetune_session(session, metrics, steps=row.steps, images=args.finetune_images)
+        tuned = finetune_session(session, metrics, steps=row.steps, images=args.finetune_images, lr=args.lr)
         report = tuned.report
         result["untuned"] = _numbers(metrics)
         result.update(_numbers(tuned.metrics))
@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--eval-images", type=int, default=None)
     parser.add_argument("--finetune-images", type=int, default=8192)
+    parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
     parser.add_argument("--rows", default=None, help="comma-separated row numbers (default: all)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results-learned"))
     args = parser.parse_args()
