@@ -29,6 +29,7 @@ class Evaluation:
     correct: int
     images: int
     layers: dict[str, LayerError]
+    hits: torch.Tensor  # per-image correctness (bool, CPU), in evaluation order: for paired comparisons
 
     def to_dict(self) -> dict:
         return {"accuracy": self.accuracy, "correct": self.correct, "eval_images": self.images,
@@ -89,7 +90,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     want: dict[str, torch.Tensor] = {}
     handles = _capture_outputs(model, outputs, got) + (_capture_outputs(reference, outputs, want) if outputs else [])
     sums = {name: ErrorAccumulator() for name in outputs}
-    correct = total = 0
+    hits: list[torch.Tensor] = []
     try:
         for x, y in batches:
             logits = model(x)
@@ -97,11 +98,12 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
                 reference(x)
                 for name, acc in sums.items():
                     acc.add(want[name], got[name])
-            correct += int((logits.argmax(1) == y.to(logits.device)).sum())
-            total += len(y)
+            hits.append((logits.argmax(1) == y.to(logits.device)).cpu())
     finally:
         for handle in handles:
             handle.remove()
+    hit = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+    correct, total = int(hit.sum()), len(hit)
     if total == 0:
         raise ValueError("no evaluation images")
-    return Evaluation(correct / total, correct, total, {name: acc.result(name) for name, acc in sums.items()})
+    return Evaluation(correct / total, correct, total, {name: acc.result(name) for name, acc in sums.items()}, hit)

@@ -1,14 +1,19 @@
-"""Metrics of one evaluated configuration: accuracy (with its image count), cost in both conventions,
-storage, and per-layer errors — the record every view (CLI, search, explorer) shows."""
+"""Metrics of one evaluated configuration: accuracy (with its image count, 95% interval and per-image
+correctness for paired comparisons), cost in both conventions, storage, and per-layer errors — the
+record every view (CLI, search, explorer) shows."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
+
 from tabconv.cost import CostReport
 from tabconv.evaluate import LayerError
 from tabconv.settings import LayerSetting
+from tabconv.stats import Paired, interval_text, paired, wilson
 from tabconv.structure import ModelStructure
 
 
@@ -22,9 +27,28 @@ class Metrics:
     full: CostReport
     baseline: CostReport
     errors: dict[str, LayerError]
+    hits: bytes  # per-image correctness in evaluation order, packed 8 images a byte (see pack_hits)
     label: str = ""
     id: int = -1  # position in the session history
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def correct_images(self) -> np.ndarray:
+        """Per evaluated image (in order): whether this configuration classified it correctly."""
+        return np.unpackbits(np.frombuffer(self.hits, np.uint8), count=self.eval_images).astype(bool)
+
+    @property
+    def correct(self) -> int:
+        return int(np.count_nonzero(self.correct_images))
+
+    @property
+    def accuracy_ci95(self) -> tuple[float, float]:
+        """Wilson 95% interval of the accuracy on these images."""
+        return wilson(self.correct, self.eval_images)
+
+    def against(self, reference: Metrics) -> Paired:
+        """McNemar's exact test of this configuration against `reference` (evaluated on the same images)."""
+        return paired(reference.correct_images, self.correct_images)
 
     @property
     def retention(self) -> float:
@@ -56,8 +80,9 @@ class Metrics:
 
     def summary(self) -> str:
         """One line for hovers and logs."""
+        low, high = self.accuracy_ci95
         return (f"{len(self.table_layers)}/{len(self.settings)} layers tabled, acc {self.accuracy:.2%} "
-                f"({self.eval_images} images), FLOPs paper {-self.reduction_paper:+.1%}, "
+                f"({interval_text(low, high)}, {self.eval_images} images), FLOPs paper {-self.reduction_paper:+.1%}, "
                 f"full {-self.reduction_full:+.1%}, "
                 f"storage x{self.storage_ratio:.2f}")
 
@@ -92,7 +117,8 @@ class Metrics:
         """The JSON record of `evaluate` (and of every point of a search)."""
         data = {
             "id": self.id, "label": self.label,
-            "accuracy": self.accuracy, "eval_images": self.eval_images,
+            "accuracy": self.accuracy, "accuracy_ci95": list(self.accuracy_ci95), "correct": self.correct,
+            "eval_images": self.eval_images,
             "baseline_accuracy": self.baseline_accuracy, "retention": self.retention,
             "flops_paper": self.flops_paper, "flops_full": self.flops_full, "baseline_flops": self.baseline.flops,
             "flops_reduction_paper": self.reduction_paper, "flops_reduction_full": self.reduction_full,
@@ -111,3 +137,8 @@ class Metrics:
                                                               if k != "name"} if n in self.errors else {})}
                               for n, s in self.settings.items()]
         return data
+
+
+def pack_hits(hits: torch.Tensor) -> bytes:
+    """Per-image correctness (a bool tensor) as the compact bytes a Metrics keeps (1 bit an image)."""
+    return np.packbits(hits.cpu().numpy().astype(bool)).tobytes()

@@ -22,7 +22,7 @@ from tabconv.data import ImageSet, load_dataset
 from tabconv.devices import resolve_device
 from tabconv.evaluate import ErrorAccumulator, LayerError, evaluate
 from tabconv.incremental import IncrementalRunner
-from tabconv.metrics import Metrics
+from tabconv.metrics import Metrics, pack_hits
 from tabconv.quantizer import ProductQuantizer
 from tabconv.settings import EXACT, LayerSetting
 from tabconv.structure import ModelStructure
@@ -140,13 +140,13 @@ class Session:
         if progress:
             progress({"stage": "evaluate", "images": len(self.eval_set)})
         if self.incremental:
-            correct, errors = self._evaluate_incremental(quantizers)
+            hits, errors = self._evaluate_incremental(quantizers)
         else:
-            correct, errors = self._evaluate_streaming(quantizers)
+            hits, errors = self._evaluate_streaming(quantizers)
         paper, full = self.costs(settings)
-        metrics = Metrics(settings, correct / len(self.eval_set), len(self.eval_set), self.baseline_accuracy,
-                          paper, full, self.baseline_cost, errors, label or f"config {len(self.history)}",
-                          len(self.history))
+        metrics = Metrics(settings, int(hits.sum()) / len(self.eval_set), len(self.eval_set), self.baseline_accuracy,
+                          paper, full, self.baseline_cost, errors, pack_hits(hits),
+                          label or f"config {len(self.history)}", len(self.history))
         if tables_id is not None:
             metrics.extra["tables_sha256"] = tables_id
             self._tuned[tables_id] = quantizers
@@ -187,7 +187,8 @@ class Session:
                 overrides[info.bn] = self._identities.setdefault(info.bn, nn.Identity())
         return overrides
 
-    def _evaluate_incremental(self, quantizers: Mapping[str, ProductQuantizer]) -> tuple[int, dict[str, LayerError]]:
+    def _evaluate_incremental(self, quantizers: Mapping[str, ProductQuantizer]
+                              ) -> tuple[torch.Tensor, dict[str, LayerError]]:
         dirty = self.runner.run(self._overrides(quantizers))
         for info in self.structure.layers:
             node = self.runner.node_for_module(info.output_name)
@@ -197,12 +198,13 @@ class Session:
                     acc.add(exact, approx)
                 self._errors[info.name] = acc.result(info.name)
         logits = torch.cat(self.runner.output())
-        return int((logits.argmax(1) == self._labels).sum()), dict(self._errors)
+        return logits.argmax(1) == self._labels, dict(self._errors)
 
-    def _evaluate_streaming(self, quantizers: Mapping[str, ProductQuantizer]) -> tuple[int, dict[str, LayerError]]:
+    def _evaluate_streaming(self, quantizers: Mapping[str, ProductQuantizer]
+                            ) -> tuple[torch.Tensor, dict[str, LayerError]]:
         model = convert(self.model, self.structure, quantizers)
         result = evaluate(model, self._labelled_batches(), self.model, self.structure)
-        return result.correct, result.layers
+        return result.hits, result.layers
 
     def activate(self, metrics: Metrics) -> None:
         """Make an evaluated configuration current and the incremental runner's state, so the next change

@@ -9,6 +9,7 @@ from tabconv.config import Calibration, ConfigError
 from tabconv.data import load_dataset
 from tabconv.session import Session
 from tabconv.settings import EXACT, LayerSetting
+from tabconv.stats import mcnemar_p, wilson
 from tabconv.structure import UnknownLayerError
 from tests.helpers import model
 
@@ -83,9 +84,23 @@ def test_streaming_and_incremental_paths_agree(digits, monkeypatch):
     streamed_session = new_session(digits)
     assert not streamed_session.incremental
     streamed = streamed_session.apply(settings)
-    assert streamed.accuracy == incremental.accuracy
+    assert streamed.accuracy == incremental.accuracy and streamed.hits == incremental.hits
     for name in streamed_session.structure.names:
         assert streamed.errors[name].cosine == pytest.approx(incremental.errors[name].cosine, abs=1e-6)
+
+
+def test_metrics_carry_per_image_correctness_for_paired_comparisons(digits):
+    s = new_session(digits)
+    x = digits[1].normalize(digits[1].images).contiguous(memory_format=torch.channels_last)
+    want = (s.model(x).argmax(1) == digits[1].labels).numpy()
+    assert (s.baseline.correct_images == want).all() and s.baseline.correct == int(want.sum())
+    m = s.apply({name: TABLE for name in ("conv1", "layer1.0.conv1", "layer1.0.conv2", "fc")})
+    test = m.against(s.baseline)
+    assert test.images == 60 and test.only_second - test.only_first == m.correct - s.baseline.correct
+    assert test.p_value == mcnemar_p(test.only_first, test.only_second)
+    assert m.accuracy == m.correct / 60 and m.accuracy_ci95 == wilson(m.correct, 60)
+    assert m.to_dict()["accuracy_ci95"] == list(wilson(m.correct, 60)) and len(m.hits) == 8  # 60 bits
+    assert s.baseline.against(s.baseline).p_value == 1.0
 
 
 def test_history_metrics_and_configuration(digits):
