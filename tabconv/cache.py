@@ -79,7 +79,9 @@ class TableCache:
             entry = torch.load(path, map_location="cpu", weights_only=True)
             if entry.get("format") != ENTRY_FORMAT or entry.get("version") != ENTRY_VERSION or entry.get("key") != key:
                 raise ValueError("not a table entry for this key")
-            return ProductQuantizer(**entry["params"]).load_learned_state(entry["state"])
+            quantizer = ProductQuantizer(**entry["params"])
+            quantizer.load_state_dict(entry["state"])
+            return quantizer
         except Exception:  # any unreadable entry is rebuilt rather than trusted
             path.unlink(missing_ok=True)
             return None
@@ -88,7 +90,7 @@ class TableCache:
         entry = {"format": ENTRY_FORMAT, "version": ENTRY_VERSION, "key": key,
                  "description": json.dumps(parts, sort_keys=True, default=str),
                  "params": quantizer.get_params(),
-                 "state": {k: v.detach().cpu() for k, v in quantizer.learned_state().items()}}
+                 "state": {k: v.detach().cpu() for k, v in quantizer.state_dict().items()}}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:

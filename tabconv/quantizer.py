@@ -1,8 +1,9 @@
 """Product quantization of a matrix product: A @ B approximated by summed table lookups.
 
 `ProductQuantizer` follows scikit-learn's estimator shape (constructor stores parameters, `fit`
-returns self, learned attributes end in `_`) and is also an `nn.Module`, so its learned tensors
-move with `.to(device)`, serialise with `state_dict` and can be cached as plain tensors.
+returns self, learned attributes end in `_`) and is also an `nn.Module` whose learned tensors are
+registered buffers: they move with `.to(device)` and round-trip through `state_dict()` /
+`load_state_dict()`, which is how the table cache, the tables file and the exported model store them.
 """
 
 from __future__ import annotations
@@ -123,8 +124,24 @@ def kmeans_sklearn(xs: torch.Tensor, k: int, iters: int, seed: int) -> torch.Ten
     return torch.stack(centers).to(xs.device)
 
 
+LEARNED_TENSORS = ("prototypes_", "split_dims_", "thresholds_", "tables_", "table_scale_", "table_offset_")
+LEARNED_SCALARS = ("in_features_", "fit_rows_", "out_features_")
+
+
 class ProductQuantizer(nn.Module):
-    """Learn K prototypes in each of C subspaces; approximate X @ W + b by summed table entries."""
+    """Learn K prototypes in each of C subspaces; approximate X @ W + b by summed table entries.
+
+    Attributes (None until learned; D_pad = C * ceil(D / C), M = out_features_):
+        prototypes_: float32 (C, K, D_pad / C); the tree encoder's ridge prototypes are (C, K, D_pad).
+        split_dims_: int64 (C, log2 K), tree only: the dimension (within its subspace) compared at each level.
+        thresholds_: float32 (C, K - 1), tree only: per-node thresholds in heap order (+inf: never go right).
+        tables_: (C, K, M) in lut_dtype, the bias folded into codebook 0.
+        table_scale_, table_offset_: int8 only: one float32 scale () and an offset per codebook (C,).
+        in_features_, fit_rows_, out_features_: ints; D, the calibration rows, M. In `state_dict` they
+            travel as 0-d int64 tensors (`_version` 1), so an unfitted quantizer loads a fitted one's state.
+    """
+
+    _version = 1
 
     def __init__(
         self,
@@ -147,6 +164,11 @@ class ProductQuantizer(nn.Module):
         self.kmeans_iter = kmeans_iter
         self.kmeans_backend = kmeans_backend
         self.random_state = random_state
+        for name in LEARNED_TENSORS:
+            self.register_buffer(name, None)
+        self.in_features_: int | None = None
+        self.fit_rows_: int | None = None
+        self.out_features_: int | None = None
 
     @classmethod
     def from_setting(cls, setting: LayerSetting, random_state: int = 0) -> ProductQuantizer:
@@ -297,31 +319,45 @@ class ProductQuantizer(nn.Module):
         return self.lookup(self.encode(x))
 
     def _check_fitted(self, attr: str) -> None:
-        if not hasattr(self, attr):
+        if getattr(self, attr) is None:
             raise RuntimeError(f"ProductQuantizer is not fitted: {attr} missing (call fit / set_weight first)")
 
     # -- persistence -----------------------------------------------------------------------------
-    def learned_state(self) -> dict[str, torch.Tensor]:
-        """Every learned tensor (attributes ending in `_`), for the cache."""
-        return {k: (v if isinstance(v, torch.Tensor) else torch.tensor(v)) for k, v in vars(self).items()
-                if k.endswith("_") and not k.startswith("_")}
+    def expected_state(self, has_tables: bool = True) -> list[str]:
+        """The `state_dict` keys of this quantizer once fitted (and given weights, when has_tables)."""
+        keys = ["prototypes_", "in_features_", "fit_rows_"]
+        keys += ["split_dims_", "thresholds_"] if self.encoder == "tree" else []
+        keys += ["tables_", "out_features_"] if has_tables else []
+        keys += ["table_scale_", "table_offset_"] if has_tables and self.lut_dtype == "int8" else []
+        return keys
 
-    def load_learned_state(self, state: dict[str, torch.Tensor]) -> ProductQuantizer:
-        for key, value in state.items():
-            if not key.endswith("_"):
-                raise ValueError(f"unexpected quantizer state entry {key!r}")
-            setattr(self, key, value.item() if value.ndim == 0 and key in _SCALAR_STATE else value)
-        return self
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # the tensors: non-None buffers
+        for name in LEARNED_SCALARS:
+            value = getattr(self, name)
+            if value is not None:
+                destination[prefix + name] = torch.tensor(value, dtype=torch.int64)
 
-    def _apply(self, fn, recurse=True):  # move learned tensors with .to()/.cuda() like buffers
-        super()._apply(fn, recurse)
-        for key, value in self.learned_state().items():
-            if key not in _SCALAR_STATE:
-                setattr(self, key, fn(value))
-        return self
-
-
-_SCALAR_STATE = ("in_features_", "fit_rows_", "out_features_")
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Learned tensors take the stored shapes (an unfitted quantizer has none); all or nothing under strict."""
+        given = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        if not given:
+            missing_keys.extend(prefix + name for name in self.expected_state())
+            return
+        unknown = [name for name in given if name not in LEARNED_TENSORS + LEARNED_SCALARS]
+        unexpected_keys.extend(prefix + name for name in unknown)
+        missing = [name for name in self.expected_state("tables_" in given) if name not in given]
+        missing_keys.extend(prefix + name for name in missing)
+        if strict and (unknown or missing):
+            return
+        for name, value in given.items():
+            if name in LEARNED_SCALARS:
+                setattr(self, name, int(value))
+            elif name in LEARNED_TENSORS:
+                current = getattr(self, name)
+                device = current.device if current is not None else value.device
+                setattr(self, name, value.detach().to(device, copy=True))
 
 
 def quantize_tables_int8(tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -41,7 +41,7 @@ def tables_bytes(quantizers: Mapping[str, ProductQuantizer]) -> tuple[bytes, str
     """The tables file's content and its sha256 (for a download, or to write)."""
     entry = {"format": FORMAT, "version": VERSION,
              "layers": {name: {"params": q.get_params(),
-                               "state": {k: v.detach().cpu() for k, v in q.learned_state().items()}}
+                               "state": {k: v.detach().cpu() for k, v in q.state_dict().items()}}
                         for name, q in quantizers.items()}}
     buffer = io.BytesIO()
     torch.save(entry, buffer)
@@ -80,8 +80,7 @@ def read_tables(data: bytes, name: str, sha256: str | None, structure: ModelStru
         if entry.get("version") != VERSION:
             raise TablesFileError(f"{name}: tables file version {entry.get('version')!r} is not supported "
                                   f"(expected {VERSION}); {AGAIN}")
-        quantizers = {layer: ProductQuantizer(**item["params"]).load_learned_state(item["state"])
-                      for layer, item in entry["layers"].items()}
+        quantizers = {layer: _quantizer(item) for layer, item in entry["layers"].items()}
     except TablesFileError:
         raise
     except Exception as exc:
@@ -96,15 +95,21 @@ def read_tables(data: bytes, name: str, sha256: str | None, structure: ModelStru
     return quantizers
 
 
+def _quantizer(item: dict) -> ProductQuantizer:
+    """A quantizer from its parameters and `state_dict` (strict: every learned tensor must be there)."""
+    quantizer = ProductQuantizer(**item["params"])
+    quantizer.load_state_dict(item["state"])
+    return quantizer
+
+
 def _check_layer(path: str, name: str, quantizer: ProductQuantizer, setting: LayerSetting,
                  structure: ModelStructure) -> None:
     info = structure.layer(name)
     if quantizer.setting != setting.with_(subvector=None):
         raise TablesFileError(f"{path}: layer {name} holds tables for {quantizer.setting.to_dict()}, the "
                               f"configuration asks for {setting.to_dict()}")
-    state = quantizer.learned_state()
     shape = (setting.codebooks, setting.centroids, info.out_features)
-    if (int(state.get("in_features_", -1)) != info.inner_dim or "tables_" not in state
-            or tuple(state["tables_"].shape) != shape):
+    if (quantizer.in_features_ != info.inner_dim or quantizer.tables_ is None
+            or tuple(quantizer.tables_.shape) != shape):
         raise TablesFileError(f"{path}: layer {name} does not fit the model (expected D={info.inner_dim} and "
                               f"tables of shape {shape})")

@@ -207,5 +207,7 @@ def test_product_quantizer_tree_end_to_end(lut_dtype: str) -> None:
     pq.set_weight(w, b)
     assert pq.prototypes_.shape == (8, 16, 32)
     assert _rel_error(pq(x), x @ w + b) < 0.1
-    restored = ProductQuantizer(**pq.get_params()).load_learned_state(pq.learned_state())
+    restored = ProductQuantizer(**pq.get_params())
+    restored.load_state_dict(pq.state_dict())
     assert torch.equal(restored(x), pq(x))
+    assert torch.equal(restored.thresholds_, pq.thresholds_) and restored.split_dims_.dtype == torch.int64

@@ -177,8 +177,8 @@ def test_tables_file_round_trip_and_refusals(tiny_digits, tmp_path):
     sha = save_tables(path, quantizers)
     loaded = load_tables(path, sha, session.structure, settings)
     for name, quantizer in quantizers.items():
-        for key, value in quantizer.learned_state().items():
-            assert torch.equal(loaded[name].learned_state()[key], value)
+        for key, value in quantizer.state_dict().items():
+            assert torch.equal(loaded[name].state_dict()[key], value)
     with pytest.raises(TablesFileError, match="not found"):
         load_tables(tmp_path / "gone.tables.pt", sha, session.structure, settings)
     with pytest.raises(TablesFileError, match="sha256 does not match"):

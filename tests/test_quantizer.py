@@ -128,10 +128,27 @@ def test_invalid_parameters_are_refused_with_the_value():
         ProductQuantizer(2, 4).fit(torch.randn(0, 4))
 
 
-def test_learned_state_round_trip():
+def test_state_dict_round_trip_into_an_unfitted_quantizer():
     x = torch.randn(800, 10)
     pq = ProductQuantizer(2, 8, lut_dtype="int8").fit(x).set_weight(torch.randn(10, 3))
+    state = pq.state_dict()
+    assert sorted(state) == sorted(pq.expected_state())
+    assert state["in_features_"].ndim == 0 and int(state["out_features_"]) == 3
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        clone = ProductQuantizer(**pq.get_params()).load_learned_state(pq.learned_state())
-    torch.testing.assert_close(clone(x), pq(x))
+        clone = ProductQuantizer(**pq.get_params())
+        clone.load_state_dict(state)
+    assert clone.in_features_ == 10 and isinstance(clone.fit_rows_, int)
+    assert torch.equal(clone(x), pq(x))
+    assert clone.to(torch.float64).tables_.dtype == torch.int8  # .to() moves buffers, int8 tables stay int8
+
+
+def test_state_dict_loading_is_all_or_nothing():
+    pq = ProductQuantizer(2, 8).fit(torch.randn(200, 6)).set_weight(torch.randn(6, 3))
+    partial = {k: v for k, v in pq.state_dict().items() if k != "prototypes_"}
+    with pytest.raises(RuntimeError, match="Missing key.*prototypes_"):
+        ProductQuantizer(2, 8).load_state_dict(partial)
+    with pytest.raises(RuntimeError, match="Unexpected key.*bogus_"):
+        ProductQuantizer(2, 8).load_state_dict({**pq.state_dict(), "bogus_": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match="Missing key.*tables_"):
+        ProductQuantizer(2, 8).load_state_dict({})
