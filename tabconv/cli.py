@@ -21,6 +21,7 @@ from tabconv.data import DATASETS, DatasetUnavailable
 from tabconv.lowering import LoweringError
 from tabconv.models import build_model, model_names
 from tabconv.settings import ENCODERS, EXACT, LUT_DTYPES, LayerSetting, SettingError
+from tabconv.stats import accuracy_text, p_text, wilson
 from tabconv.structure import ModelStructure, UnknownLayerError
 from tabconv.tablesfile import TablesFileError, load_tables, tables_path_for
 from tabconv.train import CheckpointError
@@ -100,8 +101,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     meta = train_and_save(args.model, args.dataset, args.out, epochs=args.epochs, batch_size=args.batch_size,
                           lr=args.lr, seed=args.seed, device=args.device, data_root=args.data_root,
                           progress=_progress_bar("train"), train_images=args.train_images)
-    _emit(meta, args.json, [f"saved {args.out}: {meta['model']} on {meta['dataset']}, test accuracy "
-                            f"{meta['test_accuracy']:.2%} on {meta['test_images']} images"])
+    correct, images = round(meta["test_accuracy"] * meta["test_images"]), meta["test_images"]
+    _emit({**meta, "test_accuracy_ci95": list(wilson(correct, images))}, args.json,
+          [f"saved {args.out}: {meta['model']} on {meta['dataset']}, test accuracy "
+           f"{accuracy_text(correct, images, 2)}"])
 
 
 # -- cost --------------------------------------------------------------------------------------------
@@ -159,12 +162,27 @@ def _apply_config(session, loaded: Configuration, tables: dict | None, label: st
 def _metrics_json(session, metrics) -> dict[str, Any]:
     return {"checkpoint": str(session.meta.get("sha256")), "model": session.meta["model"],
             "dataset": session.meta["dataset"], "calibration": vars(session.calibration),
-            **metrics.to_dict(session.structure, session.calibration.images)}
+            **metrics.to_dict(session.structure, session.calibration.images), **_versus(metrics, session.baseline,
+                                                                                         "exact")}
 
 
-def _metrics_lines(metrics) -> list[str]:
-    return [f"accuracy {metrics.accuracy:.2%} on {metrics.eval_images} test images "
-            f"(baseline {metrics.baseline_accuracy:.2%}, retention {metrics.retention:.1%})",
+def _versus(metrics, reference, name: str) -> dict[str, Any]:
+    """`p_value_vs_<name>` and the paired test's record (its discordant counts) against a reference."""
+    test = metrics.against(reference)
+    return {f"p_value_vs_{name}": test.p_value, f"vs_{name}": test.to_dict(name, "this")}
+
+
+def _versus_line(metrics, reference, name: str) -> str:
+    """'vs the exact network: 71.78% -> 68.00%, within noise (p=0.41, McNemar on 450 images): 21 images ...'."""
+    test = metrics.against(reference)
+    return (f"vs {name}: {reference.accuracy:.2%} -> {metrics.accuracy:.2%}, {test.verdict()}: "
+            f"{test.counts_text(name, 'this one')}")
+
+
+def _metrics_lines(metrics, baseline) -> list[str]:
+    return [f"test accuracy {accuracy_text(metrics.correct, metrics.eval_images, 2)}; "
+            f"baseline {metrics.baseline_accuracy:.2%}, retention {metrics.retention:.1%}",
+            _versus_line(metrics, baseline, "the exact network"),
             f"FLOPs paper convention (encoding free): {metrics.flops_paper:,} ({-metrics.reduction_paper:+.1%}); "
             f"full convention (encoding counted): {metrics.flops_full:,} ({-metrics.reduction_full:+.1%}); "
             f"baseline {metrics.baseline.flops:,}",
@@ -185,7 +203,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             raise CliError("--save-config cannot copy a fine-tuned configuration (its tables file belongs to it); "
                            "copy the configuration and its .tables.pt file together instead")
         session.configuration(metrics).save(args.save_config)
-    _emit(_metrics_json(session, metrics), args.json, _metrics_lines(metrics))
+    _emit(_metrics_json(session, metrics), args.json, _metrics_lines(metrics, session.baseline))
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -204,11 +222,13 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     tuned.configuration(session, tables_path.name).save(out)
     report, metrics = tuned.report, tuned.metrics
     data = {**_metrics_json(session, metrics), "finetune": tuned.record(), "config_file": str(out),
-            "tables_file": str(tables_path)}
+            "tables_file": str(tables_path), "parent_accuracy_ci95": list(parent.accuracy_ci95),
+            **_versus(metrics, parent, "parent")}
     _emit(data, args.json, [f"fine-tuned {len(tuned.quantizers)} table layers in {report.steps} steps "
                             f"({report.seconds:.0f} s): distillation loss {report.loss_before:.4f} -> "
-                            f"{report.loss_after:.4f}; accuracy {parent.accuracy:.2%} -> {metrics.accuracy:.2%}",
-                            f"-> {out} + {tables_path.name}", *_metrics_lines(metrics)])
+                            f"{report.loss_after:.4f}",
+                            _versus_line(metrics, parent, "the untuned parent"),
+                            f"-> {out} + {tables_path.name}", *_metrics_lines(metrics, session.baseline)])
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -229,7 +249,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     data = {**_metrics_json(session, result.best), "strategy": args.strategy, "evaluated": len(result.points),
             "ranking": result.ranking, "config_file": str(args.out)}
     _emit(data, args.json, [f"{args.strategy}: best of {len(result.points)} configurations -> {args.out}",
-                            *_metrics_lines(result.best)])
+                            *_metrics_lines(result.best, session.baseline)])
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> None:
@@ -237,14 +257,22 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
 
     session = _session(args)
     rows = sensitivity(session, _table_setting(args), progress=_progress_bar("sensitivity"))
+    base = session.baseline
     data = {"model": session.meta["model"], "dataset": session.meta["dataset"],
-            "eval_images": session.baseline.eval_images, "baseline_accuracy": session.baseline.accuracy,
-            "setting": _table_setting(args).to_dict(), "layers": rows}
-    lines = [f"{'layer':28s} {'only this tabled':>18s} {'only this exact':>18s}  (accuracy on "
-             f"{session.baseline.eval_images} images)"]
-    lines += [f"{r['layer']:28s} {r['only_table']['accuracy']:>18.2%} {r['only_exact']['accuracy']:>18.2%}"
-              for r in rows]
+            "eval_images": base.eval_images, "baseline_accuracy": base.accuracy,
+            "baseline_accuracy_ci95": list(base.accuracy_ci95), "setting": _table_setting(args).to_dict(),
+            "layers": rows}
+    lines = [f"exact network: accuracy {accuracy_text(base.correct, base.eval_images, 2)}",
+             f"{'layer':28s} {'only this tabled':>22s} {'only this exact':>22s}",
+             *(f"{r['layer']:28s} {_sweep_cell(r['only_table']):>22s} {_sweep_cell(r['only_exact']):>22s}"
+               for r in rows),
+             "p: McNemar's exact test against the exact network on the same images; * significant at 0.05"]
     _emit(data, args.json, lines)
+
+
+def _sweep_cell(row: dict[str, Any]) -> str:
+    """'68.00% p=0.41' or '61.33% p<0.001*'."""
+    return f"{row['accuracy']:.2%} {p_text(row['p_value_vs_exact'])}{'*' if row['significant_vs_exact'] else ''}"
 
 
 # -- cache ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 from tabconv.cost import CostReport
 from tabconv.evaluate import LayerError
 from tabconv.settings import LayerSetting
-from tabconv.stats import Paired, interval_text, paired, wilson
+from tabconv.stats import Paired, accuracy_text, paired, wilson
 from tabconv.structure import ModelStructure
 
 
@@ -80,9 +80,8 @@ class Metrics:
 
     def summary(self) -> str:
         """One line for hovers and logs."""
-        low, high = self.accuracy_ci95
-        return (f"{len(self.table_layers)}/{len(self.settings)} layers tabled, acc {self.accuracy:.2%} "
-                f"({interval_text(low, high)}, {self.eval_images} images), FLOPs paper {-self.reduction_paper:+.1%}, "
+        return (f"{len(self.table_layers)}/{len(self.settings)} layers tabled, "
+                f"acc {accuracy_text(self.correct, self.eval_images, 2)}, FLOPs paper {-self.reduction_paper:+.1%}, "
                 f"full {-self.reduction_full:+.1%}, "
                 f"storage x{self.storage_ratio:.2f}")
 

@@ -96,7 +96,9 @@ def sensitivity(session: Session, setting: LayerSetting, progress: Progress | No
 
 def _sweep_row(session: Session, m: Metrics) -> dict[str, Any]:
     base = session.baseline
-    return {"accuracy": m.accuracy, "retention": m.retention, "eval_images": m.eval_images,
+    test = m.against(base)
+    return {"accuracy": m.accuracy, "accuracy_ci95": list(m.accuracy_ci95), "retention": m.retention,
+            "eval_images": m.eval_images, "p_value_vs_exact": test.p_value, "significant_vs_exact": test.significant,
             "flops_saved_paper": base.flops_paper - m.flops_paper, "flops_saved_full": base.flops_full - m.flops_full,
             "cosine_output": m.errors[session.structure.names[-1]].cosine, "config_id": m.id}
 

@@ -58,10 +58,13 @@ class Paired:
     def significant(self) -> bool:
         return self.p_value < ALPHA
 
-    def verdict(self) -> str:
-        """'within noise (p=0.41, McNemar on 450 images)' or 'significant (p=0.003, McNemar on 450 images)'."""
-        word = "significant" if self.significant else "within noise"
-        return f"{word} ({p_text(self.p_value)}, McNemar on {self.images:,} images)"
+    def verdict(self, name_test: bool = True) -> str:
+        """'within noise (p=0.41, McNemar on 450 images)'; 'significant (p=0.003)' without `name_test`."""
+        return verdict(self.p_value, self.images if name_test else None)
+
+    def counts_text(self, first: str, second: str) -> str:
+        """'12 images right only with exact, 5 only with this configuration': what the test rests on."""
+        return f"{self.only_first:,} images right only with {first}, {self.only_second:,} only with {second}"
 
     def to_dict(self, first: str, second: str) -> dict[str, object]:
         """JSON record; `first` and `second` name the configurations in the discordant counts' keys."""
@@ -79,6 +82,14 @@ def paired(first: np.ndarray, second: np.ndarray) -> Paired:
     return Paired(b, c, len(first), mcnemar_p(b, c))
 
 
+def verdict(p_value: float, images: int | None = None) -> str:
+    """'within noise (p=0.41, McNemar on 450 images)' or 'significant (p=0.003, …)'; the test unnamed without
+    `images` (where the page names it once)."""
+    word = "significant" if p_value < ALPHA else "within noise"
+    test = f", McNemar on {images:,} images" if images else ""
+    return f"{word} ({p_text(p_value)}{test})"
+
+
 def p_text(p: float) -> str:
     """'p=0.41', 'p=0.003', 'p<0.001'; never rounded across the 0.05 threshold."""
     if p < 0.001:
@@ -89,12 +100,16 @@ def p_text(p: float) -> str:
     return f"p={text}"
 
 
-def interval_text(low: float, high: float, decimals: int = 1) -> str:
+def range_text(low: float, high: float) -> str:
+    """'90.6-91.7%': an interval of proportions, to 0.1% (finer is false precision on thousands of images)."""
+    return f"{100 * low:.1f}-{100 * high:.1f}%"
+
+
+def interval_text(low: float, high: float) -> str:
     """'95% CI 90.6-91.7%'."""
-    return f"95% CI {100 * low:.{decimals}f}-{100 * high:.{decimals}f}%"
+    return f"95% CI {range_text(low, high)}"
 
 
 def accuracy_text(correct: int, total: int, decimals: int = 1) -> str:
-    """'91.2% (95% CI 90.6-91.7%, 10,000 images)'."""
-    return f"{100 * correct / total:.{decimals}f}% ({interval_text(*wilson(correct, total), decimals)}, " \
-           f"{total:,} images)"
+    """'91.2% (95% CI 90.6-91.7%, 10,000 images)': the accuracy as measured (`decimals`), its interval to 0.1%."""
+    return f"{100 * correct / total:.{decimals}f}% ({interval_text(*wilson(correct, total))}, {total:,} images)"

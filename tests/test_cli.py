@@ -1,14 +1,17 @@
-"""The command line end to end: cost baselines, evaluate, search, sensitivity, cache, bad input."""
+"""The command line end to end: cost baselines, evaluate, search, sensitivity, finetune, cache, bad input;
+every accuracy with its Wilson 95% interval and every comparison with McNemar's exact p-value."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
 from tabconv.cli import main
+from tabconv.stats import mcnemar_p, wilson
 
 CALIB = ["--calibration-images", "512", "--max-rows", "8192"]
 
@@ -57,6 +60,26 @@ def test_evaluate_all_table_reports_both_conventions(evaluated, resnet18_digits,
     assert all(layer["mode"] == "table" and layer["cosine"] is not None for layer in data["layers"])
     saved = json.loads(config.read_text())
     assert set(saved["layers"]) == set(names) and saved["metrics"]["eval_images"] == 450
+    assert data["correct"] == round(data["accuracy"] * 450) and data["accuracy_ci95"] == list(wilson(data["correct"],
+                                                                                                     450))
+    versus = data["vs_exact"]
+    assert data["p_value_vs_exact"] == versus["p_value"] == mcnemar_p(versus["only_exact_correct"],
+                                                                      versus["only_this_correct"])
+    baseline_correct = round(data["baseline_accuracy"] * 450)
+    assert versus["only_this_correct"] - versus["only_exact_correct"] == data["correct"] - baseline_correct
+    assert versus["images"] == 450 and versus["significant"] == (versus["p_value"] < 0.05)
+
+
+def test_evaluate_prints_the_interval_and_whether_the_change_is_noise(evaluated, resnet18_digits, capsys):
+    tmp, cache, config = evaluated
+    code, out, _ = run(capsys, "evaluate", "--checkpoint", str(resnet18_digits), "--config", str(config), *CALIB,
+                       "--cache-dir", cache)
+    assert code == 0
+    accuracy = re.search(r"test accuracy (\d+\.\d\d)% \(95% CI (\d+\.\d)-(\d+\.\d)%, 450 images\)", out)
+    assert accuracy and float(accuracy[2]) <= float(accuracy[1]) <= float(accuracy[3]), out
+    assert re.search(r"vs the exact network: \d+\.\d\d% -> \d+\.\d\d%, (within noise|significant) "
+                     r"\(p[=<][\d.]+, McNemar on 450 images\): \d+ images right only with the exact network, "
+                     r"\d+ only with this one", out), out
 
 
 def test_a_configuration_naming_a_missing_layer_is_refused(evaluated, resnet18_digits, capsys):
@@ -80,6 +103,8 @@ def test_priority_and_greedy_keep_93_percent(evaluated, resnet18_digits, capsys)
                               "--cache-dir", cache, "--out", str(out), "--max-evaluations", "150", "--json")
         assert code == 0, err
         assert data["retention"] >= 0.93 and data["flops_paper"] < data["baseline_flops"]
+        low, high = data["accuracy_ci95"]
+        assert low <= data["accuracy"] <= high and 0 <= data["p_value_vs_exact"] <= 1
         assert json.loads(out.read_text())["metrics"]["retention"] == data["retention"]
         results[strategy] = data
     assert results["greedy"]["flops_reduction_paper"] >= results["priority"]["flops_reduction_paper"]
@@ -90,10 +115,39 @@ def test_sensitivity_and_cache_commands(evaluated, resnet18_digits, capsys):
     code, data, _ = run(capsys, "sensitivity", "--checkpoint", str(resnet18_digits), *CALIB, "--cache-dir", cache,
                         "--eval-images", "100", "--json")
     assert code == 0 and len(data["layers"]) == 21 and data["eval_images"] == 100
+    assert data["baseline_accuracy_ci95"] == list(wilson(round(data["baseline_accuracy"] * 100), 100))
+    for row in data["layers"]:
+        for side in ("only_table", "only_exact"):
+            cell = row[side]
+            assert cell["accuracy_ci95"] == list(wilson(round(cell["accuracy"] * 100), 100))
+            assert 0 <= cell["p_value_vs_exact"] <= 1 and cell["significant_vs_exact"] == (cell["p_value_vs_exact"]
+                                                                                           < 0.05)
     code, data, _ = run(capsys, "cache", "ls", "--cache-dir", cache, "--json")
     assert code == 0 and data["entries"] >= 21 and data["bytes"] > 0
     code, data, _ = run(capsys, "cache", "clear", "--cache-dir", cache, "--json")
     assert code == 0 and data["removed"] >= 21
+
+
+def test_train_and_finetune_report_intervals_and_the_test_against_the_parent(tmp_path, capsys):
+    checkpoint = tmp_path / "tiny-digits.pt"
+    code, trained, _ = run(capsys, "train", "--model", "tiny", "--dataset", "digits", "--epochs", "3", "--out",
+                           str(checkpoint), "--json")
+    assert code == 0
+    test_images = trained["test_images"]
+    assert trained["test_accuracy_ci95"] == list(wilson(round(trained["test_accuracy"] * test_images), test_images))
+    calib = ["--calibration-images", "256", "--max-rows", "4096", "--cache-dir", str(tmp_path / "cache")]
+    start = tmp_path / "start.json"
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--all-table", "-C", "4", "-K", "8", *calib,
+                 "--save-config", str(start), "--json"]) == 0
+    parent = json.loads(capsys.readouterr().out)
+    code, data, err = run(capsys, "finetune", "--checkpoint", str(checkpoint), "--config", str(start), "--steps",
+                          "10", "--images", "256", *calib, "--out", str(tmp_path / "tuned.json"), "--json")
+    assert code == 0, err
+    assert data["parent_accuracy_ci95"] == parent["accuracy_ci95"]
+    versus = data["vs_parent"]
+    assert data["p_value_vs_parent"] == mcnemar_p(versus["only_parent_correct"], versus["only_this_correct"])
+    assert versus["only_this_correct"] - versus["only_parent_correct"] == data["correct"] - parent["correct"]
+    assert data["accuracy_ci95"] == list(wilson(data["correct"], data["eval_images"]))
 
 
 @pytest.mark.parametrize("args,message", [

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from tabconv.stats import accuracy_text, interval_text, mcnemar_p, p_text, paired, wilson
+from tabconv.stats import accuracy_text, interval_text, mcnemar_p, p_text, paired, range_text, verdict, wilson
 
 
 @pytest.mark.parametrize(("correct", "total", "low", "high"), [
@@ -48,6 +48,8 @@ def test_paired_counts_discordant_images_and_says_whether_it_is_noise() -> None:
     assert result.p_value == pytest.approx(binomtest(2, 7, 0.5).pvalue) and not result.significant
     assert result.verdict() == f"within noise ({p_text(result.p_value)}, McNemar on 50 images)" == \
         "within noise (p=0.45, McNemar on 50 images)"
+    assert result.verdict(name_test=False) == "within noise (p=0.45)"
+    assert result.counts_text("exact", "#7") == "2 images right only with exact, 5 only with #7"
     record = result.to_dict("exact", "this")
     assert record["only_exact_correct"] == 2 and record["only_this_correct"] == 5 and record["significant"] is False
     strong = paired(np.ones(450, bool), np.r_[np.zeros(17, bool), np.ones(433, bool)])
@@ -59,6 +61,8 @@ def test_paired_counts_discordant_images_and_says_whether_it_is_noise() -> None:
 def test_wording() -> None:
     assert p_text(0.41) == "p=0.41" and p_text(0.003) == "p=0.003" and p_text(1.0) == "p=1"
     assert p_text(0.0496) == "p=0.0496"  # never shown as 0.05 while significant at 0.05
-    assert interval_text(0.9063, 0.9174) == "95% CI 90.6-91.7%"
+    assert verdict(0.41, 450) == "within noise (p=0.41, McNemar on 450 images)"
+    assert verdict(0.003) == "significant (p=0.003)"
+    assert interval_text(0.9063, 0.9174) == "95% CI 90.6-91.7%" and range_text(0.5, 0.75) == "50.0-75.0%"
     assert accuracy_text(9120, 10000) == "91.2% (95% CI 90.6-91.7%, 10,000 images)"
-    assert accuracy_text(306, 450, 2) == "68.00% (95% CI 63.55-72.14%, 450 images)"
+    assert accuracy_text(306, 450, 2) == "68.00% (95% CI 63.6-72.1%, 450 images)"
