@@ -1,4 +1,4 @@
-"""Command line: python -m tabconv train | cost | evaluate | finetune | search | sensitivity | cache.
+"""Command line: python -m tabconv train | cost | evaluate | finetune | export | search | sensitivity | cache.
 
 Every command prints JSON with --json; a bad argument or file exits with status 2 and one line
 saying what is wrong.
@@ -275,6 +275,33 @@ def _sweep_cell(row: dict[str, Any]) -> str:
     return f"{row['accuracy']:.2%} {p_text(row['p_value_vs_exact'])}{'*' if row['significant_vs_exact'] else ''}"
 
 
+# -- export --------------------------------------------------------------------------------------------
+def _formats(text: str) -> tuple[str, ...]:
+    from tabconv.export import ExportError, parse_formats
+
+    try:
+        return parse_formats(text)
+    except ExportError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from tabconv.export import TabledNetwork, export_files, prepare_folder, write_export
+
+    calibration = config_file.load(args.config).calibration
+    prepare_folder(args.out)  # an unwritable folder is refused before any table is built
+    session = _session(args, calibration)
+    loaded, tables = _load_config(args.config, session)
+    quantizers = tables if tables is not None else session.tables(loaded.layers)
+    paths = write_export(args.out, export_files(TabledNetwork.from_session(session, quantizers), args.format))
+    sizes = {path.name: path.stat().st_size for path in paths}
+    kind = "fine-tuned" if tables is not None else "built"
+    data = {"model": session.meta["model"], "dataset": session.meta["dataset"], "config_file": args.config,
+            "table_layers": len(quantizers), "tables": kind, "out": str(args.out), "files": sizes}
+    _emit(data, args.json, [f"exported {session.meta['model']} with {len(quantizers)} table layers ({kind} tables) "
+                            f"-> {args.out}", *(f"  {name}: {size:,} bytes" for name, size in sizes.items())])
+
+
 # -- cache ---------------------------------------------------------------------------------------------
 def cmd_cache(args: argparse.Namespace) -> None:
     cache = TableCache(args.cache_dir)
@@ -377,6 +404,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the per-layer output loss beside the logits' (default 0)")
     p.add_argument("--out", required=True, help="TUNED.json; the tables go to TUNED.tables.pt beside it")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("export", help="write the tabled network of a configuration: model.pt, model.onnx, "
+                       "tables.npz + manifest.json")
+    _session_options(p)
+    p.add_argument("--config", required=True, help="the configuration to export (its calibration is used; "
+                   "a fine-tuned one exports its tables file)")
+    p.add_argument("--out", required=True, help="folder for the files (created if needed)")
+    p.add_argument("--format", type=_formats, default=("torch", "onnx", "npz"),
+                   help="comma-separated subset of torch,onnx,npz (default: all); manifest.json is always written")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("search", help="find a configuration: priority masking or greedy, under a retention budget")
     _session_options(p)
