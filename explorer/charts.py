@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 
 from tabconv.metrics import Metrics
 from tabconv.search import pareto_front
+from tabconv.stats import accuracy_text, interval_text, verdict
 
 FINE_TUNED = "fine-tuned"
 COSTS: dict[str, tuple[str, Callable[[Metrics], float]]] = {
@@ -59,7 +60,7 @@ def change(reduction: float) -> str:
 
 def summary_lines(m: Metrics) -> list[str]:
     """A configuration in four lines: accuracy, FLOPs in both conventions, storage, tabled layers."""
-    return [f"accuracy {m.accuracy:.2%} on {m.eval_images} images (retention {m.retention:.1%})",
+    return [f"accuracy {accuracy_text(m.correct, m.eval_images, 2)}, retention {m.retention:.1%}",
             f"FLOPs paper {m.flops_paper / 1e6:.3g}M ({change(m.reduction_paper)}), "
             f"full {m.flops_full / 1e6:.3g}M ({change(m.reduction_full)})",
             f"storage {m.paper.storage_bytes / 2**20:.3g} MiB (×{m.storage_ratio:.2f} of the original)",
@@ -116,8 +117,16 @@ def tradeoff(points: Sequence[Metrics], baseline: Metrics, current: Metrics, cos
 def _points(members: Sequence[Metrics], value: Callable[[Metrics], float], name: str,
             marker: dict[str, Any]) -> go.Scatter:
     return go.Scatter(x=[value(m) for m in members], y=[100 * m.accuracy for m in members], mode="markers",
-                      name=name, marker=marker, customdata=[[m.id] for m in members],
+                      name=name, marker=marker, customdata=[[m.id] for m in members], error_y=error_bars(members),
                       text=[hover(m) for m in members], hovertemplate="%{text}<extra></extra>")
+
+
+def error_bars(members: Sequence[Metrics]) -> dict[str, Any]:
+    """Each accuracy's 95% (Wilson) interval as asymmetric error bars, in percentage points."""
+    intervals = [m.accuracy_ci95 for m in members]
+    return dict(type="data", symmetric=False, thickness=1, width=0,
+                array=[100 * (high - m.accuracy) for m, (_, high) in zip(members, intervals, strict=True)],
+                arrayminus=[100 * (m.accuracy - low) for m, (low, _) in zip(members, intervals, strict=True)])
 
 
 def propagation_heatmap(layers: Sequence[str], rows: Sequence[Sequence[float]], current: Sequence[float],
@@ -148,7 +157,9 @@ def sensitivity_bars(rows: Sequence[dict[str, Any]], all_tables_retention: float
         fig.add_trace(go.Bar(
             x=layers, y=[100 * r[key]["retention"] for r in rows], name=name, marker_color=colour,
             customdata=[[r[key].get("config_id", -1)] for r in rows], textposition="none",
-            text=[f"FLOPs saved/image: paper {r[key]['flops_saved_paper'] / 1e6:.3g}M, "
+            text=[f"accuracy {100 * r[key]['accuracy']:.2f}% ({interval_text(*r[key]['accuracy_ci95'])}); vs exact: "
+                  f"{verdict(r[key]['p_value_vs_exact'], r[key]['eval_images'])}<br>"
+                  f"FLOPs saved/image: paper {r[key]['flops_saved_paper'] / 1e6:.3g}M, "
                   f"full {r[key]['flops_saved_full'] / 1e6:.3g}M" for r in rows],
             hovertemplate="%{x}<br>retention %{y:.1f}%<br>%{text}<extra>" + name + "</extra>"))
     fig.add_hline(y=100 * all_tables_retention, line=dict(dash="dash", color="#E45756"),

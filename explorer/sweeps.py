@@ -44,7 +44,7 @@ def sensitivity(wb: Workbench, setting: LayerSetting, run: bool = False) -> dict
     """Both directions per layer and the all-tables retention they compare with; computed only when
     `run` (2 evaluations per layer), else recalled from this process or the disk."""
     key = ("sensitivity", setting)
-    parts = wb.identity("sensitivity", setting)
+    parts = {**wb.identity("sensitivity", setting), "version": 2}  # version 2: rows with intervals and p-values
     if key in wb.sweeps:
         return wb.sweeps[key]
     if not run:

@@ -16,6 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 from explorer import charts, editing
 from tabconv.settings import EXACT, LayerSetting
+from tabconv.stats import mcnemar_p, p_text
 from tests.conftest import APP
 from tests.helpers import no_failure
 
@@ -195,3 +196,34 @@ def test_charts_carry_config_ids_and_fixed_colour_limits() -> None:
     assert charts.origin("priority: 2 worst exact") == "priority masking"
     assert charts.origin("greedy: fc -> exact") == "budgeted search"
     assert charts.origin("edit: conv1 → exact") == "edits"
+
+
+def test_every_accuracy_shows_its_interval_and_a_change_says_whether_it_is_real(app: AppTest) -> None:
+    baseline_card = next(m for m in app.metric if m.label == "Accuracy (200 test images)")
+    assert re.fullmatch(r"95% CI \d+\.\d-\d+\.\d%", baseline_card.delta), baseline_card.delta
+    app.button(key="all_tables").click().run()
+    app.selectbox(key="group_target").set_value("layer3.0.conv1")  # the example: is its change real?
+    app.button(key="group_exact").click().run()
+    no_failure(app)
+    previous, current = app.session_state["previous_id"], app.session_state["current_id"]
+    line = next(c.value for c in app.caption if c.value.startswith("Accuracy "))
+    change = re.fullmatch(
+        rf"Accuracy (\d+\.\d\d)% \(95% CI (\d+\.\d)-(\d+\.\d)%, 200 images\)\. Change from #{previous}: "
+        rf"\d+\.\d\d% → \d+\.\d\d%, (within noise|significant) \((p[=<][\d.]+), McNemar on 200 images\): "
+        rf"(\d+) images right only with #{previous}, (\d+) only with #{current}\.", line)
+    assert change, line
+    accuracy, low, high, word, p, only_before, only_now = change.groups()
+    assert float(low) <= float(accuracy) <= float(high)
+    assert p == p_text(mcnemar_p(int(only_before), int(only_now)))
+    live = [m for m in app.metric if m.label == "Accuracy (200 test images)"][-1]
+    assert live.proto.delta_description == f"{word} ({p})"
+    app.session_state["load_request"] = 0  # back to the exact network: far beyond noise
+    app.run()
+    no_failure(app)
+    line = next(c.value for c in app.caption if c.value.startswith("Accuracy "))
+    assert f"Change from #{current}" in line and "significant (p<0.001, McNemar on 200 images)" in line
+    flops_plot = json.loads(app.get("plotly_chart")[0].proto.spec)
+    bars = [trace["error_y"] for trace in flops_plot["data"] if "error_y" in trace]
+    assert bars and all(min(b["array"] + b["arrayminus"]) >= 0 for b in bars)
+    history = next(d.value for d in app.dataframe if "95% CI" in d.value.columns)
+    assert history.set_index("id").loc[0, "vs exact (McNemar)"] == "within noise (p=1)"

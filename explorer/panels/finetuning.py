@@ -13,6 +13,7 @@ from explorer import charts, state, sweeps
 from explorer.workbench import Workbench
 from tabconv.finetune import Tuned
 from tabconv.metrics import Metrics
+from tabconv.stats import accuracy_text, interval_text
 
 DEFAULT_STEPS = 300
 DEFAULT_IMAGES = 4096
@@ -58,10 +59,12 @@ def panel(wb: Workbench, current: Metrics) -> None:
 
 
 def compare_line(run: Tuned) -> str:
-    """Parent → tuned accuracy (with the image count), loss before → after, time."""
+    """Parent → tuned accuracy (with its interval and whether the change is real), loss before → after, time."""
     parent, tuned, report = run.parent, run.metrics, run.report
     return (f"Fine-tuned #{tuned.id} from #{parent.id}: accuracy {parent.accuracy:.2%} → {tuned.accuracy:.2%} on "
-            f"{tuned.eval_images} test images; distillation loss {report.loss_before:.4f} → {report.loss_after:.4f}; "
+            f"{tuned.eval_images} test images ({interval_text(*tuned.accuracy_ci95)}), "
+            f"{tuned.against(parent).verdict()}; "
+            f"distillation loss {report.loss_before:.4f} → {report.loss_after:.4f}; "
             f"{report.steps} steps on {report.images} calibration images (lr {report.lr:g}) in {report.seconds:.1f} s.")
 
 
@@ -75,7 +78,7 @@ def _result(run: Tuned) -> None:
 
 def _imported(wb: Workbench, current: Metrics) -> None:
     record: dict[str, Any] = wb.imported[sha].finetune if (sha := wb.tables_sha256(current)) in wb.imported else {}
-    line = f"Imported fine-tuned tables: accuracy {current.accuracy:.2%} on {current.eval_images} test images here"
+    line = f"Imported fine-tuned tables: accuracy {accuracy_text(current.correct, current.eval_images, 2)} here"
     if record:
         line += (f"; when tuned: from accuracy {record.get('parent_accuracy', float('nan')):.2%}, distillation "
                  f"loss {record.get('loss_before', float('nan')):.4f} → {record.get('loss_after', float('nan')):.4f}, "

@@ -8,12 +8,14 @@ import streamlit as st
 from explorer import charts, editing
 from explorer.workbench import Workbench
 from tabconv.metrics import Metrics
+from tabconv.stats import range_text
 
 
 def panel(wb: Workbench) -> None:
     history = list(wb.session.history)
     key = f"history-{st.session_state.chart_version}"
-    event = st.dataframe(pd.DataFrame([_row(m) for m in history]), key=key, hide_index=True, width="stretch",
+    rows = [_row(m, wb.session.baseline) for m in history]
+    event = st.dataframe(pd.DataFrame(rows), key=key, hide_index=True, width="stretch",
                          height=min(400, 38 + 35 * len(history)), on_select="rerun", selection_mode="multi-row")
     chosen = [history[i] for i in event.selection.rows][:2]
     if not chosen:
@@ -29,8 +31,9 @@ def _load(config_id: int) -> None:
     st.session_state.chart_version += 1
 
 
-def _row(m: Metrics) -> dict[str, object]:
+def _row(m: Metrics, baseline: Metrics) -> dict[str, object]:
     return {"id": m.id, "label": m.label, "origin": charts.kind(m), "accuracy": f"{m.accuracy:.2%}",
+            "95% CI": range_text(*m.accuracy_ci95), "vs exact (McNemar)": m.against(baseline).verdict(name_test=False),
             "images": m.eval_images, "retention": f"{m.retention:.1%}",
             "FLOPs paper": f"{m.flops_paper / 1e6:.3g} M ({charts.change(m.reduction_paper)})",
             "FLOPs full": f"{m.flops_full / 1e6:.3g} M ({charts.change(m.reduction_full)})",
@@ -38,11 +41,14 @@ def _row(m: Metrics) -> dict[str, object]:
 
 
 def compare(a: Metrics, b: Metrics) -> None:
-    """Metrics side by side, then only the layers whose settings differ."""
+    """Metrics side by side, whether their accuracies differ beyond noise, then the layers whose settings differ."""
     left, right = st.columns(2)
     for column, m in ((left, a), (right, b)):
         column.markdown(f"**#{m.id}** {m.label}")
         column.markdown("  \n".join(charts.summary_lines(m)))
+    test = b.against(a)
+    st.markdown(f"**#{a.id} → #{b.id}**: accuracy {a.accuracy:.2%} → {b.accuracy:.2%}, {test.verdict()}: "
+                f"{test.counts_text(f'#{a.id}', f'#{b.id}')}.")
     differ = [{"layer": name, f"#{a.id}": _setting(a, name), f"#{b.id}": _setting(b, name),
                f"cosine #{a.id}": a.errors[name].cosine, f"cosine #{b.id}": b.errors[name].cosine}
               for name in a.settings if a.settings[name] != b.settings[name]]

@@ -1,7 +1,8 @@
 """The numbers: what is loaded, the exact baseline, and the live metrics of the current configuration.
 
-Every accuracy names its number of evaluation images and every FLOP count its convention
-(paper: encoding free, as the paper counted; full: encoding counted).
+Every accuracy names its number of evaluation images and its 95% interval, every change of accuracy whether
+it is significant (McNemar on the same images), and every FLOP count its convention (paper: encoding free,
+as the paper counted; full: encoding counted).
 """
 
 from __future__ import annotations
@@ -15,16 +16,21 @@ from explorer.workbench import Workbench
 from tabconv.config import Calibration
 from tabconv.cost import CostReport
 from tabconv.metrics import Metrics
+from tabconv.stats import accuracy_text, interval_text
 
 MIB = 2**20
+INTERVAL_HELP = ("95% Wilson interval: measured on this many images, the accuracy on further images like them "
+                 "plausibly lies in this range.")
+PAIRED_HELP = ("McNemar's exact test on the images exactly one of the two configurations gets right: "
+               "'within noise' means a difference this size easily arises by chance on these images (p ≥ 0.05).")
 
 
 def header(wb: Workbench) -> None:
     """Provenance of every number, and the exact baseline's card."""
     session, meta = wb.session, wb.session.meta
     calibration = session.calibration
-    trained = (f", test accuracy {meta['test_accuracy']:.2%} on all {meta['test_images']} test images when trained"
-               if "test_accuracy" in meta else "")
+    trained = (f", test accuracy {_recorded(meta['test_accuracy'], meta['test_images'])} on the whole test split "
+               "when trained" if "test_accuracy" in meta else "")
     st.caption(f"**{MODEL_NAMES.get(meta['model'], meta['model'])}** on **{meta['dataset']}** — checkpoint "
                f"`{str(meta.get('sha256', ''))[:12]}`{trained}. Calibration: first {calibration.images} training "
                f"images ({calibration.mode}, {_fitting(calibration)}, ≤ {calibration.max_rows} rows per layer). "
@@ -33,11 +39,17 @@ def header(wb: Workbench) -> None:
     with st.container(border=True):
         st.markdown("**Exact baseline**")
         cols = st.columns(4)
-        cols[0].metric(f"Accuracy ({base.eval_images} test images)", f"{base.accuracy:.2%}")
+        cols[0].metric(f"Accuracy ({base.eval_images} test images)", f"{base.accuracy:.2%}",
+                       interval_text(*base.accuracy_ci95), delta_color="off", delta_arrow="off", help=INTERVAL_HELP)
         cols[1].metric("FLOPs per image (both conventions)", f"{base.flops_paper / 1e6:.2f} M",
                        help="The exact model has no encoding, so the paper and full counts agree.")
         cols[2].metric("Weight storage (float32)", f"{base.baseline.storage_bytes / MIB:.2f} MiB")
         cols[3].metric("Layers that can become tables", len(wb.structure.names))
+
+
+def _recorded(accuracy: float, images: int) -> str:
+    """A recorded accuracy with its interval ('97.56% (95% CI 95.6-98.7%, 450 images)')."""
+    return accuracy_text(round(accuracy * images), images, 2)
 
 
 def _fitting(calibration: Calibration) -> str:
@@ -55,12 +67,17 @@ def title(current: Metrics, previous: Metrics | None) -> None:
 
 
 def live(current: Metrics, previous: Metrics | None) -> None:
-    """The current configuration's metrics, with deltas against the one shown before it."""
+    """The current configuration's metrics, with deltas against the one shown before it (accuracy: greyed and
+    'within noise' unless McNemar's test finds the change significant)."""
+    test = current.against(previous) if previous else None
+    noise = "off" if test is None or not test.significant else "normal"
     cols = st.columns(5)
     cols[0].metric(f"Accuracy ({current.eval_images} test images)", f"{current.accuracy:.2%}",
-                   _delta(current.accuracy, previous and previous.accuracy, 100, " pp"))
+                   _delta(current.accuracy, previous and previous.accuracy, 100, " pp"), delta_color=noise,
+                   delta_description=test.verdict(name_test=False) if test else None,
+                   help=f"{accuracy_text(current.correct, current.eval_images, 2)}. {INTERVAL_HELP}")
     cols[1].metric("Retention (of exact accuracy)", f"{current.retention:.1%}",
-                   _delta(current.retention, previous and previous.retention, 100, " pp"))
+                   _delta(current.retention, previous and previous.retention, 100, " pp"), delta_color=noise)
     cols[2].metric(f"FLOPs, paper: {change(current.reduction_paper)}", f"{current.flops_paper / 1e6:.3g} M",
                    _delta(current.flops_paper, previous and previous.flops_paper, 1e-6, " M"), delta_color="inverse",
                    help="Paper convention: encoding free (exact MACs + table lookups and additions).")
@@ -71,6 +88,17 @@ def live(current: Metrics, previous: Metrics | None) -> None:
                    f"{current.paper.storage_bytes / MIB:.2f} MiB",
                    _delta(current.paper.storage_bytes, previous and previous.paper.storage_bytes, 1 / MIB, " MiB"),
                    delta_color="inverse", help="Weights of exact layers + tables + prototypes.")
+    uncertainty(current, previous)
+
+
+def uncertainty(current: Metrics, previous: Metrics | None) -> None:
+    """The accuracy's interval, and whether the change from the previous configuration is real."""
+    line = f"Accuracy {accuracy_text(current.correct, current.eval_images, 2)}."
+    if previous is not None:
+        test = current.against(previous)
+        line += (f" Change from #{previous.id}: {previous.accuracy:.2%} → {current.accuracy:.2%}, {test.verdict()}: "
+                 f"{test.counts_text(f'#{previous.id}', f'#{current.id}')}.")
+    st.caption(line, help=f"{INTERVAL_HELP} {PAIRED_HELP}")
 
 
 def _delta(now: float, before: float | None, scale: float, unit: str) -> str | None:

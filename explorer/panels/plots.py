@@ -40,8 +40,9 @@ def tradeoffs(wb: Workbench, current: Metrics) -> None:
     with right:
         _chart(charts.tradeoff(history, wb.session.baseline, current, "storage_bytes", links), "plot-storage")
     tuned = sum(charts.is_tuned(m) for m in history)
-    st.caption(f"{len(history)} configurations evaluated in this session, each on {current.eval_images} test images. "
-               "Hover for a summary; click a point to load it. The red step line is the Pareto front."
+    st.caption(f"{len(history)} configurations evaluated in this session, each on {current.eval_images} test images; "
+               "vertical bars are 95% intervals (Wilson) of each accuracy. Hover for a summary; click a point to load "
+               "it. The red step line is the Pareto front."
                + (f" Diamonds: {tuned} fine-tuned configuration(s), dotted from the one they were tuned from. "
                   "Fine-tuned tables belong to this exact configuration: a toggle from one evaluates an ordinary "
                   "(untuned) configuration." if tuned else ""))
@@ -74,4 +75,6 @@ def _sensitivity(wb: Workbench, setting: LayerSetting) -> None:
         return
     _chart(charts.sensitivity_bars(result["rows"], result["all_tables_retention"]), "sensitivity")
     st.caption(f"Retention on {result['rows'][0]['only_table']['eval_images']} test images; the dashed line is every "
-               "layer tabled. Click a bar to load its configuration (bars recalled from disk are not loadable).")
+               "layer tabled. Hover a bar for its accuracy's 95% interval and whether it differs from the exact "
+               "network beyond noise. Click a bar to load its configuration (bars recalled from disk are not "
+               "loadable).")
