@@ -37,6 +37,7 @@ from tabconv.structure import LayerInfo, ModelStructure
 from tabconv.train import weights_sha256
 
 if TYPE_CHECKING:
+    from tabconv.metrics import Metrics
     from tabconv.session import Session
 
 FORMATS = ("torch", "onnx", "npz")
@@ -135,6 +136,11 @@ def export_zip(files: Mapping[str, bytes]) -> bytes:
         for name, data in files.items():
             archive.writestr(name, data)
     return buffer.getvalue()
+
+
+def configuration_zip(session: Session, metrics: Metrics, formats: Iterable[str] = FORMATS) -> bytes:
+    """The export of an evaluated configuration of a session (built or fine-tuned tables) as one zip."""
+    return export_zip(export_files(TabledNetwork.from_session(session, session.quantizers(metrics)), formats))
 
 
 def model_bytes(tabled: TabledNetwork) -> bytes:

@@ -43,7 +43,7 @@ def test_first_load_shows_the_default_with_every_part_of_the_core_loop(app: AppT
     for prefix in ("Retention", "FLOPs, paper", "FLOPs, full", "Storage"):
         assert _metric(app, prefix)
     assert len(app.get("plotly_chart")) >= 4  # two trade-off plots, the heatmap, the teaching view's charts
-    assert [b.label for b in app.download_button] == ["Export configuration"]
+    assert [b.label for b in app.download_button] == ["Export configuration", "Export model (zip)"]
     editor = app.data_editor[0].value
     assert list(editor["layer"][:2]) == ["conv1", "layer1.0.conv1"] and editor["table"].all()
     assert any(m.value.startswith("**4 · The result.**") for m in app.markdown)  # the teaching view

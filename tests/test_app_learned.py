@@ -65,7 +65,8 @@ def test_fine_tune_export_and_import_round_trip(app: AppTest, media: list[Memory
     compare = next(m.value for m in app.markdown if m.value.startswith(f"**Fine-tuned #{tuned_id} from #{parent_id}"))
     accuracy = re.search(r"→ (\d+\.\d+%) on 200 test images", compare).group(1)
     assert "distillation loss" in compare and "5 steps on 64 calibration images" in compare
-    assert [b.label for b in app.download_button] == ["Export configuration", "Export tables file"]
+    assert [b.label for b in app.download_button] == ["Export configuration", "Export tables file",
+                                                    "Export model (zip)"]
     assert any("Keep both files together" in c.value for c in app.caption)
     config_text = _downloaded(app, media, "Export configuration").decode()
     tables = _downloaded(app, media, "Export tables file")
@@ -80,7 +81,7 @@ def test_fine_tune_export_and_import_round_trip(app: AppTest, media: list[Memory
     assert "fc → exact" in label or "all but fc tabled" in label, label
     toggled = app.session_state["current_id"]
     assert _history(app).loc[app.session_state["current_id"], "origin"] != charts.FINE_TUNED
-    assert [b.label for b in app.download_button] == ["Export configuration"]
+    assert [b.label for b in app.download_button] == ["Export configuration", "Export model (zip)"]
 
     app.file_uploader(key="import_file").set_value(("tuned.json", config_text.encode(), "application/json")).run()
     no_failure(app)
@@ -100,7 +101,8 @@ def test_fine_tune_export_and_import_round_trip(app: AppTest, media: list[Memory
     assert app.session_state["current_id"] == tuned_id  # the same tables: the same configuration, same accuracy
     assert any(m.value.startswith(f"**Fine-tuned #{tuned_id}") and f"→ {accuracy} on 200" in m.value
                for m in app.markdown)
-    assert [b.label for b in app.download_button] == ["Export configuration", "Export tables file"]
+    assert [b.label for b in app.download_button] == ["Export configuration", "Export tables file",
+                                                    "Export model (zip)"]
 
 
 def test_sub_vector_length_gives_each_layer_its_own_c(app: AppTest) -> None:

@@ -26,6 +26,7 @@ from tabconv.export import (
     ExportError,
     TabledNetwork,
     check_export,
+    configuration_zip,
     export_files,
     export_zip,
     load_npz,
@@ -291,6 +292,9 @@ def test_cli_exports_a_configuration_loadable_in_a_fresh_process(tiny_digits: Pa
         assert json.loads(fresh.stdout) == tabled(images).argmax(1).tolist()
         onnx_predictions = _onnx_outputs((out / "model.onnx").read_bytes(), images).argmax(1)
     assert onnx_predictions.tolist() == tabled(images).argmax(1).tolist()
+    with zipfile.ZipFile(io.BytesIO(configuration_zip(session, metrics))) as archive:  # the explorer's download
+        assert sorted(archive.namelist()) == ["manifest.json", "model.onnx", "model.pt", "tables.npz"]
+        assert len(json.loads(archive.read("manifest.json"))["files"]) == 3
 
 
 def test_cli_exports_the_tables_of_a_fine_tuned_configuration(tiny_digits: Path, tmp_path: Path):

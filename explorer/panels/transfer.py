@@ -1,5 +1,6 @@
-"""Export the current configuration as the library's JSON file (with its tables file when fine-tuned);
-import one, validated, with specific errors (a fine-tuned one together with its tables file)."""
+"""Export the current configuration as the library's JSON file (with its tables file when fine-tuned) and its
+tabled network as a zip of files that run elsewhere; import a configuration, validated, with specific errors
+(a fine-tuned one together with its tables file)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import streamlit as st
 from explorer import charts, state
 from explorer.workbench import Workbench
 from tabconv.config import ConfigError, Configuration, from_json
+from tabconv.export import configuration_zip
 from tabconv.metrics import Metrics
 from tabconv.tablesfile import SUFFIX
 
@@ -40,8 +42,8 @@ def tuned_files(wb: Workbench, metrics: Metrics, tables_file: str) -> tuple[str,
 
 
 def export_button(wb: Workbench, current: Metrics) -> None:
-    """Download the current configuration (settings, calibration, checkpoint hash, metrics, versions); a
-    fine-tuned one comes as two files, the configuration and its tables."""
+    """Download the current configuration (settings, calibration, checkpoint hash, metrics, versions) - a
+    fine-tuned one comes as two files, the configuration and its tables - and its tabled network."""
     name = _name(wb, current)
     common = dict(on_click="ignore", icon=":material/download:", width="stretch")
     if charts.is_tuned(current):
@@ -56,9 +58,22 @@ def export_button(wb: Workbench, current: Metrics) -> None:
                            mime="application/octet-stream", help="The fine-tuned tables the configuration names",
                            **common)
         st.caption(TOGETHER)
-        return
-    st.download_button("Export configuration", _json(wb, current), key="export", help="The library's JSON file",
-                       file_name=f"{name}.json", mime="application/json", type="primary", **common)
+    else:
+        st.download_button("Export configuration", _json(wb, current), key="export", help="The library's JSON file",
+                           file_name=f"{name}.json", mime="application/json", type="primary", **common)
+    _model_button(wb, current, name, common)
+
+
+def _model_button(wb: Workbench, current: Metrics, name: str, common: dict) -> None:
+    """The tabled network as a zip; built when clicked, not on every rerun (the ONNX export takes seconds)."""
+
+    def build() -> bytes:
+        with wb.lock:
+            return configuration_zip(wb.session, current)
+
+    st.download_button("Export model (zip)", build, key="export_model", file_name=f"{name}-model.zip",
+                       mime="application/zip", help="model.pt (tabconv.load_tabled), model.onnx, tables.npz and "
+                       "manifest.json: the tabled network, to run outside this page (docs/export-format.md)", **common)
 
 
 def _json(wb: Workbench, current: Metrics) -> str:
