@@ -127,6 +127,8 @@ def test_export_then_import_round_trips(app: AppTest) -> None:
     app.file_uploader(key="import_file").set_value(("mine.json", exported.encode(), "application/json")).run()
     no_failure(app)
     assert any("mine.json** is valid" in s.value for s in app.success)
+    recorded = r"Recorded in the file: accuracy \d+\.\d\d% \(95% CI [\d.]+-[\d.]+%, 200 images\)\."
+    assert any(re.fullmatch(recorded, c.value) for c in app.caption), [c.value for c in app.caption]
     app.button(key="import_load").click().run()
     no_failure(app)
     assert app.session_state["current_id"] == exported_id

@@ -13,6 +13,7 @@ from explorer.workbench import Workbench
 from tabconv.config import ConfigError, Configuration, from_json
 from tabconv.export import configuration_zip
 from tabconv.metrics import Metrics
+from tabconv.stats import accuracy_text
 from tabconv.tablesfile import SUFFIX
 
 CONFIG_UPLOAD_MB = 1  # a ResNet-34 configuration with metrics is about 30 KB
@@ -104,14 +105,23 @@ def _check(wb: Workbench, name: str, data: bytes) -> None:
     if config.calibration != wb.session.calibration and not config.tables_file:
         st.warning(f"It was calibrated with {asdict(config.calibration)}; this session's tables use "
                    f"{asdict(wb.session.calibration)}, so its measured numbers may differ from the file's.")
-    recorded = config.metrics.get("accuracy")
-    if recorded is not None:
-        st.caption(f"Recorded in the file: accuracy {recorded:.2%} on {config.metrics.get('eval_images')} images.")
+    if config.metrics.get("accuracy") is not None:
+        st.caption(f"Recorded in the file: accuracy {_recorded(config.metrics)}.")
     if config.tables_file:
         _tuned_import(name, data, config)
         return
     st.button("Load this configuration", key="import_load", on_click=state.request,
               args=(dict(config.layers), f"imported: {name}"))
+
+
+def _recorded(metrics: dict) -> str:
+    """A file's accuracy with its 95% interval ('68.00% (95% CI 63.6-72.1%, 450 images)'), or as written when its
+    numbers cannot give one (a hand-edited file)."""
+    accuracy, images = metrics["accuracy"], metrics.get("eval_images")
+    try:
+        return accuracy_text(round(accuracy * images), images, 2)
+    except (TypeError, ValueError):
+        return f"{accuracy} on {images} images"
 
 
 def _tuned_import(name: str, data: bytes, config: Configuration) -> None:
