@@ -9,6 +9,7 @@ from tabconv.data import load_dataset
 from tabconv.search import greedy_search, pareto_front, priority_masking, propagation_matrix, sensitivity
 from tabconv.session import Session
 from tabconv.settings import LayerSetting
+from tabconv.stats import mcnemar_p, wilson
 from tests.helpers import model
 
 TABLE = LayerSetting("table", 2, 8)
@@ -55,6 +56,10 @@ def test_sensitivity_in_both_directions(session):
         rest = session.history[row["only_exact"]["config_id"]]
         assert row["layer"] not in rest.table_layers and len(rest.table_layers) == len(rows) - 1
         assert row["only_table"]["flops_saved_paper"] > 0 and row["only_table"]["eval_images"] == 150
+        test = rest.against(session.baseline)
+        assert row["only_exact"]["p_value_vs_exact"] == test.p_value == mcnemar_p(test.only_first, test.only_second)
+        assert row["only_exact"]["significant_vs_exact"] == test.significant
+        assert row["only_exact"]["accuracy_ci95"] == list(wilson(rest.correct, 150))
 
 
 def test_propagation_matrix_is_exact_before_the_approximated_layer(session):
