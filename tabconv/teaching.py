@@ -21,15 +21,36 @@ from tabconv.session import Session
 from tabconv.settings import LayerSetting
 from tabconv.structure import LayerInfo
 
+GLOSSARY: dict[str, str] = {
+    "im2col": "Lowering a convolution to a matrix product: every output position's input window (all input "
+              "channels × kernel taps) is unrolled into one row of D numbers, so the convolution becomes "
+              "rows × weight matrix. A linear layer needs no lowering: its row is an image's feature vector.",
+    "subspace / codebook": "The D columns of a row are cut into C consecutive pieces (subspaces); each piece has "
+                           "its own codebook of K prototypes.",
+    "prototype": "A typical value of one piece, learned by k-means on calibration images; a piece is replaced by "
+                 "its nearest prototype.",
+    "table": "Computed offline: every prototype times the weights of every output channel, T[c, k, m]. At run "
+             "time the layer looks entries up and adds them instead of multiplying.",
+    "encoding": "Finding each piece's prototype at run time (nearest by squared distance, or a hash tree's "
+                "comparisons); only the prototype's index is kept.",
+    "folded batch norm": "A batch norm after a convolution is a per-channel scale and shift, so it is merged "
+                         "exactly into the convolution's weights and bias before the tables are built.",
+    "FLOPs, paper convention": "Encoding counted as free, as the TabConv paper counted: exact layers' "
+                               "multiply-adds plus the tables' lookups and additions.",
+    "FLOPs, full convention": "Encoding counted too (a nearest-prototype search costs about D·K multiply-adds "
+                              "per row): the honest cost on ordinary hardware.",
+}
 
-def explain(session: Session, layer_name: str, image_index: int = 0, position: int | tuple[int, int] = 0,
+
+def explain(session: Session, layer_name: str, image_index: int = 0, position: int | tuple[int, int] | None = None,
             settings: Mapping[str, LayerSetting] | None = None, channel: int | None = None) -> dict[str, Any]:
     """Everything needed to show how one output of `layer_name` is computed from tables.
 
     `settings` is the configuration whose tables are used (default: the session's current one); the
     layer must be a table layer in it. `position` is a row of the layer's im2col matrix for one image,
-    or (h, w) of a conv output. `channel` picks the output channel whose sum is itemised (default:
-    the one with the largest exact magnitude).
+    or (h, w) of a conv output (default: the row whose exact output is largest, so that a newcomer sees
+    a non-trivial sum). `channel` picks the output channel whose sum is itemised (default: the one with
+    the largest exact magnitude).
     """
     info = session.structure.layer(layer_name)
     settings = dict(settings if settings is not None else session.current.settings)
@@ -40,10 +61,12 @@ def explain(session: Session, layer_name: str, image_index: int = 0, position: i
         raise ValueError(f"image_index must be in 0..{len(session.eval_set) - 1}, got {image_index}")
     quantizer = _quantizer(session, info, settings)
     layer = folded_layer(session.model, info)
-    rows = layer_rows(layer, _layer_input(session, info, image_index))
-    row, hw = _row_index(info, position)
-    patch = rows[row].float()
+    rows = layer_rows(layer, _layer_input(session, info, image_index)).float()
     weight, bias = weight_matrix(layer).float(), bias_vector(layer).float()
+    if position is None:
+        position = int((rows @ weight + bias).norm(dim=1).argmax())
+    row, hw = _row_index(info, position)
+    patch = rows[row]
     exact = patch @ weight + bias
     codes = quantizer.encode(patch[None])[0]
     table_terms = table_entries(quantizer, codes)
@@ -57,8 +80,9 @@ def explain(session: Session, layer_name: str, image_index: int = 0, position: i
     exact_terms = torch.einsum("cs,csm->cm", padded.reshape(setting.codebooks, width),
                                w_padded.reshape(setting.codebooks, width, -1))
     exact_terms[0] += bias  # the tables carry the bias in codebook 0
+    table_terms, exact_terms = table_terms[:, channel].tolist(), exact_terms[:, channel].tolist()
     return {
-        "layer": layer_name, "kind": info.kind, "setting": setting.to_dict(),
+        "layer": layer_name, "kind": info.kind, "bn": info.bn, "setting": setting.to_dict(),
         "image_index": image_index, "label": int(session.eval_set.labels[image_index]),
         "position": {"row": row, "h": hw[0] if hw else None, "w": hw[1] if hw else None},
         "input_shape": list(info.input_shape), "output_shape": list(info.output_shape),
@@ -67,11 +91,50 @@ def explain(session: Session, layer_name: str, image_index: int = 0, position: i
         "patch": patch.tolist(),
         "subspaces": _subspaces(quantizer, padded, codes, width),
         "channel": channel,
-        "table_terms": table_terms[:, channel].tolist(), "exact_terms": exact_terms[:, channel].tolist(),
+        "table_terms": table_terms, "exact_terms": exact_terms,
+        "contributions": contributions(table_terms, exact_terms),
         "table_value": float(table_sum[channel]), "exact_value": float(exact[channel]),
         "table_sum": table_sum.tolist(), "exact": exact.tolist(),
         **_errors(table_sum, exact),
     }
+
+
+def contributions(table_terms: list[float], exact_terms: list[float]) -> list[dict[str, float]]:
+    """Per subspace: its table entry, the exact partial dot product it stands for, and their gap.
+
+    The gaps add up to the channel's error (table sum − exact value), so the largest ones say which
+    subspaces' prototypes are to blame."""
+    return [{"subspace": c, "table": t, "exact": e, "gap": t - e}
+            for c, (t, e) in enumerate(zip(table_terms, exact_terms, strict=True))]
+
+
+def worst_subspace(result: Mapping[str, Any]) -> int:
+    """The subspace whose gap is largest in magnitude: the one worth looking at first."""
+    return max(result["contributions"], key=lambda item: abs(item["gap"]))["subspace"]
+
+
+def error_summary(result: Mapping[str, Any], top: int = 3) -> dict[str, Any]:
+    """The channel's approximation error and how much of it its `top` largest subspace gaps make up."""
+    error = result["table_value"] - result["exact_value"]
+    ranked = sorted(result["contributions"], key=lambda item: abs(item["gap"]), reverse=True)[:top]
+    return {"error": error, "relative": abs(error) / abs(result["exact_value"]) if result["exact_value"] else None,
+            "largest": ranked, "largest_sum": sum(item["gap"] for item in ranked)}
+
+
+def column_labels(result: Mapping[str, Any], start: int, stop: int) -> list[str]:
+    """What each patch column in [start, stop) is: an input channel and kernel tap of a conv window,
+    a feature of a linear layer's input, or zero padding."""
+    labels = []
+    for col in range(start, stop):
+        if col >= result["inner_dim"]:
+            labels.append(f"{col}: zero padding")
+        elif result["kernel"]:
+            _, kh, kw = result["kernel"]
+            c_in, tap = divmod(col, kh * kw)
+            labels.append(f"{col}: input channel {c_in}, tap ({tap // kw}, {tap % kw})")
+        else:
+            labels.append(f"{col}: feature {col}")
+    return labels
 
 
 def table_entries(quantizer: ProductQuantizer, codes: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from tabconv.data import load_dataset
 from tabconv.models import build_model
 from tabconv.session import Session
 from tabconv.settings import LayerSetting
-from tabconv.teaching import explain
+from tabconv.teaching import GLOSSARY, column_labels, error_summary, explain, worst_subspace
 
 TABLE = LayerSetting("table", codebooks=4, centroids=16)
 
@@ -109,3 +111,58 @@ def test_tree_encoder_codes_are_the_quantizer_codes(session: Session) -> None:
     patch = torch.tensor(result["patch"])[None]
     assert [s["code"] for s in result["subspaces"]] == quantizer.encode(patch)[0].tolist()
     assert torch.allclose(torch.tensor(result["table_sum"]), quantizer(patch)[0], atol=1e-4)
+
+
+def test_contributions_add_up_to_the_table_sum_and_the_error(session: Session) -> None:
+    """The per-subspace contributions are the table layer's own sum, as PyTorch's tabled conv computes it."""
+    settings = session.uniform(TABLE)
+    result = explain(session, "conv2", image_index=5, settings=settings)
+    info = session.structure.layer("conv2")
+    x, _ = _outputs(session.model, "conv2", session.eval_set.batch(slice(5, 6)))
+    with torch.no_grad():
+        approx = table_module(session.model, info, session.tables(settings)["conv2"])(x)[0]
+        exact = folded_layer(session.model, info)(x)[0]
+    h, w, m = result["position"]["h"], result["position"]["w"], result["channel"]
+    parts = result["contributions"]
+    assert [p["subspace"] for p in parts] == list(range(4))
+    assert sum(p["table"] for p in parts) == pytest.approx(float(approx[m, h, w]), abs=1e-4)
+    assert sum(p["exact"] for p in parts) == pytest.approx(float(exact[m, h, w]), abs=1e-4)
+    summary = error_summary(result, top=4)
+    assert summary["error"] == pytest.approx(float(approx[m, h, w] - exact[m, h, w]), abs=1e-4)
+    assert summary["largest_sum"] == pytest.approx(summary["error"], abs=1e-4)  # all 4 gaps: the whole error
+    assert abs(summary["largest"][0]["gap"]) == max(abs(p["gap"]) for p in parts)
+    assert summary["largest"][0]["subspace"] == worst_subspace(result)
+
+
+def test_the_default_position_is_the_largest_output_and_the_default_channel_its_largest_value(session: Session
+                                                                                               ) -> None:
+    result = explain(session, "conv2", image_index=2, settings=session.uniform(TABLE))
+    x, _ = _outputs(session.model, "conv2", session.eval_set.batch(slice(2, 3)))
+    with torch.no_grad():
+        exact = folded_layer(session.model, session.structure.layer("conv2"))(x)[0]
+    norms = exact.norm(dim=0)
+    h, w = result["position"]["h"], result["position"]["w"]
+    assert float(norms[h, w]) == pytest.approx(float(norms.max()))
+    assert result["channel"] == int(exact[:, h, w].abs().argmax())
+
+
+def test_column_labels_name_the_input_channel_and_tap_of_each_patch_value(session: Session) -> None:
+    result = explain(session, "conv2", image_index=1, position=(3, 4), settings=session.uniform(TABLE))
+    conv = session.model.get_submodule("conv2")
+    x, _ = _outputs(session.model, "conv2", session.eval_set.batch(slice(1, 2)))
+    padded = torch.nn.functional.pad(x[0], [conv.padding[1]] * 2 + [conv.padding[0]] * 2)
+    labels = column_labels(result, 0, result["inner_dim"])
+    for col, label in enumerate(labels):
+        channel, ky, kx = map(int, re.fullmatch(r"\d+: input channel (\d+), tap \((\d+), (\d+)\)", label).groups())
+        value = padded[channel, 3 * conv.stride[0] + ky, 4 * conv.stride[1] + kx]
+        assert result["patch"][col] == pytest.approx(float(value), abs=1e-6)
+    fc = explain(session, "fc", settings=session.uniform(TABLE))
+    assert column_labels(fc, fc["inner_dim"] - 1, fc["inner_dim"]) == [f"{fc['inner_dim'] - 1}: feature "
+                                                                       f"{fc['inner_dim'] - 1}"]
+    assert fc["kernel"] is None and fc["bn"] is None and fc["position"]["h"] is None
+
+
+def test_the_glossary_explains_every_word_the_view_uses() -> None:
+    for term in ("im2col", "subspace / codebook", "prototype", "table", "encoding", "folded batch norm",
+                 "FLOPs, paper convention", "FLOPs, full convention"):
+        assert len(GLOSSARY[term]) > 40
