@@ -13,6 +13,7 @@ from typing import Any
 
 from tabconv.settings import EXACT, LayerSetting, SettingError
 
+NOT_APPLICABLE = "—"  # what the editor shows in a setting cell that does not apply (an exact layer's C, K …)
 EDIT_FIELDS = {"C": "codebooks", "S": "subvector", "K": "centroids", "encoder": "encoder", "LUT": "lut_dtype"}
 # Input limits of the page's C, K and S widgets (the library checks only C, K, S >= 1 and a tree's K = 2**depth).
 # A sub-vector length can resolve to more codebooks than C_LIMITS allows to type (ceil(D / S) for a large D).
@@ -68,8 +69,9 @@ def apply_row_edits(settings: Mapping[str, LayerSetting], names: list[str], edit
                     ) -> tuple[dict[str, LayerSetting], frozenset[str], list[str]]:
     """The data editor's edits ({row: {column: value}}) applied; returns settings, locks and messages."""
     new, new_locks, messages = dict(settings), set(locks), []
-    for row, change in edited_rows.items():
+    for row, edited in edited_rows.items():
         name = names[int(row)]
+        change = {column: None if value in (NOT_APPLICABLE, "") else value for column, value in edited.items()}
         if "lock" in change:
             (new_locks.add if change["lock"] else new_locks.discard)(name)
         try:
@@ -102,9 +104,18 @@ def _edited_setting(current: LayerSetting, change: Mapping[str, Any], defaults: 
 
 
 def _value(field: str, value: Any) -> Any:
-    """Editor cells arrive as JSON numbers (maybe 4.0): C, K and S must be whole numbers."""
+    """Editor cells arrive as text ("16") or JSON numbers (maybe 4.0): C, K and S must be whole numbers."""
     if field in ("codebooks", "centroids", "subvector"):
-        if isinstance(value, float) and not value.is_integer():
+        number = float(value) if isinstance(value, str) and _is_number(value) else value
+        if not isinstance(number, int | float) or not float(number).is_integer():
             raise SettingError(f"{field} must be a whole number, got {value}")
-        return int(value)
+        return int(number)
     return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

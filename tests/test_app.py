@@ -89,7 +89,7 @@ def test_changing_c_and_k_of_one_layer_rebuilds_only_that_layer(app: AppTest) ->
     no_failure(app)
     assert app.session_state["last_apply"]["fitted"] == 1
     row = app.data_editor[0].value.set_index("layer").loc["layer3.1.conv2"]
-    assert (row["C"], row["K"]) == (4, 32)
+    assert (row["C"], row["K"]) == ("4", "32")
     assert any("fitted 1 layer table" in c.value for c in app.caption)
 
 

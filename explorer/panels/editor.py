@@ -13,6 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from explorer import editing, state
+from explorer.editing import NOT_APPLICABLE
 from explorer.workbench import Workbench
 from tabconv.metrics import Metrics
 from tabconv.settings import ENCODERS, EXACT, LUT_DTYPES, LayerSetting, SettingError
@@ -27,7 +28,7 @@ def group_controls(wb: Workbench, current: Metrics) -> None:
     structure, defaults = wb.structure, st.session_state.defaults
     cols = st.columns([3, 1.5, 1, 1, 1.4, 1.4, 1.2, 1.2], vertical_alignment="bottom")
     cols[0].selectbox("Group or layer", list(structure.groups) + structure.names, key="group_target",
-                      format_func=lambda t: f"{t} ({len(structure.expand(t))} layers)" if t in structure.groups else t)
+                      format_func=lambda t: f"{t} ({layers(len(structure.expand(t)))})" if t in structure.groups else t)
     c_from = cols[1].selectbox("Codebooks", editing.C_FROM, int(defaults.subvector is not None), key="group_c_from",
                                help=editing.C_FROM_HELP)
     if c_from == editing.C_FROM[1]:
@@ -47,6 +48,11 @@ def group_controls(wb: Workbench, current: Metrics) -> None:
                 args=(current, structure.names, defaults, "all → tables (defaults)"))
     right.button("None (all exact)", key="all_exact", width="stretch", on_click=_request,
                  args=(current, structure.names, EXACT, "none: all exact"))
+
+
+def layers(count: int) -> str:
+    """'1 layer', '4 layers'."""
+    return f"{count} layer" + ("" if count == 1 else "s")
 
 
 def _tabulate_group(wb: Workbench, current: Metrics) -> None:
@@ -87,16 +93,18 @@ def table(wb: Workbench, current: Metrics) -> None:
 
 def frame(rows: list[dict], locks: frozenset[str], settings: Mapping[str, LayerSetting] | None = None
           ) -> pd.DataFrame:
-    """One row per layer in forward order; C/S/K/encoder/LUT are empty for exact layers. C is the layer's
-    resolved number of codebooks (⌈D / S⌉ when it came from a sub-vector length S)."""
+    """One row per layer in forward order; C/S/K/encoder/LUT show "—" where they do not apply (exact layers,
+    S without a sub-vector length), as text so that no cell reads "None". C is the layer's resolved number of
+    codebooks (⌈D / S⌉ when it came from a sub-vector length S)."""
     records = []
     for r in rows:
         tabled = r["mode"] == "table"
         subvector = settings[r["name"]].subvector if settings and tabled else None
         records.append({
             "layer": r["name"], "table": tabled, "lock": r["name"] in locks,
-            "C": r["codebooks"] if tabled else None, "S": subvector, "K": r["centroids"] if tabled else None,
-            "encoder": r["encoder"] if tabled else None, "LUT": r["lut_dtype"] if tabled else None,
+            "C": _cell(r["codebooks"] if tabled else None), "S": _cell(subvector),
+            "K": _cell(r["centroids"] if tabled else None),
+            "encoder": _cell(r["encoder"] if tabled else None), "LUT": _cell(r["lut_dtype"] if tabled else None),
             "cosine": r["cosine"], "rel. error": r["relative_error"],
             "warning": f"K ≥ {r['calibration_rows']} calibration rows" if r["k_exceeds_rows"] else "",
             "type": r["kind"], "shape in → out": f"{_shape(r['input_shape'])} → {_shape(r['output_shape'])}",
@@ -105,9 +113,15 @@ def frame(rows: list[dict], locks: frozenset[str], settings: Mapping[str, LayerS
             "FLOPs paper": r["flops_paper"], "FLOPs full": r["flops_full"],
             "weights KiB": r["weight_bytes"] / KIB, "tables KiB": r["table_bytes"] / KIB,
             "prototypes KiB": r["prototype_bytes"] / KIB,
-            "tables/weights": (r["table_bytes"] + r["prototype_bytes"]) / r["weight_bytes"] if tabled else None,
+            "tables/weights": _cell(f"{(r['table_bytes'] + r['prototype_bytes']) / r['weight_bytes']:.2f}×"
+                                    if tabled else None),
         })
-    return pd.DataFrame.from_records(records).astype({"C": "Int64", "S": "Int64", "K": "Int64"})
+    return pd.DataFrame.from_records(records)
+
+
+def _cell(value: object) -> str:
+    """A setting as the editor shows it: its text, or "—" where it does not apply."""
+    return NOT_APPLICABLE if value is None else str(value)
 
 
 def _shape(shape: list[int]) -> str:
@@ -130,22 +144,24 @@ def _edited(key: str, names: list[str], current: Metrics) -> None:
 
 
 NUMBER = st.column_config.NumberColumn
+WHOLE = r"^(\d+|—)$"  # a C, S or K cell: a whole number, or "—" where it does not apply
 COLUMNS = {
     "layer": st.column_config.TextColumn("layer", pinned=True, help="Qualified module name"),
     "table": st.column_config.CheckboxColumn("table", help="Compute this layer by table lookups"),
     "lock": st.column_config.CheckboxColumn("lock", help="Keep exact through group toggles"),
-    "C": NUMBER("C", min_value=editing.C_LIMITS[0], max_value=editing.C_LIMITS[1], step=1,
-                help="Codebooks (subspaces) of this layer, resolved (⌈D / S⌉ when it has an S); typing one drops "
-                     "its S"),
-    "S": NUMBER("S", min_value=editing.S_LIMITS[0], max_value=editing.S_LIMITS[1], step=1,
-                help="Sub-vector length, when C came from one: C = ⌈D / S⌉. Typing one sets C from it."),
-    "K": NUMBER("K", min_value=editing.K_LIMITS[0], max_value=editing.K_LIMITS[1], step=1,
-                help="Prototypes per subspace"),
-    "encoder": st.column_config.SelectboxColumn("encoder", options=list(ENCODERS)),
-    "LUT": st.column_config.SelectboxColumn("LUT", options=list(LUT_DTYPES), help="Table dtype"),
+    "C": st.column_config.TextColumn("C", validate=WHOLE,
+                                     help="Codebooks (subspaces) of this layer, resolved (⌈D / S⌉ when it has an "
+                                          f"S), {editing.C_LIMITS[0]}–{editing.C_LIMITS[1]}; typing one drops its S"),
+    "S": st.column_config.TextColumn("S", validate=WHOLE,
+                                     help="Sub-vector length, when C came from one: C = ⌈D / S⌉. Typing one sets C "
+                                          "from it."),
+    "K": st.column_config.TextColumn("K", validate=WHOLE, help="Prototypes per subspace"),
+    "encoder": st.column_config.SelectboxColumn("encoder", options=[*ENCODERS, NOT_APPLICABLE]),
+    "LUT": st.column_config.SelectboxColumn("LUT", options=[*LUT_DTYPES, NOT_APPLICABLE], help="Table dtype"),
     "cosine": NUMBER("cosine", format="%.4f", help="Cosine of this layer's output vs the exact network, now"),
     "rel. error": NUMBER("rel. error", format="%.3f", help="‖approx − exact‖ / ‖exact‖ of its output, now"),
-    "warning": st.column_config.TextColumn("warning", help="K at least the calibration rows: k-means memorises"),
+    "warning": st.column_config.TextColumn("warning", width="large",
+                                           help="K at least the calibration rows: k-means memorises"),
     "type": st.column_config.TextColumn("type"),
     "shape in → out": st.column_config.TextColumn("shape in → out"),
     "D": NUMBER("D", help="Inner dimension C_in·k·k"),
@@ -158,5 +174,5 @@ COLUMNS = {
     "weights KiB": NUMBER("weights KiB", format="%.1f"),
     "tables KiB": NUMBER("tables KiB", format="%.1f"),
     "prototypes KiB": NUMBER("prototypes KiB", format="%.1f"),
-    "tables/weights": NUMBER("tables/weights", format="%.2f×", help="(tables + prototypes) / weights"),
+    "tables/weights": st.column_config.TextColumn("tables/weights", help="(tables + prototypes) / weights"),
 }
