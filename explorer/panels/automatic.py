@@ -28,7 +28,8 @@ def _masking(wb: Workbench, setting: LayerSetting) -> None:
                 f"at {editing.describe(setting)}.")
     rank_by = st.radio("Rank layers by", RANKINGS, horizontal=True, key="mask_rank",
                        captions=[RANK_HELP[r] for r in RANKINGS])
-    st.slider("Layers that stay exact", 0, layers, 0, key="mask_exact", on_change=_mask_moved,
+    _follow_current(wb)
+    st.slider("Layers that stay exact", 0, layers, key="mask_exact", on_change=_mask_moved,
               args=(wb, setting, rank_by), help="Once masking has run, moving the slider loads that point at once.")
     if st.button("Apply priority masking", key="run_masking", type="primary"):
         result = sweeps.masking(wb, setting, rank_by)
@@ -38,6 +39,16 @@ def _masking(wb: Workbench, setting: LayerSetting) -> None:
     if result:
         st.caption(f"{len(result['ids'])} configurations on the plots. Ranking, worst first: "
                    + ", ".join(result["ranking"][:8]) + (" …" if layers > 8 else ""))
+
+
+def _follow_current(wb: Workbench) -> None:
+    """When another configuration is shown (a search, an import, a click), the slider shows its number of
+    exact layers, so that it never contradicts the configuration on screen."""
+    current_id = st.session_state.current_id
+    if st.session_state.get("mask_follows") != current_id:
+        current = wb.metrics(current_id)
+        st.session_state.mask_exact = len(current.settings) - len(current.table_layers)
+        st.session_state.mask_follows = current_id
 
 
 def _mask_moved(wb: Workbench, setting: LayerSetting, rank_by: str) -> None:

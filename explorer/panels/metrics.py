@@ -79,10 +79,10 @@ def live(current: Metrics, previous: Metrics | None) -> None:
     cols[1].metric("Retention (of exact accuracy)", f"{current.retention:.1%}",
                    _delta(current.retention, previous and previous.retention, 100, " pp"), delta_color=noise)
     cols[2].metric(f"FLOPs, paper: {change(current.reduction_paper)}", f"{current.flops_paper / 1e6:.3g} M",
-                   _delta(current.flops_paper, previous and previous.flops_paper, 1e-6, " M"), delta_color="inverse",
+                   _delta(current.flops_paper, previous and previous.flops_paper, 1e-6, " M", 3), delta_color="inverse",
                    help="Paper convention: encoding free (exact MACs + table lookups and additions).")
     cols[3].metric(f"FLOPs, full: {change(current.reduction_full)}", f"{current.flops_full / 1e6:.3g} M",
-                   _delta(current.flops_full, previous and previous.flops_full, 1e-6, " M"), delta_color="inverse",
+                   _delta(current.flops_full, previous and previous.flops_full, 1e-6, " M", 3), delta_color="inverse",
                    help="Full convention: the encoding (nearest-prototype search or tree comparisons) counted too.")
     cols[4].metric(f"Storage: ×{current.storage_ratio:.2f} of the original",
                    f"{current.paper.storage_bytes / MIB:.2f} MiB",
@@ -101,11 +101,13 @@ def uncertainty(current: Metrics, previous: Metrics | None) -> None:
     st.caption(line, help=f"{INTERVAL_HELP} {PAIRED_HELP}")
 
 
-def _delta(now: float, before: float | None, scale: float, unit: str) -> str | None:
+def _delta(now: float, before: float | None, scale: float, unit: str, digits: int = 2) -> str | None:
+    """The change at a fixed number of decimals; None (no arrow) when it rounds to zero, so that a card
+    never shows "↑ +0 M" or a meaningless "-2e-05 M"."""
     if before is None:
         return None
-    diff = (now - before) * scale
-    return f"{diff:+.2f}{unit}" if unit == " pp" else f"{diff:+.3g}{unit}"
+    text = f"{(now - before) * scale:+.{digits}f}"
+    return None if float(text) == 0 else text + unit
 
 
 def breakdown(current: Metrics) -> None:
