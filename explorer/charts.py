@@ -19,8 +19,11 @@ FINE_TUNED = "fine-tuned"
 COSTS: dict[str, tuple[str, Callable[[Metrics], float]]] = {
     "flops_paper": ("FLOPs per image — paper convention (encoding free)", lambda m: m.flops_paper),
     "flops_full": ("FLOPs per image — full convention (encoding counted)", lambda m: m.flops_full),
-    "storage_bytes": ("Storage of weights + tables + prototypes (bytes)", lambda m: m.paper.storage_bytes),
+    "storage_bytes": ("Storage of weights + tables + prototypes (MiB)", lambda m: m.paper.storage_bytes / 2**20),
 }
+# FLOPs in SI units (M); storage in MiB like the cards, labelled at 1, 2 and 5 per decade so ticks never overlap
+AXES: dict[str, dict[str, Any]] = {"flops_paper": dict(tickformat="~s"), "flops_full": dict(tickformat="~s"),
+                                   "storage_bytes": dict(tickformat="~g", dtick="D2")}
 ORIGINS = {  # label prefix -> legend group (labels are set by the library's searches and by the page)
     "priority": "priority masking", "all tables": "priority masking", "greedy": "budgeted search",
     "only ": "sweeps", "all but ": "sweeps", "baseline": "baseline", "fine-tuned": FINE_TUNED,
@@ -106,7 +109,7 @@ def tradeoff(points: Sequence[Metrics], baseline: Metrics, current: Metrics, cos
     fig.update_layout(
         height=400, margin=dict(l=10, r=10, t=40, b=10), title=dict(text=f"Accuracy vs {title.split(' (')[0]}",
                                                                     font=dict(size=15)),
-        xaxis=dict(title=title, type="log", tickformat="~s"),
+        xaxis=dict(title=title, type="log", **AXES[cost]),
         yaxis=dict(title=f"top-1 accuracy (%) on {baseline.eval_images} test images"),
         legend=dict(orientation="h", yanchor="top", y=-0.2, x=0), clickmode="event+select", hovermode="closest",
         modebar=dict(orientation="v"),
@@ -172,24 +175,23 @@ def sensitivity_bars(rows: Sequence[dict[str, Any]], all_tables_retention: float
     return fig
 
 
-def patch_chart(result: dict[str, Any]) -> go.Figure:
-    """The im2col patch as bars coloured by subspace, with each subspace's chosen prototype over it."""
-    fig = go.Figure()
-    palette = ["#4C78A8", "#F58518"]
-    for item in result["subspaces"]:
-        start, stop = item["columns"]
-        xs = list(range(start, stop))
-        colour = palette[item["index"] % 2]
-        fig.add_trace(go.Bar(x=xs, y=item["values"], marker_color=colour, opacity=0.55, showlegend=False,
-                             hovertemplate=f"subspace {item['index']}<br>column %{{x}}: %{{y:.3f}}<extra></extra>"))
-        fig.add_trace(go.Scatter(x=xs, y=item["prototype"], mode="lines", line=dict(color="#222222", width=1.5),
-                                 showlegend=item["index"] == 0, name="chosen prototype",
-                                 hovertemplate=f"prototype {item['code']}: %{{y:.3f}}<extra></extra>"))
-    if result["padded_dim"] > result["inner_dim"]:
-        fig.add_vrect(x0=result["inner_dim"] - 0.5, x1=result["padded_dim"] - 0.5, fillcolor="#DDDDDD",
-                      opacity=0.5, line_width=0, annotation_text="zero padding")
-    fig.update_layout(height=300, bargap=0, margin=dict(l=10, r=10, t=30, b=10),
-                      xaxis=dict(title="patch column (input channel, kernel row, kernel column)"),
+def subspace_chart(result: dict[str, Any], index: int, labels: Sequence[str]) -> go.Figure:
+    """One subspace of the patch: its values as bars, the chosen prototype over them (readable for any D)."""
+    item = result["subspaces"][index]
+    start, stop = item["columns"]
+    xs = list(range(start, stop))
+    fig = go.Figure([
+        go.Bar(x=xs, y=item["values"], marker_color="#4C78A8", opacity=0.6, name="patch values",
+               customdata=list(labels), hovertemplate="%{customdata}<br>value %{y:.3f}<extra></extra>"),
+        go.Scatter(x=xs, y=item["prototype"], mode="lines+markers", line=dict(color="#222222", width=1.5),
+                   marker=dict(size=4), name=f"chosen prototype k{item['code']}",
+                   hovertemplate="prototype value %{y:.3f}<extra></extra>"),
+    ])
+    if stop > result["inner_dim"] > start:
+        fig.add_vrect(x0=result["inner_dim"] - 0.5, x1=stop - 0.5, fillcolor="#DDDDDD", opacity=0.5, line_width=0,
+                      annotation_text="zero padding")
+    fig.update_layout(height=300, bargap=0.1, margin=dict(l=10, r=10, t=30, b=10),
+                      xaxis=dict(title=f"patch column (subspace {index}: columns {start}–{stop - 1})"),
                       yaxis=dict(title="value"), legend=dict(orientation="h", y=1.12, x=1, xanchor="right"))
     return fig
 
@@ -197,9 +199,12 @@ def patch_chart(result: dict[str, Any]) -> go.Figure:
 def sum_chart(result: dict[str, Any]) -> go.Figure:
     """Per subspace: the table entry that is summed, next to the exact partial dot product it stands for."""
     labels = [f"c{item['index']} → k{item['code']}" for item in result["subspaces"]]
+    gaps = [item["gap"] for item in result["contributions"]]
     fig = go.Figure([
         go.Bar(x=labels, y=result["table_terms"], name="table entry T[c, k, m]", marker_color="#4C78A8"),
         go.Bar(x=labels, y=result["exact_terms"], name="exact partial dot product", marker_color="#BBBBBB"),
+        go.Scatter(x=labels, y=gaps, mode="markers", name="gap (table − exact)",
+                   marker=dict(symbol="diamond", size=8, color="#E45756")),
     ])
     fig.update_layout(barmode="group", height=300, margin=dict(l=10, r=10, t=30, b=10),
                       yaxis=dict(title=f"contribution to channel {result['channel']}"),
