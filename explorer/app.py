@@ -12,13 +12,26 @@ if str(ROOT) not in sys.path:  # `streamlit run` puts explorer/ on the path, not
 import streamlit as st  # noqa: E402
 
 from explorer import actions, state  # noqa: E402
-from explorer.panels import automatic, chooser, editor, finetuning, history, loading, metrics, plots, teaching, transfer  # noqa: E402
+from explorer.panels import (  # noqa: E402
+    automatic,
+    chooser,
+    editor,
+    finetuning,
+    history,
+    loading,
+    metrics,
+    plots,
+    teaching,
+    tour,
+    transfer,
+)
 from explorer.workbench import Workbench  # noqa: E402
 
 
 @st.fragment
 def workbench(wb: Workbench) -> None:
     """The core loop; a toggle, a click or a search reruns only this part of the page."""
+    tour.apply(wb)
     actions.handle_requests(wb)
     state.show_notice()
     current = wb.metrics(st.session_state.current_id)
@@ -55,8 +68,10 @@ def main() -> None:
     st.title("TabConv Explorer")
     choice = chooser.sidebar()
     wb = loading.open_choice(choice)
+    chooser.used_counts(choice, wb.session.calibration.images, len(wb.session.eval_set))
     metrics.header(wb)
     loading.start(wb, choice)
+    tour.panel(wb)
     workbench(wb)
     teaching.panel(wb)
 

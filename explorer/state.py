@@ -27,6 +27,8 @@ DEFAULTS: dict[str, Any] = {
     "last_apply": None,  # what the last evaluation rebuilt and re-ran, and how long it took
     "editor_version": 0,  # bumped to reset the data editor after its edits were applied
     "chart_version": 0,  # bumped to clear a chart's selection after a click was handled
+    "tour_step": None,  # the guided tour's step on screen (None: no tour)
+    "tour_request": None,  # a tour step whose configuration the workbench is to set
 }
 
 
@@ -40,7 +42,7 @@ def init() -> None:
 def reset_view() -> None:
     """Forget what this tab showed (a different Session was opened)."""
     for key in ("current_id", "previous_id", "locks", "pending", "tables_request", "load_request", "notice",
-                "last_apply"):
+                "last_apply", "tour_step", "tour_request"):
         st.session_state[key] = copy.copy(DEFAULTS[key])
 
 

@@ -153,3 +153,14 @@ def _dataset_note(choice: Choice) -> None:
     st.caption(f"**{info.name}**: {info.description}.")
     if not is_available(choice.dataset, choice.data_root):
         st.caption(f"Not on disk. How to get it: {info.how_to_get}.")
+
+
+def used_counts(choice: Choice, calibration_images: int, eval_images: int) -> None:
+    """Under the form: the image counts really used, where a split is smaller than the count asked for."""
+    notes = [f"{used} {what} images are used: the {choice_split} split has {used} (asked for {asked})."
+             for what, choice_split, asked, used in (
+                 ("evaluation", "test", choice.eval_images, eval_images),
+                 ("calibration", choice.calibration.split, choice.calibration.images, calibration_images))
+             if used < asked]
+    if notes:
+        st.sidebar.info(" ".join(notes))
