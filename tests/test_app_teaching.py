@@ -12,13 +12,16 @@ import re
 
 from streamlit.testing.v1 import AppTest
 
-from explorer.panels import metrics
+from explorer import editing
+from explorer.panels import editor, metrics
 from explorer.panels.tour import MASKED, SEARCH_BUDGET, STEPS
 from explorer.workbench import open_workbench
+from tabconv.settings import EXACT, LayerSetting
 from tabconv.teaching import GLOSSARY, error_summary, explain, worst_subspace
 from tests.helpers import no_failure
 
 SETTING_COLUMNS = ["C", "S", "K", "encoder", "LUT"]
+TABLE = LayerSetting("table")
 
 
 def _current_label(at: AppTest) -> str:
@@ -166,3 +169,20 @@ def test_the_sidebar_says_how_many_evaluation_images_are_used(app: AppTest) -> N
     assert used < 1000
     assert any(f"{used} evaluation images are used: the test split has {used} (asked for 1000)" in i.value
                for i in app.sidebar.info), [i.value for i in app.sidebar.info]
+
+
+def test_editor_cells_arrive_as_text_and_a_dash_means_not_set() -> None:
+    names = ["a", "b"]
+    settings = {"a": EXACT, "b": TABLE}
+    new, _, messages = editing.apply_row_edits(settings, names, {0: {"K": "16", "C": "—"}, 1: {"encoder": "—"}},
+                                               TABLE, frozenset())
+    assert new == {"a": TABLE.with_(centroids=16), "b": TABLE} and not messages
+    unchanged, _, messages = editing.apply_row_edits(settings, names, {1: {"C": "four"}}, TABLE, frozenset())
+    assert unchanged == settings and "whole number" in messages[0]
+    cells = editor.frame([{"name": "a", "mode": "exact", "codebooks": None, "centroids": None, "encoder": None,
+                           "lut_dtype": None, "cosine": 1.0, "relative_error": 0.0, "calibration_rows": 10,
+                           "k_exceeds_rows": False, "kind": "conv", "input_shape": [1, 4, 4],
+                           "output_shape": [2, 4, 4], "inner_dim": 9, "out_features": 2, "rows_per_image": 16,
+                           "macs": 288, "mac_share": 1.0, "flops_paper": 288, "flops_full": 288, "weight_bytes": 72,
+                           "table_bytes": 0, "prototype_bytes": 0}], frozenset())
+    assert list(cells.loc[0, SETTING_COLUMNS + ["tables/weights"]]) == ["—"] * 6
