@@ -21,9 +21,8 @@ COSTS: dict[str, tuple[str, Callable[[Metrics], float]]] = {
     "flops_full": ("FLOPs per image — full convention (encoding counted)", lambda m: m.flops_full),
     "storage_bytes": ("Storage of weights + tables + prototypes (MiB)", lambda m: m.paper.storage_bytes / 2**20),
 }
-# FLOPs in SI units (M); storage in MiB like the cards, labelled at 1, 2 and 5 per decade so ticks never overlap
-AXES: dict[str, dict[str, Any]] = {"flops_paper": dict(tickformat="~s"), "flops_full": dict(tickformat="~s"),
-                                   "storage_bytes": dict(tickformat="~g", dtick="D2")}
+# FLOPs in SI units (M); storage in MiB like the cards, as plain short numbers
+TICK_FORMATS = {"flops_paper": "~s", "flops_full": "~s", "storage_bytes": "~g"}
 ORIGINS = {  # label prefix -> legend group (labels are set by the library's searches and by the page)
     "priority": "priority masking", "all tables": "priority masking", "greedy": "budgeted search",
     "only ": "sweeps", "all but ": "sweeps", "baseline": "baseline", "fine-tuned": FINE_TUNED,
@@ -109,12 +108,19 @@ def tradeoff(points: Sequence[Metrics], baseline: Metrics, current: Metrics, cos
     fig.update_layout(
         height=400, margin=dict(l=10, r=10, t=40, b=10), title=dict(text=f"Accuracy vs {title.split(' (')[0]}",
                                                                     font=dict(size=15)),
-        xaxis=dict(title=title, type="log", **AXES[cost]),
+        xaxis=dict(title=title, type="log", tickformat=TICK_FORMATS[cost], **log_ticks([value(m) for m in points])),
         yaxis=dict(title=f"top-1 accuracy (%) on {baseline.eval_images} test images"),
         legend=dict(orientation="h", yanchor="top", y=-0.2, x=0), clickmode="event+select", hovermode="closest",
         modebar=dict(orientation="v"),
     )
     return fig
+
+
+def log_ticks(values: Sequence[float]) -> dict[str, Any]:
+    """Over a decade or more, label only 1, 2 and 5 of each decade so that the labels never overlap; over
+    less, plotly's own ticks (20, 30, 40 …) are the readable ones."""
+    low, high = min(values), max(values)
+    return {"dtick": "D2"} if low > 0 and high / low >= 10 else {}
 
 
 def _points(members: Sequence[Metrics], value: Callable[[Metrics], float], name: str,

@@ -12,7 +12,7 @@ import re
 
 from streamlit.testing.v1 import AppTest
 
-from explorer import editing
+from explorer import charts, editing
 from explorer.panels import editor, metrics
 from explorer.panels.tour import MASKED, SEARCH_BUDGET, STEPS
 from explorer.workbench import open_workbench
@@ -155,7 +155,8 @@ def test_group_names_and_the_storage_axis_read_right(app: AppTest) -> None:
     options = app.selectbox(key="group_target").options
     assert "stem (1 layer)" in options and "classifier (1 layer)" in options and "all (21 layers)" in options
     storage = json.loads(app.get("plotly_chart")[1].proto.spec)
-    assert "(MiB)" in storage["layout"]["xaxis"]["title"]["text"] and storage["layout"]["xaxis"]["dtick"] == "D2"
+    assert "(MiB)" in storage["layout"]["xaxis"]["title"]["text"] and storage["layout"]["xaxis"]["tickformat"] == "~g"
+    assert charts.log_ticks([0.5, 12.0]) == {"dtick": "D2"} and charts.log_ticks([15.0, 45.0]) == {}
     star = next(t for t in storage["data"] if t["name"] == "baseline (exact)")
     base = open_workbench(app.session_state["spec"]).session.baseline
     assert star["x"][0] == base.paper.storage_bytes / 2**20

@@ -35,7 +35,7 @@ def panel(wb: Workbench) -> None:
     position = _position(info, cols[2], cols[3])
     channel = cols[4].number_input(f"Output channel (0–{info.out_features - 1})", 0, info.out_features - 1, None,
                                    placeholder="largest value", key=f"teach_channel-{layer}",
-                                   help="Empty: the channel with the largest exact value at this position.")
+                                   help="Empty: the channel whose exact value is largest in magnitude here.")
     setting = current.settings[layer] if layer in tabled else st.session_state.defaults
     if layer not in tabled:
         st.caption(f"{layer} is exact in configuration #{current.id}: shown as a table layer with the default "
@@ -143,7 +143,7 @@ def _result(r: dict, chosen: bool) -> None:
     """The channel's sum against the exact value, and why they differ."""
     m = r["channel"]
     summary = error_summary(r)
-    why = " (chosen as the largest exact value at this position: pick another above)" if chosen else ""
+    why = " (the exact value largest in magnitude at this position: pick another above)" if chosen else ""
     largest = ", ".join(f"subspace {item['subspace']} ({item['gap']:+.3f})" for item in summary["largest"])
     st.markdown(
         f"**4 · The result.** Channel {m}{why}: table sum **{r['table_value']:.3f}** vs exact dot product "
