@@ -186,8 +186,9 @@ def subspace_chart(result: dict[str, Any], index: int, labels: Sequence[str]) ->
     item = result["subspaces"][index]
     start, stop = item["columns"]
     xs = list(range(start, stop))
+    what = "patch column" if result["kernel"] else "input feature"
     fig = go.Figure([
-        go.Bar(x=xs, y=item["values"], marker_color="#4C78A8", opacity=0.6, name="patch values",
+        go.Bar(x=xs, y=item["values"], marker_color="#4C78A8", opacity=0.6, name=f"{what} values",
                customdata=list(labels), hovertemplate="%{customdata}<br>value %{y:.3f}<extra></extra>"),
         go.Scatter(x=xs, y=item["prototype"], mode="lines+markers", line=dict(color="#222222", width=1.5),
                    marker=dict(size=4), name=f"chosen prototype k{item['code']}",
@@ -197,7 +198,7 @@ def subspace_chart(result: dict[str, Any], index: int, labels: Sequence[str]) ->
         fig.add_vrect(x0=result["inner_dim"] - 0.5, x1=stop - 0.5, fillcolor="#DDDDDD", opacity=0.5, line_width=0,
                       annotation_text="zero padding")
     fig.update_layout(height=300, bargap=0.1, margin=dict(l=10, r=10, t=30, b=10),
-                      xaxis=dict(title=f"patch column (subspace {index}: columns {start}–{stop - 1})"),
+                      xaxis=dict(title=f"{what} (subspace {index}: columns {start}–{stop - 1})"),
                       yaxis=dict(title="value"), legend=dict(orientation="h", y=1.12, x=1, xanchor="right"))
     return fig
 
@@ -230,5 +231,6 @@ def channels_chart(result: dict[str, Any]) -> go.Figure:
                    hovertemplate="channel %{customdata}<br>exact %{x:.4f}<br>tables %{y:.4f}<extra></extra>"),
     ])
     fig.update_layout(height=300, margin=dict(l=10, r=10, t=30, b=10),
-                      xaxis=dict(title="exact (BN-folded layer)"), yaxis=dict(title="table sum"))
+                      xaxis=dict(title="exact value" + (" (batch norm folded in)" if result["bn"] else "")),
+                      yaxis=dict(title="table sum"))
     return fig

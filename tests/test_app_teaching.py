@@ -76,11 +76,15 @@ def test_a_deep_conv_layer_is_shown_one_subspace_at_a_time_with_its_error_explai
 def test_a_linear_layer_is_worded_as_a_linear_layer(app: AppTest) -> None:
     result = _teach(app, "fc")
     assert result["kind"] == "linear" and len(_subspace_selector(app, "fc").options) == result["codebooks"]
-    steps = " ".join(_steps(app))
-    assert "this image's feature vector" in steps and "D = 512" in steps
-    for word in ("im2col", "batch norm", "folded", "kernel tap"):
+    view = app.get("plotly_chart")[-3:]  # the teaching view's subspace, sum and channel charts
+    steps = " ".join(_steps(app) + [c.value for c in app.caption if c.value.startswith("Subspace ")])
+    assert "this image's feature vector" in steps and "D = 512" in steps and "its feature index" in steps
+    for word in ("im2col", "batch norm", "folded", "kernel", "patch"):
         assert word not in steps, word
     assert not any(n.label.startswith("Row") for n in app.number_input)  # one row per image: nothing to pick
+    for chart in view:
+        spec = chart.proto.spec.lower()
+        assert "patch" not in spec and "batch norm" not in spec and "bn-folded" not in spec
     assert f"table sum **{result['table_value']:.3f}**" in steps
 
 

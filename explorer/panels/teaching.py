@@ -128,9 +128,9 @@ def _subspace(r: dict) -> None:
                     key="teach_subspace_chart", config={"displaylogo": False})
     runner_up = ("" if item["runner_up_distance"] is None
                  else f"; the next best prototype is at {item['runner_up_distance']:.3f}")
+    source = "the input channel and kernel tap it comes from" if r["kernel"] else "its feature index"
     st.caption(f"Subspace {index}: its {len(item['values'])} values (bars) are encoded as prototype k{item['code']} "
-               f"(black line), squared distance {item['distance']:.3f}{runner_up}. Hover a bar for the input channel "
-               "and kernel tap it comes from.")
+               f"(black line), squared distance {item['distance']:.3f}{runner_up}. Hover a bar for {source}.")
     st.dataframe(pd.DataFrame([{
         "subspace": s["index"], "columns": f"{s['columns'][0]}–{s['columns'][1] - 1}", "prototype": s["code"],
         "squared distance": s["distance"], "next best distance": s["runner_up_distance"],
