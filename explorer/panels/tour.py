@@ -110,7 +110,8 @@ def apply(wb: Workbench) -> None:
     elif name == "every layer":
         state.request(session.uniform(setting), "tour: every layer tabled")
     elif name == "priority masking":
-        st.session_state.load_request = sweeps.masking(wb, setting, "cumulative")["ids"][MASKED]
+        ids = sweeps.masking(wb, setting, "cumulative")["ids"]
+        st.session_state.load_request = ids[min(MASKED, len(ids) - 1)]  # a model with fewer layers: all exact
     else:
         result = sweeps.budgeted(wb, setting, SEARCH_TARGET / 100, None, "paper", SEARCH_BUDGET)
         best = result.best or session.baseline
