@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tabconv.config import Calibration, atomic_write_text  # noqa: E402
-from tabconv.finetune import finetune_session  # noqa: E402
+from tabconv.finetune import DEFAULT_LAYER_LOSS, DEFAULT_LR, finetune_session  # noqa: E402
 from tabconv.session import Session  # noqa: E402
 from tabconv.settings import LayerSetting  # noqa: E402
 
@@ -61,13 +61,14 @@ def measure(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     result = {"row": row.name, "fit": row.fit, "calibration": row.mode, "setting": row.setting.to_dict(),
               "layers_tabled": len(quantizers), "build_s": round(build_s, 1), **_numbers(metrics)}
     if row.steps:
-        tuned = finetune_session(session, metrics, steps=row.steps, images=args.finetune_images, lr=args.lr)
+        tuned = finetune_session(session, metrics, steps=row.steps, images=args.finetune_images, lr=args.lr,
+                                 layer_loss=args.layer_loss)
         report = tuned.report
         result["untuned"] = _numbers(metrics)
         result.update(_numbers(tuned.metrics))
         result["finetune"] = {"steps": report.steps, "images": report.images, "lr": report.lr,
-                              "seconds": round(report.seconds, 1), "loss_before": report.loss_before,
-                              "loss_after": report.loss_after}
+                              "layer_loss": report.layer_loss, "seconds": round(report.seconds, 1),
+                              "loss_before": report.loss_before, "loss_after": report.loss_after}
     result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
     return result
 
@@ -109,7 +110,9 @@ def main() -> None:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--eval-images", type=int, default=None)
     parser.add_argument("--finetune-images", type=int, default=8192)
-    parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="fine-tuning learning rate")
+    parser.add_argument("--layer-loss", type=float, default=DEFAULT_LAYER_LOSS,
+                        help="fine-tuning per-layer loss weight")
     parser.add_argument("--rows", default=None, help="comma-separated row numbers (default: all)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results-learned"))
     args = parser.parse_args()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tabconv import config as config_file
+from tabconv import finetune as finetuning
 from tabconv.cache import TableCache
 from tabconv.config import FIT_METHODS, Calibration, ConfigError, Configuration, atomic_write_bytes
 from tabconv.cost import CONVENTIONS, model_cost
@@ -207,14 +208,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from tabconv.finetune import finetune_session
-
     session = _session(args, config_file.load(args.config).calibration)
     loaded, tables = _load_config(args.config, session)
     if not args.out.endswith(".json"):
         raise CliError(f"--out {args.out!r} must name a .json configuration file (its tables go beside it)")
     parent = _apply_config(session, loaded, tables, label="before fine-tuning")
-    tuned = finetune_session(session, parent, steps=args.steps, images=args.images, lr=args.lr,
+    tuned = finetuning.finetune_session(session, parent, steps=args.steps, images=args.images, lr=args.lr,
                              batch_size=args.batch_size, layer_loss=args.layer_loss, seed=args.seed,
                              progress=_progress_bar("finetune"))
     out, tables_path = Path(args.out), tables_path_for(args.out)
@@ -396,12 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="train a configuration's tables end to end, distilling the exact network")
     _session_options(p)
     p.add_argument("--config", required=True, help="the configuration to fine-tune (its calibration is used)")
-    p.add_argument("--steps", type=_positive, default=300)
-    p.add_argument("--images", type=_positive, default=4096, help="first N training images (default %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=_positive, default=finetuning.DEFAULT_STEPS)
+    p.add_argument("--images", type=_positive, default=finetuning.DEFAULT_IMAGES,
+                   help="first N training images (default %(default)s)")
+    p.add_argument("--lr", type=float, default=finetuning.DEFAULT_LR, help="Adam learning rate (default %(default)g)")
     p.add_argument("--batch-size", type=_positive, default=64)
-    p.add_argument("--layer-loss", type=float, default=0.0,
-                   help="weight of the per-layer output loss beside the logits' (default 0)")
+    p.add_argument("--layer-loss", type=float, default=finetuning.DEFAULT_LAYER_LOSS,
+                   help="weight of the per-layer output loss beside the logits' (default %(default)g; 0: logits only)")
     p.add_argument("--out", required=True, help="TUNED.json; the tables go to TUNED.tables.pt beside it")
     p.set_defaults(func=cmd_finetune)
 

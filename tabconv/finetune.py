@@ -35,6 +35,15 @@ if TYPE_CHECKING:
 
 Progress = Callable[[dict[str, Any]], None]
 
+# Defaults measured on ResNet-18/MNIST, every layer tabled at S=9 K=16 (least-squares start, 300 steps, 4,096
+# images): lr 1e-3 raised the held-out loss within 4 steps and never recovered (Adam moves every table entry by
+# about lr a step, and C of them are summed); 1e-4 lowered it 0.098 -> 0.079, 3e-4 to 0.085, 3e-4 with the
+# per-layer loss at weight 1 to 0.060 (accuracy 96.13% -> 96.56% on 10,000 test images).
+DEFAULT_STEPS = 300
+DEFAULT_IMAGES = 4096
+DEFAULT_LR = 3e-4
+DEFAULT_LAYER_LOSS = 1.0
+
 
 class TrainableTables(nn.Module):
     """A fitted ProductQuantizer's learned tensors as Parameters, with a straight-through forward."""
@@ -148,8 +157,8 @@ class _LayerOutputs:
 
 
 def finetune(teacher: nn.Module, structure: ModelStructure, quantizers: Mapping[str, ProductQuantizer],
-             images: torch.Tensor, *, steps: int = 300, lr: float = 1e-3, batch_size: int = 64,
-             layer_loss: float = 0.0, seed: int = 0, progress: Progress | None = None
+             images: torch.Tensor, *, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, batch_size: int = 64,
+             layer_loss: float = DEFAULT_LAYER_LOSS, seed: int = 0, progress: Progress | None = None
              ) -> tuple[dict[str, ProductQuantizer], FinetuneReport]:
     """Train the table layers of `quantizers` to match `teacher` on `images` (already normalised).
 
@@ -262,8 +271,9 @@ class Tuned:
         return config
 
 
-def finetune_session(session: Session, parent: Metrics, *, steps: int = 300, images: int = 4096,
-                     lr: float = 1e-3, batch_size: int = 64, layer_loss: float = 0.0, seed: int = 0,
+def finetune_session(session: Session, parent: Metrics, *, steps: int = DEFAULT_STEPS, images: int = DEFAULT_IMAGES,
+                     lr: float = DEFAULT_LR, batch_size: int = 64, layer_loss: float = DEFAULT_LAYER_LOSS,
+                     seed: int = 0,
                      progress: Progress | None = None) -> Tuned:
     """Fine-tune an evaluated configuration of a session on its first `images` calibration-split images;
     the result is evaluated on the session's images and lands in its history labelled "fine-tuned"."""

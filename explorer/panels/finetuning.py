@@ -11,13 +11,11 @@ import streamlit as st
 
 from explorer import charts, state, sweeps
 from explorer.workbench import Workbench
+from tabconv import finetune as finetuning
 from tabconv.finetune import Tuned
 from tabconv.metrics import Metrics
 from tabconv.stats import accuracy_text, interval_text
 
-DEFAULT_STEPS = 300
-DEFAULT_IMAGES = 4096
-DEFAULT_LR = 1e-3
 BELONGS = ("Fine-tuned tables belong to this exact configuration: toggles never re-run fine-tuning, and a toggle "
            "from a fine-tuned configuration evaluates an ordinary (untuned) one.")
 
@@ -35,21 +33,25 @@ def panel(wb: Workbench, current: Metrics) -> None:
     available = len(wb.session.calibration_set)
     if st.session_state.get("tune_images", 0) > available:  # a session with a smaller calibration split
         st.session_state.tune_images = available
-    cols = st.columns([1, 1, 1, 1.3], vertical_alignment="bottom")
-    steps = cols[0].number_input("Steps", 1, 100_000, DEFAULT_STEPS, key="tune_steps",
+    cols = st.columns([1, 1, 1, 1, 1.3], vertical_alignment="bottom")
+    steps = cols[0].number_input("Steps", 1, 100_000, finetuning.DEFAULT_STEPS, key="tune_steps",
                                  help="Adam steps (cosine schedule), each on a batch of 64 images")
-    images = cols[1].number_input("Images", 1, available, min(DEFAULT_IMAGES, available), key="tune_images",
+    images = cols[1].number_input("Images", 1, available, min(finetuning.DEFAULT_IMAGES, available), key="tune_images",
                                   help=f"The first N images of the calibration ({wb.session.calibration.split}) split, "
                                        f"which has {available}; the exact network's logits are the targets")
-    lr = cols[2].number_input("Learning rate", 1e-6, 1.0, DEFAULT_LR, format="%g", step=1e-4, key="tune_lr")
-    start = cols[3].button(f"Fine-tune #{current.id}", key="run_finetune", type="primary", width="stretch",
+    lr = cols[2].number_input("Learning rate", 1e-6, 1.0, finetuning.DEFAULT_LR, format="%g", step=1e-4, key="tune_lr")
+    layer_loss = cols[3].number_input("Layer loss", 0.0, 100.0, finetuning.DEFAULT_LAYER_LOSS, format="%g", step=0.5,
+                                      key="tune_layer_loss",
+                                      help="Weight of each table layer's output error against the exact layer's, "
+                                           "beside the logits' distillation loss (0: logits only)")
+    start = cols[4].button(f"Fine-tune #{current.id}", key="run_finetune", type="primary", width="stretch",
                            icon=":material/model_training:")
     st.caption(f"Trains the tables, prototypes (or tree thresholds) and temperature of the {len(tabled)} table "
                "layer(s) to match the exact network's logits (distillation, straight-through codes); exact layers "
                f"stay frozen. {BELONGS}")
     if start:
         try:
-            run = sweeps.finetune(wb, current, int(steps), int(images), float(lr))
+            run = sweeps.finetune(wb, current, int(steps), int(images), float(lr), float(layer_loss))
         except Exception as exc:  # the page survives any failure of the library
             state.notify("error", f"Fine-tuning failed: {exc}")
         else:
