@@ -28,7 +28,7 @@ from tabconv.tablesfile import TablesFileError, load_tables, tables_path_for
 from tabconv.train import CheckpointError
 
 USER_ERRORS = (ConfigError, TablesFileError, CheckpointError, DatasetUnavailable, SettingError, UnknownLayerError,
-               LoweringError, FileNotFoundError, ValueError)
+               LoweringError, FileNotFoundError, ValueError, FloatingPointError)
 
 
 class CliError(Exception):

@@ -88,16 +88,19 @@ class TrainableTables(nn.Module):
         return F.softmax(-(dist - nearest.values.unsqueeze(-1)) / temperature, dim=-1), nearest.indices
 
     def _tree_assign(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        thresholds = torch.where(self.finite, self.thresholds, torch.inf)
         with torch.no_grad():
-            hard = encode_hash_trees(xs, self.split_dims, thresholds).t()  # (C, N)
+            hard = encode_hash_trees(xs, self.split_dims, torch.where(self.finite, self.thresholds, torch.inf)).t()
         temperature = self._temperature(xs.std())
         codebooks, rows, _ = xs.shape
         prob = xs.new_ones(codebooks, rows, 1)
         for level in range(self.split_dims.shape[1]):
             nodes = 2**level
             value = xs.gather(2, self.split_dims[:, level].view(-1, 1, 1).expand(codebooks, rows, 1))
-            right = torch.sigmoid((value - thresholds[:, nodes - 1 : 2 * nodes - 1].unsqueeze(1)) / temperature)
+            level_nodes = slice(nodes - 1, 2 * nodes - 1)
+            soft = torch.sigmoid((value - self.thresholds[:, level_nodes].unsqueeze(1)) / temperature)
+            # an infinite threshold (a node that never splits) sends every row left; selecting 0 there keeps
+            # inf out of the graph: d/d(temperature) of sigmoid(-inf / t) would be 0 * inf = nan
+            right = torch.where(self.finite[:, level_nodes].unsqueeze(1), soft, 0.0)
             prob = torch.stack([prob * (1 - right), prob * right], dim=-1).reshape(codebooks, rows, 2 * nodes)
         return prob, hard
 
@@ -204,6 +207,9 @@ def finetune(teacher: nn.Module, structure: ModelStructure, quantizers: Mapping[
             loss = distillation_loss(student(batch), target)
             if layer_loss:
                 loss = loss + layer_loss * _layer_term(watch_student, watch_teacher, exact_outputs)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fine-tuning diverged: the loss is {float(loss.detach())} at step {step}; "
+                                         f"try a smaller learning rate than {lr}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

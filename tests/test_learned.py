@@ -169,6 +169,39 @@ def test_the_straight_through_forward_is_the_inference_forward_and_trees_learn_t
         assert trainable.tables.grad.abs().sum() > 0 and trainable.log_temperature.grad is not None
 
 
+def test_tree_nodes_that_never_split_keep_every_gradient_finite():
+    """A constant subspace leaves tree nodes with infinite thresholds; they must not turn the temperature's
+    gradient into nan (it did: 0 * inf), which silently stopped every tree fine-tuning run."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(512, 16, generator=g), torch.randn(16, 4, generator=g)
+    x[:, :4] = 1.0
+    pq = ProductQuantizer(4, 8, encoder="tree").fit(x).set_weight(w)
+    assert not torch.isfinite(pq.thresholds_).all()
+    trainable = TrainableTables(pq)
+    out = trainable(x)
+    torch.testing.assert_close(out, pq(x), atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    for name, param in trainable.named_parameters():
+        assert torch.isfinite(param.grad).all(), name
+
+
+def test_tree_finetuning_lowers_the_loss(tiny_digits):
+    session = _session(tiny_digits)
+    before = session.apply(session.uniform(LayerSetting("table", 4, 8, encoder="tree")))
+    images = session.calibration_set.normalize(session.calibration_set.images)
+    tuned, report = finetune(session.model, session.structure, session.quantizers(before), images, steps=60)
+    assert report.best_step > 0 and report.loss_after < report.loss_before
+    assert all(math.isfinite(loss) for _, loss in report.loss_curve)
+
+
+def test_a_diverging_run_stops_with_a_clear_error(tiny_digits):
+    session = _session(tiny_digits)
+    before = session.apply(session.uniform(LayerSetting("table", 4, 8)))
+    images = session.calibration_set.normalize(session.calibration_set.images)
+    with pytest.raises(FloatingPointError, match="diverged.*smaller learning rate"):
+        finetune(session.model, session.structure, session.quantizers(before), images, steps=20, lr=1e6)
+
+
 def test_tables_file_round_trip_and_refusals(tiny_digits, tmp_path):
     session = _session(tiny_digits)
     settings = session.complete(session.uniform(LayerSetting("table", 4, 8, lut_dtype="int8")))
