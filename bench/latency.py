@@ -36,6 +36,8 @@ from tabconv import config as config_file  # noqa: E402
 from tabconv.cache import TableCache  # noqa: E402
 from tabconv.config import Calibration, atomic_write_text  # noqa: E402
 from tabconv.export import TabledNetwork, onnx_bytes  # noqa: E402
+from tabconv.latency import images, ort_session  # noqa: E402
+from tabconv.latency import measure as measure_end_to_end  # noqa: E402
 from tabconv.session import Session  # noqa: E402
 from tabconv.settings import LayerSetting  # noqa: E402
 from tabconv.tablesfile import load_tables  # noqa: E402
@@ -53,18 +55,6 @@ def parse_setting(text: str) -> LayerSetting:
                                              f"got {part!r}")
         fields[SETTING_KEYS[key]] = int(value) if key in ("C", "K", "S") else value
     return LayerSetting("table", **fields)
-
-
-def median_ms(run: Callable[[], object], repeats: int, warmup: int) -> float:
-    """Median wall time of `run` in milliseconds."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 class LayerTimer:
@@ -130,18 +120,6 @@ def eager(model: nn.Module, layout: torch.memory_format) -> nn.Module:
     return model.to(memory_format=layout).eval()
 
 
-def images(session: Session, batch: int) -> torch.Tensor:
-    """The first `batch` test images (repeated when the split is smaller), normalised, float32."""
-    x = session.eval_set.normalize(session.eval_set.images[:batch]).float()
-    return x.repeat(-(-batch // len(x)), *[1] * (x.dim() - 1))[:batch].contiguous()
-
-
-def ort_session(data: bytes, threads: int) -> onnxruntime.InferenceSession:
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-
-
 def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
     """How far another runtime's logits are from eager PyTorch's: the check that both time the same network."""
     scale = float(np.abs(reference).max()) or 1.0
@@ -163,7 +141,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     for batch in args.batches:
         x = images(session, batch)
         results["checks"].update(check(networks, runtimes, x, layout))
-        results["end_to_end"].append({"batch": batch, **end_to_end(networks, runtimes, x, layout, args)})
+        timed = measure_end_to_end(networks["exact"], networks["tabled"], x, args.repeats, args.warmup, runtimes,
+                                   layout)
+        results["end_to_end"].append({"batch": batch, **timed.row()})
         results["per_layer"][str(batch)] = {
             name: per_layer(net, groups, x.contiguous(memory_format=layout), args) for name, net in networks.items()}
     tables = {n: s for n, s in settings.items() if s.is_table}
@@ -181,21 +161,6 @@ def check(networks: Mapping[str, nn.Module], runtimes: Mapping[str, onnxruntime.
     return {f"{name}, onnxruntime, batch {len(x)}": agreement(
         networks[name](x.contiguous(memory_format=layout)).numpy(), runtime.run(None, {"input": x.numpy()})[0])
         for name, runtime in runtimes.items()}
-
-
-@torch.inference_mode()
-def end_to_end(networks: Mapping[str, nn.Module], runtimes: Mapping[str, onnxruntime.InferenceSession],
-               x: torch.Tensor, layout: torch.memory_format, args: argparse.Namespace) -> dict[str, float]:
-    """Median milliseconds of a whole forward per runtime and network, and tabled / exact per runtime."""
-    x_eager, feed = x.contiguous(memory_format=layout), {"input": x.numpy()}
-    row = {}
-    for name, net in networks.items():
-        row[f"pytorch_{name}_ms"] = median_ms(lambda net=net: net(x_eager), args.repeats, args.warmup)
-    for name, runtime in runtimes.items():
-        row[f"onnxruntime_{name}_ms"] = median_ms(lambda r=runtime: r.run(None, feed), args.repeats, args.warmup)
-    for runtime in ("pytorch", "onnxruntime"):
-        row[f"{runtime}_ratio"] = row[f"{runtime}_tabled_ms"] / row[f"{runtime}_exact_ms"]
-    return row
 
 
 @torch.inference_mode()

@@ -1,5 +1,6 @@
-"""bench/latency.py on a tiny random-init model: what it times is checked against eager PyTorch, ratios come from
-its own medians, every layer is reported (no time bounds: timings belong to a quiet machine)."""
+"""tabconv/latency.py and bench/latency.py on a tiny random-init model: what is timed is checked against eager
+PyTorch, ratios come from the run's own medians, every layer is reported (no time bounds: timings belong to a
+quiet machine)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from tabconv import latency
+from tabconv.config import Calibration
 from tabconv.cost import model_cost
+from tabconv.export import TabledNetwork, onnx_bytes
+from tabconv.session import Session
 from tabconv.settings import LayerSetting
 from tabconv.train import save_checkpoint
 from tests.helpers import model
@@ -23,6 +29,51 @@ def _bench():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def tiny_session(tmp_path: Path) -> Session:
+    """The tiny CNN on the embedded digits, every layer tabled once (C=4, K=8)."""
+    checkpoint = tmp_path / "tiny.pt"
+    meta = {"model": "tiny", "dataset": "digits", "num_classes": 10, "input_shape": [1, 32, 32]}
+    save_checkpoint(checkpoint, model("tiny"), meta)
+    session = Session.from_checkpoint(str(checkpoint), calibration=Calibration(images=64), eval_images=5,
+                                      device="cpu")
+    session.apply(session.uniform(LayerSetting("table", 4, 8)), label="all tables")
+    return session
+
+
+def test_measure_times_both_networks_in_both_runtimes(tiny_session: Session):
+    session = tiny_session
+    specs = [TabledNetwork.from_session(session, tables) for tables in ({}, session.quantizers(session.current))]
+    exact, tabled = (spec.network() for spec in specs)
+    runtimes = {name: latency.ort_session(onnx_bytes(spec), 1)
+                for name, spec in zip(("exact", "tabled"), specs, strict=True)}
+    events = []
+    timed = latency.measure(exact, tabled, latency.images(session, 3), repeats=3, warmup=1, runtimes=runtimes,
+                            progress=events.append)
+    assert (timed.batch, timed.repeats, timed.warmup, timed.threads) == (3, 3, 1, torch.get_num_threads())
+    assert timed.runtimes == ("pytorch", "onnxruntime")
+    assert [e["index"] for e in events] == [0, 1, 2, 3] and {e["total"] for e in events} == {4}
+    for runtime in timed.runtimes:
+        assert timed.exact_ms[runtime] > 0 and timed.tabled_ms[runtime] > 0
+        assert timed.ratio(runtime) == timed.tabled_ms[runtime] / timed.exact_ms[runtime]
+    assert list(timed.row()) == ["pytorch_exact_ms", "pytorch_tabled_ms", "onnxruntime_exact_ms",
+                                 "onnxruntime_tabled_ms", "pytorch_ratio", "onnxruntime_ratio"]
+    assert timed.row()["onnxruntime_ratio"] == timed.ratio("onnxruntime")
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        latency.measure(exact, tabled, latency.images(session, 1), repeats=0)
+
+
+def test_measure_configuration_times_its_tables_in_eager_and_leaves_the_session_alone(tiny_session: Session):
+    session = tiny_session
+    before = {k: v.clone() for k, v in session.model.state_dict().items()}
+    x = latency.images(session, 7)  # more than the 5 evaluation images: repeated
+    assert x.shape == (7, 1, 32, 32) and torch.equal(x[5], x[0])
+    timed = latency.measure_configuration(session, session.current, batch=7, repeats=2, warmup=0)
+    assert (timed.batch, timed.repeats, timed.runtimes) == (7, 2, ("pytorch",))
+    assert timed.exact_ms["pytorch"] > 0 and timed.ratio() == timed.tabled_ms["pytorch"] / timed.exact_ms["pytorch"]
+    assert all(torch.equal(before[k], v) for k, v in session.model.state_dict().items())
 
 
 def test_setting_parser():
