@@ -21,6 +21,7 @@ from explorer.panels import (  # noqa: E402
     loading,
     metrics,
     plots,
+    speed,
     teaching,
     tour,
     transfer,
@@ -45,6 +46,7 @@ def workbench(wb: Workbench) -> None:
         metrics.live(current, previous)
         metrics.breakdown(current)
         metrics.last_change()
+    speed.panel(wb, current)
     plots.tradeoffs(wb, current)
     st.subheader("Automatic choices")
     automatic.panel(wb)

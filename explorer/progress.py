@@ -16,6 +16,7 @@ STAGES = {
     "sensitivity": "Sensitivity sweep",
     "propagation": "Error propagation",
     "finetune": "Fine-tuning",
+    "latency": "Timing",
 }
 
 

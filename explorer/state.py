@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "chart_version": 0,  # bumped to clear a chart's selection after a click was handled
     "tour_step": None,  # the guided tour's step on screen (None: no tour)
     "tour_request": None,  # a tour step whose configuration the workbench is to set
+    "speed": {},  # configuration id -> its last timing on this machine (a tabconv.latency.Latency)
 }
 
 
@@ -42,7 +43,7 @@ def init() -> None:
 def reset_view() -> None:
     """Forget what this tab showed (a different Session was opened)."""
     for key in ("current_id", "previous_id", "locks", "pending", "tables_request", "load_request", "notice",
-                "last_apply", "tour_step", "tour_request"):
+                "last_apply", "tour_step", "tour_request", "speed"):
         st.session_state[key] = copy.copy(DEFAULTS[key])
 
 

@@ -1,4 +1,4 @@
-"""The library's searches, sweeps and fine-tuning, run under the workbench lock with a progress bar.
+"""The library's searches, sweeps, fine-tuning and timing, run under the workbench lock with a progress bar.
 
 Sweep results that are plain data (the propagation matrix, the sensitivity bars) are written to the
 result store, so a later launch shows them without evaluating anything; the configurations a sweep
@@ -13,15 +13,19 @@ from explorer.progress import ProgressBar
 from explorer.workbench import Workbench
 from tabconv import search
 from tabconv.finetune import Tuned, finetune_session
+from tabconv.latency import Latency, measure_configuration
 from tabconv.metrics import Metrics
 from tabconv.settings import LayerSetting
 
 
-def _run(wb: Workbench, title: str, work: Any, *args: Any, **kwargs: Any) -> Any:
+def _run(wb: Workbench, title: str, work: Any, *args: Any, moves_runner: bool = True, **kwargs: Any) -> Any:
+    """`work(session, *args, progress=bar, **kwargs)` under the lock; `moves_runner`: it evaluates configurations,
+    so the runner no longer holds the one on screen."""
     bar = ProgressBar(title)
     try:
         with wb.lock:
-            wb.runner_at = None  # the sweep leaves the runner on its last configuration
+            if moves_runner:
+                wb.runner_at = None  # the sweep leaves the runner on its last configuration
             return work(wb.session, *args, progress=bar, **kwargs)
     finally:
         bar.close()
@@ -86,3 +90,10 @@ def finetune(wb: Workbench, parent: Metrics, steps: int, images: int, lr: float,
     with wb.lock:
         wb.tuned[run.sha256] = run
     return run
+
+
+def speed(wb: Workbench, current: Metrics, batch: int, repeats: int) -> Latency:
+    """Time a configuration's tabled network against the exact one on this machine's CPU (PyTorch eager, CPU
+    copies: the session's runner and models are left as they are)."""
+    return _run(wb, f"Measuring the speed of #{current.id} (batch {batch}, {repeats} runs each)",
+                measure_configuration, current, batch, repeats, moves_runner=False)

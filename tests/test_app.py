@@ -15,6 +15,8 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from explorer import charts, editing
+from explorer.panels import speed
+from explorer.workbench import open_workbench
 from tabconv.settings import EXACT, LayerSetting
 from tabconv.stats import mcnemar_p, p_text
 from tests.conftest import APP
@@ -94,19 +96,47 @@ def test_changing_c_and_k_of_one_layer_rebuilds_only_that_layer(app: AppTest) ->
 
 
 def test_priority_masking_and_search_add_configurations(app: AppTest) -> None:
-    start = _history_size(app)
+    """Checked on what these two actions produce, not on the history's growth: the process's Session may have
+    run the same sweep before (another test file's tour), and then recalls its points instead of adding them."""
+    wb = open_workbench(app.session_state["spec"])
+    names = wb.structure.names
     app.slider(key="mask_exact").set_value(3)
     app.button(key="run_masking").click().run()
     no_failure(app)
     assert "priority: 3 worst exact" in _current_label(app)
-    after_masking = _history_size(app)
-    assert after_masking > start
+    sweep = wb.sweeps[("priority", app.session_state["defaults"], app.session_state["mask_rank"])]
+    assert len(sweep["ids"]) == len(names) + 1 and app.session_state["current_id"] == sweep["ids"][3]
+    masked = wb.metrics(sweep["ids"][3])
+    assert {n for n, s in masked.settings.items() if not s.is_table} == set(sweep["ranking"][:3])  # 3 worst exact
+    assert max(sweep["ids"]) < _history_size(app)  # every point is in the history, hence on the plots
+    assert any(c.value.startswith(f"{len(names) + 1} configurations on the plots") for c in app.caption)
     app.number_input(key="search_budget").set_value(3)
     app.slider(key="search_target").set_value(50)
     app.button(key="run_search").click().run()
-    assert not app.exception
-    assert _history_size(app) > after_masking
-    assert any("Search evaluated" in s.value for s in app.success)
+    no_failure(app)
+    found = next(s.value for s in app.success if s.value.startswith("Search evaluated"))
+    evaluated = int(re.match(r"Search evaluated (\d+) configurations", found).group(1))
+    assert len(names) + 1 <= evaluated <= len(names) + 1 + 3  # the masking points it starts from + its budget
+    best = wb.metrics(app.session_state["current_id"])  # the search's best is shown
+    assert best.retention >= 0.5 and found.endswith(f"best: {best.summary()}")
+
+
+def test_measuring_speed_shows_its_own_box_apart_from_the_counted_cards(app: AppTest) -> None:
+    app.radio(key="speed_batch").set_value(1)
+    app.button(key="run_speed").click().run()
+    no_failure(app)
+    current = app.session_state["current_id"]
+    timed = app.session_state["speed"][current]
+    box = next(m.value for m in app.markdown if m.value.startswith("**Measured on this machine"))
+    assert box == (f"**Measured on this machine (median of {speed.REPEATS} runs, batch 1):** exact "
+                   f"{timed.exact_ms['pytorch']:.2f} ms, tabled {timed.tabled_ms['pytorch']:.2f} ms, "
+                   f"{timed.tabled_ms['pytorch'] / timed.exact_ms['pytorch']:.2f}× — timings vary with load")
+    assert timed.batch == 1 and timed.exact_ms["pytorch"] > 0 and timed.tabled_ms["pytorch"] > 0
+    assert not any("easured" in m.label for m in app.metric)  # the counted cards stay counts
+    app.session_state["load_request"] = 0  # another configuration: its speed is not measured yet
+    app.run()
+    no_failure(app)
+    assert not any(m.value.startswith("**Measured on this machine") for m in app.markdown)
 
 
 def test_clicking_a_point_loads_that_configuration(app: AppTest) -> None:
