@@ -47,6 +47,8 @@ ROWS = [
     Row("least squares, tree, S=9 K=16", LayerSetting("table", 8, 16, "tree", subvector=9), "least-squares"),
     Row("least squares + fine-tuned, tree, S=9 K=16", LayerSetting("table", 8, 16, "tree", subvector=9),
         "least-squares", steps=300),
+    Row("least squares + fine-tuned, tree, C=8 K=64", LayerSetting("table", 8, 64, "tree"), "least-squares",
+        steps=300),
 ]
 
 
