@@ -127,7 +127,14 @@ _DOWNLOAD_TIMEOUT_S = 20.0
 
 
 class DatasetUnavailable(RuntimeError):
-    """The dataset's files are not on disk and could not be fetched; the message says how to get them."""
+    """The dataset's files are not on disk and could not be fetched; the message says how to get them.
+
+    `detail` is the message without the last sentence, which says how the command line chooses the data root,
+    so that the explorer can point at its own Data root field instead."""
+
+    def __init__(self, detail: str, root_hint: str = "") -> None:
+        super().__init__(f"{detail} {root_hint}".strip())
+        self.detail = detail
 
 
 @dataclass
@@ -280,8 +287,8 @@ def _unavailable(info: DatasetInfo, root: Path, reason: str) -> DatasetUnavailab
     return DatasetUnavailable(
         f"dataset {info.name!r} is not available under the data root {root} ({reason}). "
         f"Expected files: {', '.join(missing or _torchvision_files(info.name))}{alternative}. "
-        f"How to get them: {info.how_to_get}. "
-        "Choose the data root with --data-root or the TABCONV_DATA environment variable."
+        f"How to get them: {info.how_to_get}.",
+        "Choose the data root with --data-root or the TABCONV_DATA environment variable.",
     )
 
 
@@ -291,7 +298,7 @@ def _load_files(info: DatasetInfo, split: str, root: Path, download: bool) -> tu
     use_folders = bool(missing) and info.name == "cifar10" and _has_cifar10_folders(root)
     fetch = bool(missing) and not use_folders
     if fetch and not download:
-        raise _unavailable(info, root, "download=False")
+        raise _unavailable(info, root, "its files are not there and downloading is off")
     try:
         if use_folders:
             return _load_image_folder(root / _CIFAR10_FOLDER / split)

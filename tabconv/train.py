@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import tempfile
+import zipfile
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -149,10 +151,21 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # torch's own text here advises an unsafe load: never repeated
+        if not zipfile.is_zipfile(path):  # not the archive torch.save writes: any other file ends up here too
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save did not write it); "
+                                  f"{_WAY_FORWARD}") from err
+        raise CheckpointError(f"{path}: holds Python objects besides tensors, which a safe (weights-only) load "
+                              f"refuses and tabconv never runs; {_WAY_FORWARD}") from err
     except Exception as err:  # torch raises many types for a file that is not a torch archive
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(err)})") from err
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save did not write it); "
+                              f"{_WAY_FORWARD}") from err
+    if _is_state_dict(payload):
+        raise CheckpointError(f"{path}: a plain state_dict, without the model name, number of classes and input "
+                              f"shape that tabconv needs to rebuild the network; {_WAY_FORWARD}")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a tabconv checkpoint (no format marker {CHECKPOINT_FORMAT!r})")
+        raise CheckpointError(f"{path}: a PyTorch file but not a tabconv checkpoint (no format marker "
+                              f"{CHECKPOINT_FORMAT!r}); {_WAY_FORWARD}")
     if payload.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint version {payload.get('version')!r} is not supported "
@@ -177,6 +190,16 @@ def _rebuild(path: Path, meta: dict) -> nn.Module:
         return build_model(meta["model"], meta["num_classes"], meta["input_shape"][0])
     except (KeyError, IndexError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot rebuild the model from its meta ({_first_line(err)})") from err
+
+
+_WAY_FORWARD = ("train one with `python -m tabconv train` (or the explorer's Train button), or wrap your weights with "
+                "tabconv.train.save_checkpoint(path, model, {'model': ..., 'num_classes': ..., 'input_shape': ...})")
+
+
+def _is_state_dict(payload: object) -> bool:
+    """A bare `torch.save(model.state_dict(), ...)` file: every value a tensor."""
+    return (isinstance(payload, Mapping) and bool(payload)
+            and all(isinstance(value, torch.Tensor) for value in payload.values()))
 
 
 def _first_line(err: BaseException) -> str:

@@ -187,14 +187,17 @@ def test_a_bad_checkpoint_upload_is_refused_with_its_reason(app: AppTest) -> Non
     app.file_uploader(key="choose_upload").set_value(("mine.pt", b"not a checkpoint", "application/octet-stream"))
     next(b for b in app.button if b.label == "Open").click().run()
     assert not app.exception
-    assert any("not a readable torch checkpoint" in e.value for e in app.error), [e.value for e in app.error]
+    errors = [e.value for e in app.error]
+    assert any("mine.pt: not a PyTorch checkpoint" in e and "python -m tabconv train" in e for e in errors), errors
+    assert not any("uploads" in e for e in errors), errors  # the user's file name, not where the upload is kept
 
 
 def test_an_unavailable_dataset_explains_how_to_get_it(app: AppTest) -> None:
     app.selectbox(key="choose_dataset").set_value("cifar100")
     next(b for b in app.button if b.label == "Open").click().run()
     assert not app.exception
-    assert any("How to get them" in e.value for e in app.error)
+    message = next(e.value for e in app.error if "How to get them" in e.value)
+    assert "Data root" in message and "--data-root" not in message and "download=False" not in message
 
 
 def test_a_missing_checkpoint_is_trained_from_the_page(app: AppTest) -> None:

@@ -152,7 +152,7 @@ def test_train_and_finetune_report_intervals_and_the_test_against_the_parent(tmp
 
 @pytest.mark.parametrize("args,message", [
     (["evaluate", "--checkpoint", "/nonexistent.pt", "--all-exact"], "no such checkpoint"),
-    (["evaluate", "--checkpoint", __file__, "--all-exact"], "not a readable torch checkpoint"),
+    (["evaluate", "--checkpoint", __file__, "--all-exact"], "not a PyTorch checkpoint"),
     (["cost", "--model", "resnet18", "--num-classes", "10", "--input-shape", "3,32,32", "--config", "/none.json"],
      "no such configuration file"),
 ])

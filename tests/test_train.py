@@ -90,16 +90,27 @@ def test_missing_checkpoint(tmp_path: Path) -> None:
 
 def test_corrupted_checkpoint(checkpoint: Path) -> None:
     checkpoint.write_bytes(checkpoint.read_bytes()[:200])
-    with pytest.raises(CheckpointError, match="not a readable torch checkpoint") as raised:
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint.*python -m tabconv train") as raised:
         load_checkpoint(checkpoint)
     assert str(checkpoint) in str(raised.value)
 
 
-def test_torch_file_that_is_not_a_tabconv_checkpoint(tiny: nn.Module, tmp_path: Path) -> None:
+def test_a_plain_state_dict_is_named_as_such_with_a_way_forward(tiny: nn.Module, tmp_path: Path) -> None:
     path = tmp_path / "plain.pt"
     torch.save(tiny.state_dict(), path)
-    with pytest.raises(CheckpointError, match="not a tabconv checkpoint"):
+    with pytest.raises(CheckpointError, match="a plain state_dict.*save_checkpoint"):
         load_checkpoint(path)
+    torch.save({"weights": tiny.state_dict()}, path)
+    with pytest.raises(CheckpointError, match="not a tabconv checkpoint.*save_checkpoint"):
+        load_checkpoint(path)
+
+
+def test_a_pickled_object_is_refused_without_advising_an_unsafe_load(tiny: nn.Module, tmp_path: Path) -> None:
+    path = tmp_path / "whole-model.pt"
+    torch.save(tiny, path)  # a whole nn.Module: loading it would run code
+    with pytest.raises(CheckpointError, match="safe \\(weights-only\\) load refuses") as raised:
+        load_checkpoint(path)
+    assert "weights_only=False" not in str(raised.value) and "\n" not in str(raised.value)
 
 
 def test_tampered_weights_fail_the_hash(checkpoint: Path) -> None:

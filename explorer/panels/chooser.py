@@ -57,6 +57,7 @@ class Choice:
     eval_images: int
     defaults: LayerSetting | None  # None when the C/K/encoder given do not make a valid setting
     defaults_error: str = ""
+    checkpoint_label: str = ""  # how messages name the checkpoint: an upload's own file name, not where it is kept
 
     @property
     def zoo_path(self) -> Path:
@@ -120,7 +121,7 @@ def _form() -> Choice:
         defaults, error = None, str(exc)
     return Choice(model, dataset, _checkpoint_file(upload, named), root,
                   _calibration(int(calibration), mode, fit, float(ridge), bool(refit)), int(evaluation), defaults,
-                  error)
+                  error, upload.name if upload is not None else "")
 
 
 def _calibration(images: int, mode: str, fit: str, ridge: float, refit: bool) -> Calibration:

@@ -28,7 +28,8 @@ def open_choice(choice: Choice) -> Workbench:
         with st.spinner(f"Loading {path.name} and evaluating the exact model (once per launch)…"):
             return open_workbench(spec)
     except USER_ERRORS as exc:
-        st.error(f"Cannot open this checkpoint: {exc}")
+        message = str(exc).replace(str(path), choice.checkpoint_label) if choice.checkpoint_label else str(exc)
+        st.error(f"Cannot open this checkpoint: {message}")
         st.stop()
 
 
@@ -102,5 +103,6 @@ def _dataset_problem(name: str, root: str | None) -> str | None:
     try:
         load_dataset(name, "test", root, download=False)
     except DatasetUnavailable as exc:
-        return str(exc)
+        return (f"{exc.detail} Then type the folder that holds them in the sidebar's **Data root** field "
+                "(for example the folder `../shared/datasets/prepare.sh DEST` filled) and press Open.")
     return None
