@@ -33,8 +33,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from tabconv import config as config_file  # noqa: E402
+from tabconv.atomic import atomic_write_text  # noqa: E402
 from tabconv.cache import TableCache  # noqa: E402
-from tabconv.config import Calibration, atomic_write_text  # noqa: E402
+from tabconv.config import Calibration  # noqa: E402
 from tabconv.export import TabledNetwork, onnx_bytes  # noqa: E402
 from tabconv.latency import images, ort_session  # noqa: E402
 from tabconv.latency import measure as measure_end_to_end  # noqa: E402

@@ -21,7 +21,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tabconv.config import Calibration, atomic_write_text  # noqa: E402
+from tabconv.atomic import atomic_write_text  # noqa: E402
+from tabconv.config import Calibration  # noqa: E402
 from tabconv.finetune import DEFAULT_LAYER_LOSS, DEFAULT_LR, finetune_session  # noqa: E402
 from tabconv.session import Session  # noqa: E402
 from tabconv.settings import LayerSetting  # noqa: E402

@@ -18,8 +18,9 @@ from typing import Any
 
 import streamlit as st
 
+from tabconv.atomic import atomic_write_text
 from tabconv.cache import TableCache, cache_key
-from tabconv.config import Calibration, atomic_write_text
+from tabconv.config import Calibration
 from tabconv.data import load_dataset
 from tabconv.finetune import Tuned
 from tabconv.metrics import Metrics

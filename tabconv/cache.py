@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from filelock import FileLock
 
+from tabconv.atomic import atomic_write
 from tabconv.quantizer import ProductQuantizer
 
 ENTRY_FORMAT = "tabconv-tables"
@@ -91,14 +91,7 @@ class TableCache:
                  "description": json.dumps(parts, sort_keys=True, default=str),
                  "params": quantizer.get_params(),
                  "state": {k: v.detach().cpu() for k, v in quantizer.state_dict().items()}}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(entry, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda handle: torch.save(entry, handle))
 
     def entries(self) -> list[CacheEntry]:
         """Every entry on disk with its size and what it was built for (damaged ones are listed as such)."""

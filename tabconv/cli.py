@@ -15,8 +15,9 @@ from typing import Any
 
 from tabconv import config as config_file
 from tabconv import finetune as finetuning
+from tabconv.atomic import atomic_write_bytes
 from tabconv.cache import TableCache
-from tabconv.config import FIT_METHODS, Calibration, ConfigError, Configuration, atomic_write_bytes
+from tabconv.config import FIT_METHODS, Calibration, ConfigError, Configuration
 from tabconv.cost import CONVENTIONS, model_cost
 from tabconv.data import DATASETS, DatasetUnavailable
 from tabconv.lowering import LoweringError

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from tabconv import __version__
+from tabconv.atomic import atomic_write_text
 from tabconv.settings import EXACT, LayerSetting, SettingError
 from tabconv.structure import ModelStructure, unknown_message
 
@@ -161,25 +161,6 @@ def software_versions() -> dict[str, str]:
 
     return {"tabconv": __version__, "torch": torch.__version__, "torchvision": version("torchvision"),
             "numpy": numpy.__version__, "python": platform.python_version()}
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write via a temporary file and rename, so a reader never sees half a file."""
-    return atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write via a temporary file and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # -- parsing ---------------------------------------------------------------------------------------

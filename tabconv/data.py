@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from tabconv.atomic import atomic_write
 
 SPLITS = ("train", "test")
 _DOWNLOAD_HOW = "downloaded by torchvision on first use (needs network)"
@@ -382,12 +383,5 @@ def _decode_rgb(path: Path) -> np.ndarray:
 
 
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    """Write to a temporary file then rename, so a concurrent reader never sees half a cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    """A concurrent reader never sees half a cache."""
+    atomic_write(path, lambda handle: np.savez(handle, **arrays))

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tabconv.config import atomic_write_bytes
+from tabconv.atomic import atomic_write_bytes
 from tabconv.convert import convert, swap_in
 from tabconv.graphform import graph_form
 from tabconv.models import build_model

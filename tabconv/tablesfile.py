@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tabconv.config import atomic_write_bytes
+from tabconv.atomic import atomic_write_bytes
 from tabconv.quantizer import ProductQuantizer
 from tabconv.settings import LayerSetting
 from tabconv.structure import ModelStructure

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tabconv import __version__
+from tabconv.atomic import atomic_write
 from tabconv.data import ImageSet, load_dataset
 from tabconv.devices import resolve_device
 from tabconv.models import build_model, build_training_model, deployable
@@ -133,14 +133,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: dict) 
         "meta": full_meta,
         "state_dict": state,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, lambda handle: torch.save(payload, handle))
     return full_meta
 
 

@@ -17,6 +17,7 @@ from streamlit.runtime.uploaded_file_manager import UploadedFile
 
 from explorer.editing import C_FROM, C_FROM_HELP, C_LIMITS, K_LIMITS, S_LIMITS, table_setting
 from tabconv import zoo
+from tabconv.atomic import atomic_write_bytes
 from tabconv.config import CALIBRATION_MODES, FIT_METHODS, Calibration
 from tabconv.data import DATASETS, is_available, resolve_root
 from tabconv.models import MODEL_DESCRIPTIONS
@@ -137,10 +138,7 @@ def _checkpoint_file(upload: UploadedFile | None, named: str) -> str | None:
         data = upload.getvalue()
         path = zoo.checkpoint_dir() / "uploads" / f"{hashlib.sha256(data).hexdigest()[:16]}.pt"
         if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".part")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            atomic_write_bytes(path, data)
         return str(path)
     return str(Path(named).expanduser()) if named.strip() else None
 
