@@ -15,11 +15,6 @@ from tabconv.settings import EXACT, LayerSetting, SettingError
 
 NOT_APPLICABLE = "—"  # what the editor shows in a setting cell that does not apply (an exact layer's C, K …)
 EDIT_FIELDS = {"C": "codebooks", "S": "subvector", "K": "centroids", "encoder": "encoder", "LUT": "lut_dtype"}
-# Input limits of the page's C, K and S widgets (the library checks only C, K, S >= 1 and a tree's K = 2**depth).
-# A sub-vector length can resolve to more codebooks than C_LIMITS allows to type (ceil(D / S) for a large D).
-C_LIMITS = (1, 256)
-K_LIMITS = (2, 65536)
-S_LIMITS = (1, 4096)
 C_FROM = ("C per layer", "sub-vector length S")
 C_FROM_HELP = ("C per layer: the same number of codebooks C in every layer. Sub-vector length S: each layer "
                "gets C = ⌈D / S⌉ codebooks of S inputs (D = C_in·k·k), so deep layers get more of them; "

@@ -18,6 +18,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+MODEL_NAMES: dict[str, str] = {  # how people name each model (the CLI takes the keys)
+    "resnet18": "ResNet-18", "resnet34": "ResNet-34", "nin": "NIN", "tiny": "tiny CNN (for tests)"}
+
 MODEL_DESCRIPTIONS: dict[str, str] = {
     "resnet18": "ResNet-18 as torchvision defines it (ImageNet stem: 7x7 stride-2 conv + max-pool), untrained",
     "resnet34": "ResNet-34 as torchvision defines it (ImageNet stem: 7x7 stride-2 conv + max-pool), untrained",

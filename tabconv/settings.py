@@ -7,6 +7,11 @@ from dataclasses import asdict, dataclass
 
 MODES = ("exact", "table")
 ENCODERS = ("exhaustive", "tree")
+# The ranges an interface offers for C, K and S: the library itself only needs C, K, S >= 1 (and a tree's
+# K = 2**depth); a sub-vector length can still resolve to more codebooks than C_LIMITS (ceil(D / S), large D).
+C_LIMITS = (1, 256)
+K_LIMITS = (2, 65536)
+S_LIMITS = (1, 4096)
 LUT_DTYPES = ("float32", "float16", "int8")
 LUT_BYTES = {"float32": 4, "float16": 2, "int8": 1}
 

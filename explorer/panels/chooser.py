@@ -15,13 +15,13 @@ from pathlib import Path
 import streamlit as st
 from streamlit.runtime.uploaded_file_manager import UploadedFile
 
-from explorer.editing import C_FROM, C_FROM_HELP, C_LIMITS, K_LIMITS, S_LIMITS, table_setting
+from explorer.editing import C_FROM, C_FROM_HELP, table_setting
 from tabconv import zoo
 from tabconv.atomic import atomic_write_bytes
 from tabconv.config import CALIBRATION_MODES, FIT_METHODS, Calibration
 from tabconv.data import DATASETS, is_available, resolve_root
-from tabconv.models import MODEL_DESCRIPTIONS
-from tabconv.settings import ENCODERS, LUT_DTYPES, LayerSetting, SettingError
+from tabconv.models import MODEL_DESCRIPTIONS, MODEL_NAMES
+from tabconv.settings import C_LIMITS, ENCODERS, K_LIMITS, LUT_DTYPES, S_LIMITS, LayerSetting, SettingError
 
 MODE_HELP = ("**independent**: every layer learns from exact activations, so its tables serve any mask and a "
              "toggle rebuilds nothing: interactive. **sequential** (the paper's): each layer learns from the "
@@ -37,7 +37,6 @@ REFIT_HELP = ("Before tabling the classifier, refit its weights by least squares
               "features give the exact logits (the reference's step). Its tables then depend on every upstream "
               "choice, like sequential calibration.")
 
-MODEL_NAMES = {"resnet18": "ResNet-18", "resnet34": "ResNet-34", "nin": "NIN", "tiny": "tiny CNN (for tests)"}
 CHECKPOINT_UPLOAD_MB = 200  # a ResNet-34 checkpoint is about 85 MB
 
 

@@ -16,7 +16,7 @@ from explorer import editing, state
 from explorer.editing import NOT_APPLICABLE
 from explorer.workbench import Workbench
 from tabconv.metrics import Metrics
-from tabconv.settings import ENCODERS, EXACT, LUT_DTYPES, LayerSetting, SettingError
+from tabconv.settings import C_LIMITS, ENCODERS, EXACT, K_LIMITS, LUT_DTYPES, S_LIMITS, LayerSetting, SettingError
 
 KIB = 1024
 EDITABLE = ["table", "lock", "C", "S", "K", "encoder", "LUT"]
@@ -32,11 +32,11 @@ def group_controls(wb: Workbench, current: Metrics) -> None:
     c_from = cols[1].selectbox("Codebooks", editing.C_FROM, int(defaults.subvector is not None), key="group_c_from",
                                help=editing.C_FROM_HELP)
     if c_from == editing.C_FROM[1]:
-        cols[2].number_input("S", *editing.S_LIMITS, defaults.subvector or 9, key="group_s",
+        cols[2].number_input("S", *S_LIMITS, defaults.subvector or 9, key="group_s",
                              help="Sub-vector length: each layer gets C = ⌈D / S⌉ codebooks")
     else:
-        cols[2].number_input("C", *editing.C_LIMITS, defaults.codebooks, key="group_c")
-    cols[3].number_input("K", *editing.K_LIMITS, defaults.centroids, key="group_k")
+        cols[2].number_input("C", *C_LIMITS, defaults.codebooks, key="group_c")
+    cols[3].number_input("K", *K_LIMITS, defaults.centroids, key="group_k")
     cols[4].selectbox("Encoder", ENCODERS, ENCODERS.index(defaults.encoder), key="group_encoder")
     cols[5].selectbox("Table dtype", LUT_DTYPES, LUT_DTYPES.index(defaults.lut_dtype), key="group_lut")
     cols[6].button("→ tables", key="group_table", width="stretch", on_click=_tabulate_group, args=(wb, current),
@@ -151,7 +151,7 @@ COLUMNS = {
     "lock": st.column_config.CheckboxColumn("lock", help="Keep exact through group toggles"),
     "C": st.column_config.TextColumn("C", validate=WHOLE,
                                      help="Codebooks (subspaces) of this layer, resolved (⌈D / S⌉ when it has an "
-                                          f"S), {editing.C_LIMITS[0]}–{editing.C_LIMITS[1]}; typing one drops its S"),
+                                          f"S), {C_LIMITS[0]}–{C_LIMITS[1]}; typing one drops its S"),
     "S": st.column_config.TextColumn("S", validate=WHOLE,
                                      help="Sub-vector length, when C came from one: C = ⌈D / S⌉. Typing one sets C "
                                           "from it."),

@@ -8,12 +8,13 @@ from pathlib import Path
 import streamlit as st
 
 from explorer import actions, state
-from explorer.panels.chooser import MODEL_NAMES, Choice
+from explorer.panels.chooser import Choice
 from explorer.progress import ProgressBar
 from explorer.workbench import Spec, Workbench, file_digest, open_workbench
 from tabconv import zoo
 from tabconv.config import ConfigError
 from tabconv.data import DatasetUnavailable, is_available, load_dataset
+from tabconv.models import MODEL_NAMES
 from tabconv.train import DEFAULT_EPOCHS, CheckpointError
 
 GROUP_WIDGETS = ("group_c_from", "group_c", "group_s", "group_k", "group_encoder", "group_lut")

@@ -11,11 +11,11 @@ import pandas as pd
 import streamlit as st
 
 from explorer.charts import change
-from explorer.panels.chooser import MODEL_NAMES
 from explorer.workbench import Workbench
 from tabconv.config import Calibration
 from tabconv.cost import CostReport
 from tabconv.metrics import Metrics
+from tabconv.models import MODEL_NAMES
 from tabconv.stats import accuracy_text, interval_text
 
 MIB = 2**20
