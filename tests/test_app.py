@@ -184,12 +184,17 @@ def test_a_configuration_with_an_unknown_layer_is_refused_by_name(app: AppTest) 
 
 
 def test_a_bad_checkpoint_upload_is_refused_with_its_reason(app: AppTest) -> None:
+    current = app.session_state["current_id"]
     app.file_uploader(key="choose_upload").set_value(("mine.pt", b"not a checkpoint", "application/octet-stream"))
     next(b for b in app.button if b.label == "Open").click().run()
     assert not app.exception
     errors = [e.value for e in app.error]
     assert any("mine.pt: not a PyTorch checkpoint" in e and "python -m tabconv train" in e for e in errors), errors
     assert not any("uploads" in e for e in errors), errors  # the user's file name, not where the upload is kept
+    # the workbench opened before stays on screen, as it was
+    assert any("Still showing the model opened before" in i.value for i in app.info)
+    assert "Per-layer configuration (forward order)" in [h.value for h in app.subheader]
+    assert app.session_state["current_id"] == current
 
 
 def test_an_unavailable_dataset_explains_how_to_get_it(app: AppTest) -> None:

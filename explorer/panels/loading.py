@@ -21,17 +21,34 @@ GROUP_WIDGETS = ("group_c_from", "group_c", "group_s", "group_k", "group_encoder
 USER_ERRORS = (CheckpointError, ConfigError, DatasetUnavailable, ValueError, OSError)
 
 
+class _Unavailable(Exception):
+    """The choice cannot be opened (the page already says why)."""
+
+
 def open_choice(choice: Choice) -> Workbench:
-    """The workbench of the choice; the page stops with an explanation when it cannot be had."""
-    path = _checkpoint(choice)
-    spec = Spec(str(path), file_digest(str(path)), choice.calibration, choice.eval_images, choice.data_root)
+    """The workbench of the choice. When it cannot be had, the page says why and keeps the workbench it showed
+    before (nothing of that work is lost); with none before, the page stops there."""
     try:
-        with st.spinner(f"Loading {path.name} and evaluating the exact model (once per launch)…"):
-            return open_workbench(spec)
-    except USER_ERRORS as exc:
-        message = str(exc).replace(str(path), choice.checkpoint_label) if choice.checkpoint_label else str(exc)
-        st.error(f"Cannot open this checkpoint: {message}")
+        path = _checkpoint(choice)
+        spec = Spec(str(path), file_digest(str(path)), choice.calibration, choice.eval_images, choice.data_root)
+        try:
+            with st.spinner(f"Loading {path.name} and evaluating the exact model (once per launch)…"):
+                return open_workbench(spec)
+        except USER_ERRORS as exc:
+            message = str(exc).replace(str(path), choice.checkpoint_label) if choice.checkpoint_label else str(exc)
+            st.error(f"Cannot open this checkpoint: {message}")
+            raise _Unavailable from exc
+    except _Unavailable:
+        return _previous()
+
+
+def _previous() -> Workbench:
+    spec = st.session_state.spec
+    if spec is None:
         st.stop()
+    st.info("Still showing the model opened before, as it was: change the choice in the sidebar and press Open "
+            "again.")
+    return open_workbench(spec)
 
 
 def start(wb: Workbench, choice: Choice) -> None:
@@ -64,12 +81,12 @@ def _checkpoint(choice: Choice) -> Path:
         path = Path(choice.checkpoint)
         if not path.is_file():
             st.error(f"{path}: no such checkpoint file")
-            st.stop()
+            raise _Unavailable
         return path
     problem = _dataset_problem(choice.dataset, choice.data_root)
     if problem:
         st.error(problem)
-        st.stop()
+        raise _Unavailable
     path = choice.zoo_path
     if path.is_file():
         return path
@@ -78,7 +95,7 @@ def _checkpoint(choice: Choice) -> Path:
     if not is_default and not st.button(f"Train {name} now", type="primary", key="train"):
         st.info(f"No checkpoint for {name} is cached yet (looked for {path}). Train one here "
                 f"({DEFAULT_EPOCHS[choice.dataset]} epochs, with progress), or give a checkpoint file in the sidebar.")
-        st.stop()
+        raise _Unavailable
     _train(choice, name)
     return path
 
@@ -93,7 +110,7 @@ def _train(choice: Choice, name: str) -> None:
         except USER_ERRORS as exc:
             status.update(state="error")
             st.error(f"Training failed: {exc}")
-            st.stop()
+            raise _Unavailable from exc
         status.update(label=f"Trained {name}; cached at {path}", state="complete", expanded=False)
 
 
