@@ -100,7 +100,9 @@ class LayerTimer:
 def table_quantizers(session: Session, args: argparse.Namespace) -> tuple[dict, dict[str, LayerSetting]]:
     """The tables to time: a configuration file's (its tables file when fine-tuned) or the uniform setting's."""
     if args.config:
-        loaded = config_file.load(args.config).validate_against(session.structure, session.meta.get("sha256"))
+        loaded = config_file.load(args.config).validate_against(
+            session.structure, session.meta.get("sha256"), model=session.meta["model"],
+            dataset=session.meta["dataset"])
         path = loaded.tables_path()
         if path is not None:
             return load_tables(path, loaded.tables_sha256, session.structure, loaded.layers), loaded.layers

@@ -116,9 +116,7 @@ def cmd_cost(args: argparse.Namespace) -> None:
     if args.config:
         cfg = config_file.load(args.config)
         structure = ModelStructure(model, args.input_shape)
-        if cfg.model != args.model:
-            raise ConfigError(f"{args.config}: made for model {cfg.model!r}, not {args.model!r}")
-        settings = cfg.validate_against(structure).layers
+        settings = _validated(args.config, cfg, structure, model=args.model).layers
     report = model_cost(model, args.input_shape, settings, args.convention)
     data = {"model": args.model, "num_classes": args.num_classes, "input_shape": list(args.input_shape),
             **report.to_dict()}
@@ -144,12 +142,19 @@ def _table_setting(args: argparse.Namespace) -> LayerSetting:
     return LayerSetting("table", args.codebooks, args.centroids, args.encoder, args.lut_dtype, args.subvector)
 
 
+def _validated(path: str, loaded: Configuration, structure: ModelStructure, checkpoint_sha256: str | None = None,
+               **loaded_model: str | None) -> Configuration:
+    """The configuration checked against what is loaded; a misfit names the file."""
+    try:
+        return loaded.validate_against(structure, checkpoint_sha256, **loaded_model)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
 def _load_config(path: str, session) -> tuple[Configuration, dict | None]:
     """A configuration file for this session's checkpoint, with its fine-tuned tables when it has them."""
-    loaded = config_file.load(path)
-    if loaded.model != session.meta["model"]:
-        raise ConfigError(f"{path}: made for model {loaded.model!r}, the checkpoint is {session.meta['model']!r}")
-    loaded.validate_against(session.structure, session.meta.get("sha256"))
+    loaded = _validated(path, config_file.load(path), session.structure, session.meta.get("sha256"),
+                        model=session.meta["model"], dataset=session.meta.get("dataset"))
     tables_path = loaded.tables_path()
     if tables_path is None:
         return loaded, None

@@ -125,8 +125,13 @@ class Configuration:
     def save(self, path: str | os.PathLike) -> Path:
         return atomic_write_text(Path(path), self.to_json())
 
-    def validate_against(self, structure: ModelStructure, checkpoint_sha256: str | None = None) -> Configuration:
-        """Refuse layer names the model lacks and a configuration made for another checkpoint."""
+    def validate_against(self, structure: ModelStructure, checkpoint_sha256: str | None = None, *,
+                         model: str | None = None, dataset: str | None = None) -> Configuration:
+        """Refuse a configuration made for another model, dataset or checkpoint, and layer names the model lacks:
+        the one place every reader (command line, session, explorer, benchmarks) checks the fit."""
+        if (model is not None and self.model != model) or (dataset is not None and self.dataset != dataset):
+            loaded = " on ".join(part for part in (model or self.model, dataset or self.dataset) if part)
+            raise ConfigError(f"made for {self.model} on {self.dataset}, but {loaded} is loaded")
         for name in self.layers:
             if name not in structure.names:
                 raise ConfigError(f"layers: {unknown_message('layer', name, structure.names)} (model {self.model})")

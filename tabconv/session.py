@@ -103,7 +103,8 @@ class Session:
     def complete(self, settings: Mapping[str, LayerSetting] | Configuration) -> dict[str, LayerSetting]:
         """Every layer's setting in forward order (unnamed layers exact); unknown names are refused."""
         if isinstance(settings, Configuration):
-            settings.validate_against(self.structure, self.meta.get("sha256"))
+            settings.validate_against(self.structure, self.meta.get("sha256"), model=self.meta.get("model"),
+                                      dataset=self.meta.get("dataset"))
             settings = settings.layers
         for name in settings:
             self.structure.index(name)

@@ -78,6 +78,12 @@ def test_unknown_layer_and_other_checkpoint_are_refused(structure):
         cfg.validate_against(structure)
     with pytest.raises(ConfigError, match="another checkpoint"):
         good(structure).validate_against(structure, "0" * 64)
+    cfg = good(structure)
+    with pytest.raises(ConfigError, match=f"made for {cfg.model} on {cfg.dataset}, but resnet34 on mnist is loaded"):
+        cfg.validate_against(structure, model="resnet34", dataset="mnist")
+    with pytest.raises(ConfigError, match=f"made for {cfg.model} on {cfg.dataset}, but {cfg.model} on other"):
+        cfg.validate_against(structure, model=cfg.model, dataset="other")
+    assert cfg.validate_against(structure, model=cfg.model, dataset=cfg.dataset) is cfg
     other = good(structure)
     other.input_shape = (3, 8, 8)
     with pytest.raises(ConfigError, match="input_shape"):

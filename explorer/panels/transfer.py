@@ -152,7 +152,4 @@ def _parse(wb: Workbench, data: bytes) -> Configuration:
         raise ConfigError("not a UTF-8 text file") from None
     config = from_json(text)
     meta = wb.session.meta
-    if (config.model, config.dataset) != (meta["model"], meta["dataset"]):
-        raise ConfigError(f"it is for {config.model} on {config.dataset}, but {meta['model']} on {meta['dataset']} "
-                          "is loaded")
-    return config.validate_against(wb.structure, meta.get("sha256"))
+    return config.validate_against(wb.structure, meta.get("sha256"), model=meta["model"], dataset=meta["dataset"])
