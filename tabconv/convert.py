@@ -30,11 +30,18 @@ def table_module(model: nn.Module, info: LayerInfo, quantizer: ProductQuantizer)
     return cls(original, quantizer, quantizer.setting)
 
 
+def swaps(info: LayerInfo, table: nn.Module, identity: nn.Module | None = None) -> dict[str, nn.Module]:
+    """The one swap rule, by qualified name: the layer becomes its table version, and its batch norm (folded
+    into the tables) an Identity (`identity`, when the caller keeps stable modules, else a new one)."""
+    if not info.bn:
+        return {info.name: table}
+    return {info.name: table, info.bn: identity if identity is not None else nn.Identity()}
+
+
 def swap_in(model: nn.Module, info: LayerInfo, quantizer: ProductQuantizer) -> None:
-    """In place: the layer becomes its table version and its BN (folded into the tables) an Identity."""
-    set_module(model, info.name, table_module(model, info, quantizer))
-    if info.bn:
-        set_module(model, info.bn, nn.Identity())
+    """In place: `swaps` applied to `model`."""
+    for name, module in swaps(info, table_module(model, info, quantizer)).items():
+        set_module(model, name, module)
 
 
 def convert(model: nn.Module, structure: ModelStructure, quantizers: Mapping[str, ProductQuantizer]) -> nn.Module:

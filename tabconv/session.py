@@ -16,7 +16,7 @@ from torch import nn
 from tabconv.cache import TableCache
 from tabconv.calibrate import TableBuilder
 from tabconv.config import Calibration, ConfigError, Configuration
-from tabconv.convert import convert, table_module
+from tabconv.convert import convert, swaps, table_module
 from tabconv.cost import CostModel, CostReport
 from tabconv.data import ImageSet, load_dataset
 from tabconv.devices import resolve_device
@@ -183,9 +183,8 @@ class Session:
             info = self.structure.layer(name)
             if id(quantizer) not in self._tables:
                 self._tables[id(quantizer)] = table_module(self.model, info, quantizer).to(self.device)
-            overrides[name] = self._tables[id(quantizer)]
-            if info.bn:
-                overrides[info.bn] = self._identities.setdefault(info.bn, nn.Identity())
+            identity = self._identities.setdefault(info.bn, nn.Identity()) if info.bn else None
+            overrides.update(swaps(info, self._tables[id(quantizer)], identity))
         return overrides
 
     def _evaluate_incremental(self, quantizers: Mapping[str, ProductQuantizer]

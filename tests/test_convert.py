@@ -8,7 +8,7 @@ from torch import nn
 
 from tabconv.calibrate import TableBuilder, capture_rows, folded_layer
 from tabconv.config import Calibration
-from tabconv.convert import convert
+from tabconv.convert import convert, swaps
 from tabconv.evaluate import evaluate
 from tabconv.layers import TableConv2d, TableLinear
 from tabconv.settings import LayerSetting
@@ -36,6 +36,15 @@ def test_conversion_swaps_modules_and_never_mutates_the_original():
     assert isinstance(net.conv1, nn.Conv2d) and isinstance(net.bn1, nn.BatchNorm2d)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert converted(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_one_swap_rule_serves_conversion_and_the_incremental_runner():
+    structure = ModelStructure(model("resnet18"), (1, 32, 32))
+    table, identity = nn.Linear(1, 1), nn.Identity()
+    conv1, fc = structure.layer("conv1"), structure.layer("fc")
+    assert swaps(conv1, table, identity) == {"conv1": table, "bn1": identity}
+    assert isinstance(swaps(conv1, table)["bn1"], nn.Identity)
+    assert swaps(fc, table) == {"fc": table}
 
 
 def test_a_table_layer_with_k_above_the_rows_reproduces_conv_plus_bn():
