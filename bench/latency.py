@@ -41,7 +41,6 @@ from tabconv.latency import images, ort_session  # noqa: E402
 from tabconv.latency import measure as measure_end_to_end  # noqa: E402
 from tabconv.session import Session  # noqa: E402
 from tabconv.settings import LayerSetting  # noqa: E402
-from tabconv.tablesfile import load_tables  # noqa: E402
 
 SETTING_KEYS = {"C": "codebooks", "K": "centroids", "S": "subvector", "encoder": "encoder", "lut": "lut_dtype"}
 
@@ -100,13 +99,8 @@ class LayerTimer:
 def table_quantizers(session: Session, args: argparse.Namespace) -> tuple[dict, dict[str, LayerSetting]]:
     """The tables to time: a configuration file's (its tables file when fine-tuned) or the uniform setting's."""
     if args.config:
-        loaded = config_file.load(args.config).validate_against(
-            session.structure, session.meta.get("sha256"), model=session.meta["model"],
-            dataset=session.meta["dataset"])
-        path = loaded.tables_path()
-        if path is not None:
-            return load_tables(path, loaded.tables_sha256, session.structure, loaded.layers), loaded.layers
-        return session.tables(loaded.layers), loaded.layers
+        loaded, tuned = session.load_configuration(args.config)
+        return (tuned if tuned is not None else session.tables(loaded.layers)), loaded.layers
     settings = session.complete(session.uniform(args.setting))
     return session.tables(settings), settings
 

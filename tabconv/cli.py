@@ -25,7 +25,7 @@ from tabconv.models import build_model, model_names
 from tabconv.settings import ENCODERS, EXACT, LUT_DTYPES, LayerSetting, SettingError
 from tabconv.stats import accuracy_text, p_text, wilson
 from tabconv.structure import ModelStructure, UnknownLayerError
-from tabconv.tablesfile import TablesFileError, load_tables, tables_path_for
+from tabconv.tablesfile import TablesFileError, tables_path_for
 from tabconv.train import CheckpointError
 
 USER_ERRORS = (ConfigError, TablesFileError, CheckpointError, DatasetUnavailable, SettingError, UnknownLayerError,
@@ -114,9 +114,8 @@ def cmd_cost(args: argparse.Namespace) -> None:
     model = build_model(args.model, args.num_classes, args.input_shape[0])
     settings: dict[str, LayerSetting] = {}
     if args.config:
-        cfg = config_file.load(args.config)
         structure = ModelStructure(model, args.input_shape)
-        settings = _validated(args.config, cfg, structure, model=args.model).layers
+        settings = config_file.load_for(args.config, structure, model=args.model).layers
     report = model_cost(model, args.input_shape, settings, args.convention)
     data = {"model": args.model, "num_classes": args.num_classes, "input_shape": list(args.input_shape),
             **report.to_dict()}
@@ -140,25 +139,6 @@ def _session(args: argparse.Namespace, calibration: Calibration | None = None):
 
 def _table_setting(args: argparse.Namespace) -> LayerSetting:
     return LayerSetting("table", args.codebooks, args.centroids, args.encoder, args.lut_dtype, args.subvector)
-
-
-def _validated(path: str, loaded: Configuration, structure: ModelStructure, checkpoint_sha256: str | None = None,
-               **loaded_model: str | None) -> Configuration:
-    """The configuration checked against what is loaded; a misfit names the file."""
-    try:
-        return loaded.validate_against(structure, checkpoint_sha256, **loaded_model)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-
-
-def _load_config(path: str, session) -> tuple[Configuration, dict | None]:
-    """A configuration file for this session's checkpoint, with its fine-tuned tables when it has them."""
-    loaded = _validated(path, config_file.load(path), session.structure, session.meta.get("sha256"),
-                        model=session.meta["model"], dataset=session.meta.get("dataset"))
-    tables_path = loaded.tables_path()
-    if tables_path is None:
-        return loaded, None
-    return loaded, load_tables(tables_path, loaded.tables_sha256, session.structure, loaded.layers, session.device)
 
 
 def _apply_config(session, loaded: Configuration, tables: dict | None, label: str = ""):
@@ -200,7 +180,7 @@ def _metrics_lines(metrics, baseline) -> list[str]:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     session = _session(args, config_file.load(args.config).calibration if args.config else None)
     if args.config:
-        loaded, tables = _load_config(args.config, session)
+        loaded, tables = session.load_configuration(args.config)
         metrics = _apply_config(session, loaded, tables)
     else:
         setting = _table_setting(args) if args.all_table else EXACT
@@ -215,7 +195,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     session = _session(args, config_file.load(args.config).calibration)
-    loaded, tables = _load_config(args.config, session)
+    loaded, tables = session.load_configuration(args.config)
     if not args.out.endswith(".json"):
         raise CliError(f"--out {args.out!r} must name a .json configuration file (its tables go beside it)")
     parent = _apply_config(session, loaded, tables, label="before fine-tuning")
@@ -296,7 +276,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     calibration = config_file.load(args.config).calibration
     prepare_folder(args.out)  # an unwritable folder is refused before any table is built
     session = _session(args, calibration)
-    loaded, tables = _load_config(args.config, session)
+    loaded, tables = session.load_configuration(args.config)
     quantizers = tables if tables is not None else session.tables(loaded.layers)
     paths = write_export(args.out, export_files(TabledNetwork.from_session(session, quantizers), args.format))
     sizes = {path.name: path.stat().st_size for path in paths}

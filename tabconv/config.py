@@ -186,6 +186,16 @@ def load(path: str | os.PathLike) -> Configuration:
     return loaded
 
 
+def load_for(path: str | os.PathLike, structure: ModelStructure, checkpoint_sha256: str | None = None, *,
+             model: str | None = None, dataset: str | None = None) -> Configuration:
+    """`load`, then `validate_against` what is loaded; every misfit names the file."""
+    loaded = load(path)
+    try:
+        return loaded.validate_against(structure, checkpoint_sha256, model=model, dataset=dataset)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
 def from_json(text: str) -> Configuration:
     try:
         data = json.loads(text)

@@ -15,7 +15,7 @@ from torch import nn
 
 from tabconv.cache import TableCache
 from tabconv.calibrate import TableBuilder
-from tabconv.config import Calibration, ConfigError, Configuration
+from tabconv.config import Calibration, ConfigError, Configuration, load_for
 from tabconv.convert import convert, swaps, table_module
 from tabconv.cost import CostModel, CostReport
 from tabconv.data import ImageSet, load_dataset
@@ -26,6 +26,7 @@ from tabconv.metrics import Metrics, pack_hits
 from tabconv.quantizer import ProductQuantizer
 from tabconv.settings import EXACT, LayerSetting
 from tabconv.structure import ModelStructure
+from tabconv.tablesfile import load_tables
 from tabconv.train import load_checkpoint
 
 Progress = Callable[[dict[str, Any]], None]
@@ -113,6 +114,16 @@ class Session:
 
     def uniform(self, setting: LayerSetting) -> dict[str, LayerSetting]:
         return {name: setting for name in self.structure.names}
+
+    def load_configuration(self, path: str) -> tuple[Configuration, dict[str, ProductQuantizer] | None]:
+        """A configuration file checked against this session's model, dataset and checkpoint, with its fine-tuned
+        tables when it names a tables file (else None: its tables are built like any others)."""
+        loaded = load_for(path, self.structure, self.meta.get("sha256"), model=self.meta["model"],
+                          dataset=self.meta.get("dataset"))
+        tables_path = loaded.tables_path()
+        if tables_path is None:
+            return loaded, None
+        return loaded, load_tables(tables_path, loaded.tables_sha256, self.structure, loaded.layers, self.device)
 
     def configuration(self, metrics: Metrics | None = None) -> Configuration:
         """The configuration file of a metrics record (default: the current one), metrics included."""
