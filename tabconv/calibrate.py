@@ -22,6 +22,7 @@ from tabconv.settings import LayerSetting
 from tabconv.structure import LayerInfo, ModelStructure
 
 Progress = Callable[[dict[str, Any]], None]
+CAPTURE_BYTES = 256 << 20  # bounds one batch's im2col rows of a layer (224x224 inputs: ~12,500 rows per image)
 
 
 def folded_layer(model: nn.Module, info: LayerInfo) -> nn.Module:
@@ -50,7 +51,10 @@ def row_sample(total: int, max_rows: int, seed: int) -> torch.Tensor | None:
 @torch.no_grad()
 def capture_rows(model: nn.Module, layers: list[LayerInfo], images: torch.Tensor, calibration: Calibration,
                  batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """Input rows of each layer over the calibration images, each subsampled (seeded) to max_rows."""
+    """Input rows of each layer over the calibration images, each subsampled (seeded) to max_rows; batches are
+    cut so that no layer's im2col rows of a batch exceed CAPTURE_BYTES."""
+    widest = max((info.rows_per_image * info.inner_dim * info.groups * 4 for info in layers), default=1)
+    batch_size = max(1, min(batch_size, CAPTURE_BYTES // widest))
     samples = {info.name: row_sample(info.rows_per_image * len(images), calibration.max_rows, calibration.seed)
                for info in layers}
     parts: dict[str, list[torch.Tensor]] = {info.name: [] for info in layers}
@@ -81,9 +85,9 @@ def capture_rows(model: nn.Module, layers: list[LayerInfo], images: torch.Tensor
 
 
 def fit_tables(weight: torch.Tensor, bias: torch.Tensor, setting: LayerSetting, rows: torch.Tensor,
-               seed: int) -> ProductQuantizer:
-    """k-means prototypes on the rows, tables for weight (D, M) and bias (M,)."""
-    quantizer = ProductQuantizer.from_setting(setting, random_state=seed).fit(rows.to(weight.device))
+               seed: int, groups: int = 1) -> ProductQuantizer:
+    """k-means prototypes on the rows, tables for weight (D, M) and bias (M,) (grouped: D per group)."""
+    quantizer = ProductQuantizer.from_setting(setting, random_state=seed, groups=groups).fit(rows.to(weight.device))
     return quantizer.set_weight(weight, bias)
 
 
@@ -172,7 +176,7 @@ class TableBuilder:
         target = self.exact_rows(info.name).to(weight.device) @ weight + bias if needs_target else None
         if self._refits_classifier(info.name):
             weight, bias = refit_linear(rows, target, weight, bias, self.calibration.ridge)
-        quantizer = fit_tables(weight, bias, setting, rows, self.calibration.seed)
+        quantizer = fit_tables(weight, bias, setting, rows, self.calibration.seed, info.groups)
         if self.calibration.fit == "least-squares":
             quantizer.refit_tables(rows, target, self.calibration.ridge)
         return quantizer

@@ -15,21 +15,26 @@ from typing import Any
 
 from tabconv import config as config_file
 from tabconv import finetune as finetuning
+from tabconv.architectures import ArchitectureError, build_architecture
 from tabconv.atomic import atomic_write_bytes
 from tabconv.cache import TableCache
 from tabconv.config import FIT_METHODS, Calibration, ConfigError, Configuration
 from tabconv.cost import CONVENTIONS, model_cost
 from tabconv.data import DATASETS, DatasetUnavailable
+from tabconv.imagefolder import ImageFolderError
 from tabconv.lowering import LoweringError
-from tabconv.models import build_model, model_names
+from tabconv.models import model_names
 from tabconv.settings import ENCODERS, EXACT, LUT_DTYPES, LayerSetting, SettingError
 from tabconv.stats import accuracy_text, p_text, wilson
 from tabconv.structure import ModelStructure, UnknownLayerError
 from tabconv.tablesfile import TablesFileError, tables_path_for
 from tabconv.train import CheckpointError
+from tabconv.userload import UserModelError
+from tabconv.weights import WeightsError
 
 USER_ERRORS = (ConfigError, TablesFileError, CheckpointError, DatasetUnavailable, SettingError, UnknownLayerError,
-               LoweringError, FileNotFoundError, ValueError, FloatingPointError)
+               LoweringError, ArchitectureError, WeightsError, ImageFolderError, UserModelError, FileNotFoundError,
+               ValueError, FloatingPointError)
 
 
 class CliError(Exception):
@@ -92,6 +97,18 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    """'0.485,0.456,0.406' (or one number for every channel)."""
+    try:
+        values = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.485,0.456,0.406, got {text!r}"
+                                         ) from None
+    if len(values) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"expected 3 numbers (R,G,B) or one, got {len(values)} in {text!r}")
+    return values
+
+
 def _emit(data: dict[str, Any], as_json: bool, lines: list[str]) -> None:
     print(json.dumps(data, indent=2) if as_json else "\n".join(lines))
 
@@ -111,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 # -- cost --------------------------------------------------------------------------------------------
 def cmd_cost(args: argparse.Namespace) -> None:
-    model = build_model(args.model, args.num_classes, args.input_shape[0])
+    model = build_architecture(args.model, args.num_classes, args.input_shape[0], image_size=args.input_shape[1])
     settings: dict[str, LayerSetting] = {}
     if args.config:
         structure = ModelStructure(model, args.input_shape)
@@ -125,16 +142,34 @@ def cmd_cost(args: argparse.Namespace) -> None:
 
 # -- evaluate / search / sensitivity -------------------------------------------------------------------
 def _session(args: argparse.Namespace, calibration: Calibration | None = None):
-    """The session of a command; a configuration file's own calibration wins over the calibration flags."""
+    """The session of a command (a checkpoint, or --arch with --images); a configuration file's own calibration
+    wins over the calibration flags."""
     from tabconv.session import Session
 
     calibration = calibration or Calibration(images=args.calibration_images, mode=args.calibration,
                                              seed=args.seed, max_rows=args.max_rows, fit=args.fit,
                                              ridge=args.ridge, refit_classifier=args.refit_classifier)
     cache = None if args.no_cache else TableCache(args.cache_dir)
-    return Session.from_checkpoint(args.checkpoint, calibration=calibration, eval_images=args.eval_images,
-                                   data_root=args.data_root, cache=cache, device=args.device,
-                                   progress=_progress_bar("session"))
+    if args.arch is None:
+        given = [flag for flag, value in _user_model_flags(args).items() if value is not None]
+        if given:
+            raise CliError(f"{', '.join(given)} go with --arch (a checkpoint brings its own model and dataset)")
+        return Session.from_checkpoint(args.checkpoint, calibration=calibration, eval_images=args.eval_images,
+                                       data_root=args.data_root, cache=cache, device=args.device,
+                                       progress=_progress_bar("session"))
+    if args.image_folder is None:
+        raise CliError(f"--arch {args.arch} needs {args.image_folder_flag} DIR (DIR/<class>/*.jpg, or DIR/train and "
+                       f"DIR/val)")
+    return Session.from_user_model(args.arch, args.weights, images=args.image_folder, num_classes=args.num_classes,
+                                   image_size=args.image_size, mean=args.mean, std=args.std,
+                                   calibration=calibration, eval_images=args.eval_images, cache=cache,
+                                   device=args.device, progress=_progress_bar("session"))
+
+
+def _user_model_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that only --arch uses, by their names on this command."""
+    return {"--weights": args.weights, args.image_folder_flag: args.image_folder, "--num-classes": args.num_classes,
+            "--image-size": args.image_size, "--mean": args.mean, "--std": args.std}
 
 
 def _table_setting(args: argparse.Namespace) -> LayerSetting:
@@ -306,8 +341,32 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 
 # -- parser --------------------------------------------------------------------------------------------
-def _session_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by `tabconv train`")
+def _session_options(p: argparse.ArgumentParser, folder_flags: tuple[str, ...] = ("--images", "--image-folder")
+                     ) -> None:
+    """The flags that open a session. `finetune` has its own --images (a count), so there the folder is
+    --image-folder only."""
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint written by `tabconv train`")
+    source.add_argument("--arch", metavar="NAME", help="your own model instead: tabconv's (resnet18, resnet34, nin, "
+                        "tiny) or any torchvision classification architecture (resnet50, mobilenet_v2, ...), with an "
+                        "image folder")
+    p.add_argument("--weights", default=None, metavar="FILE|NAME",
+                   help="with --arch: a state_dict file (torch.save(model.state_dict(), ...)), a tabconv checkpoint, "
+                   "or a torchvision weight name (IMAGENET1K_V1, DEFAULT); default: random weights (seed 0)")
+    p.add_argument(*folder_flags, dest="image_folder", default=None, metavar="DIR",
+                   help="with --arch: an image folder, DIR/<class>/*.jpg (split 80/20 per class) or DIR/train and "
+                   "DIR/val")
+    p.set_defaults(image_folder_flag=folder_flags[0])
+    p.add_argument("--num-classes", type=_positive, default=None,
+                   help="with --arch: classes of the model (default: the weights', else the folder's)")
+    p.add_argument("--image-size", type=_positive, default=None,
+                   help="with --arch: centre crop size (default 224, or the weight name's)")
+    p.add_argument("--mean", type=_floats, default=None,
+                   help="with --arch: per-channel mean, e.g. 0.485,0.456,0.406 (default ImageNet's, or the weight "
+                   "name's)")
+    p.add_argument("--std", type=_floats, default=None,
+                   help="with --arch: per-channel std, e.g. 0.229,0.224,0.225 (default ImageNet's, or the weight "
+                   "name's)")
     p.add_argument("--calibration-images", type=_positive, default=Calibration.images,
                    help="first N training images used to learn prototypes (default %(default)s)")
     p.add_argument("--eval-images", type=_positive, default=None,
@@ -359,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("cost", help="FLOPs and storage of a model, optionally under a configuration")
-    p.add_argument("--model", choices=model_names(), required=True)
+    p.add_argument("--model", required=True, help=f"{', '.join(model_names())}, or any torchvision classification "
+                   "architecture (resnet50, mobilenet_v2, efficientnet_b0, ...)")
     p.add_argument("--num-classes", type=_positive, required=True)
     p.add_argument("--input-shape", type=_shape, required=True, help="C,H,W e.g. 3,32,32")
     p.add_argument("--config", default=None, help="a configuration file; its table layers are costed as tables")
@@ -379,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("finetune", help="train a configuration's tables end to end, distilling the exact network")
-    _session_options(p)
+    _session_options(p, ("--image-folder",))
     p.add_argument("--config", required=True, help="the configuration to fine-tune (its calibration is used)")
     p.add_argument("--steps", type=_positive, default=finetuning.DEFAULT_STEPS)
     p.add_argument("--images", type=_positive, default=finetuning.DEFAULT_IMAGES,

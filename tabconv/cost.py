@@ -4,6 +4,17 @@ Exact layers follow the paper's convention (re-derived to reproduce its baseline
 conv = multiply-accumulates (+1 per output element for a bias), BatchNorm = 2 per element, a ReLU
 module = 1 per element counted once even if called twice, pooling = 1 per input element,
 Linear = in*out, and everything else (dropout, flatten, residual adds, functional ops) = 0.
+The same rules extend to the modules of torchvision's other classifiers: every activation module
+(ReLU6, Hardswish, SiLU, Sigmoid, GELU, ...) = 1 per element, LayerNorm / GroupNorm = 4 per element
+(statistics and normalisation; BatchNorm's statistics are constants in eval mode), stochastic depth
+and permutes = 0 (identity / data movement in eval mode), and the elementwise multiply inside a
+squeeze-and-excitation block or a ConvNeXt layer scale = 1 per element. Concatenation and channel
+shuffles move data and count 0. A module type with no rule counts 0 and is listed in the report's
+`uncounted`, never silently.
+
+A grouped convolution is G products of D = C_in / G * kh * kw inputs and M / G outputs: its exact
+MACs are R * D * M; as a table layer each group has its own C codebooks, so encoding and prototypes
+count G times while lookups and tables cover the M outputs once.
 
 Table layers are costed analytically from their setting, so no fitted tables are needed. A model
 that has already been converted is costed by passing the original model and the same settings.
@@ -13,8 +24,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import nn
 
 from tabconv.lowering import ModuleCall, check_lowerable, conv_bn_pairs, example_input, trace_modules
@@ -22,10 +34,17 @@ from tabconv.settings import LUT_BYTES, LayerSetting
 
 CONVENTIONS = ("paper", "full")
 
-_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU)
+_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.Tanh,
+                nn.GELU, nn.ELU, nn.Mish, nn.PReLU, nn.Hardtanh)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
-_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_FREE = (nn.Dropout, nn.Flatten, nn.Identity)
+_NORMS = (nn.LayerNorm, nn.GroupNorm)  # torchvision's LayerNorm2d is a LayerNorm
+_NORM_OPS = 4
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool1d)
+_FREE = (nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.Flatten, nn.Unflatten, nn.Identity)
+# torchvision.ops modules, matched by class name so that costing never has to import torchvision
+_FREE_NAMES = ("StochasticDepth", "Permute")
+# blocks whose own forward multiplies elementwise (SE: scale * input; ConvNeXt: layer_scale * x): 1 per element
+_MULTIPLYING_BLOCKS = ("SqueezeExcitation", "CNBlock")
 _SCALE_BYTES = 4  # int8 tables: one float32 scale per layer and one float32 offset per codebook
 
 
@@ -78,6 +97,7 @@ class CostReport:
     weight_bytes: int
     table_bytes: int
     prototype_bytes: int
+    uncounted: list[str] = field(default_factory=list)  # module types with no cost rule (counted 0)
 
     def layer(self, name: str) -> LayerCost:
         for layer in self.layers:
@@ -104,25 +124,25 @@ def _check_convention(convention: str) -> None:
 
 
 def table_layer_counts(
-    rows: int, inner_dim: int, out_features: int, setting: LayerSetting
+    rows: int, inner_dim: int, out_features: int, setting: LayerSetting, groups: int = 1
 ) -> dict[str, int]:
-    """Ops and bytes of one table layer from R, D, M and its setting (pure arithmetic, no tensors)."""
+    """Ops and bytes of one table layer from R, D (per group), M and its setting (pure arithmetic, no tensors)."""
     c, k, m = setting.codebooks, setting.centroids, out_features
     d_pad = c * math.ceil(inner_dim / c)
     adds = rows * m * (c - 1)
-    table_bytes = c * k * m * LUT_BYTES[setting.lut_dtype]
+    table_bytes = c * k * m * LUT_BYTES[setting.lut_dtype]  # each group's C tables cover its M / G outputs
     if setting.lut_dtype == "int8":
         adds += 2 * rows * m  # dequantize each output: one multiply, one add
-        table_bytes += _SCALE_BYTES + _SCALE_BYTES * c
+        table_bytes += _SCALE_BYTES + _SCALE_BYTES * c * groups
     if setting.encoder == "exhaustive":
-        encoding_macs = rows * k * d_pad
-        comparisons = rows * c * (k - 1)
-        prototype_bytes = k * d_pad * 4
+        encoding_macs = rows * k * d_pad * groups
+        comparisons = rows * c * (k - 1) * groups
+        prototype_bytes = k * d_pad * 4 * groups
     else:
         depth = setting.tree_depth
         encoding_macs = 0
-        comparisons = rows * c * depth
-        prototype_bytes = c * (k - 1) * 4 + c * depth * 4  # split thresholds + split dimensions
+        comparisons = rows * c * depth * groups
+        prototype_bytes = (c * (k - 1) * 4 + c * depth * 4) * groups  # split thresholds + split dimensions
     return {
         "lookup_adds": adds,
         "lookups": rows * c * m,
@@ -155,21 +175,20 @@ def _weight_bytes(module: nn.Module) -> int:
 def _other_ops(
     module: nn.Module, input_shape: tuple[int, ...], output_shape: tuple[int, ...]
 ) -> int:
-    """Non-MAC operations of an exact module under the paper convention."""
+    """Non-MAC operations of an exact module under the paper convention (None: no rule for its type)."""
     if isinstance(module, nn.Conv2d):
         return math.prod(output_shape) if module.bias is not None else 0
     if isinstance(module, _BATCHNORM):
         return 2 * math.prod(output_shape)
+    if isinstance(module, _NORMS):
+        return _NORM_OPS * math.prod(output_shape)
     if isinstance(module, _ELEMENTWISE):
         return math.prod(output_shape)
     if isinstance(module, _POOLS):
         return math.prod(input_shape)
-    if isinstance(module, (nn.Linear, *_FREE)):
+    if isinstance(module, (nn.Linear, *_FREE)) or type(module).__name__ in _FREE_NAMES:
         return 0
-    raise ValueError(
-        f"no cost rule for {type(module).__name__} modules; "
-        "cost a converted model by passing the original model and its settings"
-    )
+    return None
 
 
 def _layer_cost(
@@ -189,14 +208,18 @@ def _layer_cost(
         cost.rows, cost.inner_dim, cost.out_features = _geometry(module, input_shape, output_shape)
         if setting is not None and setting.is_table:
             cost.mode = "table"
-            counts = table_layer_counts(cost.rows, cost.inner_dim, cost.out_features, setting)
+            counts = table_layer_counts(cost.rows, cost.inner_dim, cost.out_features, setting,
+                                        getattr(module, "groups", 1))
             for key, value in counts.items():
                 setattr(cost, key, value)
             return cost
         cost.exact_macs = cost.rows * cost.inner_dim * cost.out_features
-    cost.other_ops = _other_ops(module, input_shape, output_shape)
+    other = _other_ops(module, input_shape, output_shape)
+    if other is None:
+        cost.mode = "uncounted"
+    cost.other_ops = other or 0
     cost.weight_bytes = _weight_bytes(module)
-    if cost.weight_bytes:
+    if cost.weight_bytes and cost.mode == "-":
         cost.mode = "exact"
     return cost
 
@@ -219,6 +242,7 @@ class CostModel:
         """`calls`: a trace of this model at this shape already made (ModelStructure.calls), reused."""
         self.calls = calls if calls is not None else trace_modules(model, example_input(model, input_shape))
         self.pairs = conv_bn_pairs(self.calls)
+        self.block_multiplies = _block_multiplies(model, input_shape)
 
     def report(self, settings: Mapping[str, LayerSetting] | None = None, convention: str = "paper") -> CostReport:
         """Per-image cost with the named layers as table layers (layers not named stay exact)."""
@@ -231,7 +255,46 @@ class CostModel:
             _layer_cost(c.name, c.module, (c.input_shape, c.output_shape), settings.get(c.name), c.name in folded)
             for c in self.calls
         ]
-        return _report(convention, layers)
+        return _report(convention, _with_blocks(layers, self.block_multiplies))
+
+
+@torch.no_grad()
+def _block_multiplies(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerCost]:
+    """The elementwise multiply of each squeeze-and-excitation / layer-scale block (a forward only when the
+    model has such blocks): not a module of its own, so the leaf trace cannot see it."""
+    blocks = [(name, m) for name, m in model.named_modules() if type(m).__name__ in _MULTIPLYING_BLOCKS]
+    if not blocks:
+        return []
+    found: dict[str, LayerCost] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            shape = tuple(output.shape[1:])
+            found.setdefault(name, LayerCost(name, f"{type(module).__name__} multiply", "-",
+                                             tuple(inputs[0].shape[1:]), shape, other_ops=math.prod(shape)))
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in blocks]
+    was_training = model.training
+    try:
+        model.eval()
+        model(example_input(model, input_shape))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return [found[name] for name, _ in blocks if name in found]
+
+
+def _with_blocks(layers: list[LayerCost], blocks: list[LayerCost]) -> list[LayerCost]:
+    """Each block's multiply placed after the last leaf inside the block."""
+    if not blocks:
+        return layers
+    out = list(layers)
+    for block in blocks:
+        inside = [i for i, layer in enumerate(out) if layer.name.startswith(block.name + ".")]
+        out.insert(inside[-1] + 1 if inside else len(out), block)
+    return out
 
 
 def model_cost(
@@ -258,6 +321,7 @@ def _report(convention: str, layers: list[LayerCost]) -> CostReport:
     weight = sum(layer.weight_bytes for layer in layers)
     table = sum(layer.table_bytes for layer in layers)
     prototype = sum(layer.prototype_bytes for layer in layers)
+    uncounted = sorted({layer.kind for layer in layers if layer.mode == "uncounted"})
     return CostReport(
         convention=convention,
         layers=layers,
@@ -269,4 +333,5 @@ def _report(convention: str, layers: list[LayerCost]) -> CostReport:
         weight_bytes=weight,
         table_bytes=table,
         prototype_bytes=prototype,
+        uncounted=uncounted,
     )

@@ -95,6 +95,11 @@ class TabledNetwork:
 def export_files(tabled: TabledNetwork, formats: Iterable[str] = FORMATS) -> dict[str, bytes]:
     """File name -> content of an export: the chosen formats' files plus manifest.json."""
     formats = parse_formats(formats)
+    grouped = [name for name, q in tabled.quantizers.items() if q.groups > 1]
+    if grouped and {"onnx", "npz"} & set(formats):
+        raise ExportError(f"table layer {grouped[0]} is a grouped convolution ({len(grouped)} in all): the onnx and "
+                          "npz formats hold ungrouped tables only; export with --format torch, or keep those "
+                          "layers exact")
     files: dict[str, bytes] = {}
     arrays: dict[str, np.ndarray] = {}
     if "torch" in formats:

@@ -26,7 +26,7 @@ from tabconv.config import Configuration
 from tabconv.convert import convert
 from tabconv.hashtree import encode_hash_trees
 from tabconv.metrics import Metrics
-from tabconv.quantizer import ProductQuantizer, pad_columns, split_subspaces
+from tabconv.quantizer import ProductQuantizer
 from tabconv.structure import ModelStructure
 from tabconv.tablesfile import tables_bytes
 
@@ -51,8 +51,8 @@ class TrainableTables(nn.Module):
     def __init__(self, quantizer: ProductQuantizer) -> None:
         super().__init__()
         self.base = [quantizer]  # a list: kept out of the module tree, never trained in place
-        self.codebooks, self.centroids = quantizer.n_codebooks, quantizer.n_centroids
-        self.padded_dim = quantizer.padded_dim(quantizer.in_features_)
+        self.codebooks, self.centroids = quantizer.total_codebooks, quantizer.n_centroids
+        self.groups = quantizer.groups
         self.tree = quantizer.encoder == "tree"
         self.tables = nn.Parameter(quantizer.table_values().detach().clone())
         self.log_temperature = nn.Parameter(torch.zeros((), device=self.tables.device))
@@ -67,12 +67,14 @@ class TrainableTables(nn.Module):
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """(N, D) rows -> (N, M): the hard lookup's value with the soft assignment's gradient."""
-        xs = split_subspaces(pad_columns(rows.float(), self.padded_dim), self.codebooks)
+        xs = self.base[0].subspaces(rows)
         soft, hard = self._tree_assign(xs) if self.tree else self._nearest_assign(xs)
-        onehot = F.one_hot(hard, self.centroids).to(soft.dtype)  # (C, N, K)
+        onehot = F.one_hot(hard, self.centroids).to(soft.dtype)  # (C', N, K)
         assign = onehot - soft.detach() + soft
-        flat = assign.permute(1, 0, 2).reshape(rows.shape[0], -1)
-        return flat @ self.tables.reshape(-1, self.tables.shape[-1])
+        # per group: its rows' assignments (N, C*K) times its tables (C*K, M / G); one group: a plain matmul
+        flat = assign.permute(1, 0, 2).reshape(rows.shape[0], self.groups, -1)
+        per_group = torch.einsum("ngk,gkm->ngm", flat, self.tables.reshape(self.groups, -1, self.tables.shape[-1]))
+        return per_group.reshape(rows.shape[0], -1)
 
     def _temperature(self, spread: torch.Tensor) -> torch.Tensor:
         if not self.scale:

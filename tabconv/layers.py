@@ -28,7 +28,9 @@ class TableConv2d(nn.Module):
         super().__init__()
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
-        self.padding, self.dilation = conv.padding, conv.dilation
+        self.padding, self.dilation, self.groups = conv.padding, conv.dilation, conv.groups
+        if quantizer.groups != conv.groups:
+            raise ValueError(f"tables in {quantizer.groups} group(s) for a conv with groups={conv.groups}")
         self.quantizer = quantizer
         self.setting = setting
         kernels = _prototype_kernels(quantizer, conv)
@@ -51,7 +53,7 @@ class TableConv2d(nn.Module):
     @torch.no_grad()
     def encode_by_conv(self, x: torch.Tensor) -> torch.Tensor:
         """Codes (N*H_out*W_out, C) from grouped-conv distance scores, in image chunks to bound memory."""
-        codebooks, centroids = self.quantizer.n_codebooks, self.quantizer.n_centroids
+        codebooks, centroids = self.quantizer.total_codebooks, self.quantizer.n_centroids
         x = x.float()
         height, width = output_hw(self, x.shape[2], x.shape[3])
         step = max(1, _SCORE_ELEMENTS // (codebooks * centroids * height * width))
@@ -64,16 +66,18 @@ class TableConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.setting
+        groups = f"groups={self.groups}, " if self.groups > 1 else ""
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"C={s.codebooks}, K={s.centroids}, encoder={s.encoder}, lut={s.lut_dtype}")
+                f"{groups}C={s.codebooks}, K={s.centroids}, encoder={s.encoder}, lut={s.lut_dtype}")
 
 
 _SCORE_ELEMENTS = 1 << 24  # bounds the (images, C*K, H_out, W_out) score block held at once
 
 
 def _prototype_kernels(quantizer: ProductQuantizer, conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(-2 * prototypes as grouped-conv kernels, ||p||^2 as bias), or None when subspaces split channels."""
-    codebooks, prototypes = quantizer.n_codebooks, getattr(quantizer, "prototypes_", None)
+    """(-2 * prototypes as grouped-conv kernels, ||p||^2 as bias), or None when subspaces split channels.
+    A grouped conv's codebooks never straddle its groups, so the same holds with G * C codebooks."""
+    codebooks, prototypes = quantizer.total_codebooks, getattr(quantizer, "prototypes_", None)
     taps = conv.kernel_size[0] * conv.kernel_size[1]
     if (quantizer.encoder != "exhaustive" or prototypes is None or conv.in_channels % codebooks
             or prototypes.shape[-1] != conv.in_channels // codebooks * taps):

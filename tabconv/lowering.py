@@ -20,13 +20,8 @@ class LoweringError(ValueError):
 
 
 def check_lowerable(name: str, module: nn.Module) -> None:
-    """Refuse layers whose product is not one dense A @ B (grouped or non-zero-padded convs)."""
+    """Refuse layers whose product is not A @ B on im2col rows (one product per group of a grouped conv)."""
     if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            raise LoweringError(
-                f"{name}: grouped convolutions (groups={module.groups}) are not supported; "
-                "keep this layer exact"
-            )
         if module.padding_mode != "zeros":
             raise LoweringError(f"{name}: padding_mode={module.padding_mode!r} is not supported")
         if isinstance(module.padding, str):
@@ -123,14 +118,14 @@ def example_input(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Tenso
 def trace_modules(model: nn.Module, example: torch.Tensor) -> list[ModuleCall]:
     """Leaf modules in call order, each recorded at its first call (ids tie producers to consumers)."""
     calls: list[ModuleCall] = []
-    keep: list[object] = []  # holds every output so no id() is reused during the trace
+    keep: list[object] = []  # holds every input and output so no id() is reused during the trace
     seen: set[str] = set()
     handles = []
     for name, module in model.named_modules():
         if name and not list(module.children()):
 
             def hook(mod, inputs, output, name=name):
-                keep.append(output)
+                keep.append((inputs, output))  # a freed input's id could come back as a later output's
                 if name not in seen:
                     seen.add(name)
                     first = inputs[0] if inputs else None
@@ -159,6 +154,18 @@ def conv_bn_pairs(calls: list[ModuleCall]) -> dict[str, str]:
         if isinstance(call.module, nn.BatchNorm2d) and conv is not None and isinstance(conv.module, nn.Conv2d):
             pairs[conv.name] = call.name
     return pairs
+
+
+def unlowerable_layers(calls: list[ModuleCall]) -> dict[str, str]:
+    """Conv2d/Linear layers that run but cannot become table layers, with the reason (they stay exact)."""
+    reasons = {}
+    for call in calls:
+        if isinstance(call.module, LOWERABLE):
+            try:
+                check_lowerable(call.name, call.module)
+            except LoweringError as err:
+                reasons[call.name] = str(err)
+    return reasons
 
 
 def lowerable_layers(calls: list[ModuleCall]) -> list[str]:

@@ -131,12 +131,16 @@ LEARNED_SCALARS = ("in_features_", "fit_rows_", "out_features_")
 class ProductQuantizer(nn.Module):
     """Learn K prototypes in each of C subspaces; approximate X @ W + b by summed table entries.
 
-    Attributes (None until learned; D_pad = C * ceil(D / C), M = out_features_):
-        prototypes_: float32 (C, K, D_pad / C); the tree encoder's ridge prototypes are (C, K, D_pad).
+    A grouped convolution (`groups` G > 1) is G independent products: each group's D / G input columns get
+    their own C codebooks (G * C in all, none straddling two groups) and its tables cover only its M / G
+    outputs, so "C" always means codebooks per product, as for an ungrouped layer.
+
+    Attributes (None until learned; D_pad = G * C * ceil(D / (G * C)), M = out_features_, C' = G * C):
+        prototypes_: float32 (C', K, D_pad / C'); the tree encoder's ridge prototypes are (C, K, D_pad).
         split_dims_: int64 (C, log2 K), tree only: the dimension (within its subspace) compared at each level.
         thresholds_: float32 (C, K - 1), tree only: per-node thresholds in heap order (+inf: never go right).
-        tables_: (C, K, M) in lut_dtype, the bias folded into codebook 0.
-        table_scale_, table_offset_: int8 only: one float32 scale () and an offset per codebook (C,).
+        tables_: (C', K, M / G) in lut_dtype, the bias folded into each group's first codebook.
+        table_scale_, table_offset_: int8 only: one float32 scale () and an offset per codebook (C',).
         in_features_, fit_rows_, out_features_: ints; D, the calibration rows, M. In `state_dict` they
             travel as 0-d int64 tensors (`_version` 1), so an unfitted quantizer loads a fitted one's state.
     """
@@ -152,11 +156,17 @@ class ProductQuantizer(nn.Module):
         kmeans_iter: int = 12,
         kmeans_backend: str = "torch",
         random_state: int = 0,
+        groups: int = 1,
     ) -> None:
         super().__init__()
         LayerSetting("table", n_codebooks, n_centroids, encoder, lut_dtype)  # validates
         if kmeans_backend not in KMEANS_BACKENDS:
             raise SettingError(f"kmeans_backend must be one of {KMEANS_BACKENDS}, got {kmeans_backend!r}")
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise SettingError(f"groups must be a positive integer, got {groups!r}")
+        if groups > 1 and encoder == "tree":
+            raise SettingError(f"the hash-tree encoder does not support grouped convolutions (groups={groups}); "
+                               "use the exhaustive encoder for this layer")
         self.n_codebooks = n_codebooks
         self.n_centroids = n_centroids
         self.encoder = encoder
@@ -164,6 +174,7 @@ class ProductQuantizer(nn.Module):
         self.kmeans_iter = kmeans_iter
         self.kmeans_backend = kmeans_backend
         self.random_state = random_state
+        self.groups = groups
         for name in LEARNED_TENSORS:
             self.register_buffer(name, None)
         self.in_features_: int | None = None
@@ -171,8 +182,9 @@ class ProductQuantizer(nn.Module):
         self.out_features_: int | None = None
 
     @classmethod
-    def from_setting(cls, setting: LayerSetting, random_state: int = 0) -> ProductQuantizer:
-        return cls(setting.codebooks, setting.centroids, setting.encoder, setting.lut_dtype, random_state=random_state)
+    def from_setting(cls, setting: LayerSetting, random_state: int = 0, groups: int = 1) -> ProductQuantizer:
+        return cls(setting.codebooks, setting.centroids, setting.encoder, setting.lut_dtype, random_state=random_state,
+                   groups=groups)
 
     @property
     def setting(self) -> LayerSetting:
@@ -180,12 +192,32 @@ class ProductQuantizer(nn.Module):
 
     def get_params(self) -> dict:
         """Constructor parameters (scikit-learn convention), e.g. to rebuild from a cache entry."""
-        names = ("n_codebooks", "n_centroids", "encoder", "lut_dtype", "kmeans_iter", "kmeans_backend", "random_state")
+        names = ("n_codebooks", "n_centroids", "encoder", "lut_dtype", "kmeans_iter", "kmeans_backend", "random_state",
+                 "groups")
         return {name: getattr(self, name) for name in names}
 
     # -- fitting -------------------------------------------------------------------------------
+    @property
+    def total_codebooks(self) -> int:
+        """C' = G * C: the codebooks of every group together."""
+        return self.groups * self.n_codebooks
+
     def padded_dim(self, in_features: int) -> int:
-        return self.n_codebooks * math.ceil(in_features / self.n_codebooks)
+        """D_pad: each group's columns padded to a multiple of C."""
+        return self.total_codebooks * math.ceil(in_features / self.total_codebooks if self.groups == 1
+                                                else in_features // self.groups / self.n_codebooks)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows (N, D) -> (N, D_pad), zero columns at the end of each group's columns."""
+        if self.groups == 1:
+            return pad_columns(x, self.padded_dim(x.shape[-1]))
+        grouped = x.reshape(x.shape[0], self.groups, -1)
+        width = self.padded_dim(x.shape[-1]) // self.groups
+        return pad_columns(grouped, width).reshape(x.shape[0], -1)
+
+    def subspaces(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows (N, D) -> (C', N, D_pad / C'), one block of columns per codebook."""
+        return split_subspaces(self.pad(x.float()), self.total_codebooks)
 
     @torch.no_grad()
     def fit(self, x: torch.Tensor) -> ProductQuantizer:
@@ -193,6 +225,8 @@ class ProductQuantizer(nn.Module):
         if x.ndim != 2 or x.shape[0] == 0:
             raise ValueError(f"fit expects a non-empty (rows, features) matrix, got shape {tuple(x.shape)}")
         rows, in_features = x.shape
+        if in_features % self.groups:
+            raise ValueError(f"{in_features} features do not split into {self.groups} groups")
         self.in_features_ = in_features
         self.fit_rows_ = rows
         if self.n_centroids >= rows:
@@ -202,7 +236,7 @@ class ProductQuantizer(nn.Module):
                 DegenerateCodebookWarning,
                 stacklevel=3,
             )
-        xs = split_subspaces(pad_columns(x.float(), self.padded_dim(in_features)), self.n_codebooks).contiguous()
+        xs = self.subspaces(x).contiguous()
         if self.encoder == "exhaustive":
             self.prototypes_ = self._kmeans(xs)
         else:
@@ -229,7 +263,7 @@ class ProductQuantizer(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Codes (N, C): which prototype / bucket each row falls in, per subspace."""
         self._check_fitted("prototypes_")
-        xs = split_subspaces(pad_columns(x.float(), self.padded_dim(self.in_features_)), self.n_codebooks)
+        xs = self.subspaces(x)
         if self.encoder == "exhaustive":
             return nearest_codes(xs, self.prototypes_)  # strided (C, N, s): BLAS reads it in place
         from tabconv.hashtree import encode_hash_trees
@@ -238,19 +272,28 @@ class ProductQuantizer(nn.Module):
 
     @torch.no_grad()
     def set_weight(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> ProductQuantizer:
-        """Precompute tables T[c, k, m] = <prototype(c, k), W[subspace c, m]>, the bias folded into T[0]."""
+        """Precompute tables T[c, k, m] = <prototype(c, k), W[subspace c, m]>, the bias folded into each group's
+        first codebook. `weight` is (D / G, M): a grouped conv's weight matrix, every group's columns side by side."""
         self._check_fitted("prototypes_")
-        if weight.shape[0] != self.in_features_:
-            raise ValueError(f"weight has {weight.shape[0]} rows, the quantizer was fitted on {self.in_features_}")
+        if weight.shape[0] * self.groups != self.in_features_ or weight.shape[1] % self.groups:
+            raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit a quantizer fitted on "
+                             f"{self.in_features_} features in {self.groups} group(s)")
         tables = self.float_tables(weight.float())
         if bias is not None:
-            tables[0] += bias.float()
+            tables.view(self.groups, self.n_codebooks, self.n_centroids, -1)[:, 0] += bias.float().view(
+                self.groups, 1, -1)
         self.out_features_ = weight.shape[1]
         self._store_tables(tables)
         return self
 
     def float_tables(self, weight: torch.Tensor) -> torch.Tensor:
-        """Exact float32 tables (C, K, M) for a weight matrix (D, M)."""
+        """Exact float32 tables (C', K, M / G) for a weight matrix (D / G, M)."""
+        if self.groups > 1:  # (D/G, M) -> per group (D/G padded, M/G), stacked along the codebooks
+            per_group = weight.reshape(weight.shape[0], self.groups, -1).permute(1, 2, 0)  # (G, M/G, D/G)
+            width = self.padded_dim(self.in_features_) // self.groups
+            w_sub = pad_columns(per_group, width).reshape(self.groups, -1, self.n_codebooks, width // self.n_codebooks)
+            return torch.bmm(self.prototypes_, w_sub.permute(0, 2, 3, 1).reshape(self.total_codebooks, -1,
+                                                                                   w_sub.shape[1]))
         w = pad_columns(weight.t(), self.padded_dim(self.in_features_)).t()
         if self.prototypes_.shape[-1] == w.shape[0]:  # full-width prototypes (tree + ridge refinement)
             return torch.einsum("ckd,dm->ckm", self.prototypes_, w)
@@ -264,8 +307,9 @@ class ProductQuantizer(nn.Module):
         G (N, C*K) is the one-hot of the codes of x (e.g. rows coming out of an approximated upstream
         network), Y the exact layer output wanted for those rows, T0 the current tables (prototypes x
         weights) and lam = ridge * N / K (the mean bucket size, so `ridge` is scale-free). Every output
-        channel is its own ridge problem in C*K unknowns; they share one Cholesky factor. When K covers
-        every distinct row and ridge -> 0 the layer reproduces Y exactly. See tabconv/lstsq.py.
+        channel is its own ridge problem in C*K unknowns; they share one Cholesky factor (per group, for a
+        grouped conv: a group's outputs depend on its own codebooks only). When K covers every distinct row
+        and ridge -> 0 the layer reproduces Y exactly. See tabconv/lstsq.py.
         """
         self._check_fitted("tables_")
         if target.shape != (x.shape[0], self.out_features_):
@@ -278,15 +322,18 @@ class ProductQuantizer(nn.Module):
         size = self.n_codebooks * self.n_centroids
         codes = self.encode(x)
         prior = self.table_values()
-        residual = target.float() - self._sum_tables(prior, codes)
+        residual = (target.float() - self._sum_tables(prior, codes)).reshape(x.shape[0], self.groups, -1)
         lam = ridge * x.shape[0] / self.n_centroids
-        solution = prior.reshape(size, -1).double() + table_correction(
-            codes + self._code_offsets(codes.device), residual, size, lam)
-        self._store_tables(solution.float().reshape(self.n_codebooks, self.n_centroids, -1))
+        offsets = torch.arange(self.n_codebooks, device=codes.device) * self.n_centroids
+        solved = []
+        for group, group_prior in enumerate(prior.reshape(self.groups, size, -1)):
+            group_codes = codes[:, group * self.n_codebooks:(group + 1) * self.n_codebooks]
+            solved.append(group_prior.double() + table_correction(group_codes + offsets, residual[:, group], size, lam))
+        self._store_tables(torch.stack(solved).float().reshape(self.total_codebooks, self.n_centroids, -1))
         return self
 
     def table_values(self) -> torch.Tensor:
-        """The tables as float32 (C, K, M), dequantized when they are stored as int8."""
+        """The tables as float32 (C', K, M / G), dequantized when they are stored as int8."""
         self._check_fitted("tables_")
         if self.lut_dtype == "int8":
             return self.table_scale_ * (self.tables_.float() + 128.0) + self.table_offset_.reshape(-1, 1, 1)
@@ -299,21 +346,23 @@ class ProductQuantizer(nn.Module):
             self.tables_ = tables.to(getattr(torch, self.lut_dtype))
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
-        """Sum over codebooks of the looked-up table rows: (N, C) codes -> (N, M) outputs."""
+        """Sum over each group's codebooks of the looked-up table rows: (N, C') codes -> (N, M) outputs."""
         self._check_fitted("tables_")
         summed = self._sum_tables(self.tables_.float(), codes)
         if self.lut_dtype == "int8":
             # integer sums are exact in float32 (|sum| <= 128*C << 2**24): this is int accumulation
-            return dequantize_sum(summed, self.table_scale_, self.table_offset_, self.n_codebooks)
+            offsets = self.table_offset_.reshape(self.groups, -1).sum(1).repeat_interleave(self.tables_.shape[-1])
+            return dequantize_sum(summed, self.table_scale_, offsets, self.n_codebooks)
         return summed
 
     def _code_offsets(self, device: torch.device) -> torch.Tensor:
-        return torch.arange(self.n_codebooks, device=device) * self.n_centroids
+        return torch.arange(self.total_codebooks, device=device) * self.n_centroids
 
     def _sum_tables(self, tables: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Sum over codebooks of the rows of float tables (C, K, M) picked by codes (N, C)."""
+        """Per group, the sum over its codebooks of the rows of float tables (C', K, M / G) picked by codes (N, C')."""
         flat = tables.reshape(-1, tables.shape[-1])
-        return F.embedding_bag(codes + self._code_offsets(codes.device), flat, mode="sum")
+        bags = (codes + self._code_offsets(codes.device)).reshape(-1, self.n_codebooks)
+        return F.embedding_bag(bags, flat, mode="sum").reshape(codes.shape[0], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lookup(self.encode(x))
@@ -373,6 +422,8 @@ def quantize_tables_int8(tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q.clamp_(-128, 127).to(torch.int8), scale.reshape(()), low
 
 
-def dequantize_sum(summed: torch.Tensor, scale: torch.Tensor, offsets: torch.Tensor, codebooks: int) -> torch.Tensor:
-    """Turn summed int8 entries back into the float sum of table values."""
-    return scale * (summed + 128.0 * codebooks) + offsets.sum()
+def dequantize_sum(summed: torch.Tensor, scale: torch.Tensor, offset_sums: torch.Tensor, codebooks: int
+                   ) -> torch.Tensor:
+    """Turn sums of `codebooks` int8 entries back into the float sum of table values; `offset_sums`: per output,
+    the sum of the offsets of the codebooks summed into it."""
+    return scale * (summed + 128.0 * codebooks) + offset_sums

@@ -7,7 +7,8 @@ evaluated configuration in its history for plots, searches and comparisons.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,6 +32,10 @@ from tabconv.train import load_checkpoint
 
 Progress = Callable[[dict[str, Any]], None]
 MAX_INCREMENTAL_IMAGES = 2500  # above this, activations are not kept: evaluation streams in batches
+# Kept activations (exact and current, each): every node's when they fit, else the latest nodes' (2 GiB each keeps
+# layer4 and most of layer3 of ResNet-50 at 224x224 for 256 images, so late toggles start from kept inputs)
+ACTIVATION_MEMORY_BYTES = 2 << 30
+BATCH_ACTIVATION_BYTES = 256 << 20  # a batch's largest activation: bounds the transient memory of a pass
 
 
 class Session:
@@ -52,23 +57,24 @@ class Session:
                               f"of {calibration_set.info.name} has only {len(calibration_set)} images")
         self.eval_set = eval_set
         self.calibration_set = calibration_set  # fine-tuning draws its images from here
-        self.batch_size = batch_size
+        self.batch_size = _bounded_batch(batch_size, self.structure)
         calib = calibration_set.head(self.calibration.images)
         self.builder = TableBuilder(self.model, self.structure, calib.normalize(calib.images), self.calibration,
                                     {"checkpoint_sha256": self.meta.get("sha256"), "dataset": self.meta.get("dataset")},
                                     cache)
-        self.incremental = len(eval_set) <= MAX_INCREMENTAL_IMAGES
         if progress:
             progress({"stage": "baseline", "images": len(eval_set)})
-        self.runner = IncrementalRunner(self.model, self.eval_batches()) if self.incremental else None
+        self.notes: list[str] = []  # what the user should know about how this session evaluates
+        self.runner = self._runner(len(eval_set))
+        self.incremental = self.runner is not None
         self._labels = eval_set.labels.to(self.device)
         self._identities: dict[str, nn.Identity] = {}
         self._tables: dict[int, nn.Module] = {}
-        self._errors: dict[str, LayerError] = {}
         self._costs: dict[tuple, tuple[CostReport, CostReport]] = {}
         self._seen: dict[tuple, Metrics] = {}
         self._tuned: dict[str, dict[str, ProductQuantizer]] = {}  # given (e.g. fine-tuned) tables by tables_id
         self.history: list[Metrics] = []
+        self._errors = {info.name: LayerError(info.name, 1.0, 0.0) for info in self.structure.layers}  # exact
         self.cost_model = CostModel(self.model, self.input_shape, self.structure.calls)
         self.baseline_cost = self.cost_model.report(None, "paper")
         self.baseline_accuracy = 0.0
@@ -76,6 +82,26 @@ class Session:
         self.baseline_accuracy = self.baseline.accuracy
         self.baseline.baseline_accuracy = self.baseline.accuracy
         self.current = self.baseline
+
+    def _runner(self, images: int) -> IncrementalRunner | None:
+        """The incremental runner, or None (evaluation streams) when there are too many images or torch.fx
+        cannot trace the model; the reason goes to `notes`."""
+        if images > MAX_INCREMENTAL_IMAGES:
+            self.notes.append(f"{images} evaluation images: more than {MAX_INCREMENTAL_IMAGES}, so every change "
+                              "re-evaluates the whole network in batches")
+            return None
+        try:
+            runner = IncrementalRunner(self.model, self.eval_batches(), ACTIVATION_MEMORY_BYTES)
+        except Exception as err:  # torch.fx raises many kinds for code it cannot trace
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            self.notes.append(f"torch.fx cannot trace this model ({first[:200]}), so every change re-evaluates the "
+                              "whole network in batches")
+            return None
+        if not runner.keeps_everything:
+            self.notes.append(f"activations of {len(runner.kept)} of {len(runner.nodes)} graph nodes are kept "
+                              f"({ACTIVATION_MEMORY_BYTES >> 20} MiB): changes to early layers recompute from the "
+                              "input")
+        return runner
 
     def eval_batches(self) -> list[torch.Tensor]:
         """The evaluation images as batches on the device, in the session's (channels-last) layout."""
@@ -99,6 +125,24 @@ class Session:
         if eval_images is not None:
             eval_set = eval_set.head(eval_images)
         return cls(model, meta, calib_set, eval_set, calibration, cache, device, batch_size, progress)
+
+    @classmethod
+    def from_user_model(cls, arch: str, weights: str | None = None, *, images: str, num_classes: int | None = None,
+                        image_size: int | None = None, mean: Sequence[float] | None = None,
+                        std: Sequence[float] | None = None, calibration: Calibration | None = None,
+                        eval_images: int | None = None, cache: TableCache | None = None, device: str | None = None,
+                        progress: Progress | None = None, batch_size: int = 500) -> Session:
+        """A user's own network: any architecture name (tabconv's or torchvision's), a weights file or torchvision
+        weight name (None: seeded random weights), and an image folder (tabconv.userload says how each is read).
+        The calibration's image count is clamped to the folder's calibration part; meta records it."""
+        from tabconv.userload import open_user_model
+
+        device = resolve_device(device)
+        opened = open_user_model(arch, weights, images, num_classes=num_classes, image_size=image_size, mean=mean,
+                                 std=std, calibration=calibration, eval_images=eval_images, device=device,
+                                 progress=progress)
+        return cls(opened.model, opened.meta, opened.calibration_set, opened.eval_set, opened.calibration, cache,
+                   device, batch_size, progress)
 
     # -- configurations ----------------------------------------------------------------------------
     def complete(self, settings: Mapping[str, LayerSetting] | Configuration) -> dict[str, LayerSetting]:
@@ -200,14 +244,12 @@ class Session:
 
     def _evaluate_incremental(self, quantizers: Mapping[str, ProductQuantizer]
                               ) -> tuple[torch.Tensor, dict[str, LayerError]]:
-        dirty = self.runner.run(self._overrides(quantizers))
-        for info in self.structure.layers:
-            node = self.runner.node_for_module(info.output_name)
-            if node in dirty or info.name not in self._errors:
-                acc = ErrorAccumulator()
-                for exact, approx in zip(self.runner.exact(node), self.runner.current(node), strict=False):
-                    acc.add(exact, approx)
-                self._errors[info.name] = acc.result(info.name)
+        layer_of = {self.runner.node_for_module(info.output_name): info.name for info in self.structure.layers}
+        accumulators = {node: ErrorAccumulator() for node in layer_of}
+        dirty = self.runner.run(self._overrides(quantizers), layer_of,
+                                lambda node, exact, approx: accumulators[node].add(exact, approx))
+        for node in dirty & set(layer_of):
+            self._errors[layer_of[node]] = accumulators[node].result(layer_of[node])
         logits = torch.cat(self.runner.output())
         return logits.argmax(1) == self._labels, dict(self._errors)
 
@@ -232,6 +274,12 @@ class Session:
     @property
     def evaluations(self) -> int:
         return len(self.history)
+
+
+def _bounded_batch(batch_size: int, structure: ModelStructure) -> int:
+    """The batch size, lowered so that a batch's largest activation stays within BATCH_ACTIVATION_BYTES."""
+    largest = max((math.prod(call.output_shape) * 4 for call in structure.calls), default=1)
+    return max(1, min(batch_size, BATCH_ACTIVATION_BYTES // max(largest, 1)))
 
 
 def _metrics_summary(metrics: Metrics) -> dict[str, Any]:

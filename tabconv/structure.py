@@ -11,7 +11,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from tabconv.lowering import ModuleCall, conv_bn_pairs, example_input, lowerable_layers, trace_modules
+from tabconv.lowering import (
+    ModuleCall,
+    conv_bn_pairs,
+    example_input,
+    lowerable_layers,
+    trace_modules,
+    unlowerable_layers,
+)
 
 
 class UnknownLayerError(KeyError):
@@ -31,8 +38,9 @@ class LayerInfo:
     output_shape: tuple[int, ...]
     bn: str | None  # the BatchNorm2d folded into this layer's tables when it is approximated
     rows_per_image: int
-    inner_dim: int  # D
-    out_features: int  # M
+    inner_dim: int  # D: per group for a grouped conv (C_in / groups * kh * kw)
+    out_features: int  # M: all groups together
+    groups: int = 1  # a grouped conv is `groups` products of D inputs and M / groups outputs each
 
     @property
     def output_name(self) -> str:
@@ -53,6 +61,7 @@ class ModelStructure:
         pairs = conv_bn_pairs(self.calls)
         by_name = {call.name: call for call in self.calls}
         self.layers = [_layer_info(by_name[name], pairs.get(name)) for name in lowerable_layers(self.calls)]
+        self.exact_only = unlowerable_layers(self.calls)  # Conv2d/Linear layers kept exact: name -> why
         self._index = {layer.name: i for i, layer in enumerate(self.layers)}
         self.groups = _groups(model, self.names)
 
@@ -88,8 +97,8 @@ def _layer_info(call: ModuleCall, bn: str | None) -> LayerInfo:
     name, module, in_shape, out_shape = call.name, call.module, call.input_shape, call.output_shape
     if isinstance(module, nn.Conv2d):
         rows = out_shape[1] * out_shape[2]
-        inner = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-        return LayerInfo(name, "conv", in_shape, out_shape, bn, rows, inner, module.out_channels)
+        inner = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        return LayerInfo(name, "conv", in_shape, out_shape, bn, rows, inner, module.out_channels, module.groups)
     rows = 1
     for size in in_shape[:-1]:
         rows *= size

@@ -57,6 +57,9 @@ def explain(session: Session, layer_name: str, image_index: int = 0, position: i
     setting = settings.get(layer_name)
     if setting is None or not setting.is_table:
         raise ValueError(f"layer {layer_name!r} is exact in this configuration: give it a table setting to explain it")
+    if info.groups > 1:
+        raise ValueError(f"layer {layer_name!r} is a grouped convolution (groups={info.groups}); the walkthrough "
+                         "explains ungrouped layers: pick another layer")
     if not 0 <= image_index < len(session.eval_set):
         raise ValueError(f"image_index must be in 0..{len(session.eval_set) - 1}, got {image_index}")
     quantizer = _quantizer(session, info, settings)

@@ -7,6 +7,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -251,9 +252,46 @@ def test_invalid_requests_are_refused(settings: dict, convention: str, message: 
         model_cost(build_model("tiny", 10, 3), (3, 32, 32), settings, convention)
 
 
-def test_grouped_conv_may_stay_exact_but_not_become_a_table() -> None:
-    model = nn.Sequential(OrderedDict([("dw", nn.Conv2d(4, 4, 3, groups=4)), ("relu", nn.ReLU())]))
+def test_grouped_conv_is_costed_per_group() -> None:
+    """A grouped conv is G products of D = C_in / G * k * k inputs and M / G outputs; as tables, every group has
+    its own C codebooks (encoding and prototypes G times), and its tables cover its M / G outputs."""
+    model = nn.Sequential(OrderedDict([("dw", nn.Conv2d(4, 8, 3, groups=4)), ("relu", nn.ReLU())]))
     report = model_cost(model, (4, 8, 8), {"dw": LayerSetting()})
-    assert report.layer("dw").exact_macs == 36 * 4 * 9
-    with pytest.raises(ValueError, match="grouped"):
-        model_cost(model, (4, 8, 8), {"dw": TABLE})
+    rows, inner, out = 36, 9, 8
+    assert report.layer("dw").exact_macs == rows * inner * out
+    setting = LayerSetting("table", 3, 16)
+    table = model_cost(model, (4, 8, 8), {"dw": setting}, "full").layer("dw")
+    assert (table.rows, table.inner_dim, table.out_features) == (rows, inner, out)
+    assert table.encoding_macs == rows * 16 * 9 * 4 and table.encoding_comparisons == rows * 3 * 15 * 4
+    assert table.lookups == rows * 3 * out and table.lookup_adds == rows * out * 2
+    assert table.table_bytes == 4 * 3 * 16 * (out // 4) * 4 and table.prototype_bytes == 16 * 9 * 4 * 4
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "vgg11_bn",
+                                  "densenet121", "regnet_x_400mf", "convnext_tiny", "shufflenet_v2_x0_5"])
+def test_torchvision_macs_match_flop_counter(arch: str) -> None:
+    """Every family's multiply-accumulates equal what torch's FlopCounterMode counts (it reports 2 per MAC), and
+    every module type these networks use has a cost rule (none left uncounted)."""
+    model = torchvision.models.get_model(arch, num_classes=10).eval()
+    report = model_cost(model, (3, 64, 64))
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, 64, 64))
+    assert sum(layer.exact_macs for layer in report.layers) * 2 == counter.get_total_flops()
+    assert report.uncounted == []
+    assert report.flops > counter.get_total_flops() // 2  # activations, norms and pools come on top
+
+
+def test_squeeze_excitation_multiply_is_counted() -> None:
+    from torchvision.ops import SqueezeExcitation
+
+    block = SqueezeExcitation(8, 2).eval()
+    report = model_cost(block, (8, 4, 4))
+    multiply = report.layer("")
+    assert multiply.kind == "SqueezeExcitation multiply" and multiply.other_ops == 8 * 4 * 4
+
+
+def test_module_without_a_rule_is_listed_not_hidden() -> None:
+    model = nn.Sequential(OrderedDict([("conv", nn.Conv2d(3, 4, 3)), ("soft", nn.Softmax2d())]))
+    report = model_cost(model, (3, 8, 8))
+    assert report.uncounted == ["Softmax2d"] and report.layer("soft").mode == "uncounted"

@@ -18,6 +18,7 @@ from tabconv.lowering import (
     output_hw,
     rows_to_nchw,
     trace_modules,
+    unlowerable_layers,
     weight_matrix,
 )
 
@@ -76,9 +77,8 @@ def test_batchnorm_folding_is_exact(bias):
     torch.testing.assert_close(fold_batchnorm(conv, bn)(x), bn(conv(x)), rtol=1e-12, atol=1e-12)
 
 
-def test_grouped_and_unsupported_layers_are_refused_clearly():
-    with pytest.raises(LoweringError, match="grouped"):
-        check_lowerable("dw", nn.Conv2d(4, 4, 3, groups=4))
+def test_unsupported_layers_are_refused_clearly():
+    check_lowerable("dw", nn.Conv2d(4, 4, 3, groups=4))  # grouped: one product per group
     with pytest.raises(LoweringError, match="padding_mode"):
         check_lowerable("reflect", nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
     with pytest.raises(LoweringError, match="not a Conv2d or Linear"):
@@ -97,7 +97,21 @@ def test_resnet_pairs_and_forward_order():
     assert names.index("layer2.0.conv2") < names.index("layer2.0.downsample.0") < names.index("layer2.1.conv1")
 
 
-def test_grouped_conv_is_not_offered_as_a_table_layer():
-    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.Conv2d(6, 6, 3, groups=3), nn.Flatten(), nn.LazyLinear(2))
+def test_grouped_conv_is_a_table_layer_and_others_are_listed_with_a_reason():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.Conv2d(6, 6, 3, groups=3), nn.Conv2d(6, 6, 3, padding=1,
+                          padding_mode="reflect"), nn.Flatten(), nn.LazyLinear(2))
     model(torch.zeros(1, 3, 8, 8))
-    assert lowerable_layers(trace_modules(model, torch.zeros(1, 3, 8, 8))) == ["0", "3"]
+    calls = trace_modules(model, torch.zeros(1, 3, 8, 8))
+    assert lowerable_layers(calls) == ["0", "1", "4"]
+    reasons = unlowerable_layers(calls)
+    assert list(reasons) == ["2"] and "padding_mode" in reasons["2"]
+
+
+def test_trace_pairs_survive_freed_inputs():
+    """A batch norm reading a temporary (DenseNet's concatenations) must never pair with a conv whose output later
+    took the freed temporary's address: every traced pair has matching channel counts."""
+    model = torchvision.models.densenet121(num_classes=3).eval()
+    for _ in range(3):
+        pairs = conv_bn_pairs(trace_modules(model, torch.zeros(1, 3, 32, 32)))
+        assert all(model.get_submodule(c).out_channels == model.get_submodule(b).num_features
+                   for c, b in pairs.items())

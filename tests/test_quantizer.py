@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 from tabconv.quantizer import DegenerateCodebookWarning, ProductQuantizer, nearest_codes, split_subspaces
 from tabconv.settings import SettingError
@@ -152,3 +153,61 @@ def test_state_dict_loading_is_all_or_nothing():
         ProductQuantizer(2, 8).load_state_dict({**pq.state_dict(), "bogus_": torch.zeros(1)})
     with pytest.raises(RuntimeError, match="Missing key.*tables_"):
         ProductQuantizer(2, 8).load_state_dict({})
+
+
+@pytest.mark.parametrize(("groups", "in_channels", "out_channels", "codebooks"),
+                         [(4, 8, 16, 2), (8, 8, 8, 1), (8, 8, 16, 3)])
+@pytest.mark.parametrize("lut_dtype", ["float32", "int8"])
+def test_grouped_conv_tables_reproduce_the_conv(groups: int, in_channels: int, out_channels: int, codebooks: int,
+                                                lut_dtype: str) -> None:
+    """Grouped and depthwise convs: each group's own codebooks and tables; with K >= rows the table layer is the
+    conv (int8: up to its rounding), by the direct and the im2col encoders alike."""
+    from tabconv.layers import TableConv2d
+    from tabconv.lowering import bias_vector, im2col, weight_matrix
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, groups=groups).eval()
+    x = torch.randn(2, in_channels, 5, 5)
+    rows = im2col(x, conv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegenerateCodebookWarning)
+        quantizer = ProductQuantizer(codebooks, 64, lut_dtype=lut_dtype, groups=groups).fit(rows)
+    quantizer.set_weight(weight_matrix(conv), bias_vector(conv))
+    assert quantizer.tables_.shape == (groups * codebooks, 64, out_channels // groups)
+    layer = TableConv2d(conv, quantizer, quantizer.setting).eval()
+    tolerance = 2e-2 if lut_dtype == "int8" else 1e-5
+    with torch.no_grad():
+        expected = conv(x)
+        assert (layer(x) - expected).norm() / expected.norm() < tolerance
+        assert torch.equal(quantizer.encode(rows), layer.encode_by_conv(x)) if layer.score_weight is not None else True
+    loaded = ProductQuantizer(**quantizer.get_params())
+    loaded.load_state_dict(quantizer.state_dict())
+    assert loaded.groups == groups and torch.equal(loaded.lookup(loaded.encode(rows)), quantizer.lookup(
+        quantizer.encode(rows)))
+
+
+def test_grouped_least_squares_fits_each_group() -> None:
+    from tabconv.lowering import bias_vector, im2col, weight_matrix
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1, groups=4).eval()
+    x = torch.randn(8, 8, 6, 6)
+    rows = im2col(x, conv)
+    with torch.no_grad():
+        target = conv(x).permute(0, 2, 3, 1).reshape(-1, 16)
+    quantizer = ProductQuantizer(2, 4, groups=4).fit(rows).set_weight(weight_matrix(conv), bias_vector(conv))
+    before = (quantizer(rows) - target).square().sum()
+    residual = quantizer.refit_tables(rows, target, ridge=1e-6)(rows) - target
+    assert residual.square().sum() < before
+    # the least-squares optimum: each group's residual sums to ~0 over the rows sharing any one of its codes
+    codes = quantizer.encode(rows)
+    for group in range(4):
+        outputs = residual[:, group * 4:(group + 1) * 4]
+        for codebook in range(group * 2, group * 2 + 2):
+            for code in codes[:, codebook].unique():
+                assert outputs[codes[:, codebook] == code].sum(0).abs().max() < 1e-2
+
+
+def test_tree_encoder_refuses_groups() -> None:
+    with pytest.raises(SettingError, match="grouped"):
+        ProductQuantizer(2, 4, encoder="tree", groups=4)

@@ -137,3 +137,53 @@ def test_progress_reports_every_table_layer(digits):
     layers = [e["layer"] for e in events if e["stage"] == "tables" and e["layer"]]
     assert layers == ["conv1", "fc"] and events[-1]["stage"] == "evaluate"
     assert torch.is_tensor(s.tables({"conv1": TABLE})["conv1"].tables_)
+
+
+def test_bounded_activation_memory_gives_the_same_metrics(digits, monkeypatch):
+    """Keeping only the latest activations that fit (here a few hundred KiB) changes how much is recomputed,
+    never the result: every step's accuracy, hits and per-layer errors equal a session that keeps everything."""
+    import tabconv.session as session_module
+
+    full = new_session(digits)
+    monkeypatch.setattr(session_module, "ACTIVATION_MEMORY_BYTES", 300_000)
+    bounded = new_session(digits)
+    assert not bounded.runner.keeps_everything and "recompute from the input" in bounded.notes[0]
+    steps = [full.uniform(TABLE)]
+    steps.append({**steps[-1], "layer4.1.conv2": EXACT})
+    steps.append({**steps[-1], "conv1": EXACT})
+    for settings in steps:
+        want, got = full.apply(settings), bounded.apply(settings)
+        assert got.hits == want.hits and got.accuracy == want.accuracy
+        for name in full.structure.names:
+            assert got.errors[name].cosine == pytest.approx(want.errors[name].cosine, abs=1e-6), name
+            assert got.errors[name].relative_error == pytest.approx(want.errors[name].relative_error, abs=1e-6)
+    bounded.apply({**steps[-1], "fc": EXACT})
+    assert bounded.runner.recomputed <= 3  # a late change starts from kept activations
+
+
+class _Branching(torch.nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if x.mean() > 0:
+            x = x.relu()
+        return self.fc(x.mean((2, 3)))
+
+
+def test_an_untraceable_model_streams_and_says_so(digits):
+    train, test = digits
+    torch.manual_seed(0)
+    network = _Branching().eval()
+    s = Session(network, META, train, test, Calibration(images=64, max_rows=2048), batch_size=25)
+    assert not s.incremental and "torch.fx cannot trace" in s.notes[0]
+    x = test.normalize(test.images)
+    with torch.no_grad():
+        assert s.baseline.accuracy == pytest.approx((network(x).argmax(1) == test.labels).float().mean().item())
+    tabled = s.apply(s.uniform(TABLE))
+    assert tabled.eval_images == 60 and set(tabled.errors) == {"conv", "fc"}
