@@ -70,7 +70,7 @@ def main() -> None:
     st.title("TabConv Explorer")
     choice = chooser.sidebar()
     wb = loading.open_choice(choice)
-    chooser.used_counts(choice, wb.session.calibration.images, len(wb.session.eval_set))
+    chooser.used_counts(wb.spec, wb.session.calibration.images, len(wb.session.eval_set))
     metrics.header(wb)
     loading.start(wb, choice)
     tour.panel(wb)

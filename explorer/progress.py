@@ -17,6 +17,8 @@ STAGES = {
     "propagation": "Error propagation",
     "finetune": "Fine-tuning",
     "latency": "Timing",
+    "decode calibration images": "Decoding the calibration images",
+    "decode evaluation images": "Decoding the evaluation images",
 }
 
 

@@ -30,6 +30,8 @@ DEFAULTS: dict[str, Any] = {
     "tour_step": None,  # the guided tour's step on screen (None: no tour)
     "tour_request": None,  # a tour step whose configuration the workbench is to set
     "speed": {},  # configuration id -> its last timing on this machine (a tabconv.latency.Latency)
+    "opened_source": None,  # the sidebar tab (built-in model or the user's own) last opened with Open
+    "weights_uploads": {},  # an uploaded weights file's id -> where its copy is kept
 }
 
 

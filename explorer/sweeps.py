@@ -31,11 +31,12 @@ def _run(wb: Workbench, title: str, work: Any, *args: Any, moves_runner: bool = 
         bar.close()
 
 
-def propagation(wb: Workbench, setting: LayerSetting) -> dict[str, Any]:
-    """Rows 'only layer i tabled' × columns 'output of every layer' (cosine and relative error)."""
+def propagation(wb: Workbench, setting: LayerSetting, run: bool = True) -> dict[str, Any] | None:
+    """Rows 'only layer i tabled' × columns 'output of every layer' (cosine and relative error); when not in
+    the store, computed only when `run` (one evaluation per layer), else None."""
     parts = wb.identity("propagation", setting)
     found = wb.store.get(parts)
-    if found is None:
+    if found is None and run:
         layers = len(wb.structure.names)
         result = _run(wb, f"Error propagation: each of the {layers} layers tabled alone ({layers} evaluations, once)",
                       search.propagation_matrix, setting)

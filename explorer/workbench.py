@@ -1,7 +1,8 @@
-"""The shared engine behind the page: one library Session per (checkpoint, calibration, evaluation set).
+"""The shared engine behind the page: one library Session per (checkpoint, calibration, evaluation set), or per
+(architecture, weights, image folder, preprocessing, calibration, evaluation set) for a user's own model.
 
-The Session is a `st.cache_resource`: every rerun and every browser tab reuses it, so nothing it has
-evaluated or built is computed twice. A lock serialises its use, because Streamlit runs each tab's
+The Session is kept in a `st.cache_resource` slot: every rerun and every browser tab reuses it, so nothing it
+has evaluated or built is computed twice. A lock serialises its use, because Streamlit runs each tab's
 script in its own thread. Sweep results (propagation matrix, sensitivity) are also kept on disk, so
 the next launch shows them without re-running their evaluations.
 """
@@ -12,6 +13,7 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,22 +25,40 @@ from tabconv.cache import TableCache, cache_key
 from tabconv.config import Calibration
 from tabconv.data import load_dataset
 from tabconv.finetune import Tuned
+from tabconv.imagefolder import scan_image_folder
 from tabconv.metrics import Metrics
 from tabconv.session import Session
 from tabconv.settings import LayerSetting
 from tabconv.structure import ModelStructure
 from tabconv.train import load_checkpoint
 
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class UserSource:
+    """A user's own model, as tabconv.userload.open_user_model reads it (the Spec's digest is its weights')."""
+
+    arch: str
+    weights: str | None  # a weights file, a torchvision weight name, or None: seeded random weights
+    images: str  # the image folder
+    folder_stamp: str  # changes when images are added, removed or renamed: a changed folder gets a new Session
+    num_classes: int | None = None
+    image_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
 
 @dataclass(frozen=True)
 class Spec:
     """What a Session depends on; equal specs share one Session."""
 
-    checkpoint: str
-    digest: str  # sha256 of the checkpoint file: a replaced file gets a new Session
+    checkpoint: str  # "" for a user's model (its weights are in `user`)
+    digest: str  # sha256 of the checkpoint or weights file (a replaced file gets a new Session), or a weight name
     calibration: Calibration
     eval_images: int
     data_root: str | None = None
+    user: UserSource | None = None  # a torchvision architecture + weights + image folder instead of a checkpoint
 
 
 class ResultStore:
@@ -84,6 +104,7 @@ class Workbench:
     runner_at: int | None = None  # the configuration whose activations the incremental runner holds
     tuned: dict[str, Tuned] = field(default_factory=dict)  # fine-tuning runs of this page, by tables sha256
     imported: dict[str, ImportedTables] = field(default_factory=dict)  # imported tables files, by sha256
+    eval_sha256: str | None = None  # a user's model: what its evaluation images are (the folder can change)
 
     def settle(self, current: Metrics) -> None:
         """Bring the runner to the configuration on screen (after a sweep or a load), so that the next
@@ -112,9 +133,12 @@ class Workbench:
 
     def identity(self, kind: str, setting: LayerSetting) -> dict[str, Any]:
         """Cache key parts of a sweep: the checkpoint, calibration, evaluation set and table setting."""
-        return {"kind": kind, "checkpoint_sha256": self.session.meta.get("sha256"),
-                "calibration": asdict(self.session.calibration), "eval_images": len(self.session.eval_set),
-                "setting": setting.to_dict()}
+        parts = {"kind": kind, "checkpoint_sha256": self.session.meta.get("sha256"),
+                 "calibration": asdict(self.session.calibration), "eval_images": len(self.session.eval_set),
+                 "setting": setting.to_dict()}
+        if self.eval_sha256 is not None:  # a checkpoint implies its dataset; the same weights can see any folder
+            parts.update(dataset=self.session.meta.get("dataset"), eval_sha256=self.eval_sha256)
+        return parts
 
 
 def file_digest(path: str) -> str:
@@ -132,8 +156,62 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
+def folder_stamp(path: str) -> str:
+    """A cheap fingerprint of an image folder, taken on every rerun: the modification times of it and of its
+    subfolders two levels down (DIR/<class>, DIR/train/<class>), which change when an image is added, removed or
+    renamed. Only folders are stat'ed (scandir knows the files' kind without), so a large folder stays cheap."""
+    root = Path(path).expanduser()
+    stamps = []
+    level = [root]
+    for depth in range(3):
+        below = []
+        for folder in level:
+            try:
+                stamps.append(f"{folder.relative_to(root)}:{folder.stat().st_mtime_ns}")
+                if depth < 2:
+                    with os.scandir(folder) as entries:
+                        below += [Path(entry.path) for entry in entries if entry.is_dir()]
+            except OSError:  # missing, vanished or unreadable: the library says so when it opens the folder
+                continue
+        level = below
+    return hashlib.sha256("\n".join(sorted(stamps)).encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Slot:
+    """Where one spec's workbench is kept once opened."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    workbench: Workbench | None = None
+
+
 @st.cache_resource(show_spinner=False, max_entries=2)
-def open_workbench(spec: Spec) -> Workbench:
+def _slot(spec: Spec) -> _Slot:
+    """The cached slot of a spec. Opening happens outside the cached function so that it can drive a progress bar
+    on the page: Streamlit replays what a cached function drew, and refuses elements created outside it."""
+    return _Slot()
+
+
+def is_open(spec: Spec) -> bool:
+    """Whether the spec's workbench is ready (opening it costs nothing)."""
+    return _slot(spec).workbench is not None
+
+
+def open_workbench(spec: Spec, progress: Progress | None = None) -> Workbench:
+    """The spec's workbench, opened once (concurrent tabs wait for the first); a failure leaves nothing behind,
+    so the next try opens it again."""
+    slot = _slot(spec)
+    with slot.lock:
+        if slot.workbench is None:
+            try:
+                slot.workbench = _open_user(spec, progress) if spec.user is not None else _open_checkpoint(spec)
+            except BaseException:
+                _slot.clear(spec)  # an empty slot must not push an opened workbench out of the cache
+                raise
+        return slot.workbench
+
+
+def _open_checkpoint(spec: Spec) -> Workbench:
     """Load the checkpoint (weights_only) and its data, and evaluate the exact baseline once.
 
     Image counts above a split's size are capped to it (the page shows the counts actually used).
@@ -146,3 +224,19 @@ def open_workbench(spec: Spec) -> Workbench:
     session = Session(model, meta, calibration_set, eval_set.head(min(spec.eval_images, len(eval_set))),
                       calibration, cache)
     return Workbench(session, spec, ResultStore(cache.root / "explorer"))
+
+
+def _open_user(spec: Spec, progress: Progress | None) -> Workbench:
+    """A user's architecture, weights and image folder, through the library (which checks every part and says
+    what does not fit). As with a checkpoint, image counts above the folder's parts are capped to them."""
+    user = spec.user
+    assert user is not None
+    available = len(scan_image_folder(user.images).evaluation)
+    cache = TableCache()
+    session = Session.from_user_model(user.arch, user.weights, images=user.images, num_classes=user.num_classes,
+                                      image_size=user.image_size, mean=user.mean, std=user.std,
+                                      calibration=spec.calibration, eval_images=min(spec.eval_images, available),
+                                      cache=cache, progress=progress)
+    labels = session.eval_set.labels.numpy().tobytes()
+    eval_sha256 = hashlib.sha256(session.eval_set.images.numpy().tobytes() + labels).hexdigest()
+    return Workbench(session, spec, ResultStore(cache.root / "explorer"), eval_sha256=eval_sha256)

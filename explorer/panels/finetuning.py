@@ -31,8 +31,8 @@ def panel(wb: Workbench, current: Metrics) -> None:
         st.info("Fine-tuning trains table layers, and this configuration has none: tabulate some layers first.")
         return
     available = len(wb.session.calibration_set)
-    if st.session_state.get("tune_images", 0) > available:  # a session with a smaller calibration split
-        st.session_state.tune_images = available
+    if st.session_state.get("tune_images", 0) > available:  # a session with a smaller calibration split (or folder):
+        st.session_state.pop("tune_images")  # the widget starts again from its default, which fits
     cols = st.columns([1, 1, 1, 1, 1.3], vertical_alignment="bottom")
     steps = cols[0].number_input("Steps", 1, 100_000, finetuning.DEFAULT_STEPS, key="tune_steps",
                                  help="Adam steps (cosine schedule), each on a batch of 64 images")

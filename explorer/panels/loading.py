@@ -1,16 +1,18 @@
-"""From the sidebar's choice to a ready workbench: train a missing checkpoint, open the Session, and
-evaluate the starting configuration (every layer tabled), each step with its progress."""
+"""From the sidebar's choice to a ready workbench: train a missing checkpoint (or read the user's architecture,
+weights and image folder), open the Session, and evaluate the starting configuration (every layer tabled), each
+step with its progress."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import streamlit as st
 
 from explorer import actions, state
-from explorer.panels.chooser import Choice
+from explorer.panels.chooser import BUILT_IN, Choice, UserChoice
 from explorer.progress import ProgressBar
-from explorer.workbench import Spec, Workbench, file_digest, open_workbench
+from explorer.workbench import Spec, UserSource, Workbench, file_digest, folder_stamp, is_open, open_workbench
 from tabconv import zoo
 from tabconv.config import ConfigError
 from tabconv.data import DatasetUnavailable, is_available, load_dataset
@@ -19,6 +21,15 @@ from tabconv.train import DEFAULT_EPOCHS, CheckpointError
 
 GROUP_WIDGETS = ("group_c_from", "group_c", "group_s", "group_k", "group_encoder", "group_lut")
 USER_ERRORS = (CheckpointError, ConfigError, DatasetUnavailable, ValueError, OSError)
+# A user's network may also fail to run on the images given (too small an image size for its pooling, say):
+# torch says why in a RuntimeError, which the page shows like any other reason.
+USER_MODEL_ERRORS = (*USER_ERRORS, RuntimeError)
+# The library words its advice as command-line flags; the page names the sidebar's fields instead.
+FIELDS = {"arch": "Architecture", "weights": "Weights", "images": "Image folder", "num-classes": "Classes",
+          "image-size": "Image size", "mean": "Mean", "std": "Std",
+          "checkpoint": f"the {BUILT_IN} tab's checkpoint file"}
+FLAG = re.compile(r"--([a-z-]+)(?: ([\w.]+)(?=[\s,;)]|$))?")
+MARKDOWN = re.compile(r"([\\`*<>$\[\]])")  # characters st.error's markdown would take as formatting
 
 
 class _Unavailable(Exception):
@@ -29,6 +40,8 @@ def open_choice(choice: Choice) -> Workbench:
     """The workbench of the choice. When it cannot be had, the page says why and keeps the workbench it showed
     before (nothing of that work is lost); with none before, the page stops there."""
     try:
+        if choice.user is not None:
+            return _open_user(choice.user, choice)
         path = _checkpoint(choice)
         spec = Spec(str(path), file_digest(str(path)), choice.calibration, choice.eval_images, choice.data_root)
         try:
@@ -40,6 +53,76 @@ def open_choice(choice: Choice) -> Workbench:
             raise _Unavailable from exc
     except _Unavailable:
         return _previous()
+
+
+def _open_user(user: UserChoice, choice: Choice) -> Workbench:
+    """The user's own model, with progress while its images are decoded and the exact model evaluated (once per
+    spec); whatever the library finds wrong is its one line of error."""
+    problem = user.error or _missing(user)
+    if problem:
+        st.error(problem)
+        raise _Unavailable
+    spec = _user_spec(user, choice)
+    try:
+        return open_workbench(spec) if is_open(spec) else _opening(spec, user)
+    except USER_MODEL_ERRORS as exc:
+        st.error(f"Cannot open this model: {_message(exc, user)}")
+        raise _Unavailable from exc
+
+
+def _missing(user: UserChoice) -> str:
+    """What the form must have before anything is opened (weights may be empty: random ones)."""
+    if not user.arch:
+        return "Your torchvision model: give an architecture name in the sidebar (e.g. mobilenet_v2, resnet50)."
+    if not user.images:
+        return ("Your torchvision model: give an image folder in the sidebar (one subfolder of images per class, "
+                "or train and val subfolders of them).")
+    return ""
+
+
+def _user_spec(user: UserChoice, choice: Choice) -> Spec:
+    """What the user's Session depends on: a weights file by its content, a weight name by its name, the folder by
+    its path and a fingerprint of its listing, and every preprocessing and image-count option."""
+    file = Path(user.weights).expanduser() if user.weights else None
+    digest = file_digest(str(file)) if file is not None and file.is_file() else (user.weights or "random")
+    source = UserSource(user.arch, user.weights, user.images, folder_stamp(user.images), user.num_classes,
+                        user.image_size, user.mean, user.std)
+    return Spec("", digest, choice.calibration, choice.eval_images, None, source)
+
+
+def _opening(spec: Spec, user: UserChoice) -> Workbench:
+    holder = st.empty()
+    with holder.status(f"Opening {user.arch} on the images of {Path(user.images).name}: decoding them and "
+                       "evaluating the exact model (once; decoded images are cached)", expanded=True) as status:
+        bar = ProgressBar("Opening")
+        try:
+            wb = open_workbench(spec, bar)
+        except BaseException:
+            holder.empty()  # the error says why; a failed progress box would only repeat it
+            raise
+        finally:
+            bar.close()
+        status.update(label=f"Opened {user.arch} on {len(wb.session.eval_set)} evaluation images", state="complete",
+                      expanded=False)
+    return wb
+
+
+def _message(exc: BaseException, user: UserChoice) -> str:
+    """The library's message for the page: an upload named by its own file name, the sidebar's field names for
+    command-line flags, and a list of keys (wrong weights) under the line, as code."""
+    text = str(exc).strip() or type(exc).__name__
+    if user.weights_label and user.weights:
+        text = text.replace(user.weights, user.weights_label)
+    first, *rest = text.splitlines()
+    first = FLAG.sub(_field, MARKDOWN.sub(r"\\\1", first))
+    return first + ("\n\n```\n" + "\n".join(line.strip() for line in rest) + "\n```" if rest else "")
+
+
+def _field(match: re.Match[str]) -> str:
+    if match[1] not in FIELDS:
+        return match[0]
+    name = f"**{FIELDS[match[1]]}**"
+    return f"{name} = {match[2]}" if match[2] else name
 
 
 def _previous() -> Workbench:

@@ -7,6 +7,8 @@ as the paper counted; full: encoding counted).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
@@ -26,15 +28,21 @@ PAIRED_HELP = ("McNemar's exact test on the images exactly one of the two config
 
 
 def header(wb: Workbench) -> None:
-    """Provenance of every number, and the exact baseline's card."""
+    """Provenance of every number, what the user should know about how this model is evaluated, and the exact
+    baseline's card."""
     session, meta = wb.session, wb.session.meta
     calibration = session.calibration
-    trained = (f", test accuracy {_recorded(meta['test_accuracy'], meta['test_images'])} on the whole test split "
-               "when trained" if "test_accuracy" in meta else "")
-    st.caption(f"**{MODEL_NAMES.get(meta['model'], meta['model'])}** on **{meta['dataset']}** — checkpoint "
-               f"`{str(meta.get('sha256', ''))[:12]}`{trained}. Calibration: first {calibration.images} training "
-               f"images ({calibration.mode}, {_fitting(calibration)}, ≤ {calibration.max_rows} rows per layer). "
-               f"Evaluation: first {len(session.eval_set)} test images. FLOPs and storage are per image / per model.")
+    if "images" in meta:  # a user's own model on an image folder
+        st.caption(_user_provenance(meta, calibration, len(session.eval_set)))
+    else:
+        trained = (f", test accuracy {_recorded(meta['test_accuracy'], meta['test_images'])} on the whole test "
+                   "split when trained" if "test_accuracy" in meta else "")
+        st.caption(f"**{MODEL_NAMES.get(meta['model'], meta['model'])}** on **{meta['dataset']}** — checkpoint "
+                   f"`{str(meta.get('sha256', ''))[:12]}`{trained}. Calibration: first {calibration.images} training "
+                   f"images ({calibration.mode}, {_fitting(calibration)}, ≤ {calibration.max_rows} rows per layer). "
+                   f"Evaluation: first {len(session.eval_set)} test images. FLOPs and storage are per image / per "
+                   "model.")
+    notes(wb)
     base = session.baseline
     with st.container(border=True):
         st.markdown("**Exact baseline**")
@@ -45,6 +53,36 @@ def header(wb: Workbench) -> None:
                        help="The exact model has no encoding, so the paper and full counts agree.")
         cols[2].metric("Weight storage (float32)", f"{base.baseline.storage_bytes / MIB:.2f} MiB")
         cols[3].metric("Layers that can become tables", len(wb.structure.names))
+
+
+def _user_provenance(meta: dict, calibration: Calibration, eval_images: int) -> str:
+    """Where a user's model, weights and images come from, and how the images were prepared."""
+    classes = meta.get("classes") or []
+    shown = ", ".join(classes[:5]) + (f", … ({len(classes)} in all)" if len(classes) > 5 else "")
+    weights = meta.get("weights", "")
+    if meta.get("weights_kind") not in ("random", "torchvision weight enum"):
+        weights = f"`{Path(str(weights)).name}` ({meta.get('weights_kind')})"
+    size, resize = meta.get("image_size"), meta.get("resize")
+    mean = ", ".join(f"{v:g}" for v in meta.get("mean", []))
+    std = ", ".join(f"{v:g}" for v in meta.get("std", []))
+    return (f"**{meta['model']}** on the image folder **{Path(str(meta['images'])).name}** ({meta['dataset']}; "
+            f"classes {shown}; {meta.get('split')}) — weights {weights}, sha256 `{str(meta.get('sha256', ''))[:12]}`. "
+            f"Images resized to {resize} ({meta.get('interpolation')}), centre-cropped to {size}×{size}, normalised "
+            f"with mean ({mean}) and std ({std}). Calibration: first {calibration.images} images of the folder's "
+            f"calibration part ({calibration.mode}, {_fitting(calibration)}, ≤ {calibration.max_rows} rows per "
+            f"layer). Evaluation: first {eval_images} images of its evaluation part. FLOPs and storage are per image "
+            "/ per model.")
+
+
+def notes(wb: Workbench) -> None:
+    """How this session evaluates (e.g. a network torch.fx cannot trace re-runs whole on every change) and the
+    layers that stay exact because they cannot become tables, with the library's reasons."""
+    for note in wb.session.notes:
+        st.info(f"Note: {note.rstrip('.')}.", icon=":material/info:")
+    exact_only = wb.structure.exact_only
+    if exact_only:
+        with st.expander(f"{len(exact_only)} layer(s) always kept exact: they cannot become tables"):
+            st.markdown("\n".join(f"- `{name}`: {reason}" for name, reason in exact_only.items()))
 
 
 def _recorded(accuracy: float, images: int) -> str:

@@ -53,13 +53,23 @@ def propagation(wb: Workbench, current: Metrics) -> None:
     setting = st.session_state.defaults
     metric = st.segmented_control("Heatmap colour", list(charts.HEAT_NAMES), default="cosine",
                                   format_func=charts.HEAT_NAMES.get, key="heat_metric") or "cosine"
-    matrix = sweeps.propagation(wb, setting)
-    current_row = [getattr(current.errors[name], metric) for name in matrix["layers"]]
-    st.plotly_chart(charts.propagation_heatmap(matrix["layers"], matrix[metric], current_row,
-                                               f"current #{current.id}", metric), key="heatmap",
-                    config={"displaylogo": False})
-    st.caption(f"Rows: one layer tabled alone ({editing.describe(setting)}, {setting.encoder}), "
-               f"then the current configuration; columns: each layer's output on {current.eval_images} images.")
+    # The built-in models are small: their heatmap is drawn at once. A user's network can have a hundred layers at
+    # 224x224, so there it waits for a click instead of holding up the rest of the page.
+    matrix = sweeps.propagation(wb, setting, run=wb.spec.user is None)
+    if matrix is None:
+        layers = len(wb.structure.names)
+        st.info(f"Error propagation: each of the {layers} layers tabled alone, every layer's output compared with "
+                f"the exact one ({layers} evaluations on {current.eval_images} images; kept on disk afterwards).")
+        if st.button("Compute the error-propagation heatmap", key="run_propagation"):
+            sweeps.propagation(wb, setting)
+            state.refresh()
+    else:
+        current_row = [getattr(current.errors[name], metric) for name in matrix["layers"]]
+        st.plotly_chart(charts.propagation_heatmap(matrix["layers"], matrix[metric], current_row,
+                                                   f"current #{current.id}", metric), key="heatmap",
+                        config={"displaylogo": False})
+        st.caption(f"Rows: one layer tabled alone ({editing.describe(setting)}, {setting.encoder}), "
+                   f"then the current configuration; columns: each layer's output on {current.eval_images} images.")
     _sensitivity(wb, setting)
 
 

@@ -4,6 +4,7 @@ tabled network as a zip of files that run elsewhere; import a configuration, val
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 
 import streamlit as st
@@ -23,8 +24,9 @@ TOGETHER = ("Keep both files together, under these names: the configuration name
 
 
 def _name(wb: Workbench, current: Metrics) -> str:
+    """A file name for downloads; an image folder's dataset name ('folder:photos@1a2b…') loses its ':' and '@'."""
     meta = wb.session.meta
-    return f"tabconv-{meta['model']}-{meta['dataset']}-config{current.id}"
+    return re.sub(r"[^\w.-]+", "-", f"tabconv-{meta['model']}-{meta['dataset']}-config{current.id}")
 
 
 def tuned_files(wb: Workbench, metrics: Metrics, tables_file: str) -> tuple[str, bytes] | None:
