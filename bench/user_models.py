@@ -94,7 +94,7 @@ def measure(arch: str, folder: str, images: int, toggles: int) -> dict:
         result["full_flops_all_table"] = tabled.flops_full
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
-            model(torch.zeros(1, *session.input_shape, memory_format=torch.contiguous_format))
+            model(torch.zeros(1, *session.input_shape))
         result["flop_counter_macs"] = counter.get_total_flops() // 2
         result["exact_macs"] = sum(layer.exact_macs for layer in session.baseline_cost.layers)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

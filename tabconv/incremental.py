@@ -75,6 +75,7 @@ class IncrementalRunner:
         self._run(dirty, [name for name in observe if name in dirty], on_pair)
         return dirty
 
+    @torch.no_grad()
     def _run(self, dirty: set[str], observe: Collection[str],
              on_pair: Callable[[str, Any, Any], None] | None = None) -> None:
         current_plan = self._plan(dirty)

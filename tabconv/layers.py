@@ -47,8 +47,23 @@ class TableConv2d(nn.Module):
         height, width = output_hw(self, x.shape[2], x.shape[3])
         if self.training:  # fine-tuning: the quantizer is trainable and computes rows -> outputs itself
             return rows_to_nchw(self.quantizer(im2col(x, self)), x.shape[0], height, width)
+        step = self._images_per_chunk(height * width)
+        parts = [self._lookup_rows(x[start:start + step]) for start in range(0, x.shape[0], step)]
+        rows = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return rows_to_nchw(rows, x.shape[0], height, width).to(x.dtype)
+
+    def _lookup_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Output rows (N*H_out*W_out, C_out) of some images: codes, then summed table rows."""
         codes = self.encode_by_conv(x) if self.score_weight is not None else self.quantizer.encode(im2col(x, self))
-        return rows_to_nchw(self.quantizer.lookup(codes), x.shape[0], height, width).to(x.dtype)
+        return self.quantizer.lookup(codes)
+
+    def _images_per_chunk(self, positions: int) -> int:
+        """Images encoded at once, so that their im2col rows, codes and outputs stay within _ROW_ELEMENTS (a
+        depthwise layer at 112x112 with C=8 has 768 codebooks per row: 55 images at once took 4 GB of codes)."""
+        quantizer = self.quantizer
+        per_image = positions * (quantizer.padded_dim(quantizer.in_features_) + 2 * quantizer.total_codebooks
+                                 + self.out_channels)
+        return max(1, _ROW_ELEMENTS // per_image)
 
     @torch.no_grad()
     def encode_by_conv(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,6 +87,7 @@ class TableConv2d(nn.Module):
 
 
 _SCORE_ELEMENTS = 1 << 24  # bounds the (images, C*K, H_out, W_out) score block held at once
+_ROW_ELEMENTS = 1 << 25  # bounds the rows, codes (int64: 2 elements) and outputs of the images encoded at once
 
 
 def _prototype_kernels(quantizer: ProductQuantizer, conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -92,10 +92,13 @@ def kmeans_torch(xs: torch.Tensor, k: int, iters: int, seed: int) -> torch.Tenso
         if codes is not None and (new_codes != codes).float().mean() < 1e-3:
             break
         codes = new_codes
-        onehot = torch.zeros(codebooks, k, rows, dtype=xs.dtype, device=xs.device)
-        onehot.scatter_(1, codes.unsqueeze(1), 1.0)
-        counts = onehot.sum(-1)
-        new = torch.bmm(onehot, xs) / counts.clamp(min=1).unsqueeze(-1)
+        # sums by scatter: a (C, K, rows) one-hot would need C*K*rows floats (19 GB for a depthwise layer's
+        # C = 4608 codebooks of 16,384 rows at K = 64)
+        sums = torch.zeros(codebooks, k, width, dtype=xs.dtype, device=xs.device)
+        sums.scatter_add_(1, codes.unsqueeze(-1).expand(-1, -1, width), xs)
+        counts = torch.zeros(codebooks, k, dtype=xs.dtype, device=xs.device)
+        counts.scatter_add_(1, codes, torch.ones_like(codes, dtype=xs.dtype))
+        new = sums / counts.clamp(min=1).unsqueeze(-1)
         empty = counts == 0
         if empty.any():
             new = _reseed_empty(xs, new, empty, centers)
