@@ -41,7 +41,7 @@ def test_family_opens_tables_and_toggles(arch: str, images: tuple[ImageSet, Imag
     session = Session(model, meta, *images, Calibration(images=16, max_rows=512), batch_size=6)
     with torch.no_grad():
         own = torch.cat([model(x) for x in session.eval_batches()]).argmax(1)
-    assert (session.baseline.correct_images() == (own == images[1].labels).numpy()).all()
+    assert (session.baseline.correct_images == (own == images[1].labels).numpy()).all()
     assert session.structure.exact_only == {} and session.incremental
     assert any(info.groups > 1 for info in session.structure.layers) == FAMILIES[arch]
     with warnings.catch_warnings():
