@@ -304,7 +304,7 @@ def _load_files(info: DatasetInfo, split: str, root: Path, download: bool) -> tu
         if use_folders:
             return _load_image_folder(root / _CIFAR10_FOLDER / split)
         if fetch:
-            with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
+            with socket_timeout(_DOWNLOAD_TIMEOUT_S):
                 _torchvision_dataset(info.name, root, split, download=True)
         return _load_decoded(info.name, root, split)
     except Exception as err:  # any failure to fetch or read user files becomes one clear message
@@ -328,7 +328,7 @@ def _load_decoded(name: str, root: Path, split: str) -> tuple[torch.Tensor, torc
 
 
 @contextmanager
-def _socket_timeout(seconds: float) -> Iterator[None]:
+def socket_timeout(seconds: float) -> Iterator[None]:
     """A default socket timeout for the duration of a download, restored afterwards."""
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(seconds)

@@ -125,7 +125,7 @@ class IncrementalRunner:
             kept.add(name)
         return kept
 
-    def _execute(self, node: fx.Node, values: Mapping[str, Any], batch: torch.Tensor,
+    def _execute(self, node: fx.Node, values: Mapping[str, Any] | _Pass, batch: torch.Tensor,
                  overrides: Mapping[str, nn.Module]):
         args = map_arg(node.args, lambda n: values[n.name])
         kwargs = map_arg(node.kwargs, lambda n: values[n.name])
@@ -166,10 +166,12 @@ class _Pass:
     def value(self, name: str) -> Any:
         return self.scratch[name] if name in self.scratch else self.store[name]
 
+    __getitem__ = value  # what _execute reads a node's inputs through
+
     def step(self, node: fx.Node) -> None:
         if node.name not in self.plan:
             return
-        value = self.runner._execute(node, _Lookup(self), self.batch, self.overrides)
+        value = self.runner._execute(node, self, self.batch, self.overrides)
         if node.name in self.runner.kept:
             self.store[node.name] = value
         else:
@@ -183,22 +185,6 @@ class _Pass:
         for name in [node.name, *(arg.name for arg in node.all_input_nodes)]:
             if self.pending.get(name) == 0:
                 self.scratch.pop(name, None)
-
-
-class _Lookup(Mapping):
-    """A pass's values by node name: scratch first, then the store."""
-
-    def __init__(self, run: _Pass) -> None:
-        self.run = run
-
-    def __getitem__(self, name: str) -> Any:
-        return self.run.value(name)
-
-    def __iter__(self):
-        return iter({**self.run.store, **self.run.scratch})
-
-    def __len__(self) -> int:
-        return len(self.run.store) + len(self.run.scratch)
 
 
 # Cached activations must never be modified: in-place operators run as their out-of-place twins.

@@ -207,8 +207,7 @@ class ProductQuantizer(nn.Module):
 
     def padded_dim(self, in_features: int) -> int:
         """D_pad: each group's columns padded to a multiple of C."""
-        return self.total_codebooks * math.ceil(in_features / self.total_codebooks if self.groups == 1
-                                                else in_features // self.groups / self.n_codebooks)
+        return self.total_codebooks * math.ceil(in_features // self.groups / self.n_codebooks)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Rows (N, D) -> (N, D_pad), zero columns at the end of each group's columns."""

@@ -14,6 +14,7 @@ import zipfile
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -142,23 +143,43 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # torch's own text here advises an unsafe load: never repeated
-        if not zipfile.is_zipfile(path):  # not the archive torch.save writes: any other file ends up here too
-            raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save did not write it); "
-                                  f"{_WAY_FORWARD}") from err
-        raise CheckpointError(f"{path}: holds Python objects besides tensors, which a safe (weights-only) load "
-                              f"refuses and tabconv never runs; {_WAY_FORWARD}") from err
-    except Exception as err:  # torch raises many types for a file that is not a torch archive
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save did not write it); "
-                              f"{_WAY_FORWARD}") from err
+    payload = safe_load(path, CheckpointError, "checkpoint", _WAY_FORWARD)
     if _is_state_dict(payload):
         raise CheckpointError(f"{path}: a plain state_dict, without the model name, number of classes and input "
                               f"shape that tabconv needs to rebuild the network; {_WAY_FORWARD}")
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+    if not is_checkpoint(payload):
         raise CheckpointError(f"{path}: a PyTorch file but not a tabconv checkpoint (no format marker "
                               f"{CHECKPOINT_FORMAT!r}); {_WAY_FORWARD}")
+    meta, state = checkpoint_contents(path, payload)
+    model = _rebuild(path, meta)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit a {meta['model']!r} model ({_first_line(err)})") from err
+    return model.to(device).eval(), meta
+
+
+def safe_load(path: Path, error: type[Exception], what: str, way_forward: str) -> Any:
+    """torch.load with weights_only=True; a file it refuses becomes `error` with one line naming the file (torch's
+    own text there advises an unsafe load: never repeated)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not zipfile.is_zipfile(path):  # not the archive torch.save writes: any other file ends up here too
+            raise error(f"{path}: not a PyTorch {what} (torch.save did not write it); {way_forward}") from err
+        raise error(f"{path}: holds Python objects besides tensors, which a safe (weights-only) load refuses and "
+                    f"tabconv never runs; {way_forward}") from err
+    except Exception as err:  # torch raises many types for a file that is not a torch archive
+        raise error(f"{path}: not a PyTorch {what} (torch.save did not write it); {way_forward}") from err
+
+
+def is_checkpoint(payload: Any) -> bool:
+    """Whether a loaded file carries the tabconv checkpoint marker."""
+    return isinstance(payload, Mapping) and payload.get("format") == CHECKPOINT_FORMAT
+
+
+def checkpoint_contents(path: Path, payload: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(meta, state_dict) of a loaded tabconv checkpoint, after checking its version and its weights' sha256."""
     if payload.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint version {payload.get('version')!r} is not supported "
@@ -169,12 +190,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
         raise CheckpointError(f"{path}: checkpoint lacks its meta or state_dict")
     if weights_sha256(state) != meta.get("sha256"):
         raise CheckpointError(f"{path}: weights do not match their recorded sha256 (file corrupted or edited)")
-    model = _rebuild(path, meta)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not fit a {meta['model']!r} model ({_first_line(err)})") from err
-    return model.to(device).eval(), meta
+    return meta, state
 
 
 def _rebuild(path: Path, meta: dict) -> nn.Module:

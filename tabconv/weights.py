@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import re
-import socket
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +21,8 @@ from torch import nn
 
 from tabconv.architectures import AUX_HEADS, check_architecture, is_project_model, torchvision_names
 from tabconv.atomic import atomic_write
-from tabconv.train import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, _is_state_dict, weights_sha256
+from tabconv.data import socket_timeout
+from tabconv.train import _is_state_dict, checkpoint_contents, is_checkpoint, safe_load
 
 SAVE_HINT = "save a state_dict with torch.save(model.state_dict(), 'w.pth') and pass --weights w.pth"
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")  # {"state_dict": {...}, "epoch": 3}
@@ -145,12 +143,8 @@ def _download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> None
             raise WeightsError(f"downloaded file's sha256 {digest.hexdigest()[:12]}... does not start with "
                                f"{prefix[1]}, as its name says")
 
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)
-    try:
+    with socket_timeout(timeout):
         atomic_write(dest, write)
-    finally:
-        socket.setdefaulttimeout(previous)
 
 
 def read_weights_file(path: str | os.PathLike[str], arch: str) -> WeightsFile:
@@ -161,17 +155,8 @@ def read_weights_file(path: str | os.PathLike[str], arch: str) -> WeightsFile:
         raise WeightsError(f"{path}: a folder, not a weights file; {SAVE_HINT}")
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file (nor a weight name such as IMAGENET1K_V1); {SAVE_HINT}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # torch's own text here advises an unsafe load: never repeated
-        if zipfile.is_zipfile(path):
-            raise WeightsError(f"{path}: holds Python objects besides tensors (a whole model, or a training "
-                               f"checkpoint with its arguments), which a safe weights-only load refuses and tabconv "
-                               f"never runs; where it was made, {SAVE_HINT}") from err
-        raise WeightsError(f"{path}: not a PyTorch weights file (torch.save did not write it); {SAVE_HINT}") from err
-    except Exception as err:  # torch raises many types for a file that is not a torch archive
-        raise WeightsError(f"{path}: not a PyTorch weights file (torch.save did not write it); {SAVE_HINT}") from err
-    if isinstance(payload, Mapping) and payload.get("format") == CHECKPOINT_FORMAT:
+    payload = safe_load(path, WeightsError, "weights file", SAVE_HINT)
+    if is_checkpoint(payload):
         return _tabconv_checkpoint(path, payload, arch)
     kind, state = "state_dict", payload
     if not _is_state_dict(payload):
@@ -185,12 +170,7 @@ def read_weights_file(path: str | os.PathLike[str], arch: str) -> WeightsFile:
 
 
 def _tabconv_checkpoint(path: Path, payload: Mapping[str, Any], arch: str) -> WeightsFile:
-    meta, state = payload.get("meta"), payload.get("state_dict")
-    if payload.get("version") != CHECKPOINT_VERSION or not isinstance(meta, dict) or not _is_state_dict(state):
-        raise WeightsError(f"{path}: a tabconv checkpoint this version cannot read (version "
-                           f"{payload.get('version')!r}, or its meta or weights missing)")
-    if weights_sha256(state) != meta.get("sha256"):
-        raise WeightsError(f"{path}: weights do not match their recorded sha256 (file corrupted or edited)")
+    meta, state = checkpoint_contents(path, payload)
     if meta.get("model") != arch:
         raise WeightsError(f"{path}: a tabconv checkpoint of {meta.get('model')!r}, not of {arch!r}; pass --arch "
                            f"{meta.get('model')} (or open it with --checkpoint)")
