@@ -43,16 +43,19 @@ class ErrorAccumulator:
         self.dot = self.exact_sq = self.approx_sq = self.diff_sq = 0.0
 
     def add(self, exact: torch.Tensor, approx: torch.Tensor) -> None:
-        exact_sq = _dot(exact, exact)
+        flat_exact, flat_approx = _flat_pair(exact, approx)
+        exact_sq = _dot(flat_exact, flat_exact)
         self.exact_sq += exact_sq
         if approx is exact:  # an unchanged activation: nothing else to compute
             self.dot += exact_sq
             self.approx_sq += exact_sq
             return
-        diff = approx - exact
-        self.dot += _dot(exact, approx)
-        self.approx_sq += _dot(approx, approx)
-        self.diff_sq += _dot(diff, diff)
+        diff = flat_approx - flat_exact
+        cross, diff_sq = _dot(flat_exact, diff), _dot(diff, diff)
+        # <e, a> and |a|^2 from <e, e>, <e, d> and |d|^2 (a = e + d): three reductions instead of four
+        self.dot += exact_sq + cross
+        self.approx_sq += exact_sq + 2 * cross + diff_sq
+        self.diff_sq += diff_sq
 
     def result(self, name: str) -> LayerError:
         norm = (self.exact_sq * self.approx_sq) ** 0.5
@@ -61,12 +64,24 @@ class ErrorAccumulator:
         return LayerError(name, cosine, relative)
 
 
-def _dot(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Sum of x * y: float32 dot products per image (a batched matmul, fast), summed in float64."""
-    rows = x.shape[0] if x.dim() > 1 else 1
+def _flat_pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both as float32 vectors in one element order: no copy when they share the channels-last layout."""
     if x.dim() == 4 and all(t.is_contiguous(memory_format=torch.channels_last) for t in (x, y)):
-        x, y = x.permute(0, 2, 3, 1), y.permute(0, 2, 3, 1)  # same element order for both, and no copy
-    return float(torch.bmm(x.reshape(rows, 1, -1).float(), y.reshape(rows, -1, 1).float()).double().sum())
+        x, y = x.permute(0, 2, 3, 1), y.permute(0, 2, 3, 1)
+    return x.float().reshape(-1), y.float().reshape(-1)
+
+
+_PIECE = 4096  # elements per float32 partial dot product
+
+
+def _dot(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Sum of x * y over vectors: float32 dot products of 4,096-element pieces (one batched matmul), summed in
+    float64. One float32 accumulation over a layer's millions of values drifts by ~1e-4; pieces keep ~1e-9."""
+    whole = x.numel() - x.numel() % _PIECE
+    rows = x[:whole].view(-1, 1, _PIECE)
+    columns = y[:whole].view(-1, 1, _PIECE).transpose(1, 2)  # (m, L, 1) this way: BLAS's faster path, 2x
+    pieces = torch.bmm(rows, columns).double().sum()
+    return float(pieces + torch.dot(x[whole:], y[whole:]).double())
 
 
 def _capture_outputs(model: nn.Module, names: dict[str, str], store: dict[str, torch.Tensor]) -> list:

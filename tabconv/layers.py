@@ -36,6 +36,7 @@ class TableConv2d(nn.Module):
         kernels = _prototype_kernels(quantizer, conv)
         self.register_buffer("score_weight", kernels[0] if kernels else None, persistent=False)
         self.register_buffer("score_bias", kernels[1] if kernels else None, persistent=False)
+        self.train(conv.training)  # the mode of the layer it replaces: eval uses the direct, chunked encoder
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, quantizer: ProductQuantizer, setting: LayerSetting) -> TableConv2d:
@@ -110,6 +111,7 @@ class TableLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.quantizer = quantizer
         self.setting = setting
+        self.train(linear.training)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quantizer: ProductQuantizer, setting: LayerSetting) -> TableLinear:

@@ -187,3 +187,19 @@ def test_an_untraceable_model_streams_and_says_so(digits):
         assert s.baseline.accuracy == pytest.approx((network(x).argmax(1) == test.labels).float().mean().item())
     tabled = s.apply(s.uniform(TABLE))
     assert tabled.eval_images == 60 and set(tabled.errors) == {"conv", "fc"}
+
+
+def test_table_layers_run_in_inference_mode_with_the_direct_encoder(digits, monkeypatch):
+    """A table layer takes the mode of the layer it replaces: in an evaluation, codes come from the direct
+    conv encoder in image chunks, never from the fine-tuning path's whole-batch im2col."""
+    from tabconv.layers import TABLE_LAYERS, TableConv2d
+
+    encoded = []
+    direct = TableConv2d.encode_by_conv
+    monkeypatch.setattr(TableConv2d, "encode_by_conv", lambda self, x: encoded.append(self) or direct(self, x))
+    s = new_session(digits)
+    s.apply(s.uniform(TABLE))
+    layers = [m for m in s.runner.overrides.values() if isinstance(m, TABLE_LAYERS)]
+    assert layers and not any(m.training for m in layers)
+    tables = [m for m in layers if isinstance(m, TableConv2d)]
+    assert {id(m) for m in encoded} == {id(m) for m in tables if m.score_weight is not None} != set()
