@@ -119,7 +119,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     meta = train_and_save(args.model, args.dataset, args.out, epochs=args.epochs, batch_size=args.batch_size,
                           lr=args.lr, seed=args.seed, device=args.device, data_root=args.data_root,
-                          progress=_progress_bar("train"), train_images=args.train_images)
+                          progress=_progress_bar("train"), train_images=args.train_images, augment=args.augment)
     correct, images = round(meta["test_accuracy"] * meta["test_images"]), meta["test_images"]
     _emit({**meta, "test_accuracy_ci95": list(wilson(correct, images))}, args.json,
           [f"saved {args.out}: {meta['model']} on {meta['dataset']}, test accuracy "
@@ -410,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on the first N training images only (default: all)")
     p.add_argument("--batch-size", type=_positive, default=128)
     p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--augment", action="store_true",
+                   help="random 4-pixel shifts and horizontal flips (CIFAR-10; not for digits)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--data-root", default=None)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import pickle
+import time
 import zipfile
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -51,8 +52,9 @@ def train_model(
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
+    augment: bool = False,
 ) -> nn.Module:
-    """SGD with momentum under a OneCycle schedule; seeded shuffling makes a run repeatable.
+    """SGD with momentum under a OneCycle schedule; seeded shuffling (and augmentation) makes a run repeatable.
 
     The last incomplete batch of each epoch is dropped (every epoch reshuffles, so no image is
     left out for good): a batch of one image would break batch norm.
@@ -73,7 +75,10 @@ def train_model(
         order = torch.randperm(len(train_set), generator=shuffler)
         for step in range(steps):
             index = order[step * batch_size : (step + 1) * batch_size]
-            images = train_set.normalize(train_set.images[index].to(device))
+            images = train_set.images[index]
+            if augment:
+                images = shift_and_flip(images, shuffler)
+            images = train_set.normalize(images.to(device))
             loss = F.cross_entropy(model(images), train_set.labels[index].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -90,6 +95,20 @@ def train_model(
                     }
                 )
     return model.eval()
+
+
+def shift_and_flip(images: torch.Tensor, generator: torch.Generator, shift: int = 4) -> torch.Tensor:
+    """The standard CIFAR augmentation, per image: a crop of the image zero-padded by `shift` pixels (a random
+    shift of up to `shift` pixels each way) and a horizontal flip half of the time. Not for digits: a flip
+    changes what some of them mean."""
+    n, channels, height, width = images.shape
+    padded = F.pad(images, (shift, shift, shift, shift))
+    dy, dx = (torch.randint(0, 2 * shift + 1, (n,), generator=generator) for _ in range(2))
+    rows = (dy[:, None] + torch.arange(height))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(width))[:, None, None, :]
+    shifted = padded[torch.arange(n)[:, None, None, None], torch.arange(channels)[None, :, None, None], rows, cols]
+    flip = torch.rand(n, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], shifted.flip(3), shifted)
 
 
 @torch.no_grad()
@@ -230,8 +249,10 @@ def train_and_save(
     data_root: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
     train_images: int | None = None,
+    augment: bool = False,
 ) -> dict:
-    """Train on the train split (or its first `train_images`), measure the whole test split, save."""
+    """Train on the train split (or its first `train_images`), measure the whole test split, save; the
+    checkpoint records how it was trained, including the training time."""
     device = resolve_device(None if device is None else str(device))
     train_set = load_dataset(dataset, "train", data_root).head(train_images)
     test_set = load_dataset(dataset, "test", data_root)
@@ -239,6 +260,7 @@ def train_and_save(
     info = train_set.info
     torch.manual_seed(seed)
     model = build_training_model(model_name, info.num_classes, info.channels)
+    started = time.perf_counter()
     train_model(
         model,
         train_set,
@@ -248,7 +270,9 @@ def train_and_save(
         seed=seed,
         device=device,
         progress=progress,
+        augment=augment,
     )
+    train_seconds = time.perf_counter() - started
     model = deployable(model_name, model, info.num_classes, info.channels)
     meta = {
         "model": model_name,
@@ -262,6 +286,8 @@ def train_and_save(
         "seed": seed,
         "batch_size": batch_size,
         "lr": lr,
+        "augment": "shift 4 + flip" if augment else None,
+        "train_seconds": round(train_seconds, 1),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return save_checkpoint(out, model, meta)

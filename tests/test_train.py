@@ -16,6 +16,7 @@ from tabconv.train import (
     accuracy,
     load_checkpoint,
     save_checkpoint,
+    shift_and_flip,
     train_and_save,
     train_model,
     weights_sha256,
@@ -148,7 +149,28 @@ def test_train_and_save(tiny: nn.Module, tmp_path: Path, digits: tuple[ImageSet,
     meta = train_and_save("tiny", "digits", out, **TINY, seed=0, device="cpu")
     assert meta["sha256"] == weights_sha256(tiny.state_dict())  # same seed, same weights
     assert meta["test_images"] == 450 and meta["input_shape"] == [1, 32, 32] and meta["epochs"] == 5
+    assert meta["augment"] is None and meta["train_seconds"] > 0
     model, loaded_meta = load_checkpoint(out)
     assert loaded_meta == meta
     assert accuracy(model, digits[1]) == meta["test_accuracy"] > 0.4
     assert [path.name for path in out.parent.iterdir()] == ["tiny-digits.pt"]  # no temporary file left
+
+
+def test_shift_and_flip_crops_the_padded_image_and_mirrors_half() -> None:
+    """Each image is a 32x32 window of itself zero-padded by 4 (torchvision's RandomCrop(32, padding=4)), mirrored
+    or not; the draws come from the generator alone, so a seeded run repeats."""
+    from torchvision.transforms.v2 import functional as TF
+
+    images = torch.randint(1, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    out = shift_and_flip(images, torch.Generator().manual_seed(3))
+    assert torch.equal(out, shift_and_flip(images, torch.Generator().manual_seed(3)))
+    flips = 0
+    for image, result in zip(images, out, strict=True):
+        padded = TF.pad(image, [4])
+        crops = {(dy, dx): padded[:, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)}
+        windows = {(dy, dx, flip) for (dy, dx), crop in crops.items() for flip in (False, True)
+                   if torch.equal(result, TF.horizontal_flip(crop) if flip else crop)}
+        assert windows, "not a window of the padded image"
+        flips += all(flip for _, _, flip in windows)
+    assert 16 < flips < 48  # about half mirrored (64 images)
+    assert not torch.equal(out, images)
