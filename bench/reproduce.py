@@ -39,6 +39,7 @@ class Row:
     epochs: int
     train_images: int | None = None  # first N training images (None: all); bounded by 2-core CPU training time
     lr: float = 0.05
+    augment: bool = False  # random shifts and flips while training (train --augment)
     note: str = ""
     offline: bool = True  # data available on the project's offline machines
     more_centroids: tuple[int, ...] = ()  # start settings searched besides --centroids
@@ -49,7 +50,7 @@ ROWS = [
     Row("resnet34", "mnist", 0.993, 1, 12000, more_centroids=(256,)),
     Row("nin", "mnist", 0.989, 2, 12000, note="trained with batch norm after every conv, folded into the convs "
         "after training (tabconv.models.deployable): the evaluated network is the plain NIN"),
-    Row("resnet18", "cifar10", 0.365, 2, 20000,
+    Row("resnet18", "cifar10", 0.365, 24, None, lr=0.1, augment=True,
         note="CIFAR-10 from the JPEG export in ../shared/datasets (lossy re-encoding)"),
     Row("resnet18", "fashion-mnist", None, 1, 12000, note="extra row, not in the paper"),
     Row("resnet18", "cifar100", 0.258, 15, None, note="needs the CIFAR-100 download", offline=False),
@@ -151,7 +152,7 @@ def plot(title: str, search: Session, results: dict[str, SearchResult], out: Pat
 def run_row(row: Row, args: argparse.Namespace) -> list[dict[str, Any]]:
     log(f"{row.model} / {row.dataset}: checkpoint")
     checkpoint = zoo.ensure_checkpoint(row.model, row.dataset, args.data_root, progress, epochs=row.epochs,
-                                       train_images=row.train_images, lr=row.lr)
+                                       train_images=row.train_images, lr=row.lr, augment=row.augment)
     calibration = Calibration(images=args.calibration_images)
     cache = TableCache(args.cache_dir)
     search = Session.from_checkpoint(str(checkpoint), calibration=calibration, eval_images=args.search_images,
@@ -175,7 +176,8 @@ def run_row(row: Row, args: argparse.Namespace) -> list[dict[str, Any]]:
             record = final_row(row, method + suffix, result.best, full, search, setting, args)
             record.update(plot=str(plot_path), evaluated=len(result.points),
                           train_epochs=full.meta.get("epochs"), train_images=full.meta.get("train_images"),
-                          train_accuracy=full.meta.get("test_accuracy"))
+                          train_accuracy=full.meta.get("test_accuracy"), train_augment=full.meta.get("augment"),
+                          train_seconds=full.meta.get("train_seconds"))
             verify(record, checkpoint, args)
             rows.append(record)
             log(f"  {method}{suffix}: acc {record['accuracy']:.4f} ({record['eval_images']} images), retention "
@@ -183,6 +185,10 @@ def run_row(row: Row, args: argparse.Namespace) -> list[dict[str, Any]]:
                 f"full {-record['flops_reduction_full']:+.2%}; reloaded config: {record['verified_accuracy']:.4f}"
                 f" ({'matches' if record['verified'] else 'MISMATCH'})")
     return rows
+
+
+def _took(seconds: float | None) -> str:
+    return "" if seconds is None else f", {seconds / 60:.0f} min on this machine"
 
 
 def pct(value: float | None) -> str:
@@ -234,7 +240,8 @@ def write_markdown(rows: list[dict[str, Any]], offline_missing: list[dict[str, A
             seen.add((r["model"], r["dataset"]))
             lines.append(f"- {r['model']} on {r['dataset']}: trained {r['train_epochs']} epoch(s) on "
                          f"{r['train_images'] or 'all'} training images by "
-                         f"`python -m tabconv train` (SGD + OneCycle, no augmentation), test accuracy "
+                         f"`python -m tabconv train` (SGD + OneCycle, {r.get('train_augment') or 'no augmentation'}"
+                         f"{_took(r.get('train_seconds'))}), test accuracy "
                          f"{pct(r['baseline_accuracy'])} on {r['eval_images']} test images; checkpoint sha256 "
                          f"`{r['checkpoint_sha256'][:16]}…`.")
     lines += ["", "## Pareto plots (search images, paper convention)", ""]

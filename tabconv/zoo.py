@@ -35,7 +35,8 @@ def checkpoint_path(model: str, dataset: str, root: str | os.PathLike[str] | Non
 
 def ensure_checkpoint(model: str, dataset: str, data_root: str | os.PathLike[str] | None = None,
                       progress: Progress | None = None, root: str | os.PathLike[str] | None = None,
-                      epochs: int | None = None, train_images: int | None = None, lr: float = DEFAULT_LR) -> Path:
+                      epochs: int | None = None, train_images: int | None = None, lr: float = DEFAULT_LR,
+                      augment: bool = False) -> Path:
     """The checkpoint of (model, dataset), trained first (per-dataset default epochs) when missing."""
     path = checkpoint_path(model, dataset, root)
     if path.is_file():
@@ -44,5 +45,5 @@ def ensure_checkpoint(model: str, dataset: str, data_root: str | os.PathLike[str
     with FileLock(str(path) + ".lock"):
         if not path.is_file():  # another process may have finished it while we waited
             train_and_save(model, dataset, path, epochs=epochs, data_root=data_root, progress=progress,
-                           train_images=train_images, lr=lr)
+                           train_images=train_images, lr=lr, augment=augment)
     return path
