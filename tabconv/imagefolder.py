@@ -74,13 +74,15 @@ class FolderScan:
 @dataclass(frozen=True)
 class Preprocessing:
     """torchvision's eval transform: Resize(resize) of the shorter side, CenterCrop(image_size), then the
-    normalisation by mean and std (applied later, by ImageSet.normalize)."""
+    normalisation by mean and std (applied later, by ImageSet.normalize). channels=1 reads images as greyscale
+    (PIL's "L", the luma torchvision's Grayscale computes too), for a model whose first layer takes one channel."""
 
     image_size: int = DEFAULT_IMAGE_SIZE
     resize: int | None = None  # None: the image size (no border cropped away)
     interpolation: str = "bilinear"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    channels: int = 3
 
     def __post_init__(self) -> None:
         for key in ("image_size", "resize"):
@@ -90,12 +92,16 @@ class Preprocessing:
         if self.interpolation not in INTERPOLATIONS:
             raise ImageFolderError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
                                    f"got {self.interpolation!r}")
+        if self.channels not in (1, 3):
+            raise ImageFolderError(f"images are read with 3 channels (RGB) or 1 (greyscale), not {self.channels}")
+        wanted = "3 numbers (R,G,B) or one for all" if self.channels == 3 else "one number (greyscale)"
         for key in ("mean", "std"):
             values = tuple(getattr(self, key))
             if len(values) == 1:
-                values = values * 3
-            if len(values) != 3 or not all(isinstance(v, int | float) and np.isfinite(v) for v in values):
-                raise ImageFolderError(f"{key} needs 3 numbers (R,G,B) or one for all, got {getattr(self, key)!r}")
+                values = values * self.channels
+            if len(values) != self.channels or not all(isinstance(v, int | float) and np.isfinite(v)
+                                                       for v in values):
+                raise ImageFolderError(f"{key} needs {wanted}, got {getattr(self, key)!r}")
             if key == "std" and min(values) <= 0:
                 raise ImageFolderError(f"std must be positive, got {values}")
             object.__setattr__(self, key, tuple(float(v) for v in values))
@@ -104,7 +110,7 @@ class Preprocessing:
 
     def key(self) -> str:
         """What the decoded uint8 pixels depend on (not mean/std: those are applied per batch)."""
-        return f"{self.image_size}:{self.resize}:{self.interpolation}"
+        return f"{self.image_size}:{self.resize}:{self.interpolation}" + (":L" if self.channels == 1 else "")
 
 
 def scan_image_folder(root: str | os.PathLike[str]) -> FolderScan:
@@ -197,14 +203,14 @@ def _names(names: Sequence[str], limit: int = 5) -> str:
 
 
 def preprocess_image(path: str | os.PathLike[str], prep: Preprocessing) -> np.ndarray:
-    """One image as uint8 (3, H, W), bit for bit what torchvision's Resize + CenterCrop give on a PIL image.
+    """One image as uint8 (channels, H, W), bit for bit what torchvision's Resize + CenterCrop give on a PIL image.
 
     Mirrors torchvision.transforms.functional: the shorter side becomes `resize` and the longer one
     int(resize * long / short); no resize when the size is already right; the crop is centred with
     round((size - crop) / 2), after zero padding ((crop - size) // 2 before) when the image is smaller.
     """
     with Image.open(path) as image:
-        rgb = image.convert("RGB")  # ImageFolder's loader
+        rgb = image.convert("RGB" if prep.channels == 3 else "L")  # ImageFolder's loader, or greyscale
     width, height = rgb.size
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = prep.resize, int(prep.resize * long / short)
@@ -212,6 +218,8 @@ def preprocess_image(path: str | os.PathLike[str], prep: Preprocessing) -> np.nd
     if (new_w, new_h) != (width, height):
         rgb = rgb.resize((new_w, new_h), INTERPOLATIONS[prep.interpolation])
     pixels = np.asarray(rgb)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
     crop = prep.image_size
     pad_h, pad_w = max(0, crop - pixels.shape[0]), max(0, crop - pixels.shape[1])
     if pad_h or pad_w:
@@ -242,7 +250,7 @@ def load_image_folder(scan: FolderScan, prep: Preprocessing, *, calibration_imag
     Every image is decoded before any cache file is written, so a bad image leaves the cache as it was.
     """
     indices = _indices(scan, class_indices)
-    info = DatasetInfo(name=dataset_name(scan, prep, indices), channels=3, height=prep.image_size,
+    info = DatasetInfo(name=dataset_name(scan, prep, indices), channels=prep.channels, height=prep.image_size,
                        width=prep.image_size, num_classes=num_classes or len(scan.classes), mean=prep.mean,
                        std=prep.std, description=f"image folder {scan.root}: {len(scan.classes)} classes, "
                        f"{len(scan.calibration)} calibration / {len(scan.evaluation)} evaluation images "
@@ -256,7 +264,7 @@ def load_image_folder(scan: FolderScan, prep: Preprocessing, *, calibration_imag
         labels = np.array([indices[f.label] for f in files], dtype=np.int64)
         cache = _cache_path(scan, prep, part, files, labels)
         stored = _read_npz(cache)
-        expected = (len(files), 3, prep.image_size, prep.image_size)
+        expected = (len(files), prep.channels, prep.image_size, prep.image_size)
         if stored is not None and stored.get("images", np.empty(0)).shape == expected \
                 and np.array_equal(stored.get("labels"), labels):
             arrays[part] = (stored["images"], labels)
@@ -304,7 +312,7 @@ def _cache_path(scan: FolderScan, prep: Preprocessing, part: str, files: Sequenc
 
 
 def _decode(files: Sequence[ImageFile], prep: Preprocessing, progress: Progress | None, part: str) -> np.ndarray:
-    images = np.empty((len(files), 3, prep.image_size, prep.image_size), dtype=np.uint8)
+    images = np.empty((len(files), prep.channels, prep.image_size, prep.image_size), dtype=np.uint8)
     for i, file in enumerate(files):
         try:
             images[i] = preprocess_image(file.path, prep)

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tabconv.architectures import build_architecture, check_architecture, classifier_keys
+from tabconv.architectures import build_architecture, check_architecture, classifier_keys, is_project_model
 from tabconv.config import Calibration
-from tabconv.data import ImageSet
+from tabconv.data import DATASETS, DatasetInfo, ImageSet
 from tabconv.devices import resolve_device
 from tabconv.imagefolder import (
     DEFAULT_IMAGE_SIZE,
@@ -81,9 +81,9 @@ def open_user_model(arch: str, weights: str | os.PathLike[str] | None = None,
                              f"and DIR/val)")
     scan = scan_image_folder(images)
     enum, file = _weights_source(arch, weights)
-    prep = _preprocessing(enum, image_size, mean, std)
-    classifier = classifier_keys(arch, 3, prep.image_size) if weights is not None else {}
     state = adapt_keys(arch, file.state_dict) if file else None
+    prep = _preprocessing(enum, image_size, mean, std, file, _input_channels(arch, state))
+    classifier = classifier_keys(arch, prep.channels, prep.image_size) if weights is not None else {}
     if enum is not None:
         weight_classes, source = enum.num_classes, enum.name
     elif file is not None:
@@ -95,7 +95,7 @@ def open_user_model(arch: str, weights: str | os.PathLike[str] | None = None,
 
     with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's random state
         torch.manual_seed(INIT_SEED)
-        model = build_architecture(arch, num_classes, 3, image_size=prep.image_size,
+        model = build_architecture(arch, num_classes, prep.channels, image_size=prep.image_size,
                                    **(enum.builder_options if enum else {}))
     if enum is not None:
         file = read_weights_file(enum_weights_file(enum), arch)
@@ -136,13 +136,41 @@ def _weights_source(arch: str, weights: str | os.PathLike[str] | None
 
 
 def _preprocessing(enum: WeightEnum | None, image_size: int | None, mean: Sequence[float] | None,
-                   std: Sequence[float] | None) -> Preprocessing:
-    if enum is None:
-        return Preprocessing(image_size or DEFAULT_IMAGE_SIZE, None, "bilinear", tuple(mean or IMAGENET_MEAN),
-                             tuple(std or IMAGENET_STD))
-    crop = image_size or enum.image_size
-    resize = enum.resize if image_size is None else max(1, round(image_size * enum.resize / enum.image_size))
-    return Preprocessing(crop, resize, enum.interpolation, tuple(mean or enum.mean), tuple(std or enum.std))
+                   std: Sequence[float] | None, file: WeightsFile | None = None, channels: int = 3) -> Preprocessing:
+    """What the user gave, else the weight enum's transforms, else a tabconv checkpoint's (its input size and its
+    dataset's mean/std), else ImageNet's at 224x224. One-channel weights read the images as greyscale."""
+    if enum is not None:
+        crop = image_size or enum.image_size
+        resize = enum.resize if image_size is None else max(1, round(image_size * enum.resize / enum.image_size))
+        return Preprocessing(crop, resize, enum.interpolation, tuple(mean or enum.mean), tuple(std or enum.std))
+    trained = _checkpoint_data(file)
+    if trained is not None:
+        return Preprocessing(image_size or trained.height, None, "bilinear", tuple(mean or trained.mean),
+                             tuple(std or trained.std), channels)
+    if channels == 1 and (mean is None or std is None):
+        where = file.path if file is not None else "the weights"
+        raise UserModelError(f"{where}: the first layer takes 1 channel, so the images are read as greyscale; "
+                             f"give the mean and std used in training, one number each (e.g. MNIST's 0.1307 and "
+                             f"0.3081): --mean M --std S, or the explorer's Mean and Std fields")
+    return Preprocessing(image_size or DEFAULT_IMAGE_SIZE, None, "bilinear", tuple(mean or IMAGENET_MEAN),
+                         tuple(std or IMAGENET_STD), channels)
+
+
+def _checkpoint_data(file: WeightsFile | None) -> DatasetInfo | None:
+    """The built-in dataset a tabconv checkpoint was trained on (None for other files or unknown datasets)."""
+    dataset = (file.meta or {}).get("dataset") if file is not None else None
+    return DATASETS.get(dataset) if isinstance(dataset, str) else None
+
+
+def _input_channels(arch: str, state: dict[str, torch.Tensor] | None) -> int:
+    """1 when the weights' first convolution takes one channel (a project model trained on digits), else 3.
+    torchvision's own builders always take 3; their weights are checked against that when loaded."""
+    if state is None or not is_project_model(arch):
+        return 3
+    first = next(name for name, module in build_architecture(arch, 2).named_modules()
+                 if isinstance(module, nn.Conv2d))
+    weight = state.get(f"{first}.weight")
+    return 1 if weight is not None and weight.dim() == 4 and weight.shape[1] == 1 else 3
 
 
 def _classes(scan: FolderScan, asked: int | None, weight_classes: int | None, source: str,
@@ -183,7 +211,7 @@ def _meta(arch: str, model: nn.Module, scan: FolderScan, prep: Preprocessing, ev
         source, kind = f"random initialisation (torch.manual_seed({INIT_SEED}))", "random"
     meta: dict[str, Any] = {
         "model": arch, "dataset": eval_set.info.name, "num_classes": eval_set.info.num_classes,
-        "input_shape": [3, prep.image_size, prep.image_size], "sha256": weights_sha256(model.state_dict()),
+        "input_shape": [prep.channels, prep.image_size, prep.image_size], "sha256": weights_sha256(model.state_dict()),
         "weights": source, "weights_kind": kind,
         "weights_file": str(file.path.absolute()) if file is not None else None,
         "images": str(scan.root), "classes": list(scan.classes), "split": scan.split_text,

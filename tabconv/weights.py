@@ -175,9 +175,9 @@ def _tabconv_checkpoint(path: Path, payload: Mapping[str, Any], arch: str) -> We
         raise WeightsError(f"{path}: a tabconv checkpoint of {meta.get('model')!r}, not of {arch!r}; pass --arch "
                            f"{meta.get('model')} (or open it with --checkpoint)")
     shape = meta.get("input_shape") or [3]
-    if shape[0] != 3:
+    if shape[0] not in (1, 3):
         raise WeightsError(f"{path}: a checkpoint for {shape[0]}-channel images, but image folders are read as "
-                           f"RGB; open it with --checkpoint and its own dataset")
+                           f"RGB or greyscale; open it with --checkpoint and its own dataset")
     return WeightsFile(path, dict(state), "tabconv checkpoint", dict(meta))
 
 

@@ -343,3 +343,40 @@ def test_cost_takes_torchvision_architectures(capsys):
     assert json.loads(out)["flops"] > 0
     assert main(["cost", "--model", "resnet5", "--num-classes", "10", "--input-shape", "3,32,32"]) == 2
     assert "did you mean resnet50" in capsys.readouterr().err
+
+
+def test_a_one_channel_checkpoint_reads_the_folder_as_greyscale_with_its_datasets_normalisation(tmp_path):
+    """A project model trained on digits (first conv takes 1 channel): the folder's images, colour or not, are
+    read as torchvision's Grayscale would, at the checkpoint's input size and its dataset's mean/std; the
+    predictions are the model's own. A plain state_dict of such a model must say how it was normalised."""
+    from torchvision import datasets, transforms
+
+    from tabconv.data import DATASETS
+    from tabconv.models import build_model
+    from tabconv.session import Session
+    from tabconv.train import save_checkpoint
+
+    root = make_folder(tmp_path / "digits")  # RGB PNG and JPEG files
+    torch.manual_seed(2)
+    model = build_model("resnet18", 3, 1).eval()
+    save_checkpoint(tmp_path / "mnist.pt", model, {"model": "resnet18", "num_classes": 3,
+                                                    "input_shape": [1, 28, 28], "dataset": "mnist"})
+    session = Session.from_user_model("resnet18", str(tmp_path / "mnist.pt"), images=str(root))
+    mnist = DATASETS["mnist"]
+    tf = transforms.Compose([transforms.Grayscale(1), transforms.Resize(28), transforms.CenterCrop(28),
+                             transforms.ToTensor(), transforms.Normalize(mnist.mean, mnist.std)])
+    folder = datasets.ImageFolder(str(root), transform=tf)
+    index = {Path(path): i for i, (path, _) in enumerate(folder.samples)}
+    inputs = torch.stack([folder[index[f.path]][0] for f in scan_image_folder(root).evaluation])
+    assert torch.equal(session.eval_set.batch(slice(None)), inputs)
+    with torch.no_grad():
+        want = model(inputs).argmax(1)
+    assert torch.equal(torch.tensor(session.baseline.correct_images), want == session.eval_set.labels)
+    assert session.meta["input_shape"] == [1, 28, 28] and session.meta["mean"] == list(mnist.mean)
+
+    torch.save(model.state_dict(), tmp_path / "plain.pth")
+    greyscale = r"plain\.pth: the first layer takes 1 channel.*--mean M --std S, or the explorer's Mean"
+    with pytest.raises(UserModelError, match=greyscale):
+        open_user_model("resnet18", tmp_path / "plain.pth", root)
+    opened = open_user_model("resnet18", tmp_path / "plain.pth", root, image_size=28, mean=[0.5], std=[0.25])
+    assert opened.eval_set.images.shape[1:] == (1, 28, 28) and opened.meta["std"] == [0.25]
