@@ -57,6 +57,9 @@ ROWS = [
 ]
 
 
+FIT_SUFFIX = {"kmeans": "", "least-squares": "-ls"}  # method names of rows whose tables were refit
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -153,7 +156,7 @@ def run_row(row: Row, args: argparse.Namespace) -> list[dict[str, Any]]:
     log(f"{row.model} / {row.dataset}: checkpoint")
     checkpoint = zoo.ensure_checkpoint(row.model, row.dataset, args.data_root, progress, epochs=row.epochs,
                                        train_images=row.train_images, lr=row.lr, augment=row.augment)
-    calibration = Calibration(images=args.calibration_images)
+    calibration = Calibration(images=args.calibration_images, fit=args.fit)
     cache = TableCache(args.cache_dir)
     search = Session.from_checkpoint(str(checkpoint), calibration=calibration, eval_images=args.search_images,
                                      data_root=args.data_root, cache=cache, progress=progress)
@@ -162,7 +165,7 @@ def run_row(row: Row, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for centroids in (args.centroids, *row.more_centroids):
         setting = LayerSetting("table", args.codebooks, centroids)
-        suffix = "" if centroids == args.centroids else f"-K{centroids}"
+        suffix = ("" if centroids == args.centroids else f"-K{centroids}") + FIT_SUFFIX[args.fit]
         log(f"  start setting C={setting.codebooks}, K={setting.centroids}")
         results = searches(search, setting, args)
         plot_path = Path("docs/plots") / f"{row.model}-{row.dataset}{suffix}.png"
@@ -174,7 +177,7 @@ def run_row(row: Row, args: argparse.Namespace) -> list[dict[str, Any]]:
                 log(f"  {method}: nothing kept {args.min_retention:.0%} on the search images")
                 continue
             record = final_row(row, method + suffix, result.best, full, search, setting, args)
-            record.update(plot=str(plot_path), evaluated=len(result.points),
+            record.update(plot=str(plot_path), evaluated=len(result.points), fit=args.fit,
                           train_epochs=full.meta.get("epochs"), train_images=full.meta.get("train_images"),
                           train_accuracy=full.meta.get("test_accuracy"), train_augment=full.meta.get("augment"),
                           train_seconds=full.meta.get("train_seconds"))
@@ -206,7 +209,8 @@ def write_markdown(rows: list[dict[str, Any]], offline_missing: list[dict[str, A
         f"**full test split** (the `eval images` column). Calibration: first {args.calibration_images} training",
         "images, independent mode,"
         f" start setting C={args.codebooks}, K={args.centroids} (rows with more start settings: methods suffixed"
-        " -K<K>), exhaustive encoder, float32 tables;",
+        " -K<K>), exhaustive encoder, float32 tables, k-means tables (methods suffixed -ls: least-squares tables,"
+        " each layer refit against its exact output, ridge 0.01);",
         f"target: at least {args.min_retention:.0%} of the exact model's accuracy. FLOPs per image: *paper* = the",
         "paper's convention (encoding free), *full* = encoding counted (see the README).",
         "",
@@ -262,6 +266,8 @@ def main() -> None:
     parser.add_argument("--centroids", type=int, default=64)
     parser.add_argument("--min-retention", type=float, default=0.93)
     parser.add_argument("--max-evaluations", type=int, default=150)
+    parser.add_argument("--fit", choices=list(FIT_SUFFIX), default="kmeans",
+                        help="how tables are fitted; least-squares rows are added beside the k-means ones")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--render-only", action="store_true", help="rewrite results.md from results.json")
     args = parser.parse_args()
@@ -271,8 +277,8 @@ def main() -> None:
         write_markdown(previous, json.loads(out.read_text())["not_reproducible_offline"], args)
         return
     selected = [r for r in ROWS if (args.rows is None and r.offline) or f"{r.model}-{r.dataset}" in (args.rows or [])]
-    redone = {(r.model, r.dataset) for r in selected}
-    rows = [r for r in previous if (r["model"], r["dataset"]) not in redone]
+    redone = {(r.model, r.dataset, args.fit) for r in selected}
+    rows = [r for r in previous if (r["model"], r["dataset"], r.get("fit", "kmeans")) not in redone]
     for row in selected:
         try:
             rows.extend(run_row(row, args))
