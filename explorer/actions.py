@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import streamlit as st
 
-from explorer import state
+from explorer import state, turns
 from explorer.progress import ProgressBar
 from explorer.workbench import ImportedTables, Workbench
 from tabconv.config import ConfigError, from_json
@@ -27,25 +27,30 @@ def evaluate(wb: Workbench, settings: Mapping[str, LayerSetting], label: str, ti
              tables: Mapping[str, ProductQuantizer] | None = None, tables_id: str | None = None) -> Metrics | None:
     """Evaluate (or recall) a configuration and show it; failures become a notice, not a traceback.
 
-    `tables` (fine-tuned ones, `tables_id` their file's sha256) replace the built tables of its table layers."""
-    session = wb.session
-    fits, known, started = session.builder.fits, len(session.history), time.perf_counter()
-    bar = ProgressBar(title)
+    What it rebuilt and re-ran is measured inside this tab's turn, when no other tab computes, so it is this
+    request's own work. `tables` (fine-tuned ones, `tables_id` their file's sha256) replace the built tables of its
+    table layers."""
+    session, asked = wb.session, time.monotonic()
     try:
-        with wb.lock:
+        with turns.turn(title) as held, ProgressBar(title) as bar, wb.lock:
+            fits, known, started = session.builder.fits, len(session.history), time.perf_counter()
             metrics = session.apply(dict(settings), progress=bar, label=label, tables=tables, tables_id=tables_id)
-            recomputed = session.runner.recomputed if session.runner and metrics.id >= known else 0
-            if metrics.id >= known:
+            fresh = metrics.id >= known
+            recomputed = session.runner.recomputed if session.runner and fresh else 0
+            fitted, seconds = session.builder.fits - fits, time.perf_counter() - started
+            if fresh:
                 wb.runner_at = metrics.id
+    except turns.Cancelled as exc:  # left the line while waiting
+        state.note_cancelled(exc)
+        return None
     except Exception as exc:  # a page must survive any failure of the library (e.g. a broken encoder)
         state.notify("error", f"Could not evaluate this configuration: {exc}")
         return None
-    finally:
-        bar.close()
     st.session_state.last_apply = {
-        "id": metrics.id, "memoised": metrics.id < known, "fitted": session.builder.fits - fits,
-        "recomputed": recomputed, "nodes": len(session.runner.nodes) if session.runner else None,
-        "seconds": time.perf_counter() - started,
+        "id": metrics.id, "memoised": not fresh, "fitted": fitted, "recomputed": recomputed,
+        "earlier": None if fresh else ("this tab" if metrics.id in st.session_state.seen else "this server"),
+        "nodes": len(session.runner.nodes) if session.runner else None, "seconds": seconds,
+        "waited": max(0.0, (held.started or asked) - asked),  # behind other tabs' work
     }
     state.show_to(metrics.id)
     return metrics

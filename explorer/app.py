@@ -59,7 +59,7 @@ def workbench(wb: Workbench) -> None:
     plots.propagation(wb, current)
     st.subheader("Import")
     transfer.import_panel(wb, current)
-    with st.expander(f"Run history ({len(wb.session.history)} configurations) and comparison"):
+    with st.expander(f"Run history ({len(state.own_history(wb))} configurations) and comparison"):
         history.panel(wb)
     wb.settle(current)  # last, once everything is on screen
 

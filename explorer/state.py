@@ -1,22 +1,30 @@
 """Per-browser-tab state, initialised in one place.
 
-The Session (shared, cached) holds every evaluated configuration; a tab only remembers which one it
-is looking at, the one before it (for deltas), its locks and the requests its widgets made.
+The Session (shared by every tab, cached) holds every configuration evaluated on this server; a tab remembers
+which of them it evaluated or loaded (its own history, plots and counts), which one it is looking at, the one
+before it (for deltas), its locks and the requests its widgets made. Streamlit drops all of it with the tab.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from tabconv.settings import LayerSetting
 
+if TYPE_CHECKING:
+    from explorer.turns import Cancelled
+    from explorer.workbench import Workbench
+    from tabconv.metrics import Metrics
+
 DEFAULTS: dict[str, Any] = {
     "spec": None,  # the Spec of the Session this tab shows
     "defaults": LayerSetting("table"),  # the default table setting (C, K, encoder, LUT dtype)
+    "seen": [],  # ids (Session history indices) of the configurations this tab evaluated or loaded, in order
     "current_id": None,  # id (history index) of the configuration shown
     "previous_id": None,  # the one shown before it, for deltas
     "locks": frozenset(),  # layers locked exact
@@ -44,7 +52,7 @@ def init() -> None:
 
 def reset_view() -> None:
     """Forget what this tab showed (a different Session was opened)."""
-    for key in ("current_id", "previous_id", "locks", "pending", "tables_request", "load_request", "notice",
+    for key in ("seen", "current_id", "previous_id", "locks", "pending", "tables_request", "load_request", "notice",
                 "last_apply", "tour_step", "tour_request", "speed"):
         st.session_state[key] = copy.copy(DEFAULTS[key])
 
@@ -52,6 +60,18 @@ def reset_view() -> None:
 def notify(level: str, text: str) -> None:
     """Leave a message ('error', 'warning', 'info', 'success') for the next workbench run."""
     st.session_state.notice = (level, text)
+
+
+def note_cancelled(exc: Cancelled) -> None:
+    """After this tab cancelled its own work: say so on the next run; the page keeps what it showed before."""
+    notify("warning", f"Cancelled after {exc.seconds:.0f} s: {exc.title}. The page keeps the configuration it "
+                      "showed before.")
+
+
+def cancelled(exc: Cancelled) -> NoReturn:
+    """Say that this tab's work was cancelled, at once (a redraw)."""
+    note_cancelled(exc)
+    refresh()
 
 
 def show_notice() -> None:
@@ -63,10 +83,24 @@ def show_notice() -> None:
 
 
 def show_to(config_id: int) -> None:
-    """Make a configuration the current one, remembering the previous one for deltas."""
+    """Make a configuration the current one (and part of this tab's history), remembering the previous one for
+    deltas."""
+    remember([config_id])
     if config_id != st.session_state.current_id:
         st.session_state.previous_id = st.session_state.current_id
         st.session_state.current_id = config_id
+
+
+def remember(ids: Iterable[int]) -> None:
+    """Add configurations to this tab's history (once each, in the order they came)."""
+    seen = st.session_state.seen
+    st.session_state.seen = seen + [i for i in dict.fromkeys(ids) if i not in seen]
+
+
+def own_history(wb: Workbench) -> list[Metrics]:
+    """The exact baseline, then the configurations this tab evaluated or loaded."""
+    base = wb.session.baseline
+    return [base] + [wb.metrics(i) for i in st.session_state.seen if i != base.id]
 
 
 def request(settings: dict[str, LayerSetting], label: str) -> None:
@@ -74,7 +108,7 @@ def request(settings: dict[str, LayerSetting], label: str) -> None:
     st.session_state.pending = (settings, label)
 
 
-def refresh() -> None:
+def refresh() -> NoReturn:
     """Redraw after an action: just the fragment during a fragment run (a full run must rerun the app)."""
     ctx = get_script_run_ctx()
     st.rerun(scope="fragment" if ctx is not None and ctx.fragment_ids_this_run else "app")

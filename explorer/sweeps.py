@@ -1,4 +1,6 @@
-"""The library's searches, sweeps, fine-tuning and timing, run under the workbench lock with a progress bar.
+"""The library's searches, sweeps, fine-tuning and timing: each in its tab's turn (explorer.turns), under the
+workbench lock, with a progress bar that can cancel it (turns.Cancelled reaches the caller). The configurations a
+tab's sweep or search evaluated (or recalled from another tab's) join that tab's history.
 
 Sweep results that are plain data (the propagation matrix, the sensitivity bars) are written to the
 result store, so a later launch shows them without evaluating anything; the configurations a sweep
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from explorer import state, turns
 from explorer.progress import ProgressBar
 from explorer.workbench import Workbench
 from tabconv import search
@@ -19,16 +22,12 @@ from tabconv.settings import LayerSetting
 
 
 def _run(wb: Workbench, title: str, work: Any, *args: Any, moves_runner: bool = True, **kwargs: Any) -> Any:
-    """`work(session, *args, progress=bar, **kwargs)` under the lock; `moves_runner`: it evaluates configurations,
-    so the runner no longer holds the one on screen."""
-    bar = ProgressBar(title)
-    try:
-        with wb.lock:
-            if moves_runner:
-                wb.runner_at = None  # the sweep leaves the runner on its last configuration
-            return work(wb.session, *args, progress=bar, **kwargs)
-    finally:
-        bar.close()
+    """`work(session, *args, progress=bar, **kwargs)` in this tab's turn, under the lock; `moves_runner`: it
+    evaluates configurations, so the runner no longer holds the one on screen."""
+    with turns.turn(title) as held, ProgressBar(title, cancellable=held) as bar, wb.lock:
+        if moves_runner:
+            wb.runner_at = None  # the sweep leaves the runner on its last configuration
+        return work(wb.session, *args, progress=bar, **kwargs)
 
 
 def propagation(wb: Workbench, setting: LayerSetting, run: bool = True) -> dict[str, Any] | None:
@@ -55,9 +54,13 @@ def sensitivity(wb: Workbench, setting: LayerSetting, run: bool = False) -> dict
     if not run:
         return wb.store.get(parts)
     layers = len(wb.structure.names)
-    rows = _run(wb, f"Sensitivity: {layers} layers × 2 directions", search.sensitivity, setting)
-    with wb.lock:
-        every = wb.session.apply(wb.session.uniform(setting), label="all tables")
+
+    def both(session: Any, progress: Any) -> tuple[list[dict[str, Any]], Any]:
+        rows = search.sensitivity(session, setting, progress=progress)
+        return rows, session.apply(session.uniform(setting), label="all tables")
+
+    rows, every = _run(wb, f"Sensitivity: {layers} layers × 2 directions", both)
+    state.remember([row[side]["config_id"] for row in rows for side in ("only_table", "only_exact")] + [every.id])
     wb.sweeps[key] = {"rows": rows, "all_tables_retention": every.retention}
     wb.store.put(parts, {"rows": [{**row, **{side: {k: v for k, v in row[side].items() if k != "config_id"}
                                              for side in ("only_table", "only_exact")}} for row in rows],
@@ -72,14 +75,17 @@ def masking(wb: Workbench, setting: LayerSetting, rank_by: str) -> dict[str, Any
         result = _run(wb, "Priority masking (one evaluation per number of exact layers)", search.priority_masking,
                       setting, rank_by=rank_by)
         wb.sweeps[key] = {"ranking": result.ranking, "ids": [m.id for m in result.points]}
+    state.remember(wb.sweeps[key]["ids"])  # this tab asked for them: they are on its plots
     return wb.sweeps[key]
 
 
 def budgeted(wb: Workbench, setting: LayerSetting, min_retention: float, max_storage_bytes: int | None,
              convention: str, max_evaluations: int) -> search.SearchResult:
     """Greedy search from priority masking's best point: the most FLOPs saved within the budget."""
-    return _run(wb, "Budgeted search", search.greedy_search, setting, min_retention,
-                max_storage_bytes=max_storage_bytes, convention=convention, max_evaluations=max_evaluations)
+    result = _run(wb, "Budgeted search", search.greedy_search, setting, min_retention,
+                  max_storage_bytes=max_storage_bytes, convention=convention, max_evaluations=max_evaluations)
+    state.remember(m.id for m in result.points)
+    return result
 
 
 def finetune(wb: Workbench, parent: Metrics, steps: int, images: int, lr: float, layer_loss: float) -> Tuned:

@@ -2,9 +2,15 @@
 (architecture, weights, image folder, preprocessing, calibration, evaluation set) for a user's own model.
 
 The Session is kept in a `st.cache_resource` slot: every rerun and every browser tab reuses it, so nothing it
-has evaluated or built is computed twice. A lock serialises its use, because Streamlit runs each tab's
-script in its own thread. Sweep results (propagation matrix, sensitivity) are also kept on disk, so
-the next launch shows them without re-running their evaluations.
+has evaluated or built is computed twice on this server (a tab shows only its own history, kept in its session
+state). Work on it runs in its tab's turn (explorer.turns: one computation at a time on the server) and under a
+lock, taken after the turn, because Streamlit runs each tab's script in its own thread. Sweep results
+(propagation matrix, sensitivity) are also kept on disk, so the next launch shows them without re-running their
+evaluations.
+
+Memory: at most two Sessions are kept (`_slot`'s max_entries); a Session's history grows by one small record
+(settings, costs, per-layer errors, one bit per evaluation image) per distinct configuration evaluated on the
+server, and goes with its Session; the result store keeps at most MEMORY_RESULTS results in memory.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import hashlib
 import json
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -20,6 +27,7 @@ from typing import Any
 
 import streamlit as st
 
+from explorer import turns
 from tabconv.atomic import atomic_write_text
 from tabconv.cache import TableCache, cache_key
 from tabconv.config import Calibration
@@ -33,6 +41,7 @@ from tabconv.structure import ModelStructure
 from tabconv.train import load_checkpoint
 
 Progress = Callable[[dict[str, Any]], None]
+MEMORY_RESULTS = 32  # sweep results kept in memory per store (a propagation matrix of a deep network is ~100 KiB)
 
 
 @dataclass(frozen=True)
@@ -62,26 +71,34 @@ class Spec:
 
 
 class ResultStore:
-    """JSON results on disk under the table cache, keyed by everything they depend on."""
+    """JSON results on disk under the table cache, keyed by everything they depend on; the most recently used
+    MEMORY_RESULTS of them also in memory (the disk keeps them all)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._memory: dict[str, Any] = {}
+        self._memory: OrderedDict[str, Any] = OrderedDict()
 
     def get(self, parts: dict[str, Any]) -> Any | None:
         key = cache_key(parts)
         if key not in self._memory:
             path = self.root / f"{key}.json"
             try:
-                self._memory[key] = json.loads(path.read_text())["value"]
+                self._keep(key, json.loads(path.read_text())["value"])
             except (OSError, ValueError, KeyError):
                 return None
+        self._memory.move_to_end(key)
         return self._memory[key]
 
     def put(self, parts: dict[str, Any], value: Any) -> None:
         key = cache_key(parts)
-        self._memory[key] = value
+        self._keep(key, value)
         atomic_write_text(self.root / f"{key}.json", json.dumps({"parts": parts, "value": value}, default=str))
+
+    def _keep(self, key: str, value: Any) -> None:
+        self._memory[key] = value
+        self._memory.move_to_end(key)
+        while len(self._memory) > MEMORY_RESULTS:
+            self._memory.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -108,11 +125,16 @@ class Workbench:
 
     def settle(self, current: Metrics) -> None:
         """Bring the runner to the configuration on screen (after a sweep or a load), so that the next
-        edit re-runs only the layers it affects instead of the whole network."""
-        with self.lock:
-            if self.runner_at != current.id:
-                self.session.activate(current)
-                self.runner_at = current.id
+        edit re-runs only the layers it affects instead of the whole network. Only when no tab waits for the
+        server: it saves time, it is never needed (the runner recomputes whatever differs)."""
+        if self.runner_at == current.id:
+            return
+        with turns.turn_if_free("Preparing the next edit") as free:
+            if free:
+                with self.lock:
+                    if self.runner_at != current.id:
+                        self.session.activate(current)
+                        self.runner_at = current.id
 
     @property
     def structure(self) -> ModelStructure:
@@ -198,10 +220,12 @@ def is_open(spec: Spec) -> bool:
 
 
 def open_workbench(spec: Spec, progress: Progress | None = None) -> Workbench:
-    """The spec's workbench, opened once (concurrent tabs wait for the first); a failure leaves nothing behind,
-    so the next try opens it again."""
+    """The spec's workbench, opened once, in this tab's turn (concurrent tabs wait for the first); a failure
+    leaves nothing behind, so the next try opens it again."""
     slot = _slot(spec)
-    with slot.lock:
+    if slot.workbench is not None:
+        return slot.workbench
+    with turns.turn("Opening a model"), slot.lock:
         if slot.workbench is None:
             try:
                 slot.workbench = _open_user(spec, progress) if spec.user is not None else _open_checkpoint(spec)

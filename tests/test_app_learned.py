@@ -80,7 +80,7 @@ def test_fine_tune_export_and_import_round_trip(app: AppTest, media: list[Memory
     label = _current_label(app)  # a new configuration, or the same one an earlier test on this server evaluated
     assert "fc → exact" in label or "all but fc tabled" in label, label
     toggled = app.session_state["current_id"]
-    assert _history(app).loc[app.session_state["current_id"], "origin"] != charts.FINE_TUNED
+    assert _history(app).set_index("id").loc[toggled, "origin"] != charts.FINE_TUNED
     assert [b.label for b in app.download_button] == ["Export configuration", "Export model (zip)"]
 
     app.file_uploader(key="import_file").set_value(("tuned.json", config_text.encode(), "application/json")).run()

@@ -7,6 +7,7 @@ changes a setting, waits for the metrics to change, and saves docs/screenshot.pn
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -139,3 +140,55 @@ def test_first_page_renders_and_reacts(server: str) -> None:
         finally:
             browser.close()
     print(f"first screen ready in {first_screen_s:.0f} s")
+
+
+def _history_label(page: Page) -> str:
+    return page.locator('[data-testid="stExpander"] summary').filter(has_text="Run history").first.inner_text()
+
+
+def test_two_tabs_keep_their_own_histories_and_take_turns(server: str) -> None:
+    """Two browser sessions on one server: the second starts from the first's work (said so), waits in line
+    behind the first's search with its place shown, and the first cancels its search; each keeps its history."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            first, second = (browser.new_context(viewport={"width": 1400, "height": 1800}).new_page()
+                             for _ in range(2))
+            for page in (first, second):
+                page.goto(server)
+                page.get_by_text("Current configuration #").wait_for(timeout=FIRST_LAUNCH_S * 1000)
+                _wait_idle(page, FIRST_LAUNCH_S * 1000)
+            second.get_by_text("was evaluated earlier on this server").wait_for(timeout=60_000)
+
+            second.locator('[data-testid="stSelectbox"]').filter(has_text="Group or layer").click()
+            second.keyboard.type("stage:layer4")
+            second.keyboard.press("Enter")
+            _wait_idle(second, 60_000)
+            budget = first.get_by_role("spinbutton", name="Evaluation budget")
+            budget.fill("400")
+            budget.press("Enter")
+            _wait_idle(first, 60_000)
+            target = first.locator('[data-testid="stSlider"]').filter(has_text="Target retention")
+            target.get_by_role("slider").press("Home")  # 50%: many feasible moves, each with new tables: minutes
+            _wait_idle(first, 60_000)
+            first.get_by_role("button", name="Run budgeted search").click()
+            first.locator('[data-testid="stProgress"]').filter(has_text="Budgeted search").wait_for(timeout=60_000)
+
+            second.get_by_role("button", name="→ exact").click()
+            second.get_by_text(re.compile(r"Waiting for the server: 1st in line; running now: Budgeted search "
+                                          r"\(another tab, \d+ s\)")).wait_for(timeout=60_000)
+
+            first.locator('[data-testid="stButton"] button').filter(has_text="Cancel").click()
+            first.get_by_text(re.compile("Cancelled after \\d+ s: Budgeted search")).wait_for(timeout=120_000)
+            history = second.locator('[data-testid="stExpander"] summary').filter(has_text="Run history")
+            expect(history.first).to_contain_text("(3 configurations)", timeout=120_000)  # baseline, start, its toggle
+            _wait_idle(first, 60_000)
+            _wait_idle(second, 60_000)
+            assert "(2 configurations)" in _history_label(first)  # the baseline and its start: the search was cancelled
+            assert second.get_by_text(re.compile(r"evaluated earlier on this server|Last change: fitted")).count() == 1
+            for page in (first, second):
+                assert page.locator('[data-testid="stException"]').count() == 0
+        finally:
+            browser.close()

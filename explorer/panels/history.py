@@ -1,18 +1,18 @@
-"""Run history: every configuration evaluated in this session; load one, or compare two side by side."""
+"""Run history: the configurations this tab evaluated or loaded (and the baseline); load one, or compare two."""
 
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
 
-from explorer import charts, editing
+from explorer import charts, editing, state
 from explorer.workbench import Workbench
 from tabconv.metrics import Metrics
 from tabconv.stats import range_text
 
 
 def panel(wb: Workbench) -> None:
-    history = list(wb.session.history)
+    history = state.own_history(wb)
     key = f"history-{st.session_state.chart_version}"
     rows = [_row(m, wb.session.baseline) for m in history]
     event = st.dataframe(pd.DataFrame(rows), key=key, hide_index=True, width="stretch",

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from explorer import actions, state
+from explorer import actions, state, turns
 from explorer.panels.chooser import BUILT_IN, Choice, UserChoice
 from explorer.progress import ProgressBar
+from explorer.turns import Cancelled
 from explorer.workbench import Spec, UserSource, Workbench, file_digest, folder_stamp, is_open, open_workbench
 from tabconv import zoo
 from tabconv.config import ConfigError
@@ -94,14 +95,12 @@ def _opening(spec: Spec, user: UserChoice) -> Workbench:
     holder = st.empty()
     with holder.status(f"Opening {user.arch} on the images of {Path(user.images).name}: decoding them and "
                        "evaluating the exact model (once; decoded images are cached)", expanded=True) as status:
-        bar = ProgressBar("Opening")
         try:
-            wb = open_workbench(spec, bar)
+            with ProgressBar("Opening") as bar:
+                wb = open_workbench(spec, bar)
         except BaseException:
             holder.empty()  # the error says why; a failed progress box would only repeat it
             raise
-        finally:
-            bar.close()
         status.update(label=f"Opened {user.arch} on {len(wb.session.eval_set)} evaluation images", state="complete",
                       expanded=False)
     return wb
@@ -187,9 +186,12 @@ def _train(choice: Choice, name: str) -> None:
     epochs = DEFAULT_EPOCHS[choice.dataset]
     with st.status(f"No checkpoint cached for {name}: training one ({epochs} epochs, once)",
                    expanded=True) as status:
-        bar = ProgressBar("Training")
         try:
-            path = zoo.ensure_checkpoint(choice.model, choice.dataset, choice.data_root, progress=bar)
+            with turns.turn(f"Training {name}") as held, ProgressBar("Training", cancellable=held) as bar:
+                path = zoo.ensure_checkpoint(choice.model, choice.dataset, choice.data_root, progress=bar)
+        except Cancelled as exc:
+            status.update(label=f"Training cancelled after {exc.seconds:.0f} s", state="error")
+            raise _Unavailable from exc
         except USER_ERRORS as exc:
             status.update(state="error")
             st.error(f"Training failed: {exc}")

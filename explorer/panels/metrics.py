@@ -166,15 +166,18 @@ def _row(name: str, report: CostReport, current: Metrics) -> dict[str, object]:
 
 
 def last_change() -> None:
-    """What the last evaluation cost: the evidence that only the affected part was recomputed."""
+    """What this tab's last evaluation cost (measured in its turn, so another tab's work never counts): the
+    evidence that only the affected part was recomputed, or that it was evaluated before."""
     info = st.session_state.last_apply
     if not info:
         return
+    waited = f", after {info['waited']:.0f} s waiting for the server" if info["waited"] >= 0.5 else ""
     if info["memoised"]:
-        st.caption(f"Configuration #{info['id']} was evaluated before in this session: shown from memory "
-                   f"({info['seconds']:.2f} s).")
+        where = "earlier on this server" if info["earlier"] == "this server" else "before in this tab"
+        st.caption(f"Configuration #{info['id']} was evaluated {where}: shown from memory "
+                   f"({info['seconds']:.2f} s{waited}).")
         return
     nodes = (f", re-ran {info['recomputed']} of {info['nodes']} graph nodes" if info["nodes"]
              else " (streaming evaluation)")
     st.caption(f"Last change: fitted {info['fitted']} layer table(s) (others from memory or the disk cache)"
-               f"{nodes}, {info['seconds']:.2f} s.")
+               f"{nodes}, {info['seconds']:.2f} s{waited}.")

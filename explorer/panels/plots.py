@@ -7,6 +7,7 @@ from functools import partial
 import streamlit as st
 
 from explorer import charts, editing, state, sweeps
+from explorer.turns import Cancelled
 from explorer.workbench import Workbench
 from tabconv.metrics import Metrics
 from tabconv.settings import LayerSetting
@@ -28,9 +29,10 @@ def _chart(figure: object, name: str) -> None:
 
 
 def tradeoffs(wb: Workbench, current: Metrics) -> None:
-    """Accuracy vs FLOPs and vs storage, with every configuration this session evaluated."""
-    history = list(wb.session.history)
-    links = [(run.parent, run.metrics) for run in wb.tuned.values()]
+    """Accuracy vs FLOPs and vs storage, with every configuration this tab evaluated or loaded."""
+    history = state.own_history(wb)
+    own = {m.id for m in history}
+    links = [(run.parent, run.metrics) for run in wb.tuned.values() if run.metrics.id in own]
     convention = st.segmented_control("FLOP convention", ["paper", "full"], default="paper", key="plot_convention",
                                       help="paper: encoding free (the paper's count); full: encoding counted")
     left, right = st.columns(2)
@@ -40,7 +42,7 @@ def tradeoffs(wb: Workbench, current: Metrics) -> None:
     with right:
         _chart(charts.tradeoff(history, wb.session.baseline, current, "storage_bytes", links), "plot-storage")
     tuned = sum(charts.is_tuned(m) for m in history)
-    st.caption(f"{len(history)} configurations evaluated in this session, each on {current.eval_images} test images; "
+    st.caption(f"{len(history)} configurations in this tab's history, each on {current.eval_images} test images; "
                "vertical bars are 95% intervals (Wilson) of each accuracy. Hover for a summary; click a point to load "
                "it. The red step line is the Pareto front."
                + (f" Diamonds: {tuned} fine-tuned configuration(s), dotted from the one they were tuned from. "
@@ -54,14 +56,22 @@ def propagation(wb: Workbench, current: Metrics) -> None:
     metric = st.segmented_control("Heatmap colour", list(charts.HEAT_NAMES), default="cosine",
                                   format_func=charts.HEAT_NAMES.get, key="heat_metric") or "cosine"
     # The built-in models are small: their heatmap is drawn at once. A user's network can have a hundred layers at
-    # 224x224, so there it waits for a click instead of holding up the rest of the page.
-    matrix = sweeps.propagation(wb, setting, run=wb.spec.user is None)
+    # 224x224, so there it waits for a click instead of holding up the rest of the page (as after a Cancel).
+    automatic = wb.spec.user is None and "heatmap_cancelled" not in st.session_state
+    try:
+        matrix = sweeps.propagation(wb, setting, run=automatic)
+    except Cancelled as exc:
+        st.session_state.heatmap_cancelled = True
+        state.cancelled(exc)
     if matrix is None:
         layers = len(wb.structure.names)
         st.info(f"Error propagation: each of the {layers} layers tabled alone, every layer's output compared with "
                 f"the exact one ({layers} evaluations on {current.eval_images} images; kept on disk afterwards).")
         if st.button("Compute the error-propagation heatmap", key="run_propagation"):
-            sweeps.propagation(wb, setting)
+            try:
+                sweeps.propagation(wb, setting)
+            except Cancelled as exc:
+                state.cancelled(exc)
             state.refresh()
     else:
         current_row = [getattr(current.errors[name], metric) for name in matrix["layers"]]
@@ -80,7 +90,10 @@ def _sensitivity(wb: Workbench, setting: LayerSetting) -> None:
         st.info(f"Sensitivity in both directions: per layer, tabling only it and keeping only it exact "
                 f"({2 * layers} evaluations; the first direction reuses the heatmap's).")
         if st.button("Run the sensitivity sweep", key="run_sensitivity"):
-            sweeps.sensitivity(wb, setting, run=True)
+            try:
+                sweeps.sensitivity(wb, setting, run=True)
+            except Cancelled as exc:
+                state.cancelled(exc)
             state.refresh()
         return
     _chart(charts.sensitivity_bars(result["rows"], result["all_tables_retention"]), "sensitivity")

@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 
-from explorer import charts
+from explorer import charts, turns
 from explorer.workbench import Workbench
 from tabconv.structure import LayerInfo
 from tabconv.teaching import GLOSSARY, column_labels, error_summary, explain, worst_subspace
@@ -41,7 +41,7 @@ def panel(wb: Workbench) -> None:
         st.caption(f"{layer} is exact in configuration #{current.id}: shown as a table layer with the default "
                    f"C={setting.codebooks}, K={setting.centroids}.")
     try:
-        with wb.lock:
+        with turns.turn(f"Explaining one output of {layer}"), wb.lock:
             result = explain(wb.session, layer, int(image), position, {**current.settings, layer: setting},
                              None if channel is None else int(channel))
     except Exception as exc:  # e.g. an encoder that cannot fit this layer: say so, keep the page

@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 import streamlit as st
 
-from explorer import charts, state
+from explorer import charts, state, turns
 from explorer.workbench import Workbench
 from tabconv.config import ConfigError, Configuration, from_json
 from tabconv.export import configuration_zip
@@ -71,7 +71,7 @@ def _model_button(wb: Workbench, current: Metrics, name: str, common: dict) -> N
     """The tabled network as a zip; built when clicked, not on every rerun (the ONNX export takes seconds)."""
 
     def build() -> bytes:
-        with wb.lock:
+        with turns.turn("Exporting a tabled network"), wb.lock:
             return configuration_zip(wb.session, current)
 
     st.download_button("Export model (zip)", build, key="export_model", file_name=f"{name}-model.zip",

@@ -1,0 +1,91 @@
+"""Many tabs on one server, headless: each tab its own history over the one shared Session, and work a tab
+cancels gives the server back and leaves its page as it was.
+
+AppTest runs the page in this process, so every AppTest here shares the cached Session, as browser tabs of one
+server do.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from explorer import turns
+from tabconv import search
+from tests.conftest import APP
+from tests.helpers import no_failure
+
+
+def _history_size(at: AppTest) -> int:
+    label = next(e.label for e in at.expander if e.label.startswith("Run history"))
+    return int(re.search(r"\((\d+) configurations", label).group(1))
+
+
+def _history_ids(at: AppTest) -> list[int]:
+    table = next(d.value for d in at.dataframe if "origin" in d.value.columns)
+    return [int(i) for i in table["id"]]
+
+
+def _make_exact(at: AppTest, layer: str) -> int:
+    at.selectbox(key="group_target").set_value(layer)
+    at.button(key="group_exact").click().run()
+    no_failure(at)
+    return at.session_state["current_id"]
+
+
+def test_two_tabs_have_their_own_histories_over_one_shared_session(app: AppTest) -> None:
+    start = app.session_state["current_id"]
+    first = _make_exact(app, "layer4.1.conv1")
+    second = _make_exact(app, "layer4.0.conv1")
+    assert {first, second} <= set(_history_ids(app))
+
+    other = AppTest.from_file(str(APP), default_timeout=900)  # a second tab on the same server
+    other.run()
+    no_failure(other)
+    assert other.session_state["current_id"] == start  # the starting configuration the first tab evaluated
+    assert other.session_state["last_apply"]["earlier"] == "this server"
+    assert any(c.value.startswith(f"Configuration #{start} was evaluated earlier on this server")
+               for c in other.caption)
+
+    assert _make_exact(other, "layer4.1.conv1") == first  # what the first tab evaluated: not evaluated again
+    done = other.session_state["last_apply"]
+    assert done["memoised"] and done["earlier"] == "this server" and done["fitted"] == 0
+    assert any(c.value.startswith(f"Configuration #{first} was evaluated earlier on this server")
+               for c in other.caption)
+    ids = _history_ids(other)
+    assert first in ids and second not in ids  # the first tab's other configuration is not in this tab's history
+    assert _history_size(other) == 3  # the baseline, the start, the one it asked for
+    assert second in _history_ids(app)  # and the first tab keeps its own
+
+
+def test_a_cancelled_search_gives_the_server_back_and_keeps_the_page(app: AppTest,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search is cancelled as a Cancel click does it: the turn's flag is set while the search runs, and the
+    search stops at its next progress event."""
+    real = search.greedy_search
+
+    def cancelled_midway(session: object, *args: object, progress: turns.Turn, **kwargs: object) -> object:
+        def relay(event: dict) -> None:
+            if event["stage"] == "greedy":  # past the masking sweep it starts from
+                turns.LINE.running().cancel()
+            progress(event)
+
+        return real(session, *args, progress=relay, **kwargs)
+
+    monkeypatch.setattr(search, "greedy_search", cancelled_midway)
+    before, seen = app.session_state["current_id"], list(app.session_state["seen"])
+    app.number_input(key="search_budget").set_value(3)
+    app.slider(key="search_target").set_value(50)
+    app.button(key="run_search").click().run()
+    no_failure(app)
+    assert any(w.value.startswith("Cancelled after") and "Budgeted search" in w.value for w in app.warning)
+    assert app.session_state["current_id"] == before
+    assert app.session_state["seen"] == seen  # nothing of the cancelled search joined this tab's history
+    assert turns.LINE.running() is None  # the server is free again
+
+    monkeypatch.undo()
+    app.button(key="run_search").click().run()  # and the same search runs to its end afterwards
+    no_failure(app)
+    assert any(s.value.startswith("Search evaluated") for s in app.success)

@@ -1,0 +1,142 @@
+"""The server's line of turns (explorer.turns): first come first served, one at a time, places reported, a turn
+cancelled through its progress callback; and the bounded result store."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from pathlib import Path
+
+import pytest
+from streamlit.proto.WidgetStates_pb2 import WidgetStates
+from streamlit.runtime.scriptrunner import RerunData
+from streamlit.runtime.scriptrunner_utils.script_requests import ScriptRequests
+
+from explorer import progress, turns
+from explorer.turns import Cancelled, Line, waiting_text
+from explorer.workbench import MEMORY_RESULTS, ResultStore
+
+WAIT_S = 60  # generous: a bound on a hang, never on speed
+
+
+def test_turns_run_one_at_a_time_in_the_order_they_were_asked_for() -> None:
+    line = Line()
+    first = line.join("tab-0", "first")
+    order: list[str] = []
+    running = []
+    overlap = threading.Lock()
+
+    def work(owner: str) -> None:
+        held = line.join(owner, f"work of {owner}")
+        joined[owner].set()
+        assert line.wait(held, WAIT_S)
+        with overlap:
+            running.append(owner)
+            assert len(running) == 1, running  # nobody else runs meanwhile
+        order.append(owner)
+        with overlap:
+            running.remove(owner)
+        line.leave(held)
+
+    owners = [f"tab-{i}" for i in range(1, 5)]
+    joined = {owner: threading.Event() for owner in owners}
+    threads = []
+    for owner in owners:  # each joins before the next starts: the order they asked in is known
+        threads.append(threading.Thread(target=work, args=(owner,)))
+        threads[-1].start()
+        assert joined[owner].wait(WAIT_S)
+    assert order == []  # all wait behind the first
+    line.leave(first)
+    for thread in threads:
+        thread.join(WAIT_S)
+    assert order == owners
+    assert line.running() is None
+
+
+def test_a_waiting_tab_knows_its_place_and_what_runs_ahead() -> None:
+    line = Line()
+    search = line.join("a", "Budgeted search")
+    toggle = line.join("b", "Evaluating")
+    other = line.join("c", "Evaluating")
+    assert [line.position(t) for t in (search, toggle, other)] == [0, 1, 2]
+    assert waiting_text(line, other).startswith("Waiting for the server: 2nd in line; running now: Budgeted search "
+                                                "(another tab, ")
+    line.leave(search)
+    assert line.running() is toggle and line.position(other) == 1
+    assert waiting_text(line, other).startswith("Waiting for the server: 1st in line; running now: Evaluating")
+    assert [turns.ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22)] == \
+        ["1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd"]
+
+
+def test_a_tab_holds_one_turn_and_nested_work_runs_inside_it() -> None:
+    line = Line()
+    outer = line.join("a", "Sensitivity")
+    other = line.join("b", "Evaluating")
+    assert line.join("a", "Evaluating inside it") is outer  # not a second place in line
+    assert line.join_if_free("b", "Preparing the next edit") is None  # "a" runs: no idle-time work for "b"
+    line.leave(outer)
+    assert line.running() is outer  # still inside the outer block
+    line.leave(outer)
+    assert line.running() is other
+
+
+def test_a_cancelled_turn_stops_its_work_at_the_next_progress_event() -> None:
+    line = Line()
+    held = line.join("a", "Budgeted search")
+    bar = progress.ProgressBar("Budgeted search", cancellable=held)
+    try:
+        bar({"stage": "greedy", "index": 0, "total": 10})  # runs on
+        held.cancel()
+        with pytest.raises(Cancelled) as raised:
+            bar({"stage": "greedy", "index": 1, "total": 10})
+    finally:
+        bar.close()
+        line.leave(held)
+    assert raised.value.title == "Budgeted search"
+    assert line.running() is None
+
+
+def _pending_click(widget_id: str) -> object:
+    """A script context whose browser asked for a rerun with the button `widget_id` clicked (as Streamlit keeps it
+    while the script runs)."""
+    states = WidgetStates()
+    state = states.widgets.add()
+    state.id, state.trigger_value = widget_id, True
+    requests = ScriptRequests()
+    requests.request_rerun(RerunData(widget_states=states, fragment_id="workbench-fragment"))
+    return type("Context", (), {"script_requests": requests})()
+
+
+def test_a_cancel_click_queued_behind_the_running_script_reaches_the_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A click inside a fragment does not interrupt the running script; the progress bar's ticker reads it from
+    the queued request and cancels the turn, so the next progress event stops the work."""
+    line = Line()
+    held = line.join("a", "Fine-tuning")
+    monkeypatch.setattr(progress, "_BARS", itertools.count(7))
+    monkeypatch.setattr(progress, "get_script_run_ctx", lambda **_: _pending_click("$$ID-0123abcd-turn_cancel_7"))
+    bar = progress.ProgressBar("Fine-tuning", cancellable=held)
+    try:
+        assert bar.key == "turn_cancel_7"
+        assert held.cancel_requested.wait(WAIT_S)  # the ticker saw the click
+        with pytest.raises(Cancelled):
+            bar({"stage": "finetune", "index": 3, "total": 300, "layer": "loss 0.1"})
+    finally:
+        bar.close()
+        line.leave(held)
+    assert not bar._ticker.is_alive()
+
+
+def test_only_this_buttons_click_cancels() -> None:
+    assert turns.cancel_clicked("turn_cancel_7", _pending_click("$$ID-0123abcd-turn_cancel_7"))
+    assert not turns.cancel_clicked("turn_cancel_7", _pending_click("$$ID-0123abcd-turn_cancel_17"))
+    assert not turns.cancel_clicked("turn_cancel_7", _pending_click("$$ID-0123abcd-run_search"))
+    assert not turns.cancel_clicked("turn_cancel_7", None)  # outside a script run
+
+
+def test_the_result_store_keeps_a_bounded_number_in_memory(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    for i in range(MEMORY_RESULTS + 5):
+        store.put({"kind": "test", "i": i}, [i])
+    assert len(store._memory) == MEMORY_RESULTS
+    assert store.get({"kind": "test", "i": 0}) == [0]  # dropped from memory, read back from the disk
+    assert len(store._memory) == MEMORY_RESULTS
