@@ -237,7 +237,11 @@ def write_markdown(rows: list[dict[str, Any]], offline_missing: list[dict[str, A
               f"{len(verified)} of {len(rows)} reproduce the accuracy in the table exactly"
               + ("." if len(verified) == len(rows) else
                  f" (mismatches: {', '.join(r['config'] for r in rows if not r.get('verified'))})."),
-              "", "## Baselines", ""]
+              ""]
+    summary = ROOT / "docs/results-learned-summary.md"  # the learned-tables rows (bench/learned.py), kept by hand
+    if summary.exists():
+        lines += [summary.read_text().rstrip(), ""]
+    lines += ["## Baselines", ""]
     seen = set()
     for r in rows:
         if (r["model"], r["dataset"]) not in seen:
