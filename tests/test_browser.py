@@ -8,48 +8,22 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.browser_helpers import CHROMIUM, CHROMIUM_ARGS, ROOT, start_server, stop_server
+
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
 pytestmark = pytest.mark.browser
 
-ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = ROOT / "docs" / "screenshot.png"
 FIRST_LAUNCH_S = 600  # the page's first run may train nothing here, but builds every table and the heatmap
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"streamlit exited with status {server.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"streamlit did not answer at {url} within {timeout} s")
 
 
 @pytest.fixture
@@ -58,25 +32,15 @@ def server(explorer_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
     if not CHROMIUM.is_file():
         pytest.skip(f"{CHROMIUM} is absent (Debian's chromium drives the real-browser test)")
     pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
-    port = _free_port()
     # the screenshot shows the user's data root, not the tests' empty one
     env = {**os.environ, **{k: v for k, v in explorer_env.items() if k != "TABCONV_DATA"},
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    log = (tmp_path / "streamlit.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "explorer" / "app.py"), "--server.port", str(port),
-         "--server.headless", "true"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, process)
-        yield url
-    finally:
-        process.terminate()
+    with (tmp_path / "streamlit.log").open("w") as log:
+        process, url = start_server(env, log)
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+            yield url
+        finally:
+            stop_server(process)
 
 
 def _metric(page: Page, prefix: str) -> str:
