@@ -49,7 +49,6 @@ from streamlit.proto.ForwardMsg_pb2 import ForwardMsg  # noqa: E402
 from tabconv import zoo  # noqa: E402
 from tabconv.cache import TableCache  # noqa: E402
 from tabconv.config import from_dict  # noqa: E402
-from tabconv.data import load_dataset  # noqa: E402
 from tabconv.session import Session  # noqa: E402
 from tabconv.structure import ModelStructure  # noqa: E402
 from tabconv.train import load_checkpoint  # noqa: E402
@@ -445,7 +444,6 @@ async def student(browser: Browser, index: int, url: str, structure: ModelStruct
 # -- the fresh evaluation ------------------------------------------------------------------------------------
 def verify(finals: list[Final], checkpoint: Path, data_root: Path, cache_root: Path) -> None:
     """Evaluate every exported configuration in a new Session with a new table cache; note what differs."""
-    model, meta = load_checkpoint(str(checkpoint))
     cache = TableCache(cache_root)
     for final in finals:
         if final.exported is None:
@@ -453,9 +451,9 @@ def verify(finals: list[Final], checkpoint: Path, data_root: Path, cache_root: P
             continue
         config = from_dict(final.exported)
         recorded = final.exported["metrics"]
-        calibration_set = load_dataset(meta["dataset"], config.calibration.split, data_root, download=False)
-        eval_set = load_dataset(meta["dataset"], "test", data_root, download=False).head(recorded["eval_images"])
-        fresh = Session(model, meta, calibration_set, eval_set, config.calibration, cache).apply(config.layers)
+        fresh = Session.from_checkpoint(str(checkpoint), calibration=config.calibration,
+                                        eval_images=recorded["eval_images"], data_root=str(data_root),
+                                        cache=cache).apply(config.layers)
         final.fresh_accuracy = fresh.accuracy
         differences = [f"{what} {shown} vs fresh {value}" for what, shown, value in (
             ("exported correct", recorded["correct"], fresh.correct),

@@ -108,11 +108,6 @@ class Line:
         with self._changed:
             return self._turns[0] if self._turns else None
 
-    def of(self, owner: str) -> Turn | None:
-        """The owner's turn, running or waiting."""
-        with self._changed:
-            return self._of(owner)
-
     def _of(self, owner: str) -> Turn | None:
         return next((turn for turn in self._turns if turn.owner == owner), None)
 

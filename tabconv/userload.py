@@ -147,9 +147,8 @@ def _preprocessing(enum: WeightEnum | None, image_size: int | None, mean: Sequen
     if trained is not None:
         return Preprocessing(image_size or trained.height, None, "bilinear", tuple(mean or trained.mean),
                              tuple(std or trained.std), channels)
-    if channels == 1 and (mean is None or std is None):
-        where = file.path if file is not None else "the weights"
-        raise UserModelError(f"{where}: the first layer takes 1 channel, so the images are read as greyscale; "
+    if channels == 1 and file is not None and (mean is None or std is None):
+        raise UserModelError(f"{file.path}: the first layer takes 1 channel, so the images are read as greyscale; "
                              f"give the mean and std used in training, one number each (e.g. MNIST's 0.1307 and "
                              f"0.3081): --mean M --std S, or the explorer's Mean and Std fields")
     return Preprocessing(image_size or DEFAULT_IMAGE_SIZE, None, "bilinear", tuple(mean or IMAGENET_MEAN),
