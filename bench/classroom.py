@@ -453,7 +453,7 @@ def verify(finals: list[Final], checkpoint: Path, data_root: Path, cache_root: P
         recorded = final.exported["metrics"]
         fresh = Session.from_checkpoint(str(checkpoint), calibration=config.calibration,
                                         eval_images=recorded["eval_images"], data_root=str(data_root),
-                                        cache=cache).apply(config.layers)
+                                        cache=cache).apply(config.layers).metrics
         final.fresh_accuracy = fresh.accuracy
         differences = [f"{what} {shown} vs fresh {value}" for what, shown, value in (
             ("exported correct", recorded["correct"], fresh.correct),

@@ -51,13 +51,13 @@ def toggles(session: Session, table: LayerSetting) -> dict[str, float]:
     Before each timed switch the session is put back (untimed) in the starting configuration, so every
     switch is exactly one layer's change from the state the runner holds.
     """
-    start = {"to_exact": session.apply(session.uniform(table)), "to_table": session.baseline}
+    start = {"to_exact": session.apply(session.uniform(table)).metrics, "to_table": session.baseline}
     times: dict[str, list[float]] = {"to_exact": [], "to_table": []}
     for direction, metrics in start.items():
         for name in session.structure.names:
             session.activate(metrics)
             changed = {**metrics.settings, name: EXACT if direction == "to_exact" else table}
-            times[direction].append(timed(lambda c=changed: session.apply(c)))
+            times[direction].append(timed(lambda c=changed: session.apply(c).metrics))
     both = times["to_exact"] + times["to_table"]
     return {"toggle_s": statistics.median(both), "toggle_to_exact_s": statistics.median(times["to_exact"]),
             "toggle_to_table_s": statistics.median(times["to_table"]), "toggle_max_s": max(both)}
@@ -70,7 +70,7 @@ def rebuilds(session: Session, table: LayerSetting, layers: int) -> float:
     all_table = session.uniform(table)
     session.apply(all_table)
     changed = table.with_(centroids=max(2, table.centroids // 2))
-    return statistics.median(timed(lambda n=n: session.apply({**all_table, n: changed})) for n in picks)
+    return statistics.median(timed(lambda n=n: session.apply({**all_table, n: changed}).metrics) for n in picks)
 
 
 def warm_start(args: argparse.Namespace, cache_dir: str, table: LayerSetting) -> float:
@@ -81,7 +81,7 @@ def warm_start(args: argparse.Namespace, cache_dir: str, table: LayerSetting) ->
             f"s = Session.from_checkpoint({args.checkpoint!r},"
             f" calibration=Calibration(images={args.calibration_images}), eval_images={args.eval_images},"
             f" data_root={args.data_root!r}, cache=TableCache({cache_dir!r}))\n"
-            f"m = s.apply(s.uniform(LayerSetting('table', {table.codebooks}, {table.centroids})))\n"
+            f"m = s.apply(s.uniform(LayerSetting('table', {table.codebooks}, {table.centroids}))).metrics\n"
             "assert s.builder.fits == 0, 'tables were rebuilt'\n")
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -107,7 +107,7 @@ def main() -> None:
         for repeat in range(args.repeats if args.repeats < 2 else 2):
             session = Session.from_checkpoint(args.checkpoint, calibration=calibration, eval_images=args.eval_images,
                                               data_root=args.data_root, cache=TableCache(f"{tmp}/cold{repeat}"))
-            cold.append(timed(lambda s=session: s.apply(s.uniform(table))))
+            cold.append(timed(lambda s=session: s.apply(s.uniform(table)).metrics))
         result = {"checkpoint": args.checkpoint, "model": session.meta["model"], "dataset": session.meta["dataset"],
                   "eval_images": args.eval_images, "calibration_images": args.calibration_images,
                   "codebooks": args.codebooks, "centroids": args.centroids, "threads": torch.get_num_threads(),

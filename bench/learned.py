@@ -60,7 +60,7 @@ def measure(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     quantizers = session.tables(session.uniform(row.setting))
     build_s = time.perf_counter() - start
-    metrics = session.apply(session.uniform(row.setting), label=row.name)
+    metrics = session.apply(session.uniform(row.setting), label=row.name).metrics
     result = {"row": row.name, "fit": row.fit, "calibration": row.mode, "setting": row.setting.to_dict(),
               "layers_tabled": len(quantizers), "build_s": round(build_s, 1), **_numbers(metrics)}
     if row.steps:

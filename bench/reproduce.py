@@ -87,7 +87,7 @@ def searches(session: Session, setting: LayerSetting, args: argparse.Namespace) 
 def final_row(row: Row, method: str, chosen: Metrics, full: Session, search: Session, setting: LayerSetting,
               args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate the searched configuration on the full test split and write its configuration file."""
-    final = full.apply(chosen.settings, label=method)
+    final = full.apply(chosen.settings, label=method).metrics
     config_path = Path("docs/configs") / f"{row.model}-{row.dataset}-{method}.json"
     full.configuration(final).save(ROOT / config_path)
     table = [s for s in final.settings.values() if s.is_table]

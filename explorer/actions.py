@@ -17,42 +17,44 @@ from explorer import state, turns
 from explorer.progress import ProgressBar
 from explorer.workbench import ImportedTables, Workbench
 from tabconv.config import ConfigError, from_json
-from tabconv.metrics import Metrics
+from tabconv.metrics import Metrics, Origin
 from tabconv.quantizer import ProductQuantizer
+from tabconv.session import Applied
 from tabconv.settings import LayerSetting
 from tabconv.tablesfile import TablesFileError, read_tables
 
 
-def evaluate(wb: Workbench, settings: Mapping[str, LayerSetting], label: str, title: str = "Evaluating",
-             tables: Mapping[str, ProductQuantizer] | None = None, tables_id: str | None = None) -> Metrics | None:
+def evaluate(wb: Workbench, settings: Mapping[str, LayerSetting], label: str, origin: Origin = Origin.EDIT,
+             title: str = "Evaluating", tables: Mapping[str, ProductQuantizer] | None = None,
+             tables_id: str | None = None) -> Metrics | None:
     """Evaluate (or recall) a configuration and show it; failures become a notice, not a traceback.
 
-    What it rebuilt and re-ran is measured inside this tab's turn, when no other tab computes, so it is this
-    request's own work. `tables` (fine-tuned ones, `tables_id` their file's sha256) replace the built tables of its
-    table layers."""
-    session, asked = wb.session, time.monotonic()
+    What it rebuilt and re-ran is the session's record of this request, made inside this tab's turn. `tables`
+    (fine-tuned ones, `tables_id` their file's sha256) replace the built tables of its table layers."""
+    asked = time.monotonic()
     try:
-        with turns.turn(title) as held, ProgressBar(title) as bar, wb.lock:
-            fits, known, started = session.builder.fits, len(session.history), time.perf_counter()
-            metrics = session.apply(dict(settings), progress=bar, label=label, tables=tables, tables_id=tables_id)
-            fresh = metrics.id >= known
-            recomputed = session.runner.recomputed if session.runner and fresh else 0
-            fitted, seconds = session.builder.fits - fits, time.perf_counter() - started
-            if fresh:
-                wb.runner_at = metrics.id
+        known = wb.session.recall(dict(settings), tables_id)  # evaluated before: shown without waiting in line
+        if known is not None:
+            done = Applied(known, label, origin, True, {}, 0, None, time.monotonic() - asked)
+            waited = 0.0
+        else:
+            with turns.turn(title, short=True) as held, ProgressBar(title) as bar, wb.lock:
+                done = wb.session.apply(dict(settings), progress=bar, label=label, origin=origin, tables=tables,
+                                        tables_id=tables_id)
+            waited = max(0.0, (held.started or asked) - asked)  # behind other tabs' work
     except turns.Cancelled as exc:  # left the line while waiting
         state.note_cancelled(exc)
         return None
     except Exception as exc:  # a page must survive any failure of the library (e.g. a broken encoder)
         state.notify("error", f"Could not evaluate this configuration: {exc}")
         return None
+    metrics = done.metrics
     st.session_state.last_apply = {
-        "id": metrics.id, "memoised": not fresh, "fitted": fitted, "recomputed": recomputed,
-        "earlier": None if fresh else ("this tab" if metrics.id in st.session_state.seen else "this server"),
-        "nodes": len(session.runner.nodes) if session.runner else None, "seconds": seconds,
-        "waited": max(0.0, (held.started or asked) - asked),  # behind other tabs' work
+        "id": metrics.id, "memoised": done.recalled, "fitted": len(done.fitted), "recomputed": done.recomputed,
+        "earlier": ("this tab" if metrics.id in st.session_state.seen else "this server") if done.recalled else None,
+        "nodes": done.nodes, "seconds": done.seconds, "waited": waited,
     }
-    state.show_to(metrics.id)
+    state.show_to(metrics.id, (done.label, done.origin))
     return metrics
 
 
@@ -70,8 +72,8 @@ def import_tuned(wb: Workbench, config_text: str, name: str, tables: bytes, tabl
     except (ConfigError, TablesFileError) as exc:
         state.notify("error", f"Could not use **{name}** with **{tables_name}**: {exc}")
         return None
-    metrics = evaluate(wb, config.layers, "imported (fine-tuned)", "Evaluating the imported fine-tuned tables",
-                       tables=loaded, tables_id=config.tables_sha256)
+    metrics = evaluate(wb, config.layers, f"imported: {name} (fine-tuned)", Origin.IMPORTED,
+                       "Evaluating the imported fine-tuned tables", tables=loaded, tables_id=config.tables_sha256)
     if metrics is not None:
         wb.imported.setdefault(config.tables_sha256, ImportedTables(tables, dict(config.finetune)))
     return metrics
@@ -82,7 +84,7 @@ def load(wb: Workbench, config_id: int) -> None:
     if not 0 <= config_id < len(wb.session.history):
         state.notify("error", f"There is no configuration #{config_id} in this session.")
         return
-    metrics = wb.metrics(config_id)
+    metrics = state.view(wb, config_id)
     released = sorted(st.session_state.locks & set(metrics.table_layers))
     if released:
         st.session_state.locks = st.session_state.locks - set(released)

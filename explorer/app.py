@@ -35,8 +35,8 @@ def workbench(wb: Workbench) -> None:
     tour.apply(wb)
     actions.handle_requests(wb)
     state.show_notice()
-    current = wb.metrics(st.session_state.current_id)
-    previous = None if st.session_state.previous_id is None else wb.metrics(st.session_state.previous_id)
+    current = state.view(wb, st.session_state.current_id)
+    previous = None if st.session_state.previous_id is None else state.view(wb, st.session_state.previous_id)
     with st.container(border=True):
         title, export = st.columns([4, 1], vertical_alignment="center")
         with export:

@@ -11,11 +11,11 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from tabconv.metrics import Metrics
+from tabconv.metrics import Metrics, Origin
 from tabconv.search import pareto_front
 from tabconv.stats import accuracy_text, interval_text, verdict
 
-FINE_TUNED = "fine-tuned"
+FINE_TUNED = Origin.FINE_TUNED.value
 COSTS: dict[str, tuple[str, Callable[[Metrics], float]]] = {
     "flops_paper": ("FLOPs per image — paper convention (encoding free)", lambda m: m.flops_paper),
     "flops_full": ("FLOPs per image — full convention (encoding counted)", lambda m: m.flops_full),
@@ -23,25 +23,14 @@ COSTS: dict[str, tuple[str, Callable[[Metrics], float]]] = {
 }
 # FLOPs in SI units (M); storage in MiB like the cards, as plain short numbers
 TICK_FORMATS = {"flops_paper": "~s", "flops_full": "~s", "storage_bytes": "~g"}
-ORIGINS = {  # label prefix -> legend group (labels are set by the library's searches and by the page)
-    "priority": "priority masking", "all tables": "priority masking", "greedy": "budgeted search",
-    "only ": "sweeps", "all but ": "sweeps", "baseline": "baseline", "fine-tuned": FINE_TUNED,
-}
-ORIGIN_COLOURS = {"edits": "#4C78A8", "priority masking": "#F58518", "budgeted search": "#54A24B",
-                  "sweeps": "#B7B7B7", "baseline": "#222222", FINE_TUNED: "#B279A2"}
+ORIGIN_COLOURS = {Origin.EDIT: "#4C78A8", Origin.PRIORITY: "#F58518", Origin.GREEDY: "#54A24B",
+                  Origin.SWEEP: "#B7B7B7", Origin.BASELINE: "#222222", Origin.IMPORTED: "#72B7B2",
+                  FINE_TUNED: "#B279A2"}
 ORIGIN_SYMBOLS = {FINE_TUNED: "diamond"}
 TUNED_NOTE = ("fine-tuned tables belong to this exact configuration:<br>a toggle from it evaluates an ordinary "
               "(untuned) one")
 HEAT_LIMITS = {"cosine": (0.5, 1.0, "RdYlGn"), "relative_error": (0.0, 1.0, "RdYlGn_r")}
 HEAT_NAMES = {"cosine": "cosine similarity", "relative_error": "relative error"}
-
-
-def origin(label: str) -> str:
-    """Which kind of action produced a configuration, from its label."""
-    for prefix, group in ORIGINS.items():
-        if label.startswith(prefix):
-            return group
-    return "edits"
 
 
 def is_tuned(m: Metrics) -> bool:
@@ -51,8 +40,8 @@ def is_tuned(m: Metrics) -> bool:
 
 def kind(m: Metrics) -> str:
     """The legend group of a configuration: 'fine-tuned' for fine-tuned tables (run here or imported), else
-    the kind of action that produced it."""
-    return FINE_TUNED if is_tuned(m) else origin(m.label)
+    the kind of request that produced it."""
+    return FINE_TUNED if is_tuned(m) else m.origin.value
 
 
 def change(reduction: float) -> str:

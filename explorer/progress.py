@@ -10,7 +10,7 @@ from typing import Any
 import streamlit as st
 from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
-from explorer.turns import POLL_S, Turn, cancel_clicked
+from explorer.turns import POLL_S, Turn, cancel_clicked, give_way
 
 STAGES = {
     "tables": "Building tables",
@@ -25,6 +25,7 @@ STAGES = {
     "decode calibration images": "Decoding the calibration images",
     "decode evaluation images": "Decoding the evaluation images",
 }
+BETWEEN_STEPS = {"priority", "greedy", "sensitivity", "propagation", "finetune", "latency"}  # stages of long work
 
 
 def describe(event: dict[str, Any]) -> tuple[float | None, str]:
@@ -49,15 +50,18 @@ class ProgressBar:
 
     Its timer counts every second even through long steps that send no event (a thread with the script's context
     redraws the text). Given the turn its work runs in, it has a Cancel button: a click sets the turn's flag, and
-    the next progress event raises turns.Cancelled out of the library. Use it as a context manager (or close it).
+    the next progress event raises turns.Cancelled out of the library. Given the workbench lock the work holds
+    (`gives_way`), the work gives way to other tabs' short requests between two of its steps (turns.give_way).
+    Use it as a context manager (or close it).
     """
 
-    def __init__(self, title: str, cancellable: Turn | None = None) -> None:
+    def __init__(self, title: str, cancellable: Turn | None = None, gives_way: threading.RLock | None = None) -> None:
         self.title = title
         self.started = time.perf_counter()
         self.done = 0.0
         self.text = ""
         self.turn = cancellable
+        self.lock = gives_way
         self.key = f"turn_cancel_{next(_BARS)}"
         self.holder = st.empty()
         with self.holder.container():
@@ -74,6 +78,8 @@ class ProgressBar:
     def __call__(self, event: dict[str, Any]) -> None:
         if self.turn is not None:
             self.turn.check()
+            if self.lock is not None and event.get("stage") in BETWEEN_STEPS:
+                give_way(self.turn, self.lock)
         fraction, self.text = describe(event)
         if fraction is not None:
             self.done = fraction

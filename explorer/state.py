@@ -9,26 +9,29 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
+from tabconv.metrics import Metrics, Origin
 from tabconv.settings import LayerSetting
 
 if TYPE_CHECKING:
     from explorer.turns import Cancelled
     from explorer.workbench import Workbench
-    from tabconv.metrics import Metrics
 
 DEFAULTS: dict[str, Any] = {
     "spec": None,  # the Spec of the Session this tab shows
     "defaults": LayerSetting("table"),  # the default table setting (C, K, encoder, LUT dtype)
-    "seen": [],  # ids (Session history indices) of the configurations this tab evaluated or loaded, in order
+    # ids (Session history indices) of the configurations this tab evaluated or loaded, in order, each with the
+    # (label, origin) this tab asked for it under (None: a search's or sweep's point, shown as first evaluated)
+    "seen": {},
     "current_id": None,  # id (history index) of the configuration shown
     "previous_id": None,  # the one shown before it, for deltas
     "locks": frozenset(),  # layers locked exact
-    "pending": None,  # (settings, label): a configuration a widget asked to evaluate
+    "pending": None,  # (settings, label, origin): a configuration a widget asked to evaluate
     "tables_request": None,  # (configuration JSON, its name, tables bytes, their name): a fine-tuned import
     "load_request": None,  # a history id a widget (chart click, history, test) asked to show
     "notice": None,  # (level, text) shown once at the top of the workbench
@@ -82,10 +85,12 @@ def show_notice() -> None:
         st.session_state.notice = None
 
 
-def show_to(config_id: int) -> None:
-    """Make a configuration the current one (and part of this tab's history), remembering the previous one for
-    deltas."""
+def show_to(config_id: int, asked: tuple[str, Origin] | None = None) -> None:
+    """Make a configuration the current one (and part of this tab's history, under the label and origin this tab
+    `asked` for it, when it did), remembering the previous one for deltas."""
     remember([config_id])
+    if asked is not None and st.session_state.seen[config_id] is None:
+        st.session_state.seen = {**st.session_state.seen, config_id: asked}
     if config_id != st.session_state.current_id:
         st.session_state.previous_id = st.session_state.current_id
         st.session_state.current_id = config_id
@@ -94,18 +99,28 @@ def show_to(config_id: int) -> None:
 def remember(ids: Iterable[int]) -> None:
     """Add configurations to this tab's history (once each, in the order they came)."""
     seen = st.session_state.seen
-    st.session_state.seen = seen + [i for i in dict.fromkeys(ids) if i not in seen]
+    st.session_state.seen = {**seen, **{i: None for i in ids if i not in seen}}
+
+
+def view(wb: Workbench, config_id: int) -> Metrics:
+    """A configuration as this tab sees it: under the label and origin it asked for it (another tab may have
+    evaluated it first, under its own)."""
+    metrics = wb.metrics(config_id)
+    asked = st.session_state.seen.get(config_id)
+    if asked is None or asked == (metrics.label, metrics.origin):
+        return metrics
+    return replace(metrics, label=asked[0], origin=asked[1])
 
 
 def own_history(wb: Workbench) -> list[Metrics]:
     """The exact baseline, then the configurations this tab evaluated or loaded."""
     base = wb.session.baseline
-    return [base] + [wb.metrics(i) for i in st.session_state.seen if i != base.id]
+    return [base] + [view(wb, i) for i in st.session_state.seen if i != base.id]
 
 
-def request(settings: dict[str, LayerSetting], label: str) -> None:
+def request(settings: dict[str, LayerSetting], label: str, origin: Origin = Origin.EDIT) -> None:
     """Ask the workbench to evaluate and show a configuration on its next run."""
-    st.session_state.pending = (settings, label)
+    st.session_state.pending = (settings, label, origin)
 
 
 def refresh() -> NoReturn:

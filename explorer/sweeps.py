@@ -17,16 +17,14 @@ from explorer.workbench import Workbench
 from tabconv import search
 from tabconv.finetune import Tuned, finetune_session
 from tabconv.latency import Latency, measure_configuration
-from tabconv.metrics import Metrics
+from tabconv.metrics import Metrics, Origin
 from tabconv.settings import LayerSetting
 
 
-def _run(wb: Workbench, title: str, work: Any, *args: Any, moves_runner: bool = True, **kwargs: Any) -> Any:
-    """`work(session, *args, progress=bar, **kwargs)` in this tab's turn, under the lock; `moves_runner`: it
-    evaluates configurations, so the runner no longer holds the one on screen."""
-    with turns.turn(title) as held, ProgressBar(title, cancellable=held) as bar, wb.lock:
-        if moves_runner:
-            wb.runner_at = None  # the sweep leaves the runner on its last configuration
+def _run(wb: Workbench, title: str, work: Any, *args: Any, **kwargs: Any) -> Any:
+    """`work(session, *args, progress=bar, **kwargs)` in this tab's turn, under the lock, giving way to other tabs'
+    short requests between its steps."""
+    with turns.turn(title) as held, ProgressBar(title, cancellable=held, gives_way=wb.lock) as bar, wb.lock:
         return work(wb.session, *args, progress=bar, **kwargs)
 
 
@@ -57,7 +55,7 @@ def sensitivity(wb: Workbench, setting: LayerSetting, run: bool = False) -> dict
 
     def both(session: Any, progress: Any) -> tuple[list[dict[str, Any]], Any]:
         rows = search.sensitivity(session, setting, progress=progress)
-        return rows, session.apply(session.uniform(setting), label="all tables")
+        return rows, session.apply(session.uniform(setting), label="all tables", origin=Origin.SWEEP).metrics
 
     rows, every = _run(wb, f"Sensitivity: {layers} layers × 2 directions", both)
     state.remember([row[side]["config_id"] for row in rows for side in ("only_table", "only_exact")] + [every.id])
@@ -103,4 +101,4 @@ def speed(wb: Workbench, current: Metrics, batch: int, repeats: int) -> Latency:
     """Time a configuration's tabled network against the exact one on this machine's CPU (PyTorch eager, CPU
     copies: the session's runner and models are left as they are)."""
     return _run(wb, f"Measuring the speed of #{current.id} (batch {batch}, {repeats} runs each)",
-                measure_configuration, current, batch, repeats, moves_runner=False)
+                measure_configuration, current, batch, repeats)

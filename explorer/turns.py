@@ -1,11 +1,16 @@
 """Fair sharing of the server's CPU among browser tabs: one line of turns per server process.
 
 Every computation a tab starts (opening a model, an evaluation, a search, a sweep, fine-tuning, a timing) takes a
-turn: turns run one at a time, first come first served, and a tab holds at most one (a nested computation runs
-inside the turn its tab already holds). While a tab waits, it shows its place in line and what runs ahead of it.
-A turn can be cancelled by its tab: the flag is checked in the work's progress callback, which raises Cancelled.
+turn: turns run one at a time, and a tab holds at most one (a nested computation runs inside the turn its tab
+already holds). Short requests (an evaluation: a toggle, an edit, a load) go ahead of waiting long work (searches,
+sweeps, fine-tuning, timing), first come first served among themselves; long work gives way between two of its
+steps to short requests that wait (`give_way`), after at least MIN_SLICE_S of its own, so that a class's toggles
+are not stuck behind one student's search, and the search still advances. While a tab waits, it shows its place in
+line and what runs ahead of it. A turn can be cancelled by its tab: the flag is checked in the work's progress
+callback, which raises Cancelled.
 
-Order of locks, everywhere: first the turn, then a workbench's lock; never a turn while holding a workbench's lock.
+Order of locks, everywhere: first the turn, then a workbench's lock; never a turn while holding a workbench's lock
+(work that gives way releases its workbench's lock until its turn comes back).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 from streamlit.runtime.scriptrunner_utils.script_requests import ScriptRequestType
 
 POLL_S = 1.0  # how often a waiting tab updates its place in line, and a progress bar its timer
+MIN_SLICE_S = 2.0  # long work runs at least this long before it gives way to short requests again
+RESUME_POLL_S = 0.05  # how often work that gave way looks whether its turn has come back
 
 
 class Cancelled(Exception):
@@ -38,6 +45,7 @@ class Turn:
 
     owner: str
     title: str
+    short: bool = False  # a short request (goes ahead of waiting long work); long work gives way to them
     joined: float = field(default_factory=time.monotonic)
     started: float | None = None  # time.monotonic() when it began to run
     depth: int = 1  # nested computations of the same tab inside this turn
@@ -66,17 +74,37 @@ class Line:
         self._changed = threading.Condition()
         self._turns: list[Turn] = []
 
-    def join(self, owner: str, title: str) -> Turn:
-        """The owner's place in line: a new turn at the end, or the turn it already holds (entered once more)."""
+    def join(self, owner: str, title: str, short: bool = False) -> Turn:
+        """The owner's place in line, or the turn it already holds (entered once more). A new long turn goes to the
+        end; a short one ahead of every waiting long turn, behind the short ones already waiting."""
         with self._changed:
             held = self._of(owner)
             if held is not None:
                 held.depth += 1
                 return held
-            turn = Turn(owner, title)
-            self._turns.append(turn)
+            turn = Turn(owner, title, short)
+            if short:
+                self._turns.insert(self._after_short(), turn)
+            else:
+                self._turns.append(turn)
             self._start_first()
             return turn
+
+    def give_way(self, turn: Turn) -> bool:
+        """Called by running long work between two of its steps: when short turns wait and it has run at least
+        MIN_SLICE_S, it steps back behind them (ahead of other long work) and the first of them starts. Returns
+        whether it did (it must then wait until it runs again)."""
+        with self._changed:
+            if turn.short or not self._turns or self._turns[0] is not turn or turn.running_for() < MIN_SLICE_S:
+                return False
+            if not any(other.short for other in self._turns[1:]):
+                return False
+            self._turns.remove(turn)
+            self._turns.insert(self._after_short(), turn)
+            turn.started = None
+            self._start_first()
+            self._changed.notify_all()
+            return True
 
     def join_if_free(self, owner: str, title: str) -> Turn | None:
         """A turn only if it runs at once (nobody else in line), else None: for work worth doing only when idle."""
@@ -107,6 +135,13 @@ class Line:
     def running(self) -> Turn | None:
         with self._changed:
             return self._turns[0] if self._turns else None
+
+    def _after_short(self) -> int:
+        """The index behind the running turn and the short turns waiting after it."""
+        index = 1
+        while index < len(self._turns) and self._turns[index].short:
+            index += 1
+        return min(index, len(self._turns))
 
     def _of(self, owner: str) -> Turn | None:
         return next((turn for turn in self._turns if turn.owner == owner), None)
@@ -141,10 +176,11 @@ def owner() -> str:
 
 
 @contextmanager
-def turn(title: str, line: Line = LINE) -> Iterator[Turn]:
+def turn(title: str, line: Line = LINE, short: bool = False) -> Iterator[Turn]:
     """Hold this tab's turn for the block, first waiting for it with the place in line on the page (updated every
-    second). Leaving the block in any way, a rerun of the page included, gives the turn back."""
-    held = line.join(owner(), title)
+    second). Leaving the block in any way, a rerun of the page included, gives the turn back. `short`: a request
+    that goes ahead of waiting long work (see the module's docstring)."""
+    held = line.join(owner(), title, short)
     try:
         if not line.wait(held, 0):
             _wait(line, held)
@@ -162,6 +198,20 @@ def turn_if_free(title: str, line: Line = LINE) -> Iterator[bool]:
     finally:
         if held is not None:
             line.leave(held)
+
+
+def give_way(held: Turn, lock: threading.RLock | None = None, line: Line = LINE) -> None:
+    """Between two steps of long work: let the short requests that wait run (see Line.give_way), with `lock` (the
+    workbench's, held by this work) released meanwhile, and go on when this turn runs again. A Cancel click made
+    meanwhile is honoured at once."""
+    if not line.give_way(held):
+        return
+    pause = threading.Condition(lock) if lock is not None else None
+    while not line.wait(held, 0 if pause is not None else RESUME_POLL_S):
+        if pause is not None:
+            with pause:  # waiting on it releases the lock, at every level this thread holds it
+                pause.wait(RESUME_POLL_S)
+        held.check()
 
 
 def _wait(line: Line, held: Turn) -> None:

@@ -10,38 +10,35 @@ evaluations.
 
 Memory: at most two Sessions are kept (`_slot`'s max_entries); a Session's history grows by one small record
 (settings, costs, per-layer errors, one bit per evaluation image) per distinct configuration evaluated on the
-server, and goes with its Session; the result store keeps at most MEMORY_RESULTS results in memory.
+server, and goes with its Session. Everything larger is bounded: the result store's memory, the sweep results,
+and the fine-tuned tables (the latest session.MAX_GIVEN_TABLES sets; an older one is loaded again from its file).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
 from explorer import turns
-from tabconv.atomic import atomic_write_text
-from tabconv.cache import TableCache, cache_key
+from tabconv.bounded import BoundedDict
+from tabconv.cache import TableCache
 from tabconv.config import Calibration
-from tabconv.data import load_dataset
 from tabconv.finetune import Tuned
-from tabconv.imagefolder import scan_image_folder
 from tabconv.metrics import Metrics
-from tabconv.session import Session
+from tabconv.resultstore import ResultStore
+from tabconv.session import MAX_GIVEN_TABLES, Session
 from tabconv.settings import LayerSetting
 from tabconv.structure import ModelStructure
-from tabconv.train import load_checkpoint
 
 Progress = Callable[[dict[str, Any]], None]
-MEMORY_RESULTS = 32  # sweep results kept in memory per store (a propagation matrix of a deep network is ~100 KiB)
+MEMORY_SWEEPS = 32  # sweep and search results kept per workbench (rankings, rows and config ids: a few KiB each)
 
 
 @dataclass(frozen=True)
@@ -70,37 +67,6 @@ class Spec:
     user: UserSource | None = None  # a torchvision architecture + weights + image folder instead of a checkpoint
 
 
-class ResultStore:
-    """JSON results on disk under the table cache, keyed by everything they depend on; the most recently used
-    MEMORY_RESULTS of them also in memory (the disk keeps them all)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self._memory: OrderedDict[str, Any] = OrderedDict()
-
-    def get(self, parts: dict[str, Any]) -> Any | None:
-        key = cache_key(parts)
-        if key not in self._memory:
-            path = self.root / f"{key}.json"
-            try:
-                self._keep(key, json.loads(path.read_text())["value"])
-            except (OSError, ValueError, KeyError):
-                return None
-        self._memory.move_to_end(key)
-        return self._memory[key]
-
-    def put(self, parts: dict[str, Any], value: Any) -> None:
-        key = cache_key(parts)
-        self._keep(key, value)
-        atomic_write_text(self.root / f"{key}.json", json.dumps({"parts": parts, "value": value}, default=str))
-
-    def _keep(self, key: str, value: Any) -> None:
-        self._memory[key] = value
-        self._memory.move_to_end(key)
-        while len(self._memory) > MEMORY_RESULTS:
-            self._memory.popitem(last=False)
-
-
 @dataclass(frozen=True)
 class ImportedTables:
     """Fine-tuned tables that came in as files (no Tuned run here): what re-exporting them needs."""
@@ -117,24 +83,23 @@ class Workbench:
     spec: Spec
     store: ResultStore
     lock: threading.RLock = field(default_factory=threading.RLock)
-    sweeps: dict[tuple, Any] = field(default_factory=dict)  # this process's sweep results, with config ids
-    runner_at: int | None = None  # the configuration whose activations the incremental runner holds
-    tuned: dict[str, Tuned] = field(default_factory=dict)  # fine-tuning runs of this page, by tables sha256
-    imported: dict[str, ImportedTables] = field(default_factory=dict)  # imported tables files, by sha256
-    eval_sha256: str | None = None  # a user's model: what its evaluation images are (the folder can change)
+    # this process's sweep results, with config ids (the most recent MEMORY_SWEEPS)
+    sweeps: BoundedDict = field(default_factory=lambda: BoundedDict(MEMORY_SWEEPS))
+    # fine-tuning runs of this page and imported tables files, by tables sha256: as many as the session keeps
+    tuned: BoundedDict = field(default_factory=lambda: BoundedDict(MAX_GIVEN_TABLES))
+    imported: BoundedDict = field(default_factory=lambda: BoundedDict(MAX_GIVEN_TABLES))
 
     def settle(self, current: Metrics) -> None:
         """Bring the runner to the configuration on screen (after a sweep or a load), so that the next
         edit re-runs only the layers it affects instead of the whole network. Only when no tab waits for the
         server: it saves time, it is never needed (the runner recomputes whatever differs)."""
-        if self.runner_at == current.id:
+        current = self.metrics(current.id)  # the session's own record, not a tab's view of it
+        if self.session.holds(current) or not self.session.has_tables(current):
             return
         with turns.turn_if_free("Preparing the next edit") as free:
             if free:
                 with self.lock:
-                    if self.runner_at != current.id:
-                        self.session.activate(current)
-                        self.runner_at = current.id
+                    self.session.activate(current)
 
     @property
     def structure(self) -> ModelStructure:
@@ -154,13 +119,8 @@ class Workbench:
         return self.tuned.get(sha) if sha else None
 
     def identity(self, kind: str, setting: LayerSetting) -> dict[str, Any]:
-        """Cache key parts of a sweep: the checkpoint, calibration, evaluation set and table setting."""
-        parts = {"kind": kind, "checkpoint_sha256": self.session.meta.get("sha256"),
-                 "calibration": asdict(self.session.calibration), "eval_images": len(self.session.eval_set),
-                 "setting": setting.to_dict()}
-        if self.eval_sha256 is not None:  # a checkpoint implies its dataset; the same weights can see any folder
-            parts.update(dataset=self.session.meta.get("dataset"), eval_sha256=self.eval_sha256)
-        return parts
+        """Key parts of a stored sweep: what the session's results depend on, and the table setting."""
+        return self.session.result_key(kind, setting=setting.to_dict())
 
 
 def file_digest(path: str) -> str:
@@ -236,31 +196,23 @@ def open_workbench(spec: Spec, progress: Progress | None = None) -> Workbench:
 
 
 def _open_checkpoint(spec: Spec) -> Workbench:
-    """Load the checkpoint (weights_only) and its data, and evaluate the exact baseline once.
-
-    Image counts above a split's size are capped to it (the page shows the counts actually used).
-    """
-    model, meta = load_checkpoint(spec.checkpoint)
-    calibration_set = load_dataset(meta["dataset"], spec.calibration.split, spec.data_root, download=False)
-    eval_set = load_dataset(meta["dataset"], "test", spec.data_root, download=False)
-    calibration = replace(spec.calibration, images=min(spec.calibration.images, len(calibration_set)))
+    """Load the checkpoint (weights_only) and its data (never downloaded here: the sidebar says how to get it),
+    and evaluate the exact baseline once. Image counts above a split's size use the whole split (the page shows
+    the counts actually used)."""
     cache = TableCache()
-    session = Session(model, meta, calibration_set, eval_set.head(min(spec.eval_images, len(eval_set))),
-                      calibration, cache)
+    session = Session.from_checkpoint(spec.checkpoint, calibration=spec.calibration, eval_images=spec.eval_images,
+                                      data_root=spec.data_root, cache=cache, download=False, clamp=True)
     return Workbench(session, spec, ResultStore(cache.root / "explorer"))
 
 
 def _open_user(spec: Spec, progress: Progress | None) -> Workbench:
     """A user's architecture, weights and image folder, through the library (which checks every part and says
-    what does not fit). As with a checkpoint, image counts above the folder's parts are capped to them."""
+    what does not fit). As with a checkpoint, image counts above the folder's parts use the whole part."""
     user = spec.user
     assert user is not None
-    available = len(scan_image_folder(user.images).evaluation)
     cache = TableCache()
     session = Session.from_user_model(user.arch, user.weights, images=user.images, num_classes=user.num_classes,
                                       image_size=user.image_size, mean=user.mean, std=user.std,
-                                      calibration=spec.calibration, eval_images=min(spec.eval_images, available),
-                                      cache=cache, progress=progress)
-    labels = session.eval_set.labels.numpy().tobytes()
-    eval_sha256 = hashlib.sha256(session.eval_set.images.numpy().tobytes() + labels).hexdigest()
-    return Workbench(session, spec, ResultStore(cache.root / "explorer"), eval_sha256=eval_sha256)
+                                      calibration=spec.calibration, eval_images=spec.eval_images, cache=cache,
+                                      progress=progress, clamp=True)
+    return Workbench(session, spec, ResultStore(cache.root / "explorer"))

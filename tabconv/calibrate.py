@@ -26,6 +26,7 @@ CAPTURE_BYTES = 256 << 20  # bounds one batch's im2col rows of a layer (224x224 
 # a grouped layer's rows are G groups wide (EfficientNet-B0's 5x5 depthwise convs: up to 28,800 columns), and its
 # k-means keeps max(16 K, max_rows / G) of them (grouped_sample): capturing 16,384 made 15 GB of rows there
 GROUPED_CAPTURE_ROWS = 4096
+FITTED, LOADED, REUSED = "fitted", "loaded from the disk cache", "reused from memory"  # where tables came from
 
 
 def folded_layer(model: nn.Module, info: LayerInfo) -> nn.Module:
@@ -178,10 +179,19 @@ class TableBuilder:
     def build(self, name: str, setting: LayerSetting,
               upstream: Mapping[str, ProductQuantizer] | None = None) -> ProductQuantizer:
         """Tables of one layer; in sequential mode `upstream` holds the built tables of earlier layers."""
+        return self._build(name, setting, upstream)[0]
+
+    def _build(self, name: str, setting: LayerSetting, upstream: Mapping[str, ProductQuantizer] | None
+               ) -> tuple[ProductQuantizer, str]:
+        """The layer's tables and where they came from: FITTED now, LOADED from the disk cache, or REUSED from
+        this builder's memory."""
         info = self.structure.layer(name)
         upstream = dict(upstream or {})
+        fitted = False
 
         def fit() -> ProductQuantizer:
+            nonlocal fitted
+            fitted = True
             self.fits += 1
             if self.depends_on_upstream(name) and upstream:
                 partial = convert(self.model, self.structure, upstream)
@@ -192,9 +202,10 @@ class TableBuilder:
 
         parts = self.key_parts(name, setting, {n: q.setting for n, q in upstream.items()})
         key = cache_key(parts)
-        if key not in self._memo:
-            self._memo[key] = self.cache.get_or_build(parts, fit) if self.cache else fit()
-        return self._memo[key]
+        if key in self._memo:
+            return self._memo[key], REUSED
+        self._memo[key] = self.cache.get_or_build(parts, fit) if self.cache else fit()
+        return self._memo[key], FITTED if fitted else LOADED
 
     def _fit(self, info: LayerInfo, setting: LayerSetting, rows: torch.Tensor) -> ProductQuantizer:
         """Tables of one layer from its input rows, by the calibration's fitting method."""
@@ -216,16 +227,19 @@ class TableBuilder:
             quantizer.refit_tables(rows, target, self.calibration.ridge)
         return quantizer
 
-    def build_all(self, settings: Mapping[str, LayerSetting], progress: Progress | None = None
-                  ) -> dict[str, ProductQuantizer]:
-        """Tables for every table layer of `settings`, in forward order, reporting per-layer progress."""
+    def build_all(self, settings: Mapping[str, LayerSetting], progress: Progress | None = None,
+                  sources: dict[str, str] | None = None) -> dict[str, ProductQuantizer]:
+        """Tables for every table layer of `settings`, in forward order, reporting per-layer progress; `sources`
+        (when given) receives where each layer's tables came from (FITTED, LOADED or REUSED)."""
         names = [n for n in self.structure.names if n in settings and settings[n].is_table]
         built: dict[str, ProductQuantizer] = {}
         for i, name in enumerate(names):
             setting = settings[name]
             if progress:
                 progress({"stage": "tables", "layer": name, "index": i, "total": len(names)})
-            built[name] = self.build(name, setting, built)
+            built[name], source = self._build(name, setting, built)
+            if sources is not None:
+                sources[name] = source
         if progress:
             progress({"stage": "tables", "layer": None, "index": len(names), "total": len(names)})
         return built

@@ -23,6 +23,7 @@ from tabconv.cost import CONVENTIONS, model_cost
 from tabconv.data import DATASETS, DatasetUnavailable
 from tabconv.imagefolder import ImageFolderError
 from tabconv.lowering import LoweringError
+from tabconv.metrics import Origin
 from tabconv.models import model_names
 from tabconv.settings import ENCODERS, EXACT, LUT_DTYPES, LayerSetting, SettingError
 from tabconv.stats import accuracy_text, p_text, wilson
@@ -178,7 +179,9 @@ def _table_setting(args: argparse.Namespace) -> LayerSetting:
 
 def _apply_config(session, loaded: Configuration, tables: dict | None, label: str = ""):
     tables_id = loaded.tables_sha256 if tables is not None else None
-    return session.apply(loaded, progress=_progress_bar("evaluate"), label=label, tables=tables, tables_id=tables_id)
+    origin = Origin.EDIT if tables is None else Origin.IMPORTED
+    return session.apply(loaded, progress=_progress_bar("evaluate"), label=label, origin=origin, tables=tables,
+                         tables_id=tables_id).metrics
 
 
 def _metrics_json(session, metrics) -> dict[str, Any]:
@@ -219,7 +222,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         metrics = _apply_config(session, loaded, tables)
     else:
         setting = _table_setting(args) if args.all_table else EXACT
-        metrics = session.apply(session.uniform(setting), progress=_progress_bar("evaluate"))
+        metrics = session.apply(session.uniform(setting), progress=_progress_bar("evaluate")).metrics
     if args.save_config:
         if metrics.extra.get("tables_sha256"):
             raise CliError("--save-config cannot copy a fine-tuned configuration (its tables file belongs to it); "

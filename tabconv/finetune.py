@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from tabconv.config import Configuration
 from tabconv.convert import convert
 from tabconv.hashtree import encode_hash_trees
-from tabconv.metrics import Metrics
+from tabconv.metrics import Metrics, Origin
 from tabconv.quantizer import ProductQuantizer
 from tabconv.structure import ModelStructure
 from tabconv.tablesfile import tables_bytes
@@ -290,7 +290,8 @@ def finetune_session(session: Session, parent: Metrics, *, steps: int = DEFAULT_
                              chosen.normalize(chosen.images), steps=steps, lr=lr, batch_size=batch_size,
                              layer_loss=layer_loss, seed=seed, progress=progress)
     data, sha = tables_bytes(tuned)
-    metrics = session.apply(parent.settings, label=f"fine-tuned ({parent.label})", tables=tuned, tables_id=sha)
+    metrics = session.apply(parent.settings, label=f"fine-tuned ({parent.label})", origin=Origin.FINE_TUNED,
+                            tables=tuned, tables_id=sha).metrics
     return Tuned(parent, metrics, tuned, report, data, sha)
 
 

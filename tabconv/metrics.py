@@ -5,6 +5,7 @@ record every view (CLI, search, explorer) shows."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,19 @@ from tabconv.evaluate import LayerError
 from tabconv.settings import LayerSetting
 from tabconv.stats import Paired, accuracy_text, paired, wilson
 from tabconv.structure import ModelStructure
+
+
+class Origin(StrEnum):
+    """Which kind of request produced a configuration: set by whoever asks `Session.apply`, so that views group
+    and colour configurations without reading their labels."""
+
+    BASELINE = "baseline"
+    EDIT = "edits"
+    PRIORITY = "priority masking"
+    GREEDY = "budgeted search"
+    SWEEP = "sweeps"
+    FINE_TUNED = "fine-tuned"
+    IMPORTED = "imported"
 
 
 @dataclass
@@ -30,6 +44,7 @@ class Metrics:
     hits: bytes  # per-image correctness in evaluation order, packed 8 images a byte (see pack_hits)
     label: str = ""
     id: int = -1  # position in the session history
+    origin: Origin = Origin.EDIT  # the kind of request that first evaluated it
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -115,7 +130,7 @@ class Metrics:
     def to_dict(self, structure: ModelStructure | None = None, calibration_images: int = 0) -> dict[str, Any]:
         """The JSON record of `evaluate` (and of every point of a search)."""
         data = {
-            "id": self.id, "label": self.label,
+            "id": self.id, "label": self.label, "origin": self.origin.value,
             "accuracy": self.accuracy, "accuracy_ci95": list(self.accuracy_ci95), "correct": self.correct,
             "eval_images": self.eval_images,
             "baseline_accuracy": self.baseline_accuracy, "retention": self.retention,

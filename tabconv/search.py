@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tabconv.metrics import Metrics
+from tabconv.metrics import Metrics, Origin
 from tabconv.session import Session
 from tabconv.settings import EXACT, LayerSetting
 
@@ -47,14 +47,14 @@ def _notify(progress: Progress | None, stage: str, index: int, total: int, **ext
 
 def only_table(session: Session, layer: str, setting: LayerSetting) -> Metrics:
     """'Approximate only layer i': one layer tabled, the rest exact."""
-    return session.apply({layer: setting}, label=f"only {layer} tabled")
+    return session.apply({layer: setting}, label=f"only {layer} tabled", origin=Origin.SWEEP).metrics
 
 
 def only_exact(session: Session, layer: str, setting: LayerSetting) -> Metrics:
     """'Keep only layer i exact': every other layer tabled."""
     settings = session.uniform(setting)
     settings[layer] = EXACT
-    return session.apply(settings, label=f"all but {layer} tabled")
+    return session.apply(settings, label=f"all but {layer} tabled", origin=Origin.SWEEP).metrics
 
 
 def priority_masking(session: Session, setting: LayerSetting, min_retention: float = 0.0,
@@ -66,7 +66,8 @@ def priority_masking(session: Session, setting: LayerSetting, min_retention: flo
     if rank_by not in RANKINGS:
         raise ValueError(f"rank_by must be one of {RANKINGS}, got {rank_by!r}")
     names = session.structure.names
-    all_table = session.apply(session.uniform(setting), label="all tables", progress=progress)
+    all_table = session.apply(session.uniform(setting), label="all tables", origin=Origin.PRIORITY,
+                              progress=progress).metrics
     if rank_by == "cumulative":
         score = {n: all_table.errors[n].cosine for n in names}
     else:
@@ -78,7 +79,7 @@ def priority_masking(session: Session, setting: LayerSetting, min_retention: flo
         settings = session.uniform(setting)
         for name in ranking[:count]:
             settings[name] = EXACT
-        points.append(session.apply(settings, label=f"priority: {count} worst exact"))
+        points.append(session.apply(settings, label=f"priority: {count} worst exact", origin=Origin.PRIORITY).metrics)
     return SearchResult("priority", points, pick_best(points, min_retention, max_storage_bytes), ranking)
 
 
@@ -153,17 +154,16 @@ def greedy_search(session: Session, setting: LayerSetting, min_retention: float,
         for name, new in _saving_moves(session, current, setting, convention):
             if budget <= 0:
                 break
-            trial = session.apply({**current.settings, name: new}, label=f"greedy: {name} -> {_short(new)}")
+            trial = _try(session, current, name, new, progress, max_evaluations - budget, max_evaluations, convention)
             budget -= 1
             points.append(trial)
             if feasible(trial, min_retention, max_storage_bytes):
                 saved = flops(current, convention) - flops(trial, convention)
                 scored.append(((current.accuracy - trial.accuracy) / saved, name, new))
-        _notify(progress, "greedy", max_evaluations - budget, max_evaluations, best_flops=flops(current, convention))
         for _, name, new in sorted(scored, key=lambda item: item[0]):
             if budget <= 0:
                 break
-            trial = session.apply({**current.settings, name: new}, label=f"greedy: {name} -> {_short(new)}")
+            trial = _try(session, current, name, new, progress, max_evaluations - budget, max_evaluations, convention)
             budget -= 1
             points.append(trial)
             if flops(trial, convention) < flops(current, convention) and feasible(trial, min_retention,
@@ -171,6 +171,14 @@ def greedy_search(session: Session, setting: LayerSetting, min_retention: float,
                 current, improved = trial, True
     best = pick_best(points, min_retention, max_storage_bytes, convention)
     return SearchResult("greedy", points, best, start.ranking)
+
+
+def _try(session: Session, current: Metrics, name: str, new: LayerSetting, progress: Progress | None, done: int,
+         total: int, convention: str) -> Metrics:
+    """One greedy move evaluated, announced first (a view can cancel the search or let other work run here)."""
+    _notify(progress, "greedy", done, total, best_flops=flops(current, convention))
+    return session.apply({**current.settings, name: new}, label=f"greedy: {name} -> {_short(new)}",
+                         origin=Origin.GREEDY).metrics
 
 
 def _saving_moves(session: Session, current: Metrics, setting: LayerSetting,

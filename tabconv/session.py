@@ -7,15 +7,20 @@ evaluated configuration in its history for plots, searches and comparisons.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from typing import Any
 
 import torch
 from torch import nn
 
+from tabconv.bounded import BoundedDict
 from tabconv.cache import TableCache
-from tabconv.calibrate import TableBuilder
+from tabconv.calibrate import FITTED, TableBuilder
 from tabconv.config import Calibration, ConfigError, Configuration, load_for
 from tabconv.convert import convert, swaps, table_module
 from tabconv.cost import CostModel, CostReport
@@ -23,7 +28,7 @@ from tabconv.data import ImageSet, load_dataset
 from tabconv.devices import resolve_device
 from tabconv.evaluate import ErrorAccumulator, LayerError, evaluate
 from tabconv.incremental import IncrementalRunner
-from tabconv.metrics import Metrics, pack_hits
+from tabconv.metrics import Metrics, Origin, pack_hits
 from tabconv.quantizer import ProductQuantizer
 from tabconv.settings import EXACT, LayerSetting
 from tabconv.structure import ModelStructure
@@ -36,6 +41,28 @@ MAX_INCREMENTAL_IMAGES = 2500  # above this, activations are not kept: evaluatio
 # layer4 and most of layer3 of ResNet-50 at 224x224 for 256 images, so late toggles start from kept inputs)
 ACTIVATION_MEMORY_BYTES = 2 << 30
 BATCH_ACTIVATION_BYTES = 256 << 20  # a batch's largest activation: bounds the transient memory of a pass
+MAX_GIVEN_TABLES = 8  # sets of given (fine-tuned) tables kept for re-activation and export: each is a network's tables
+GIVEN = "given"  # where a layer's tables came from when the caller passed them (e.g. fine-tuned ones)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What one `Session.apply` did: the configuration's metrics, who asked and why, and the work it took —
+    nothing when the configuration was evaluated before (`recalled`)."""
+
+    metrics: Metrics
+    label: str  # as asked (a recalled configuration keeps the label it was first evaluated under)
+    origin: Origin  # as asked
+    recalled: bool
+    tables: Mapping[str, str]  # table layer -> where its tables came from (calibrate.FITTED, LOADED, REUSED; GIVEN)
+    recomputed: int  # graph nodes re-run by the incremental runner (0 when recalled or streaming)
+    nodes: int | None  # graph nodes of the incremental runner; None: evaluation streams the whole network
+    seconds: float
+
+    @property
+    def fitted(self) -> list[str]:
+        """Table layers whose tables were fitted for this request (not read from memory, disk or the caller)."""
+        return [name for name, source in self.tables.items() if source == FITTED]
 
 
 class Session:
@@ -72,13 +99,15 @@ class Session:
         self._tables: dict[int, nn.Module] = {}
         self._costs: dict[tuple, tuple[CostReport, CostReport]] = {}
         self._seen: dict[tuple, Metrics] = {}
-        self._tuned: dict[str, dict[str, ProductQuantizer]] = {}  # given (e.g. fine-tuned) tables by tables_id
+        # given (e.g. fine-tuned) tables by tables_id, the most recent MAX_GIVEN_TABLES of them
+        self._tuned: BoundedDict = BoundedDict(MAX_GIVEN_TABLES)
         self.history: list[Metrics] = []
         self._errors = {info.name: LayerError(info.name, 1.0, 0.0) for info in self.structure.layers}  # exact
         self.cost_model = CostModel(self.model, self.input_shape, self.structure.calls)
         self.baseline_cost = self.cost_model.report(None, "paper")
         self.baseline_accuracy = 0.0
-        self.baseline = self.apply({}, label="baseline (exact)")
+        self._held: int | None = None  # the configuration whose activations the incremental runner holds
+        self.baseline = self.apply({}, label="baseline (exact)", origin=Origin.BASELINE).metrics
         self.baseline_accuracy = self.baseline.accuracy
         self.baseline.baseline_accuracy = self.baseline.accuracy
         self.current = self.baseline
@@ -115,13 +144,20 @@ class Session:
     @classmethod
     def from_checkpoint(cls, path: str, *, calibration: Calibration | None = None, eval_images: int | None = None,
                         data_root: str | None = None, cache: TableCache | None = None, device: str | None = None,
-                        progress: Progress | None = None, batch_size: int = 500) -> Session:
-        """Load a checkpoint and its dataset (calibration: first N train images; evaluation: first N test)."""
+                        progress: Progress | None = None, batch_size: int = 500, download: bool = True,
+                        clamp: bool = False) -> Session:
+        """Load a checkpoint and its dataset (calibration: first N train images; evaluation: first N test).
+
+        `clamp`: image counts above a split's size use the whole split (an interactive view shows the counts it
+        uses) instead of being refused; `download=False` never fetches a missing dataset."""
         device = resolve_device(device)
         model, meta = load_checkpoint(path, device)
         calibration = calibration or Calibration()
-        calib_set = load_dataset(meta["dataset"], calibration.split, data_root)
-        eval_set = load_dataset(meta["dataset"], "test", data_root)
+        calib_set = load_dataset(meta["dataset"], calibration.split, data_root, download)
+        eval_set = load_dataset(meta["dataset"], "test", data_root, download)
+        if clamp:
+            calibration = replace(calibration, images=min(calibration.images, len(calib_set)))
+            eval_images = None if eval_images is None else min(eval_images, len(eval_set))
         if eval_images is not None:
             eval_set = eval_set.head(eval_images)
         return cls(model, meta, calib_set, eval_set, calibration, cache, device, batch_size, progress)
@@ -131,18 +167,36 @@ class Session:
                         image_size: int | None = None, mean: Sequence[float] | None = None,
                         std: Sequence[float] | None = None, calibration: Calibration | None = None,
                         eval_images: int | None = None, cache: TableCache | None = None, device: str | None = None,
-                        progress: Progress | None = None, batch_size: int = 500) -> Session:
+                        progress: Progress | None = None, batch_size: int = 500, clamp: bool = False) -> Session:
         """A user's own network: any architecture name (tabconv's or torchvision's), a weights file or torchvision
         weight name (None: seeded random weights), and an image folder (tabconv.userload says how each is read).
-        The calibration's image count is clamped to the folder's calibration part; meta records it."""
+        The calibration's image count is clamped to the folder's calibration part; meta records it; `clamp` does
+        the same for the evaluation images (else more than the folder has is refused)."""
+        from tabconv.imagefolder import scan_image_folder
         from tabconv.userload import open_user_model
 
         device = resolve_device(device)
+        if clamp and eval_images is not None:
+            eval_images = min(eval_images, len(scan_image_folder(images).evaluation))
         opened = open_user_model(arch, weights, images, num_classes=num_classes, image_size=image_size, mean=mean,
                                  std=std, calibration=calibration, eval_images=eval_images, device=device,
                                  progress=progress)
         return cls(opened.model, opened.meta, opened.calibration_set, opened.eval_set, opened.calibration, cache,
                    device, batch_size, progress)
+
+    @cached_property
+    def eval_sha256(self) -> str:
+        """sha256 of the evaluation images and labels (an image folder can change under the same name)."""
+        digest = hashlib.sha256(self.eval_set.images.numpy().tobytes())
+        digest.update(self.eval_set.labels.numpy().tobytes())
+        return digest.hexdigest()
+
+    def result_key(self, kind: str, **parts: Any) -> dict[str, Any]:
+        """What a result computed on this session depends on (the key of a stored result, e.g. a sweep): its
+        kind, the weights, dataset, calibration and evaluation images, and the caller's own `parts`."""
+        return {"kind": kind, "checkpoint_sha256": self.meta.get("sha256"), "dataset": self.meta.get("dataset"),
+                "calibration": asdict(self.calibration), "eval_images": len(self.eval_set),
+                "eval_sha256": self.eval_sha256, **parts}
 
     # -- configurations ----------------------------------------------------------------------------
     def complete(self, settings: Mapping[str, LayerSetting] | Configuration) -> dict[str, LayerSetting]:
@@ -178,21 +232,46 @@ class Session:
 
     # -- evaluation --------------------------------------------------------------------------------
     def apply(self, settings: Mapping[str, LayerSetting] | Configuration, progress: Progress | None = None,
-              label: str = "", tables: Mapping[str, ProductQuantizer] | None = None,
-              tables_id: str | None = None) -> Metrics:
-        """Metrics of a configuration (it becomes the current one); evaluated once per distinct settings.
+              label: str = "", origin: Origin = Origin.EDIT, tables: Mapping[str, ProductQuantizer] | None = None,
+              tables_id: str | None = None) -> Applied:
+        """Evaluate a configuration (it becomes the current one), once per distinct settings: what it cost is in
+        the returned record.
 
         `tables` (e.g. fine-tuned ones, identified by `tables_id`, the tables file's sha256) replace the
         built tables of every table layer instead of building them.
         """
+        started = time.perf_counter()
         settings = self.complete(settings)
         if (tables is None) != (tables_id is None):
             raise ValueError("tables and tables_id go together")
-        key = (tuple(settings.items()), tables_id)
+        key = _key(settings, tables_id)
         if key in self._seen:
             self.current = self._seen[key]
-            return self.current
-        quantizers = self.builder.build_all(settings, progress) if tables is None else self._pinned(settings, tables)
+            return Applied(self.current, label or self.current.label, origin, True, {}, 0, self._nodes,
+                           time.perf_counter() - started)
+        sources: dict[str, str] = {}
+        if tables is None:
+            quantizers = self.builder.build_all(settings, progress, sources)
+        else:
+            quantizers = self._pinned(settings, tables)
+            sources = dict.fromkeys(quantizers, GIVEN)
+        metrics = self._evaluate(settings, quantizers, progress, label or f"config {len(self.history)}", origin)
+        if tables_id is not None:
+            metrics.extra["tables_sha256"] = tables_id
+            self._tuned[tables_id] = quantizers
+        self._seen[key] = metrics
+        return Applied(metrics, metrics.label, origin, False, sources, self.runner.recomputed if self.incremental
+                       else 0, self._nodes, time.perf_counter() - started)
+
+    def recall(self, settings: Mapping[str, LayerSetting] | Configuration, tables_id: str | None = None
+               ) -> Metrics | None:
+        """The metrics of a configuration evaluated before (None if it never was), changing nothing: safe to ask
+        while another thread evaluates, so a view can show a recalled configuration without waiting for it."""
+        return self._seen.get(_key(self.complete(settings), tables_id))
+
+    def _evaluate(self, settings: Mapping[str, LayerSetting], quantizers: Mapping[str, ProductQuantizer],
+                  progress: Progress | None, label: str, origin: Origin) -> Metrics:
+        """Evaluate with these tables and add the result to the history (it becomes the current one)."""
         if progress:
             progress({"stage": "evaluate", "images": len(self.eval_set)})
         if self.incremental:
@@ -200,16 +279,18 @@ class Session:
         else:
             hits, errors = self._evaluate_streaming(quantizers)
         paper, full = self.costs(settings)
-        metrics = Metrics(settings, int(hits.sum()) / len(self.eval_set), len(self.eval_set), self.baseline_accuracy,
-                          paper, full, self.baseline_cost, errors, pack_hits(hits),
-                          label or f"config {len(self.history)}", len(self.history))
-        if tables_id is not None:
-            metrics.extra["tables_sha256"] = tables_id
-            self._tuned[tables_id] = quantizers
+        metrics = Metrics(dict(settings), int(hits.sum()) / len(self.eval_set), len(self.eval_set),
+                          self.baseline_accuracy, paper, full, self.baseline_cost, errors, pack_hits(hits), label,
+                          len(self.history), origin)
         self.history.append(metrics)
-        self._seen[key] = metrics
         self.current = metrics
+        if self.incremental:
+            self._held = metrics.id
         return metrics
+
+    @property
+    def _nodes(self) -> int | None:
+        return len(self.runner.nodes) if self.runner else None
 
     def _pinned(self, settings: Mapping[str, LayerSetting], tables: Mapping[str, ProductQuantizer]
                 ) -> dict[str, ProductQuantizer]:
@@ -259,21 +340,43 @@ class Session:
         result = evaluate(model, self._labelled_batches(), self.model, self.structure)
         return result.hits, result.layers
 
+    def holds(self, metrics: Metrics) -> bool:
+        """Whether the incremental runner holds this configuration's activations (so a change from it re-runs only
+        the layers it affects); always true when evaluation streams."""
+        return not self.incremental or self._held == metrics.id
+
     def activate(self, metrics: Metrics) -> None:
         """Make an evaluated configuration current and the incremental runner's state, so the next change
         re-runs only what it affects (after a sweep the runner holds the sweep's last configuration)."""
-        if self.incremental:
+        if not self.holds(metrics):
             self._evaluate_incremental(self.quantizers(metrics))
+            self._held = metrics.id
         self.current = metrics
+
+    def has_tables(self, metrics: Metrics) -> bool:
+        """Whether this session can give an evaluated configuration's tables: built ones always (from memory, the
+        cache or a rebuild), given (fine-tuned) ones while they are among the latest MAX_GIVEN_TABLES sets."""
+        tuned = metrics.extra.get("tables_sha256")
+        return not tuned or tuned in self._tuned
 
     def quantizers(self, metrics: Metrics) -> dict[str, ProductQuantizer]:
         """The tables an evaluated configuration used: given (fine-tuned) ones, else built ones."""
         tuned = metrics.extra.get("tables_sha256")
-        return dict(self._tuned[tuned]) if tuned else self.builder.build_all(metrics.settings)
+        if not tuned:
+            return self.builder.build_all(metrics.settings)
+        if not self.has_tables(metrics):
+            raise ConfigError(f"configuration #{metrics.id}'s fine-tuned tables are no longer in memory (this session "
+                              f"keeps the latest {MAX_GIVEN_TABLES} sets): load them again from their tables file")
+        return dict(self._tuned[tuned])
 
     @property
     def evaluations(self) -> int:
         return len(self.history)
+
+
+def _key(settings: Mapping[str, LayerSetting], tables_id: str | None) -> tuple:
+    """What makes two evaluations the same: every layer's setting, and the given tables' id."""
+    return tuple(settings.items()), tables_id
 
 
 def _bounded_batch(batch_size: int, structure: ModelStructure) -> int:

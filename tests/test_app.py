@@ -233,9 +233,6 @@ def test_edits_keep_exact_layers_canonical_and_respect_locks() -> None:
 def test_charts_carry_config_ids_and_fixed_colour_limits() -> None:
     heat = charts.propagation_heatmap(["a", "b"], [[1.0, 0.9], [1.0, 0.8]], [0.95, 0.7], "current #3", "cosine")
     assert (heat.data[0].zmin, heat.data[0].zmax) == (0.5, 1.0)
-    assert charts.origin("priority: 2 worst exact") == "priority masking"
-    assert charts.origin("greedy: fc -> exact") == "budgeted search"
-    assert charts.origin("edit: conv1 → exact") == "edits"
 
 
 def test_every_accuracy_shows_its_interval_and_a_change_says_whether_it_is_real(app: AppTest) -> None:

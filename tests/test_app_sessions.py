@@ -13,7 +13,10 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from explorer import turns
+from explorer.panels.tour import busiest_layer
+from explorer.workbench import open_workbench
 from tabconv import search
+from tabconv.metrics import Origin
 from tests.conftest import APP
 from tests.helpers import no_failure
 
@@ -60,6 +63,35 @@ def test_two_tabs_have_their_own_histories_over_one_shared_session(app: AppTest)
     assert second in _history_ids(app)  # and the first tab keeps its own
 
 
+def _history(at: AppTest):
+    return next(d.value for d in at.dataframe if "origin" in d.value.columns).set_index("id")
+
+
+def test_a_configuration_another_tab_evaluated_first_keeps_this_tabs_own_label(app: AppTest) -> None:
+    """The tour's 'one layer tabled' step in a new tab recalls the configuration the first tab made by hand: each
+    tab lists it under the label of its own request."""
+    layer = busiest_layer(open_workbench(app.session_state["spec"]))
+    app.button(key="all_exact").click().run()
+    app.selectbox(key="group_target").set_value(layer)
+    app.button(key="group_table").click().run()
+    no_failure(app)
+    made = app.session_state["current_id"]
+    mine = _history(app).loc[made, "label"]
+    assert mine.startswith("edit:")
+
+    other = AppTest.from_file(str(APP), default_timeout=900)
+    other.run()
+    other.button(key="tour_start").click().run()
+    other.button(key="tour_next").click().run()  # step 2: only the busiest layer tabled
+    no_failure(other)
+    assert other.session_state["current_id"] == made and other.session_state["last_apply"]["memoised"]
+    theirs = _history(other).loc[made]
+    assert theirs["label"] == f"tour: only {layer} tabled" and theirs["origin"] == Origin.EDIT.value
+    assert any(m.value.startswith(f"**Current configuration #{made}** — tour: only") for m in other.markdown)
+    app.run()
+    assert _history(app).loc[made, "label"] == mine  # the first tab's own label is untouched
+
+
 def test_a_cancelled_search_gives_the_server_back_and_keeps_the_page(app: AppTest,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The search is cancelled as a Cancel click does it: the turn's flag is set while the search runs, and the
@@ -82,7 +114,7 @@ def test_a_cancelled_search_gives_the_server_back_and_keeps_the_page(app: AppTes
     no_failure(app)
     assert any(w.value.startswith("Cancelled after") and "Budgeted search" in w.value for w in app.warning)
     assert app.session_state["current_id"] == before
-    assert app.session_state["seen"] == seen  # nothing of the cancelled search joined this tab's history
+    assert list(app.session_state["seen"]) == seen  # nothing of the cancelled search joined this tab's history
     assert turns.LINE.running() is None  # the server is free again
 
     monkeypatch.undo()

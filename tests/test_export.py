@@ -274,7 +274,7 @@ def test_cli_exports_a_configuration_loadable_in_a_fresh_process(tiny_digits: Pa
     from tabconv.session import Session
 
     session = Session.from_checkpoint(str(tiny_digits), calibration=Calibration(images=128), eval_images=64)
-    metrics = session.apply(session.uniform(LayerSetting("table", 4, 8, lut_dtype="int8")))
+    metrics = session.apply(session.uniform(LayerSetting("table", 4, 8, lut_dtype="int8"))).metrics
     config_path = tmp_path / "c.json"
     session.configuration(metrics).save(config_path)
     out = tmp_path / "export"
@@ -306,7 +306,7 @@ def test_cli_exports_the_tables_of_a_fine_tuned_configuration(tiny_digits: Path,
     for quantizer in tuned.values():  # stand-in for fine-tuning: tables that cannot be rebuilt
         quantizer.tables_ = quantizer.tables_ * 0.5
     config_path = tmp_path / "tuned.json"
-    config = session.configuration(session.apply(settings))
+    config = session.configuration(session.apply(settings).metrics)
     config.tables_file = tables_path_for(config_path).name
     config.tables_sha256 = save_tables(tables_path_for(config_path), tuned)
     config.save(config_path)

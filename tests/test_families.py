@@ -46,9 +46,8 @@ def test_family_opens_tables_and_toggles(arch: str, images: tuple[ImageSet, Imag
     assert any(info.groups > 1 for info in session.structure.layers) == FAMILIES[arch]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # K against few calibration rows
-        tabled = session.apply(session.uniform(LayerSetting("table", 2, 8)))
+        tabled = session.apply(session.uniform(LayerSetting("table", 2, 8))).metrics
     assert tabled.flops_paper < session.baseline.flops_paper
     assert all(0 <= error.relative_error < float("inf") for error in tabled.errors.values())
     late = session.structure.names[-1]
-    session.apply({**tabled.settings, late: EXACT})
-    assert session.runner.recomputed < len(session.runner.nodes) // 4
+    assert session.apply({**tabled.settings, late: EXACT}).recomputed < len(session.runner.nodes) // 4

@@ -102,7 +102,7 @@ def test_least_squares_tables_beat_kmeans_on_a_trained_model_and_key_the_cache_r
     results = {}
     for fit, mode in (("kmeans", "independent"), ("least-squares", "independent"), ("least-squares", "sequential")):
         session = _session(tiny_digits, fit=fit, mode=mode, ridge=0.01)
-        metrics = session.apply(session.uniform(setting))
+        metrics = session.apply(session.uniform(setting)).metrics
         last = session.structure.names[-1]
         results[fit, mode] = metrics.errors[last].relative_error
         first, later = session.structure.names[0], session.structure.names[1]
@@ -117,8 +117,8 @@ def test_classifier_refit_makes_the_classifier_depend_on_upstream_only(tiny_digi
     names, setting = session.structure.names, LayerSetting("table", 4, 8)
     assert "upstream" in session.builder.key_parts(names[-1], setting, {names[0]: setting})
     assert "upstream" not in session.builder.key_parts(names[1], setting, {names[0]: setting})
-    refit = session.apply(session.uniform(setting))
-    plain = _session(tiny_digits).apply(session.uniform(setting))
+    refit = session.apply(session.uniform(setting)).metrics
+    plain = _session(tiny_digits).apply(session.uniform(setting)).metrics
     assert refit.errors[names[-1]].relative_error < plain.errors[names[-1]].relative_error
 
 
@@ -140,7 +140,7 @@ def test_subvector_sets_each_layers_codebooks_and_its_cost(tiny_digits):
 
 def test_finetuning_lowers_the_loss_and_raises_accuracy(tiny_digits):
     session = _session(tiny_digits)
-    before = session.apply(session.uniform(LayerSetting("table", 4, 8)))
+    before = session.apply(session.uniform(LayerSetting("table", 4, 8))).metrics
     images = session.calibration_set.normalize(session.calibration_set.images)
     quantizers = session.quantizers(before)
     snapshot = {n: q.tables_.clone() for n, q in quantizers.items()}
@@ -150,7 +150,7 @@ def test_finetuning_lowers_the_loss_and_raises_accuracy(tiny_digits):
     for name, quantizer in quantizers.items():  # the shared (cached) tables are never trained in place
         assert torch.equal(quantizer.tables_, snapshot[name])
         assert not torch.equal(tuned[name].tables_, snapshot[name])
-    after = session.apply(before.settings, tables=tuned, tables_id="tuned")
+    after = session.apply(before.settings, tables=tuned, tables_id="tuned").metrics
     assert after.accuracy > before.accuracy
     assert after.extra["tables_sha256"] == "tuned"
 
@@ -187,7 +187,7 @@ def test_tree_nodes_that_never_split_keep_every_gradient_finite():
 
 def test_tree_finetuning_lowers_the_loss(tiny_digits):
     session = _session(tiny_digits)
-    before = session.apply(session.uniform(LayerSetting("table", 4, 8, encoder="tree")))
+    before = session.apply(session.uniform(LayerSetting("table", 4, 8, encoder="tree"))).metrics
     images = session.calibration_set.normalize(session.calibration_set.images)
     tuned, report = finetune(session.model, session.structure, session.quantizers(before), images, steps=60)
     assert report.best_step > 0 and report.loss_after < report.loss_before
@@ -196,7 +196,7 @@ def test_tree_finetuning_lowers_the_loss(tiny_digits):
 
 def test_a_diverging_run_stops_with_a_clear_error(tiny_digits):
     session = _session(tiny_digits)
-    before = session.apply(session.uniform(LayerSetting("table", 4, 8)))
+    before = session.apply(session.uniform(LayerSetting("table", 4, 8))).metrics
     images = session.calibration_set.normalize(session.calibration_set.images)
     with pytest.raises(FloatingPointError, match="diverged.*smaller learning rate"):
         finetune(session.model, session.structure, session.quantizers(before), images, steps=20, lr=1e6)
@@ -306,7 +306,7 @@ def test_primal_and_dual_least_squares_agree_with_a_dense_solve():
 
 def test_finetuning_keeps_the_starting_tables_when_training_only_hurts(tiny_digits):
     session = _session(tiny_digits, fit="least-squares")
-    start = session.apply(session.uniform(LayerSetting("table", 4, 8)))
+    start = session.apply(session.uniform(LayerSetting("table", 4, 8))).metrics
     images = session.calibration_set.normalize(session.calibration_set.images)
     quantizers = session.quantizers(start)
     tuned, report = finetune(session.model, session.structure, quantizers, images, steps=20, lr=5.0)

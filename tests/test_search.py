@@ -43,7 +43,7 @@ def test_priority_masking_sweeps_every_count_of_exact_layers(session):
 
 def test_isolated_ranking_uses_each_layer_alone(session):
     result = priority_masking(session, TABLE, rank_by="isolated")
-    alone = {n: session.apply({n: TABLE}).errors[session.structure.names[-1]].cosine for n in result.ranking}
+    alone = {n: session.apply({n: TABLE}).metrics.errors[session.structure.names[-1]].cosine for n in result.ranking}
     assert [alone[n] for n in result.ranking] == sorted(alone.values())
 
 

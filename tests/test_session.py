@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tabconv.cache import TableCache
+from tabconv.calibrate import FITTED, LOADED, REUSED
 from tabconv.config import Calibration, ConfigError
 from tabconv.data import load_dataset
-from tabconv.session import Session
+from tabconv.metrics import Origin
+from tabconv.session import GIVEN, Session
 from tabconv.settings import EXACT, LayerSetting
 from tabconv.stats import mcnemar_p, wilson
 from tabconv.structure import UnknownLayerError
@@ -41,14 +44,52 @@ def test_baseline_is_the_exact_network(digits):
 def test_only_the_changed_layer_is_rebuilt(digits):
     s = new_session(digits)
     settings = s.uniform(TABLE)
-    s.apply(settings)
+    first = s.apply(settings)
     assert s.builder.fits == len(s.structure.names)
+    assert first.fitted == s.structure.names and set(first.tables.values()) == {FITTED}
     settings["layer3.1.conv1"] = TABLE.with_(centroids=8)
-    s.apply(settings)
+    changed = s.apply(settings)
     assert s.builder.fits == len(s.structure.names) + 1
+    assert changed.fitted == ["layer3.1.conv1"]
+    assert {n: src for n, src in changed.tables.items() if n != "layer3.1.conv1"} == dict.fromkeys(
+        [n for n in s.structure.names if n != "layer3.1.conv1"], REUSED)
     settings["layer3.1.conv1"] = EXACT
-    s.apply(settings)
-    assert s.builder.fits == len(s.structure.names) + 1
+    exact = s.apply(settings)
+    assert s.builder.fits == len(s.structure.names) + 1 and exact.fitted == []
+    assert "layer3.1.conv1" not in exact.tables
+
+
+def test_apply_reports_its_own_work_and_the_origin_it_was_asked_for(digits, tmp_path):
+    s = new_session(digits, cache=TableCache(tmp_path))
+    settings = {**s.uniform(EXACT), "layer4.1.conv2": TABLE}
+    done = s.apply(settings, label="one late layer", origin=Origin.GREEDY)
+    assert not done.recalled and done.fitted == ["layer4.1.conv2"] and done.origin is Origin.GREEDY
+    assert done.metrics.origin is Origin.GREEDY and done.metrics.label == "one late layer"
+    assert 0 < done.recomputed <= 10 and done.nodes == len(s.runner.nodes) and done.seconds > 0
+    again = s.apply(settings, label="asked again", origin=Origin.EDIT)
+    assert again.recalled and again.metrics is done.metrics and again.tables == {} and again.recomputed == 0
+    assert again.label == "asked again" and again.origin is Origin.EDIT  # as asked; the record keeps its first
+    assert again.metrics.origin is Origin.GREEDY
+    s.apply({})
+    assert s.recall(settings) is done.metrics and s.current is s.baseline  # recalled without becoming current
+    assert s.recall({**settings, "fc": TABLE}) is None
+    other = new_session(digits, cache=TableCache(tmp_path))  # a fresh process: the tables come from the disk cache
+    assert other.apply(settings).tables == {"layer4.1.conv2": LOADED}
+
+
+def test_the_session_knows_which_configuration_its_runner_holds(digits):
+    s = new_session(digits)
+    late = s.apply({"layer4.1.conv2": TABLE}).metrics
+    assert s.holds(late) and not s.holds(s.baseline)
+    early = s.apply({"conv1": TABLE}).metrics
+    assert s.holds(early) and not s.holds(late)
+    s.apply({"layer4.1.conv2": TABLE})  # recalled: nothing re-ran, the runner still holds `early`
+    assert s.current is late and s.holds(early) and not s.holds(late)
+    s.activate(late)
+    assert s.holds(late) and s.runner.recomputed > 0
+    s.activate(late)  # already held: nothing re-runs
+    assert s.runner.recomputed > 0 and s.holds(late)
+    assert s.apply({"layer4.1.conv2": TABLE, "fc": TABLE}).recomputed <= 3  # from `late`'s kept activations
 
 
 def test_suffix_only_reevaluation_matches_a_full_evaluation_exactly(digits):
@@ -58,8 +99,8 @@ def test_suffix_only_reevaluation_matches_a_full_evaluation_exactly(digits):
     steps.append({**steps[-1], "layer2.1.conv1": TABLE.with_(codebooks=2)})
     steps.append({**steps[-1], "conv1": EXACT, "fc": EXACT})
     for settings in steps:
-        incremental = s.apply(settings)
-        fresh = new_session(digits).apply(settings)
+        incremental = s.apply(settings).metrics
+        fresh = new_session(digits).apply(settings).metrics
         assert incremental.accuracy == fresh.accuracy
         assert incremental.flops_paper == fresh.flops_paper and incremental.flops_full == fresh.flops_full
         for name in s.structure.names:
@@ -69,21 +110,19 @@ def test_suffix_only_reevaluation_matches_a_full_evaluation_exactly(digits):
 def test_a_late_change_recomputes_only_the_suffix(digits):
     s = new_session(digits)
     settings = s.uniform(EXACT)
-    s.apply({**settings, "layer4.1.conv2": TABLE})
-    assert s.runner.recomputed <= 10  # conv2, its bn, the add, relu, pool, flatten, fc, output
-    s.apply({**settings, "conv1": TABLE})
-    assert s.runner.recomputed > 50
+    assert s.apply({**settings, "layer4.1.conv2": TABLE}).recomputed <= 10  # conv2, bn, add, relu, pool, fc...
+    assert s.apply({**settings, "conv1": TABLE}).recomputed > 50
 
 
 def test_streaming_and_incremental_paths_agree(digits, monkeypatch):
     import tabconv.session as session_module
 
     settings = {"layer1.0.conv1": TABLE, "layer3.0.downsample.0": TABLE, "fc": TABLE}
-    incremental = new_session(digits).apply(settings)
+    incremental = new_session(digits).apply(settings).metrics
     monkeypatch.setattr(session_module, "MAX_INCREMENTAL_IMAGES", 10)
     streamed_session = new_session(digits)
     assert not streamed_session.incremental
-    streamed = streamed_session.apply(settings)
+    streamed = streamed_session.apply(settings).metrics
     assert streamed.accuracy == incremental.accuracy and streamed.hits == incremental.hits
     for name in streamed_session.structure.names:
         assert streamed.errors[name].cosine == pytest.approx(incremental.errors[name].cosine, abs=1e-6)
@@ -94,7 +133,7 @@ def test_metrics_carry_per_image_correctness_for_paired_comparisons(digits):
     x = digits[1].normalize(digits[1].images).contiguous(memory_format=torch.channels_last)
     want = (s.model(x).argmax(1) == digits[1].labels).numpy()
     assert (s.baseline.correct_images == want).all() and s.baseline.correct == int(want.sum())
-    m = s.apply({name: TABLE for name in ("conv1", "layer1.0.conv1", "layer1.0.conv2", "fc")})
+    m = s.apply({name: TABLE for name in ("conv1", "layer1.0.conv1", "layer1.0.conv2", "fc")}).metrics
     test = m.against(s.baseline)
     assert test.images == 60 and test.only_second - test.only_first == m.correct - s.baseline.correct
     assert test.p_value == mcnemar_p(test.only_first, test.only_second)
@@ -105,14 +144,14 @@ def test_metrics_carry_per_image_correctness_for_paired_comparisons(digits):
 
 def test_history_metrics_and_configuration(digits):
     s = new_session(digits)
-    m = s.apply({"layer2.0.conv1": TABLE}, label="one layer")
+    m = s.apply({"layer2.0.conv1": TABLE}, label="one layer").metrics
     assert [h.id for h in s.history] == [0, 1] and m.label == "one layer"
-    assert s.apply({"layer2.0.conv1": TABLE}) is m  # memoised: evaluated once
+    assert s.apply({"layer2.0.conv1": TABLE}).metrics is m  # memoised: evaluated once
     assert m.flops_paper < s.baseline.flops_paper and m.flops_paper < m.flops_full
     cfg = s.configuration(m)
     assert cfg.layers["layer2.0.conv1"] == TABLE and cfg.layers["conv1"] == EXACT
     assert cfg.metrics["accuracy"] == m.accuracy and cfg.metrics["eval_images"] == 60
-    assert s.apply(cfg) is m
+    assert s.apply(cfg).metrics is m
     rows = m.layer_rows(s.structure, 64)
     assert [r["name"] for r in rows] == s.structure.names
     assert rows[-1]["k_exceeds_rows"] is False and sum(r["mac_share"] for r in rows) == pytest.approx(1)
@@ -152,7 +191,7 @@ def test_bounded_activation_memory_gives_the_same_metrics(digits, monkeypatch):
     steps.append({**steps[-1], "layer4.1.conv2": EXACT})
     steps.append({**steps[-1], "conv1": EXACT})
     for settings in steps:
-        want, got = full.apply(settings), bounded.apply(settings)
+        want, got = full.apply(settings).metrics, bounded.apply(settings).metrics
         assert got.hits == want.hits and got.accuracy == want.accuracy
         for name in full.structure.names:
             assert got.errors[name].cosine == pytest.approx(want.errors[name].cosine, abs=1e-6), name
@@ -185,7 +224,7 @@ def test_an_untraceable_model_streams_and_says_so(digits):
     x = test.normalize(test.images)
     with torch.no_grad():
         assert s.baseline.accuracy == pytest.approx((network(x).argmax(1) == test.labels).float().mean().item())
-    tabled = s.apply(s.uniform(TABLE))
+    tabled = s.apply(s.uniform(TABLE)).metrics
     assert tabled.eval_images == 60 and set(tabled.errors) == {"conv", "fc"}
 
 
@@ -203,3 +242,40 @@ def test_table_layers_run_in_inference_mode_with_the_direct_encoder(digits, monk
     assert layers and not any(m.training for m in layers)
     tables = [m for m in layers if isinstance(m, TableConv2d)]
     assert {id(m) for m in encoded} == {id(m) for m in tables if m.score_weight is not None} != set()
+
+
+def test_only_the_latest_given_tables_are_kept_and_an_older_set_says_how_to_get_it_back(digits, monkeypatch):
+    import tabconv.session as session_module
+
+    monkeypatch.setattr(session_module, "MAX_GIVEN_TABLES", 2)
+    s = new_session(digits)
+    runs = []
+    for i, layer in enumerate(("conv1", "layer1.0.conv1", "fc")):
+        settings = {layer: TABLE}
+        runs.append(s.apply(settings, tables=s.tables(settings), tables_id=f"set{i}", origin=Origin.FINE_TUNED))
+    assert [run.tables for run in runs] == [{"conv1": GIVEN}, {"layer1.0.conv1": GIVEN}, {"fc": GIVEN}]
+    oldest, newest = runs[0].metrics, runs[-1].metrics
+    assert not s.has_tables(oldest) and s.has_tables(newest) and s.has_tables(s.baseline)
+    with pytest.raises(ConfigError, match=r"#\d+'s fine-tuned tables are no longer in memory.*tables file"):
+        s.quantizers(oldest)
+    assert set(s.quantizers(newest)) == {"fc"}
+
+
+def test_a_result_key_names_the_weights_the_data_and_the_calibration(digits):
+    s = new_session(digits)
+    key = s.result_key("sweep", setting=TABLE.to_dict())
+    assert key["kind"] == "sweep" and key["setting"] == TABLE.to_dict() and key["checkpoint_sha256"] == "t"
+    assert key["eval_images"] == 60 and key["calibration"]["images"] == 64
+    train, test = digits
+    other = Session(model("resnet18"), META, train, test.head(59), Calibration(images=64, max_rows=2048))
+    assert other.result_key("sweep")["eval_sha256"] != s.result_key("sweep")["eval_sha256"]
+
+
+def test_an_interactive_view_opens_a_checkpoint_with_counts_clamped_to_its_splits(resnet18_digits, data_root):
+    with pytest.raises(ConfigError, match="has only"):
+        Session.from_checkpoint(str(resnet18_digits), calibration=Calibration(images=5000), eval_images=100,
+                                data_root=str(data_root))
+    s = Session.from_checkpoint(str(resnet18_digits), calibration=Calibration(images=5000), eval_images=5000,
+                                data_root=str(data_root), download=False, clamp=True)
+    assert s.calibration.images == len(s.calibration_set) < 5000 and len(s.eval_set) < 5000
+    assert s.baseline.eval_images == len(load_dataset("digits", "test"))

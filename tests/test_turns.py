@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-from pathlib import Path
 
 import pytest
 from streamlit.proto.WidgetStates_pb2 import WidgetStates
@@ -14,7 +13,6 @@ from streamlit.runtime.scriptrunner_utils.script_requests import ScriptRequests
 
 from explorer import progress, turns
 from explorer.turns import Cancelled, Line, waiting_text
-from explorer.workbench import MEMORY_RESULTS, ResultStore
 
 WAIT_S = 60  # generous: a bound on a hang, never on speed
 
@@ -133,10 +131,66 @@ def test_only_this_buttons_click_cancels() -> None:
     assert not turns.cancel_clicked("turn_cancel_7", None)  # outside a script run
 
 
-def test_the_result_store_keeps_a_bounded_number_in_memory(tmp_path: Path) -> None:
-    store = ResultStore(tmp_path)
-    for i in range(MEMORY_RESULTS + 5):
-        store.put({"kind": "test", "i": i}, [i])
-    assert len(store._memory) == MEMORY_RESULTS
-    assert store.get({"kind": "test", "i": 0}) == [0]  # dropped from memory, read back from the disk
-    assert len(store._memory) == MEMORY_RESULTS
+def test_short_requests_go_ahead_of_waiting_long_work_in_the_order_they_came() -> None:
+    line = Line()
+    running = line.join("a", "Budgeted search")
+    search = line.join("b", "Sensitivity sweep")
+    toggles = [line.join(f"t{i}", "Evaluating", short=True) for i in range(2)]
+    later_search = line.join("c", "Fine-tuning")
+    late_toggle = line.join("t2", "Evaluating", short=True)
+    assert [line.position(t) for t in (running, *toggles, late_toggle, search, later_search)] == [0, 1, 2, 3, 4, 5]
+
+
+def test_long_work_gives_way_to_waiting_short_requests_between_its_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    line = Line()
+    search = line.join("a", "Budgeted search")
+    assert not line.give_way(search)  # nobody waits: it keeps running
+    other_search = line.join("b", "Sensitivity sweep")
+    assert not line.give_way(search)  # long work never gives way to long work
+    toggle = line.join("c", "Evaluating", short=True)
+    assert not line.give_way(search)  # it has not run for MIN_SLICE_S yet
+    monkeypatch.setattr(turns, "MIN_SLICE_S", 0.0)
+    assert line.give_way(search)
+    assert [line.position(t) for t in (toggle, search, other_search)] == [0, 1, 2]  # it stays ahead of long work
+    assert not line.give_way(toggle)  # short requests never give way
+    line.leave(toggle)
+    assert line.running() is search and search.started is not None
+
+
+def test_work_that_gives_way_releases_its_workbench_lock_until_its_turn_returns(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(turns, "MIN_SLICE_S", 0.0)
+    line, lock = Line(), threading.RLock()
+    search = line.join("a", "Budgeted search")
+    joined, toggled = threading.Event(), threading.Event()
+
+    def toggle() -> None:
+        held = line.join("b", "Evaluating", short=True)
+        joined.set()
+        assert line.wait(held, WAIT_S)
+        with lock:  # the search holds it twice; giving way released both levels
+            toggled.set()
+        line.leave(held)
+
+    with lock, lock:
+        thread = threading.Thread(target=toggle)
+        thread.start()
+        assert joined.wait(WAIT_S)
+        turns.give_way(search, lock, line)  # returns once the toggle ran
+        assert toggled.is_set() and line.running() is search
+        tried: list[bool] = []
+        probe = threading.Thread(target=lambda: tried.append(lock.acquire(timeout=0.2)))
+        probe.start()
+        probe.join(WAIT_S)
+        assert tried == [False]  # held again by the search
+    thread.join(WAIT_S)
+
+
+def test_a_cancel_while_giving_way_is_honoured_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(turns, "MIN_SLICE_S", 0.0)
+    line = Line()
+    search = line.join("a", "Budgeted search")
+    line.join("b", "Evaluating", short=True)  # runs, and never leaves
+    search.cancel()
+    with pytest.raises(Cancelled):
+        turns.give_way(search, threading.RLock(), line)

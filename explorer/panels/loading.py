@@ -150,7 +150,7 @@ def start(wb: Workbench, choice: Choice) -> None:
     with st.status("Building the tables of every layer (first time only: later launches read them from the cache)",
                    expanded=True) as status:
         metrics = actions.evaluate(wb, wb.session.uniform(st.session_state.defaults), "start: every layer tabled",
-                                   "Tables")
+                                   title="Tables")
         status.update(label="Tables ready", state="complete" if metrics else "error", expanded=metrics is None)
     if metrics is None:
         state.show_to(wb.session.baseline.id)

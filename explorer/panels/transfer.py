@@ -13,7 +13,7 @@ from explorer import charts, state, turns
 from explorer.workbench import Workbench
 from tabconv.config import ConfigError, Configuration, from_json
 from tabconv.export import configuration_zip
-from tabconv.metrics import Metrics
+from tabconv.metrics import Metrics, Origin
 from tabconv.stats import accuracy_text
 from tabconv.tablesfile import SUFFIX
 
@@ -31,8 +31,10 @@ def _name(wb: Workbench, current: Metrics) -> str:
 
 def tuned_files(wb: Workbench, metrics: Metrics, tables_file: str) -> tuple[str, bytes] | None:
     """(configuration JSON naming `tables_file`, that file's bytes) of a fine-tuned configuration whose
-    tables this page holds (fine-tuned or imported here); None otherwise."""
+    tables this page holds (fine-tuned or imported here, and not yet dropped from memory); None otherwise."""
     sha = wb.tables_sha256(metrics)
+    if not wb.session.has_tables(metrics):
+        return None
     if sha in wb.tuned:
         run = wb.tuned[sha]
         return run.configuration(wb.session, tables_file).to_json(), run.tables
@@ -52,7 +54,8 @@ def export_button(wb: Workbench, current: Metrics) -> None:
     if charts.is_tuned(current):
         files = tuned_files(wb, current, name + SUFFIX)
         if files is None:
-            st.caption("Fine-tuned tables that this page cannot export (not fine-tuned or imported here).")
+            st.caption("Fine-tuned tables that this page cannot export: not fine-tuned or imported here, or among "
+                       "the oldest runs, which the server no longer keeps (import its two files again).")
             return
         text, tables = files
         st.download_button("Export configuration", text, key="export", file_name=f"{name}.json",
@@ -113,7 +116,7 @@ def _check(wb: Workbench, name: str, data: bytes) -> None:
         _tuned_import(name, data, config)
         return
     st.button("Load this configuration", key="import_load", on_click=state.request,
-              args=(dict(config.layers), f"imported: {name}"))
+              args=(dict(config.layers), f"imported: {name}", Origin.IMPORTED))
 
 
 def _recorded(metrics: dict) -> str:
@@ -134,7 +137,7 @@ def _tuned_import(name: str, data: bytes, config: Configuration) -> None:
                               max_upload_size=TABLES_UPLOAD_MB)
     if tables is None:
         st.button("Load its layer settings with rebuilt (untuned) tables", key="import_load", on_click=state.request,
-                  args=(dict(config.layers), f"imported: {name} (tables rebuilt, not fine-tuned)"))
+                  args=(dict(config.layers), f"imported: {name} (tables rebuilt, not fine-tuned)", Origin.IMPORTED))
         return
     st.button("Evaluate with the fine-tuned tables", key="import_tuned", type="primary", on_click=_request_tuned,
               args=(data.decode("utf-8"), name, tables.getvalue(), tables.name))
