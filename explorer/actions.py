@@ -38,7 +38,8 @@ def evaluate(wb: Workbench, settings: Mapping[str, LayerSetting], label: str, or
             done = Applied(known, label, origin, True, {}, 0, None, time.monotonic() - asked)
             waited = 0.0
         else:
-            with turns.turn(title, short=True) as held, ProgressBar(title) as bar, wb.lock:
+            quick = tables is not None or not wb.session.unbuilt(dict(settings))  # builds no tables: goes first
+            with turns.turn(title, short=quick) as held, ProgressBar(title) as bar, wb.lock:
                 done = wb.session.apply(dict(settings), progress=bar, label=label, origin=origin, tables=tables,
                                         tables_id=tables_id)
             waited = max(0.0, (held.started or asked) - asked)  # behind other tabs' work

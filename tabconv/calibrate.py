@@ -227,6 +227,18 @@ class TableBuilder:
             quantizer.refit_tables(rows, target, self.calibration.ridge)
         return quantizer
 
+    def missing(self, settings: Mapping[str, LayerSetting]) -> list[str]:
+        """Table layers of `settings` whose tables are not in this builder's memory (building them fits them or
+        reads them from the disk): cheap, so a view can tell a quick request from one that builds tables."""
+        names = [n for n in self.structure.names if n in settings and settings[n].is_table]
+        upstream: dict[str, LayerSetting] = {}
+        missing = []
+        for name in names:
+            if cache_key(self.key_parts(name, settings[name], upstream)) not in self._memo:
+                missing.append(name)
+            upstream[name] = settings[name]
+        return missing
+
     def build_all(self, settings: Mapping[str, LayerSetting], progress: Progress | None = None,
                   sources: dict[str, str] | None = None) -> dict[str, ProductQuantizer]:
         """Tables for every table layer of `settings`, in forward order, reporting per-layer progress; `sources`

@@ -269,6 +269,11 @@ class Session:
         while another thread evaluates, so a view can show a recalled configuration without waiting for it."""
         return self._seen.get(_key(self.complete(settings), tables_id))
 
+    def unbuilt(self, settings: Mapping[str, LayerSetting] | Configuration) -> list[str]:
+        """Table layers whose tables evaluating `settings` would first build (fit, or read from the disk cache):
+        none for a toggle among known tables, so a view can let such quick requests go first."""
+        return self.builder.missing(self.complete(settings))
+
     def _evaluate(self, settings: Mapping[str, LayerSetting], quantizers: Mapping[str, ProductQuantizer],
                   progress: Progress | None, label: str, origin: Origin) -> Metrics:
         """Evaluate with these tables and add the result to the history (it becomes the current one)."""

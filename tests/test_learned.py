@@ -103,6 +103,10 @@ def test_least_squares_tables_beat_kmeans_on_a_trained_model_and_key_the_cache_r
     for fit, mode in (("kmeans", "independent"), ("least-squares", "independent"), ("least-squares", "sequential")):
         session = _session(tiny_digits, fit=fit, mode=mode, ridge=0.01)
         metrics = session.apply(session.uniform(setting)).metrics
+        assert session.unbuilt(session.uniform(setting)) == []  # built ones are known, upstream keys included
+        changed = {**session.uniform(setting), session.structure.names[0]: setting.with_(centroids=4)}
+        assert session.unbuilt(changed) == (session.structure.names if mode == "sequential" else
+                                            session.structure.names[:1])
         last = session.structure.names[-1]
         results[fit, mode] = metrics.errors[last].relative_error
         first, later = session.structure.names[0], session.structure.names[1]

@@ -47,7 +47,9 @@ def test_only_the_changed_layer_is_rebuilt(digits):
     first = s.apply(settings)
     assert s.builder.fits == len(s.structure.names)
     assert first.fitted == s.structure.names and set(first.tables.values()) == {FITTED}
+    assert s.unbuilt(settings) == []
     settings["layer3.1.conv1"] = TABLE.with_(centroids=8)
+    assert s.unbuilt(settings) == ["layer3.1.conv1"]
     changed = s.apply(settings)
     assert s.builder.fits == len(s.structure.names) + 1
     assert changed.fitted == ["layer3.1.conv1"]
