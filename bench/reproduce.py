@@ -163,7 +163,7 @@ def run_row(row: Row, args: argparse.Namespace) -> list[dict[str, Any]]:
     full = Session.from_checkpoint(str(checkpoint), calibration=calibration, data_root=args.data_root,
                                    cache=cache, progress=progress)
     rows = []
-    for centroids in (args.centroids, *row.more_centroids):
+    for centroids in (args.centroids, *(() if args.start_only else row.more_centroids)):
         setting = LayerSetting("table", args.codebooks, centroids)
         suffix = ("" if centroids == args.centroids else f"-K{centroids}") + FIT_SUFFIX[args.fit]
         log(f"  start setting C={setting.codebooks}, K={setting.centroids}")
@@ -279,6 +279,8 @@ def main() -> None:
     parser.add_argument("--max-evaluations", type=int, default=150)
     parser.add_argument("--fit", choices=list(FIT_SUFFIX), default="kmeans",
                         help="how tables are fitted; least-squares rows are added beside the k-means ones")
+    parser.add_argument("--start-only", action="store_true",
+                        help="search only the start setting (skip the rows' extra K values and their -K<K> rows)")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--render-only", action="store_true", help="rewrite results.md from results.json")
     args = parser.parse_args()
