@@ -39,11 +39,11 @@ def evaluate(wb: Workbench, settings: Mapping[str, LayerSetting], label: str, or
             waited = 0.0
         else:
             quick = tables is not None or not wb.session.unbuilt(dict(settings))  # builds no tables: goes first
-            with turns.turn(title, short=quick) as held, ProgressBar(title) as bar, wb.lock:
+            with turns.turn(title, short=quick) as held, ProgressBar(title, cancellable=held) as bar, wb.lock:
                 done = wb.session.apply(dict(settings), progress=bar, label=label, origin=origin, tables=tables,
                                         tables_id=tables_id)
             waited = max(0.0, (held.started or asked) - asked)  # behind other tabs' work
-    except turns.Cancelled as exc:  # left the line while waiting
+    except turns.Cancelled as exc:  # left the line, or cancelled at its next progress event: nothing was added
         state.note_cancelled(exc)
         return None
     except Exception as exc:  # a page must survive any failure of the library (e.g. a broken encoder)

@@ -17,6 +17,7 @@ from explorer.panels.tour import busiest_layer
 from explorer.workbench import open_workbench
 from tabconv import search
 from tabconv.metrics import Origin
+from tabconv.session import Session
 from tests.conftest import APP
 from tests.helpers import no_failure
 
@@ -106,18 +107,45 @@ def test_a_cancelled_search_gives_the_server_back_and_keeps_the_page(app: AppTes
 
         return real(session, *args, progress=relay, **kwargs)
 
-    monkeypatch.setattr(search, "greedy_search", cancelled_midway)
     before, seen = app.session_state["current_id"], list(app.session_state["seen"])
-    app.number_input(key="search_budget").set_value(3)
-    app.slider(key="search_target").set_value(50)
-    app.button(key="run_search").click().run()
+    with monkeypatch.context() as patch:  # the app fixture's own patches (its environment) stay
+        patch.setattr(search, "greedy_search", cancelled_midway)
+        app.number_input(key="search_budget").set_value(3)
+        app.slider(key="search_target").set_value(50)
+        app.button(key="run_search").click().run()
     no_failure(app)
     assert any(w.value.startswith("Cancelled after") and "Budgeted search" in w.value for w in app.warning)
     assert app.session_state["current_id"] == before
     assert list(app.session_state["seen"]) == seen  # nothing of the cancelled search joined this tab's history
     assert turns.LINE.running() is None  # the server is free again
 
-    monkeypatch.undo()
     app.button(key="run_search").click().run()  # and the same search runs to its end afterwards
     no_failure(app)
     assert any(s.value.startswith("Search evaluated") for s in app.success)
+
+
+def test_an_evaluation_can_be_cancelled_while_it_runs(app: AppTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancelled as a click on its progress bar's Cancel does it, at the event that starts the evaluation pass:
+    nothing joins the history, the page keeps its configuration and the server is free."""
+    real = Session._evaluate
+
+    def cancelled_at_start(self: Session, *args: object, **kwargs: object) -> object:
+        turns.LINE.running().cancel()
+        return real(self, *args, **kwargs)
+
+    wb = open_workbench(app.session_state["spec"])
+    before, evaluated = app.session_state["current_id"], len(wb.session.history)
+    with monkeypatch.context() as patch:  # the app fixture's own patches (its environment) stay
+        patch.setattr(Session, "_evaluate", cancelled_at_start)
+        app.selectbox(key="group_target").set_value("layer2.1.conv2")
+        app.number_input(key="group_k").set_value(8)  # new tables too: a long request
+        app.button(key="group_table").click().run()
+    no_failure(app)
+    assert any(w.value.startswith("Cancelled after") for w in app.warning)
+    assert app.session_state["current_id"] == before and len(wb.session.history) == evaluated
+    assert turns.LINE.running() is None
+    app.selectbox(key="group_target").set_value("layer2.1.conv2")
+    app.number_input(key="group_k").set_value(8)
+    app.button(key="group_table").click().run()  # asked again, it is evaluated
+    no_failure(app)
+    assert app.session_state["current_id"] == evaluated

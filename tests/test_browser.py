@@ -112,7 +112,8 @@ def _history_label(page: Page) -> str:
 
 def test_two_tabs_keep_their_own_histories_and_take_turns(server: str) -> None:
     """Two browser sessions on one server: the second starts from the first's work (said so), waits in line
-    behind the first's search with its place shown, and the first cancels its search; each keeps its history."""
+    behind the first's search with its place shown (a C/K change fits tables: long work, which waits its turn), and
+    the first cancels its search; each keeps its history."""
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as playwright:
@@ -140,7 +141,10 @@ def test_two_tabs_keep_their_own_histories_and_take_turns(server: str) -> None:
             first.get_by_role("button", name="Run budgeted search").click()
             first.locator('[data-testid="stProgress"]').filter(has_text="Budgeted search").wait_for(timeout=60_000)
 
-            second.get_by_role("button", name="→ exact").click()
+            centroids = second.get_by_role("spinbutton", name="K", exact=True)  # new tables: long work, so it
+            centroids.fill("8")  # waits behind the search (a quick toggle would go first)
+            centroids.press("Enter")
+            second.get_by_role("button", name="→ tables").click()
             second.get_by_text(re.compile(r"Waiting for the server: 1st in line; running now: Budgeted search "
                                           r"\(another tab, \d+ s\)")).wait_for(timeout=60_000)
 
