@@ -2,12 +2,12 @@
 
 Every computation a tab starts (opening a model, an evaluation, a search, a sweep, fine-tuning, a timing) takes a
 turn: turns run one at a time, and a tab holds at most one (a nested computation runs inside the turn its tab
-already holds). Short requests (an evaluation: a toggle, an edit, a load) go ahead of waiting long work (searches,
-sweeps, fine-tuning, timing), first come first served among themselves; long work gives way between two of its
-steps to short requests that wait (`give_way`), after at least MIN_SLICE_S of its own, so that a class's toggles
-are not stuck behind one student's search, and the search still advances. While a tab waits, it shows its place in
-line and what runs ahead of it. A turn can be cancelled by its tab: the flag is checked in the work's progress
-callback, which raises Cancelled.
+already holds). Short requests (an evaluation that builds no tables: a toggle, a load) go ahead of waiting long
+work (searches, sweeps, fine-tuning, timing, evaluations that fit tables), first come first served among
+themselves; long work gives way between two of its steps to short requests that wait (`give_way`), after at least
+MIN_SLICE_S of its own, so that a class's toggles are not stuck behind one student's search, and the search still
+advances. While a tab waits, it shows its place in line and what runs ahead of it. A turn can be cancelled by its
+tab: the flag is checked in the work's progress callback, which raises Cancelled.
 
 Order of locks, everywhere: first the turn, then a workbench's lock; never a turn while holding a workbench's lock
 (work that gives way releases its workbench's lock until its turn comes back).
