@@ -273,11 +273,10 @@ def test_a_result_key_names_the_weights_the_data_and_the_calibration(digits):
     assert other.result_key("sweep")["eval_sha256"] != s.result_key("sweep")["eval_sha256"]
 
 
-def test_an_interactive_view_opens_a_checkpoint_with_counts_clamped_to_its_splits(resnet18_digits, data_root):
+def test_an_interactive_view_opens_a_checkpoint_with_counts_clamped_to_its_splits(resnet18_digits):
     with pytest.raises(ConfigError, match="has only"):
-        Session.from_checkpoint(str(resnet18_digits), calibration=Calibration(images=5000), eval_images=100,
-                                data_root=str(data_root))
+        Session.from_checkpoint(str(resnet18_digits), calibration=Calibration(images=5000), eval_images=100)
     s = Session.from_checkpoint(str(resnet18_digits), calibration=Calibration(images=5000), eval_images=5000,
-                                data_root=str(data_root), download=False, clamp=True)
+                                download=False, clamp=True)
     assert s.calibration.images == len(s.calibration_set) < 5000 and len(s.eval_set) < 5000
     assert s.baseline.eval_images == len(load_dataset("digits", "test"))
