@@ -1,6 +1,6 @@
 """The library's searches, sweeps, fine-tuning and timing: each in its tab's turn (explorer.turns), under the
-workbench lock, with a progress bar that can cancel it (turns.Cancelled reaches the caller). The configurations a
-tab's sweep or search evaluated (or recalled from another tab's) join that tab's history.
+workbench lock, with a progress bar that can cancel it (a cancelled one says so and redraws the page). The
+configurations a tab's sweep or search evaluated (or recalled from another tab's) join that tab's history.
 
 Sweep results that are plain data (the propagation matrix, the sensitivity bars) are written to the
 result store, so a later launch shows them without evaluating anything; the configurations a sweep
@@ -9,6 +9,7 @@ evaluated are in this process's history too (their ids are only valid here, so t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from explorer import state, turns
@@ -21,14 +22,21 @@ from tabconv.metrics import Metrics, Origin
 from tabconv.settings import LayerSetting
 
 
-def _run(wb: Workbench, title: str, work: Any, *args: Any, **kwargs: Any) -> Any:
+def _run(wb: Workbench, title: str, work: Any, *args: Any, on_cancel: Callable[[], None] | None = None,
+         **kwargs: Any) -> Any:
     """`work(session, *args, progress=bar, **kwargs)` in this tab's turn, under the lock, giving way to other tabs'
-    short requests between its steps."""
-    with turns.turn(title) as held, ProgressBar(title, cancellable=held, gives_way=wb.lock) as bar, wb.lock:
-        return work(wb.session, *args, progress=bar, **kwargs)
+    short requests between its steps. Cancelled by its tab, it says so and redraws the page (after `on_cancel`)."""
+    try:
+        with turns.turn(title) as held, ProgressBar(title, cancellable=held, gives_way=wb.lock) as bar, wb.lock:
+            return work(wb.session, *args, progress=bar, **kwargs)
+    except turns.Cancelled as exc:
+        if on_cancel is not None:
+            on_cancel()
+        state.cancelled(exc)
 
 
-def propagation(wb: Workbench, setting: LayerSetting, run: bool = True) -> dict[str, Any] | None:
+def propagation(wb: Workbench, setting: LayerSetting, run: bool = True,
+                on_cancel: Callable[[], None] | None = None) -> dict[str, Any] | None:
     """Rows 'only layer i tabled' × columns 'output of every layer' (cosine and relative error); when not in
     the store, computed only when `run` (one evaluation per layer), else None."""
     parts = wb.identity("propagation", setting)
@@ -36,7 +44,7 @@ def propagation(wb: Workbench, setting: LayerSetting, run: bool = True) -> dict[
     if found is None and run:
         layers = len(wb.structure.names)
         result = _run(wb, f"Error propagation: each of the {layers} layers tabled alone ({layers} evaluations, once)",
-                      search.propagation_matrix, setting)
+                      search.propagation_matrix, setting, on_cancel=on_cancel)
         found = {key: result[key] for key in ("layers", "cosine", "relative_error")}
         wb.store.put(parts, found)
     return found

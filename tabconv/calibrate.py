@@ -227,10 +227,14 @@ class TableBuilder:
             quantizer.refit_tables(rows, target, self.calibration.ridge)
         return quantizer
 
+    def _table_names(self, settings: Mapping[str, LayerSetting]) -> list[str]:
+        """The table layers of `settings`, in forward order."""
+        return [n for n in self.structure.names if n in settings and settings[n].is_table]
+
     def missing(self, settings: Mapping[str, LayerSetting]) -> list[str]:
         """Table layers of `settings` whose tables are not in this builder's memory (building them fits them or
         reads them from the disk): cheap, so a view can tell a quick request from one that builds tables."""
-        names = [n for n in self.structure.names if n in settings and settings[n].is_table]
+        names = self._table_names(settings)
         upstream: dict[str, LayerSetting] = {}
         missing = []
         for name in names:
@@ -243,7 +247,7 @@ class TableBuilder:
                   sources: dict[str, str] | None = None) -> dict[str, ProductQuantizer]:
         """Tables for every table layer of `settings`, in forward order, reporting per-layer progress; `sources`
         (when given) receives where each layer's tables came from (FITTED, LOADED or REUSED)."""
-        names = [n for n in self.structure.names if n in settings and settings[n].is_table]
+        names = self._table_names(settings)
         built: dict[str, ProductQuantizer] = {}
         for i, name in enumerate(names):
             setting = settings[name]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import streamlit as st
 
 from explorer import editing, state, sweeps
-from explorer.turns import Cancelled
 from explorer.workbench import Workbench
 from tabconv.search import RANKINGS
 from tabconv.settings import LayerSetting
@@ -33,10 +32,7 @@ def _masking(wb: Workbench, setting: LayerSetting) -> None:
     st.slider("Layers that stay exact", 0, layers, key="mask_exact", on_change=_mask_moved,
               args=(wb, setting, rank_by), help="Once masking has run, moving the slider loads that point at once.")
     if st.button("Apply priority masking", key="run_masking", type="primary"):
-        try:
-            result = sweeps.masking(wb, setting, rank_by)
-        except Cancelled as exc:
-            state.cancelled(exc)
+        result = sweeps.masking(wb, setting, rank_by)
         st.session_state.load_request = result["ids"][st.session_state.mask_exact]
         state.refresh()
     result = wb.sweeps.get(("priority", setting, rank_by))
@@ -76,10 +72,7 @@ def _search(wb: Workbench, setting: LayerSetting) -> None:
                                 help="At most this many greedy evaluations after the masking sweep.")
     if st.button("Run budgeted search", key="run_search", type="primary"):
         cap_bytes = int(cap * base.baseline.storage_bytes) if cap > 0 else None
-        try:
-            result = sweeps.budgeted(wb, setting, target / 100, cap_bytes, convention, int(budget))
-        except Cancelled as exc:
-            state.cancelled(exc)
+        result = sweeps.budgeted(wb, setting, target / 100, cap_bytes, convention, int(budget))
         if result.best is None:
             state.notify("warning", f"No configuration among the {len(result.points)} evaluated kept {target}% "
                          "of the exact accuracy" + (" under the storage cap" if cap_bytes else "") + ".")

@@ -10,7 +10,6 @@ import pandas as pd
 import streamlit as st
 
 from explorer import charts, state, sweeps
-from explorer.turns import Cancelled
 from explorer.workbench import Workbench
 from tabconv import finetune as finetuning
 from tabconv.finetune import Tuned
@@ -53,8 +52,6 @@ def panel(wb: Workbench, current: Metrics) -> None:
     if start:
         try:
             run = sweeps.finetune(wb, current, int(steps), int(images), float(lr), float(layer_loss))
-        except Cancelled as exc:
-            state.cancelled(exc)
         except Exception as exc:  # the page survives any failure of the library
             state.notify("error", f"Fine-tuning failed: {exc}")
         else:

@@ -7,7 +7,6 @@ from functools import partial
 import streamlit as st
 
 from explorer import charts, editing, state, sweeps
-from explorer.turns import Cancelled
 from explorer.workbench import Workbench
 from tabconv.metrics import Metrics
 from tabconv.settings import LayerSetting
@@ -58,20 +57,14 @@ def propagation(wb: Workbench, current: Metrics) -> None:
     # The built-in models are small: their heatmap is drawn at once. A user's network can have a hundred layers at
     # 224x224, so there it waits for a click instead of holding up the rest of the page (as after a Cancel).
     automatic = wb.spec.user is None and "heatmap_cancelled" not in st.session_state
-    try:
-        matrix = sweeps.propagation(wb, setting, run=automatic)
-    except Cancelled as exc:
-        st.session_state.heatmap_cancelled = True
-        state.cancelled(exc)
+    matrix = sweeps.propagation(wb, setting, run=automatic,
+                                on_cancel=lambda: st.session_state.update(heatmap_cancelled=True))
     if matrix is None:
         layers = len(wb.structure.names)
         st.info(f"Error propagation: each of the {layers} layers tabled alone, every layer's output compared with "
                 f"the exact one ({layers} evaluations on {current.eval_images} images; kept on disk afterwards).")
         if st.button("Compute the error-propagation heatmap", key="run_propagation"):
-            try:
-                sweeps.propagation(wb, setting)
-            except Cancelled as exc:
-                state.cancelled(exc)
+            sweeps.propagation(wb, setting)
             state.refresh()
     else:
         current_row = [getattr(current.errors[name], metric) for name in matrix["layers"]]
@@ -90,10 +83,7 @@ def _sensitivity(wb: Workbench, setting: LayerSetting) -> None:
         st.info(f"Sensitivity in both directions: per layer, tabling only it and keeping only it exact "
                 f"({2 * layers} evaluations; the first direction reuses the heatmap's).")
         if st.button("Run the sensitivity sweep", key="run_sensitivity"):
-            try:
-                sweeps.sensitivity(wb, setting, run=True)
-            except Cancelled as exc:
-                state.cancelled(exc)
+            sweeps.sensitivity(wb, setting, run=True)
             state.refresh()
         return
     _chart(charts.sensitivity_bars(result["rows"], result["all_tables_retention"]), "sensitivity")

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from explorer import state, sweeps
-from explorer.turns import Cancelled
+from explorer import sweeps
 from explorer.workbench import Workbench
 from tabconv.latency import Latency
 from tabconv.metrics import Metrics
@@ -28,8 +27,6 @@ def panel(wb: Workbench, current: Metrics) -> None:
         if start:
             try:
                 st.session_state.speed[current.id] = sweeps.speed(wb, current, int(batch), REPEATS)
-            except Cancelled as exc:
-                state.cancelled(exc)
             except Exception as exc:  # the page survives any failure of the library
                 st.error(f"Timing failed: {exc}")
         timed = st.session_state.speed.get(current.id)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import streamlit as st
 
 from explorer import editing, state, sweeps
-from explorer.turns import Cancelled
 from explorer.workbench import Workbench
 from tabconv.settings import EXACT
 
@@ -111,16 +110,10 @@ def apply(wb: Workbench) -> None:
     elif name == "every layer":
         state.request(session.uniform(setting), "tour: every layer tabled")
     elif name == "priority masking":
-        try:
-            ids = sweeps.masking(wb, setting, "cumulative")["ids"]
-        except Cancelled as exc:
-            state.cancelled(exc)
+        ids = sweeps.masking(wb, setting, "cumulative")["ids"]
         st.session_state.load_request = ids[min(MASKED, len(ids) - 1)]  # a model with fewer layers: all exact
     else:
-        try:
-            result = sweeps.budgeted(wb, setting, SEARCH_TARGET / 100, None, "paper", SEARCH_BUDGET)
-        except Cancelled as exc:
-            state.cancelled(exc)
+        result = sweeps.budgeted(wb, setting, SEARCH_TARGET / 100, None, "paper", SEARCH_BUDGET)
         best = result.best or session.baseline
         st.session_state.load_request = best.id
         state.notify("success", f"Search evaluated {len(result.points)} configurations (most recalled from the "
