@@ -56,7 +56,7 @@ from tests.browser_helpers import CHROMIUM, CHROMIUM_ARGS, start_server, stop_se
 
 KINDS = ("open", "toggle", "ck", "search", "masking")
 ARRIVAL_S = (0.0, 5.0)  # a class does not open the page in the same second
-THINK_S = (1.0, 4.0)
+THINK_S = (1.0, 4.0)  # the default pace: a stress test; a class that reads the page thinks longer (--think)
 TOGGLE_SHARE = 0.6  # of the requests that are not the one search or masking; the rest are C/K changes
 C_CHOICES = (4, 8, 16)
 K_CHOICES = (16, 32, 64)
@@ -259,7 +259,7 @@ class Student:
         search_at = time.monotonic() + self.rng.uniform(*SEARCH_AT) * self.args.minutes * 60
         automatic = self.search if self.index % 2 == 0 else self.masking
         while time.monotonic() < end or automatic is not None:
-            await asyncio.sleep(self.rng.uniform(*THINK_S))
+            await asyncio.sleep(self.rng.uniform(*self.args.think))
             if automatic is not None and (time.monotonic() >= search_at or time.monotonic() >= end):
                 finished, automatic = await automatic(), None
             elif self.rng.random() < TOGGLE_SHARE:
@@ -490,7 +490,7 @@ def by_kind(requests: list[Request]) -> dict[str, dict[str, Any]]:
 def summary(args: argparse.Namespace, requests: list[Request], finals: list[Final], peak_rss: int, wall_s: float,
             checkpoint_note: str) -> dict[str, Any]:
     return {"students": args.students, "minutes": args.minutes, "seed": args.seed, "search_budget": args.search_budget,
-            "wall_s": wall_s, "checkpoint": checkpoint_note, "kinds": by_kind(requests),
+            "think_s": list(args.think), "wall_s": wall_s, "checkpoint": checkpoint_note, "kinds": by_kind(requests),
             "errors": [asdict(r) for r in requests if r.error],
             "sessions": {"verified": sum(f.exported is not None for f in finals),
                          "mismatched": sum(f.exported is not None and bool(f.problem) for f in finals),
@@ -508,7 +508,8 @@ def table(result: dict[str, Any]) -> str:
         return "-" if value is None else f"{value:.2f}"
 
     lines = [f"classroom: {result['students']} students, {result['minutes']:g} min each, seed {result['seed']}, "
-             f"search budget {result['search_budget']}; server up {result['wall_s']:.0f} s; {result['checkpoint']}",
+             f"search budget {result['search_budget']}, think {result['think_s'][0]:g}-{result['think_s'][1]:g} s; "
+             f"server up {result['wall_s']:.0f} s; {result['checkpoint']}",
              f"{'kind':<8} {'requests':>8} {'errors':>6} {'p50 s':>7} {'p95 s':>7} {'max s':>7} {'shown p95':>9} "
              f"{'queue p50':>9} {'queue p95':>9} {'waited':>6} {'place':>5}"]
     for kind, row in result["kinds"].items():
@@ -573,11 +574,23 @@ def measure(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     return result
 
 
+def _think(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--think takes two seconds, LO,HI (e.g. 10,30), got {text!r}") from None
+    if not 0 <= low <= high:
+        raise argparse.ArgumentTypeError(f"--think needs 0 <= LO <= HI, got {text!r}")
+    return low, high
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--students", type=int, default=10)
     parser.add_argument("--minutes", type=float, default=3.0, help="each student's scripted mix after its page opened")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--think", type=_think, default=THINK_S, metavar="LO,HI",
+                        help="seconds a student thinks before each click, drawn uniformly (default %(default)s)")
     parser.add_argument("--search-budget", type=int, default=5, help="evaluations of each budgeted search")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take before it counts "
                         "as an error (and its student stops)")

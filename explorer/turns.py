@@ -15,6 +15,7 @@ Order of locks, everywhere: first the turn, then a workbench's lock; never a tur
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -39,6 +40,9 @@ class Cancelled(Exception):
         super().__init__(f"{turn.title}: cancelled after {self.seconds:.0f} s")
 
 
+_SERIALS = itertools.count(1)
+
+
 @dataclass(eq=False)
 class Turn:
     """One computation in line: whose (a browser session's id) and what, for the others' waiting message."""
@@ -50,6 +54,9 @@ class Turn:
     started: float | None = None  # time.monotonic() when it began to run
     depth: int = 1  # nested computations of the same tab inside this turn
     cancel_requested: threading.Event = field(default_factory=threading.Event)
+    # unique for the process's life: the key of its waiting note's Cancel button (an id() is reused once the object
+    # is freed, so two waits in one page run could get the same key; Streamlit refuses duplicate keys)
+    serial: int = field(default_factory=lambda: next(_SERIALS))
 
     def cancel(self) -> None:
         self.cancel_requested.set()
@@ -221,7 +228,7 @@ def _wait(line: Line, held: Turn) -> None:
         line.wait(held, None)
         return
     note = st.empty()
-    key = f"turn_leave_{id(held)}"
+    key = f"turn_leave_{held.serial}"
     with note.container():
         text = st.empty()
         text.info(waiting_text(line, held), icon=":material/hourglass_top:")

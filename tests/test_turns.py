@@ -194,3 +194,34 @@ def test_a_cancel_while_giving_way_is_honoured_at_once(monkeypatch: pytest.Monke
     search.cancel()
     with pytest.raises(Cancelled):
         turns.give_way(search, threading.RLock(), line)
+
+
+def _two_waits_in_one_run() -> None:
+    import threading
+
+    import streamlit as st
+
+    from explorer import turns
+
+    line = turns.Line()
+    first_blocker = line.join("another tab", "Opening a model")
+    threading.Timer(0.3, line.leave, args=(first_blocker,)).start()
+    with turns.turn("first", line=line):
+        st.write("first ran")
+        second_blocker = line.join("another tab", "Opening a model")  # in line behind this tab's turn
+        release = threading.Timer(0.3, line.leave, args=(second_blocker,))
+    release.start()
+    with turns.turn("second", line=line):  # the first turn is freed: its memory (and id) can be the new one's
+        st.write("second ran")
+
+
+def test_two_waits_in_one_page_run_get_their_own_cancel_buttons(monkeypatch: pytest.MonkeyPatch) -> None:
+    # each wait shows a Cancel button. Keys made from id(turn) repeated once a freed turn's memory held the next
+    # one, and Streamlit refused the page run (StreamlitDuplicateElementKey, seen with 25 students opening at
+    # once); every id() here is the same, as when memory is reused
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setattr(turns, "id", lambda obj: 7, raising=False)
+    app = AppTest.from_function(_two_waits_in_one_run, default_timeout=30).run()
+    assert not app.exception
+    assert [m.value for m in app.markdown] == ["first ran", "second ran"]
