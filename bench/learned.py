@@ -35,8 +35,8 @@ class Row:
     fit: str = "kmeans"
     mode: str = "independent"
     steps: int = 0  # fine-tuning steps (0: none)
-    images: int = 1000  # calibration images
-    max_rows: int = 16384  # calibration rows per layer
+    images: int = Calibration.images  # calibration images (the library's default unless a row says otherwise)
+    max_rows: int = Calibration.max_rows  # calibration rows per layer
 
 
 RIDGE = 0.01
