@@ -20,7 +20,7 @@ from tabconv.atomic import atomic_write_bytes
 from tabconv.cache import TableCache
 from tabconv.config import FIT_METHODS, Calibration, ConfigError, Configuration
 from tabconv.cost import CONVENTIONS, model_cost
-from tabconv.data import DATASETS, DatasetUnavailable
+from tabconv.data import DATASETS, EVAL_SPLITS, DatasetUnavailable
 from tabconv.imagefolder import ImageFolderError
 from tabconv.lowering import LoweringError
 from tabconv.metrics import Origin
@@ -157,7 +157,10 @@ def _session(args: argparse.Namespace, calibration: Calibration | None = None):
             raise CliError(f"{', '.join(given)} go with --arch (a checkpoint brings its own model and dataset)")
         return Session.from_checkpoint(args.checkpoint, calibration=calibration, eval_images=args.eval_images,
                                        data_root=args.data_root, cache=cache, device=args.device,
-                                       progress=_progress_bar("session"))
+                                       progress=_progress_bar("session"), eval_split=args.eval_split)
+    if args.eval_split != "test":
+        raise CliError(f"--eval-split {args.eval_split} goes with --checkpoint; with --arch, the image folder's "
+                       "evaluation part is the one evaluated on")
     if args.image_folder is None:
         raise CliError(f"--arch {args.arch} needs {args.image_folder_flag} DIR (DIR/<class>/*.jpg, or DIR/train and "
                        f"DIR/val)")
@@ -187,6 +190,7 @@ def _apply_config(session, loaded: Configuration, tables: dict | None, label: st
 def _metrics_json(session, metrics) -> dict[str, Any]:
     return {"checkpoint": str(session.meta.get("sha256")), "model": session.meta["model"],
             "dataset": session.meta["dataset"], "calibration": vars(session.calibration),
+            "eval_split": session.eval_set.split,
             **metrics.to_dict(session.structure, session.calibration.images), **_versus(metrics, session.baseline,
                                                                                          "exact")}
 
@@ -204,8 +208,9 @@ def _versus_line(metrics, reference, name: str) -> str:
             f"{test.counts_text(name, 'this one')}")
 
 
-def _metrics_lines(metrics, baseline) -> list[str]:
-    return [f"test accuracy {accuracy_text(metrics.correct, metrics.eval_images, 2)}; "
+def _metrics_lines(session, metrics) -> list[str]:
+    baseline, split = session.baseline, session.eval_set.split
+    return [f"{split} accuracy {accuracy_text(metrics.correct, metrics.eval_images, 2)}; "
             f"baseline {metrics.baseline_accuracy:.2%}, retention {metrics.retention:.1%}",
             _versus_line(metrics, baseline, "the exact network"),
             f"FLOPs paper convention (encoding free): {metrics.flops_paper:,} ({-metrics.reduction_paper:+.1%}); "
@@ -228,7 +233,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             raise CliError("--save-config cannot copy a fine-tuned configuration (its tables file belongs to it); "
                            "copy the configuration and its .tables.pt file together instead")
         session.configuration(metrics).save(args.save_config)
-    _emit(_metrics_json(session, metrics), args.json, _metrics_lines(metrics, session.baseline))
+    _emit(_metrics_json(session, metrics), args.json, _metrics_lines(session, metrics))
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -251,7 +256,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                             f"({report.seconds:.0f} s): distillation loss {report.loss_before:.4f} -> "
                             f"{report.loss_after:.4f}",
                             _versus_line(metrics, parent, "the untuned parent"),
-                            f"-> {out} + {tables_path.name}", *_metrics_lines(metrics, session.baseline)])
+                            f"-> {out} + {tables_path.name}", *_metrics_lines(session, metrics)])
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -271,8 +276,11 @@ def cmd_search(args: argparse.Namespace) -> None:
     session.configuration(result.best).save(args.out)
     data = {**_metrics_json(session, result.best), "strategy": args.strategy, "evaluated": len(result.points),
             "ranking": result.ranking, "config_file": str(args.out)}
+    chosen_on = ([] if session.eval_set.split == "validation" else
+                 ["chosen on these test images, so its test accuracy is optimistic: search with --eval-split "
+                  "validation --eval-images N, then evaluate --config on the test split"])
     _emit(data, args.json, [f"{args.strategy}: best of {len(result.points)} configurations -> {args.out}",
-                            *_metrics_lines(result.best, session.baseline)])
+                            *_metrics_lines(session, result.best), *chosen_on])
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> None:
@@ -374,6 +382,9 @@ def _session_options(p: argparse.ArgumentParser, folder_flags: tuple[str, ...] =
                    help="first N training images used to learn prototypes (default %(default)s)")
     p.add_argument("--eval-images", type=_positive, default=None,
                    help="first N test images to evaluate on (default: the whole test split)")
+    p.add_argument("--eval-split", choices=EVAL_SPLITS, default="test",
+                   help="evaluate on the test split, or on a validation set: the last --eval-images training images "
+                   "(apart from the calibration images), e.g. to search without looking at the test split")
     p.add_argument("--calibration", choices=("independent", "sequential"), default="independent",
                    help="learn each layer on exact activations, or on approximated upstream ones (the paper's)")
     p.add_argument("--max-rows", type=_positive, default=Calibration.max_rows,

@@ -27,6 +27,9 @@ _DOWNLOAD_HOW = "downloaded by torchvision on first use (needs network)"
 _OFFLINE_HOW = "offline on the project's machines: ../shared/datasets/prepare.sh DEST, then use DEST as the data root"
 
 
+EVAL_SPLITS = ("test", "validation")  # what a session evaluates on; validation: ImageSet.held_out
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """Static facts about a dataset; loading it is ``load_dataset``'s job."""
@@ -179,6 +182,16 @@ class ImageSet:
                 f"which has {len(self)} (use 1..{len(self)} or all)"
             )
         return ImageSet(self.info, self.split, self.images[:n], self.labels[:n])
+
+    def held_out(self, n: int, taken: int) -> ImageSet:
+        """The last n images, named "validation": choosing on them (a search) leaves the test split for the numbers
+        reported, and they stay apart from the first `taken` images (calibration, fine-tuning), which come first."""
+        if n < 1 or n + taken > len(self):
+            raise ValueError(
+                f"asked for the last {n} of the {len(self)} {self.info.name} {self.split} images as a validation set, "
+                f"but the first {taken} are used for calibration: use at most {max(0, len(self) - taken)}"
+            )
+        return ImageSet(self.info, "validation", self.images[-n:], self.labels[-n:])
 
     def batches(
         self, batch_size: int, device: torch.device | str | None = None

@@ -80,6 +80,15 @@ def test_head(digits_train: ImageSet) -> None:
         digits_train.head(2000)
 
 
+def test_held_out_is_the_last_images_apart_from_the_first_ones(digits_train: ImageSet) -> None:
+    validation = digits_train.held_out(100, taken=1000)
+    assert validation.split == "validation" and len(validation) == 100
+    assert torch.equal(validation.images, digits_train.images[-100:])
+    assert torch.equal(validation.labels, digits_train.labels[-100:])
+    with pytest.raises(ValueError, match="first 1300 are used for calibration: use at most 47"):
+        digits_train.held_out(100, taken=1300)
+
+
 def test_resolve_root_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TABCONV_DATA", str(tmp_path / "env"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

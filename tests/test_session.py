@@ -280,3 +280,24 @@ def test_an_interactive_view_opens_a_checkpoint_with_counts_clamped_to_its_split
                                 download=False, clamp=True)
     assert s.calibration.images == len(s.calibration_set) < 5000 and len(s.eval_set) < 5000
     assert s.baseline.eval_images == len(load_dataset("digits", "test"))
+
+
+def test_a_validation_session_evaluates_on_the_last_training_images_apart_from_calibration(resnet18_digits):
+    calibration = Calibration(images=512, max_rows=2048)
+    s = Session.from_checkpoint(str(resnet18_digits), calibration=calibration, eval_images=200, eval_split="validation")
+    train = load_dataset("digits", "train")
+    assert s.eval_set.split == "validation" and torch.equal(s.eval_set.images, train.images[-200:])
+    assert s.baseline.eval_images == 200
+    tabled = s.apply(s.uniform(TABLE)).metrics
+    with torch.no_grad():  # the session's accuracy is the model's on exactly those images
+        hits = (s.model(train.normalize(train.images[-200:])).argmax(1) == train.labels[-200:]).sum()
+    assert s.baseline.correct == int(hits) and tabled.eval_images == 200
+    test = Session.from_checkpoint(str(resnet18_digits), calibration=calibration, eval_images=200)
+    assert test.eval_sha256 != s.eval_sha256  # a different key for every stored result
+    with pytest.raises(ConfigError, match="use at most 835"):
+        Session.from_checkpoint(str(resnet18_digits), calibration=calibration, eval_images=900,
+                                eval_split="validation")
+    with pytest.raises(ConfigError, match="needs its size"):
+        Session.from_checkpoint(str(resnet18_digits), calibration=calibration, eval_split="validation")
+    with pytest.raises(ConfigError, match="eval_split must be one of"):
+        Session.from_checkpoint(str(resnet18_digits), calibration=calibration, eval_split="val")
