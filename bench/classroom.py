@@ -12,19 +12,26 @@ search (even students) or priority masking (odd ones).
 Per request: latency = from the click until the browser has received the end of the last script run the click
 caused (Streamlit's `script_finished`, not "finished early for a rerun"; its running indicator is not drawn for
 fragment runs, so the websocket says when a run ends); shown = until the page then had no stale element left (adds
-the browser's rendering, on this machine's CPUs too); queue wait = how long the server's note "Waiting for the
+the browser's rendering, on this machine's CPUs too); server = from the rerun request the browser sent (its
+first `rerun_script` websocket frame after the click) until that `script_finished`: the server's share, without
+the time a busy browser takes to turn a click into a request; queue wait = how long the server's note "Waiting for the
 server: Nth in line" stood, from the websocket: its first frame until the delta that removes it, summed over the
 request's waits (the page's own timers lag when other pages share the CPUs); errors = exception or st.error boxes
 on the page after it, timeouts, and a page whose configuration is not the one asked for. The server's RSS (with
 its children) is sampled every second. At the end every page's configuration is exported (its download button)
 and evaluated afresh in this process: a new Session and a new, empty table cache, so the tables are rebuilt too;
 its accuracy must equal the exported one and the one the page shows.
+
+`--server-cpus 0` runs the server (and its torch threads) on CPU 0 only and the browsers on the others: in a class
+the students' browsers run on their own machines, and on this 2-core machine 25 chromium pages rendering plotly
+charts otherwise take CPU time from the server they measure. The server then has one core, half the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -35,7 +42,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from playwright.async_api import Browser, Page, async_playwright  # noqa: E402
+from streamlit.proto.BackMsg_pb2 import BackMsg  # noqa: E402
 from streamlit.proto.ForwardMsg_pb2 import ForwardMsg  # noqa: E402
 
 from tabconv import zoo  # noqa: E402
@@ -94,6 +102,7 @@ class Request:
     at_s: float  # when it was clicked, seconds after the benchmark started
     detail: str = ""  # what was asked: a layer, a group and C/K
     latency_s: float | None = None  # None: it did not finish
+    server_s: float | None = None  # from the rerun request the browser sent until the end of its runs
     shown_s: float | None = None  # until the page had redrawn every element after that end (the browser's share)
     queue_s: float = 0.0
     place: int = 0  # the worst place in line the page showed (0: never waited)
@@ -143,6 +152,7 @@ class Runs:
         self.started = asyncio.Event()
         self.ended = asyncio.Event()
         self.ended_at = 0.0
+        self.sent_at: float | None = None  # the first rerun request sent since `expect`
         self.connections = 0
         self.waiting = Waiting()
 
@@ -150,6 +160,7 @@ class Runs:
         """Forget earlier runs: the next click's runs are awaited."""
         self.started.clear()
         self.ended.clear()
+        self.sent_at = None
         self.waiting = Waiting()
 
     async def finish(self, timeout: float) -> float:
@@ -168,6 +179,14 @@ class Runs:
     def watch(self, socket: Any) -> None:
         self.connections += 1
         socket.on("framereceived", self._frame)
+        socket.on("framesent", self._sent)
+
+    def _sent(self, payload: str | bytes) -> None:
+        """The page's requests are few: each is parsed, and the first rerun request since `expect` is noted."""
+        now = time.monotonic()
+        if self.sent_at is None and isinstance(payload, bytes) and BackMsg.FromString(payload).WhichOneof(
+                "type") == "rerun_script":
+            self.sent_at = now
 
     def _frame(self, payload: str | bytes) -> None:
         if not isinstance(payload, bytes):
@@ -280,7 +299,9 @@ class Student:
             self.runs.expect()
             clicked = time.monotonic()
             await act()
-            record.latency_s = await self.runs.finish(self.args.timeout) - clicked
+            ended = await self.runs.finish(self.args.timeout)
+            record.latency_s = ended - clicked
+            record.server_s = None if self.runs.sent_at is None else ended - self.runs.sent_at
             await self.page.wait_for_function(NOT_STALE_JS, timeout=WIDGET_TIMEOUT_S * 1000)
             record.shown_s = time.monotonic() - clicked
             waiting = self.runs.waiting
@@ -427,11 +448,27 @@ async def classroom(url: str, structure: ModelStructure, args: argparse.Namespac
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
+            if args.warm:
+                args.warm_s = await warm_up(browser, url, args.timeout)
             students = [await student(browser, i, url, structure, args, started) for i in range(args.students)]
             finals = await asyncio.gather(*(s.run() for s in students))
         finally:
             await browser.close()
     return [r for s in students for r in s.requests], list(finals)
+
+
+async def warm_up(browser: Browser, url: str, timeout: float) -> float:
+    """The teacher opens the page once before the class (not measured): the model opens, the starting
+    configuration's tables are built and the heatmap's sweep is run, as the README advises. Returns how long that
+    took."""
+    begun = time.monotonic()
+    context = await browser.new_context(viewport=VIEWPORT)
+    page = await context.new_page()
+    await page.goto(url, timeout=timeout * 1000)
+    await page.get_by_text("Current configuration #").wait_for(timeout=timeout * 1000)
+    await page.get_by_text("Rows: one layer tabled alone").wait_for(timeout=timeout * 1000)  # the heatmap's sweep
+    await context.close()
+    return time.monotonic() - begun
 
 
 async def student(browser: Browser, index: int, url: str, structure: ModelStructure, args: argparse.Namespace,
@@ -476,10 +513,12 @@ def by_kind(requests: list[Request]) -> dict[str, dict[str, Any]]:
     for kind in (*KINDS, "all"):
         chosen = [r for r in requests if kind in ("all", r.kind)]
         done = [r.latency_s for r in chosen if r.latency_s is not None]
+        served = [r.server_s for r in chosen if r.server_s is not None]
         shown = [r.shown_s for r in chosen if r.shown_s is not None]
         queued = [r.queue_s for r in chosen if r.latency_s is not None]
         rows[kind] = {"requests": len(chosen), "errors": sum(bool(r.error) for r in chosen),
                       "p50_s": percentile(done, 0.5), "p95_s": percentile(done, 0.95), "max_s": max(done, default=None),
+                      "server_p50_s": percentile(served, 0.5), "server_p95_s": percentile(served, 0.95),
                       "shown_p50_s": percentile(shown, 0.5), "shown_p95_s": percentile(shown, 0.95),
                       "queue_p50_s": percentile(queued, 0.5), "queue_p95_s": percentile(queued, 0.95),
                       "queue_max_s": max(queued, default=None), "waited": sum(r.place > 0 for r in chosen),
@@ -490,7 +529,9 @@ def by_kind(requests: list[Request]) -> dict[str, dict[str, Any]]:
 def summary(args: argparse.Namespace, requests: list[Request], finals: list[Final], peak_rss: int, wall_s: float,
             checkpoint_note: str) -> dict[str, Any]:
     return {"students": args.students, "minutes": args.minutes, "seed": args.seed, "search_budget": args.search_budget,
-            "think_s": list(args.think), "wall_s": wall_s, "checkpoint": checkpoint_note, "kinds": by_kind(requests),
+            "think_s": list(args.think), "warm_s": args.warm_s,
+            "server_cpus": args.server_cpus and sorted(args.server_cpus),
+            "wall_s": wall_s, "checkpoint": checkpoint_note, "kinds": by_kind(requests),
             "errors": [asdict(r) for r in requests if r.error],
             "sessions": {"verified": sum(f.exported is not None for f in finals),
                          "mismatched": sum(f.exported is not None and bool(f.problem) for f in finals),
@@ -510,11 +551,15 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"classroom: {result['students']} students, {result['minutes']:g} min each, seed {result['seed']}, "
              f"search budget {result['search_budget']}, think {result['think_s'][0]:g}-{result['think_s'][1]:g} s; "
              f"server up {result['wall_s']:.0f} s; {result['checkpoint']}",
+             f"server on CPUs {result['server_cpus'] or 'all (shared with the browsers)'}; "
+             + ("cold: the class opened it" if result["warm_s"] is None else
+                f"warm: the teacher's page opened it first ({result['warm_s']:.0f} s, not measured)"),
              f"{'kind':<8} {'requests':>8} {'errors':>6} {'p50 s':>7} {'p95 s':>7} {'max s':>7} {'shown p95':>9} "
-             f"{'queue p50':>9} {'queue p95':>9} {'waited':>6} {'place':>5}"]
+             f"{'server p50':>10} {'server p95':>10} {'queue p50':>9} {'queue p95':>9} {'waited':>6} {'place':>5}"]
     for kind, row in result["kinds"].items():
         lines.append(f"{kind:<8} {row['requests']:>8} {row['errors']:>6} {sec(row['p50_s']):>7} {sec(row['p95_s']):>7} "
-                     f"{sec(row['max_s']):>7} {sec(row['shown_p95_s']):>9} {sec(row['queue_p50_s']):>9} "
+                     f"{sec(row['max_s']):>7} {sec(row['shown_p95_s']):>9} {sec(row.get('server_p50_s')):>10} "
+                     f"{sec(row.get('server_p95_s')):>10} {sec(row['queue_p50_s']):>9} "
                      f"{sec(row['queue_p95_s']):>9} {row['waited']:>6} {row['worst_place']:>5}")
     sessions = result["sessions"]
     lines.append(f"sessions: {sessions['verified']} verified against a fresh evaluation, {sessions['mismatched']} "
@@ -558,7 +603,8 @@ def measure(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     structure = structure_of(checkpoint)
     started = time.monotonic()
     with (folder / "streamlit.log").open("w") as log:
-        server, url = start_server({**os.environ, **env}, log)
+        with pinned(args.server_cpus) as server_env:
+            server, url = start_server({**os.environ, **env, **server_env}, log)
         sampler = PeakRss(server.pid)
         sampler.start()
         try:
@@ -572,6 +618,31 @@ def measure(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     if result["errors"] or result["sessions"]["unverified"]:  # the server's side of it, before its folder goes
         result["server_log_tail"] = (folder / "streamlit.log").read_text(errors="replace").splitlines()[-30:]
     return result
+
+
+@contextlib.contextmanager
+def pinned(cpus: set[int] | None) -> Iterator[dict[str, str]]:
+    """While the server starts, this process (and so the server it spawns) runs on `cpus` with as many torch
+    threads; afterwards, for good, on the other CPUs, which the browsers launched later inherit. None: no pinning."""
+    if not cpus:
+        yield {}
+        return
+    everything = os.sched_getaffinity(0)
+    if not cpus < everything:
+        raise SystemExit(f"error: --server-cpus {sorted(cpus)} must leave some of CPUs {sorted(everything)} "
+                         "to the browsers")
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield {"OMP_NUM_THREADS": str(len(cpus))}
+    finally:
+        os.sched_setaffinity(0, everything - cpus)
+
+
+def _cpus(text: str) -> set[int]:
+    try:
+        return {int(part) for part in text.split(",")}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--server-cpus takes CPU numbers, e.g. 0 or 0,1, got {text!r}") from None
 
 
 def _think(text: str) -> tuple[float, float]:
@@ -591,12 +662,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--think", type=_think, default=THINK_S, metavar="LO,HI",
                         help="seconds a student thinks before each click, drawn uniformly (default %(default)s)")
+    parser.add_argument("--warm", action="store_true",
+                        help="the teacher opens the page once before the class arrives (not measured); default: the "
+                        "whole class opens a cold server")
+    parser.add_argument("--server-cpus", type=_cpus, default=None, metavar="LIST",
+                        help="run the server on these CPUs only and the browsers on the others (default: all share)")
     parser.add_argument("--search-budget", type=int, default=5, help="evaluations of each budgeted search")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take before it counts "
                         "as an error (and its student stops)")
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
                         help="write the numbers as JSON to FILE (no FILE: to stdout, the table then to stderr)")
     args = parser.parse_args()
+    args.warm_s = None
     if not CHROMIUM.is_file():
         parser.exit(2, f"error: {CHROMIUM} is absent (Debian's chromium; ./run.sh test installs it)\n")
     with tempfile.TemporaryDirectory(prefix="tabconv-classroom-") as folder:

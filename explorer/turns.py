@@ -29,6 +29,7 @@ from streamlit.runtime.scriptrunner_utils.script_requests import ScriptRequestTy
 POLL_S = 1.0  # how often a waiting tab updates its place in line, and a progress bar its timer
 MIN_SLICE_S = 2.0  # long work runs at least this long before it gives way to short requests again
 RESUME_POLL_S = 0.05  # how often work that gave way looks whether its turn has come back
+RECENT_S = 600.0  # how long a tab's last request is remembered (for join_if_free's `quiet_s`)
 
 
 class Cancelled(Exception):
@@ -80,6 +81,7 @@ class Line:
     def __init__(self) -> None:
         self._changed = threading.Condition()
         self._turns: list[Turn] = []
+        self._asked: dict[str, float] = {}  # owner -> when it last joined (the last RECENT_S seconds only)
 
     def join(self, owner: str, title: str, short: bool = False) -> Turn:
         """The owner's place in line, or the turn it already holds (entered once more). A new long turn goes to the
@@ -90,6 +92,7 @@ class Line:
                 held.depth += 1
                 return held
             turn = Turn(owner, title, short)
+            self._note(owner, time.monotonic())
             if short:
                 self._turns.insert(self._after_short(), turn)
             else:
@@ -113,12 +116,23 @@ class Line:
             self._changed.notify_all()
             return True
 
-    def join_if_free(self, owner: str, title: str) -> Turn | None:
-        """A turn only if it runs at once (nobody else in line), else None: for work worth doing only when idle."""
+    def join_if_free(self, owner: str, title: str, quiet_s: float = 0.0) -> Turn | None:
+        """A turn only if it runs at once (nobody else in line) and no other owner asked for one in the last
+        `quiet_s` seconds, else None: for work worth doing only when idle, and only for a lone user when another
+        user's next request would undo it. It does not count as asking."""
         with self._changed:
-            if any(turn.owner != owner for turn in self._turns):
+            since = time.monotonic() - quiet_s
+            if any(turn.owner != owner for turn in self._turns) or any(
+                    other != owner and when > since for other, when in self._asked.items()):
                 return None
-        return self.join(owner, title)
+            held = self._of(owner)
+            if held is not None:
+                held.depth += 1
+                return held
+            turn = Turn(owner, title)
+            self._turns.append(turn)
+            self._start_first()
+            return turn
 
     def wait(self, turn: Turn, timeout: float) -> bool:
         """Whether `turn` runs, waiting up to `timeout` seconds for it to come."""
@@ -149,6 +163,11 @@ class Line:
         while index < len(self._turns) and self._turns[index].short:
             index += 1
         return min(index, len(self._turns))
+
+    def _note(self, owner: str, when: float) -> None:
+        self._asked[owner] = when
+        for old in [o for o, t in self._asked.items() if t < when - RECENT_S]:
+            del self._asked[old]
 
     def _of(self, owner: str) -> Turn | None:
         return next((turn for turn in self._turns if turn.owner == owner), None)
@@ -197,9 +216,10 @@ def turn(title: str, line: Line = LINE, short: bool = False) -> Iterator[Turn]:
 
 
 @contextmanager
-def turn_if_free(title: str, line: Line = LINE) -> Iterator[bool]:
-    """Hold a turn for the block only when none waits; yields whether the block may compute."""
-    held = line.join_if_free(owner(), title)
+def turn_if_free(title: str, line: Line = LINE, quiet_s: float = 0.0) -> Iterator[bool]:
+    """Hold a turn for the block only when none waits (and no other tab asked for one in the last `quiet_s`
+    seconds); yields whether the block may compute."""
+    held = line.join_if_free(owner(), title, quiet_s)
     try:
         yield held is not None
     finally:

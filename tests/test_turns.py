@@ -78,6 +78,28 @@ def test_a_tab_holds_one_turn_and_nested_work_runs_inside_it() -> None:
     assert line.running() is other
 
 
+def test_idle_time_work_waits_for_the_other_tabs_to_be_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(turns.time, "monotonic", lambda: clock[0])
+    line = Line()
+    line.leave(line.join("a", "Evaluating"))
+    alone = line.join_if_free("a", "Preparing the next edit", quiet_s=60)
+    assert alone is not None  # only this tab asked: a lone user's idle-time work runs
+    line.leave(alone)
+    line.leave(line.join("b", "Evaluating"))  # another student asks (and is done)
+    clock[0] += 30
+    assert line.join_if_free("a", "Preparing the next edit", quiet_s=60) is None  # b would undo it
+    assert line.join_if_free("a", "Preparing the next edit") is not None  # no quiet asked for: as before
+    line.leave(line.running())
+    clock[0] += 31
+    later = line.join_if_free("a", "Preparing the next edit", quiet_s=60)
+    assert later is not None and line.running() is later  # b has been quiet for 61 s
+    line.leave(later)
+    clock[0] += turns.RECENT_S + 1
+    line.leave(line.join("c", "Evaluating"))
+    assert set(line._asked) == {"c"}  # old tabs are forgotten: memory stays bounded with many sessions
+
+
 def test_a_cancelled_turn_stops_its_work_at_the_next_progress_event() -> None:
     line = Line()
     held = line.join("a", "Budgeted search")
