@@ -54,6 +54,7 @@ from playwright.async_api import Browser, Page, async_playwright  # noqa: E402
 from streamlit.proto.BackMsg_pb2 import BackMsg  # noqa: E402
 from streamlit.proto.ForwardMsg_pb2 import ForwardMsg  # noqa: E402
 
+from bench.streamlit_client import StreamlitClient  # noqa: E402
 from tabconv import zoo  # noqa: E402
 from tabconv.cache import TableCache  # noqa: E402
 from tabconv.config import from_dict  # noqa: E402
@@ -441,10 +442,127 @@ class Student:
         await spin.press("Enter")
 
 
+class WsStudent(Student):
+    """The same student and mix without a browser (`--clients websocket`): Streamlit's own websocket protocol
+    (bench/streamlit_client.py), so no CPU goes to rendering. A toggle is the per-layer table's edit, a C/K change
+    the group controls, as the page sends them; latency and the server's share are then the same thing."""
+
+    def __init__(self, index: int, url: str, structure: ModelStructure, args: argparse.Namespace,
+                 started: float) -> None:
+        self.index, self.url, self.structure, self.args = index, url, structure, args
+        self.rng = random.Random(args.seed * 1000 + index)
+        self.started = started
+        self.runs = Runs()  # fed every frame: the waits in line
+        self.client = StreamlitClient(url, lambda frame, _: self.runs._frame(frame))
+        self.requests: list[Request] = []
+        self.layers: dict[str, dict[str, Any]] = {}
+
+    async def run(self) -> Final:
+        try:
+            final = await super().run()
+        finally:
+            await self.client.close()
+        final.connections = self.client.connections
+        return final
+
+    async def request(self, kind: str, detail: str, act: Callable[[], Awaitable[float]],
+                      check: Callable[[], str] | None = None) -> bool:
+        """Send the interaction (`act` returns when), wait for its runs to end, and record it."""
+        record = Request(self.index, kind, time.monotonic() - self.started, detail)
+        self.requests.append(record)
+        try:
+            self.runs.waiting = Waiting()
+            sent = await act()
+            ended = await self.client.finished(self.args.timeout)
+            record.latency_s = record.server_s = ended - sent
+            waiting = self.runs.waiting
+            record.queue_s, record.place, record.behind = waiting.seconds, waiting.place, waiting.behind
+            self.read_configuration()
+            record.error = "; ".join(self.client.exceptions()) or (check() if check else "")
+        except Exception as exc:  # a refused connection, a timeout, a page without the widget asked for
+            record.error = f"{type(exc).__name__}: {exc}"
+        return record.latency_s is not None
+
+    async def widget(self, state: Any, key: str) -> None:
+        """A widget change before a request (not timed): sent, and its run awaited."""
+        await self.client.act(state, key, WIDGET_TIMEOUT_S)
+
+    def read_configuration(self) -> None:
+        self.layers = self.configuration()["layers"]
+
+    def configuration(self) -> dict[str, Any]:
+        """The page's "current configuration as JSON" (the export's content)."""
+        found = [json.loads(text) for text in self.client.texts("code") if text.startswith("{")]
+        return next(config for config in found if "layers" in config and "metrics" in config)
+
+    async def open(self) -> float:
+        await self.client.connect()
+        return await self.client.rerun()
+
+    async def toggle(self) -> bool:
+        """The per-layer table's "table" cell of one layer, flipped."""
+        name = self.rng.choice(self.structure.names)
+        wanted = "exact" if self.layers[name]["mode"] == "table" else "table"
+
+        async def edit() -> float:
+            key, state = self.client.edit_rows("editor-", {self.structure.names.index(name): {
+                "table": wanted == "table"}})
+            return await self.client.rerun(state, fragment_id=self.client.fragment_of(key))
+
+        return await self.request("toggle", f"{name} -> {wanted}", edit,
+                                  lambda: "" if self.layers[name]["mode"] == wanted else f"{name} is not {wanted}")
+
+    async def change_ck(self) -> bool:
+        target = self.rng.choice([*self.structure.names, *(g for g in self.structure.groups if ":" in g)])
+        names = self.structure.expand(target)
+        choices = [(c, k) for c in C_CHOICES for k in K_CHOICES
+                   if not all(self.has_tables(n, c, k) for n in names)]
+        c, k = self.rng.choice(choices)
+        detail = f"{target} -> C={c} K={k}"
+        label = target if target in self.structure.names else f"{target} ({len(names)} layers)"
+
+        async def steps() -> None:
+            await self.widget(self.client.choice("group_target", label), "group_target")
+            await self.widget(self.client.number("group_c", c), "group_c")
+            await self.widget(self.client.number("group_k", k), "group_k")
+
+        return await self.set_up("ck", detail, steps) and await self.request(
+            "ck", detail, lambda: self.client.rerun(self.client.click("group_table"),
+                                                    fragment_id=self.client.fragment_of("group_table")),
+            lambda: "" if all(self.has_tables(n, c, k) for n in names) else f"{target} is not at C={c} K={k}")
+
+    async def search(self) -> bool:
+        budget = self.args.search_budget
+        ready = await self.set_up("search", f"budget {budget}", lambda: self.widget(
+            self.client.number("search_budget", budget), "search_budget"))
+        return ready and await self.request("search", f"budget {budget}", lambda: self.client.rerun(
+            self.client.click("run_search"), fragment_id=self.client.fragment_of("run_search")))
+
+    async def masking(self) -> bool:
+        return await self.request("masking", "", lambda: self.client.rerun(
+            self.client.click("run_masking"), fragment_id=self.client.fragment_of("run_masking")))
+
+    async def final(self) -> Final:
+        final = Final(self.index)
+        try:
+            final.exported = self.configuration()
+            cards = [text for text in self.client.texts("metric") if text.split("\n")[0].endswith("test images)")]
+            final.page_accuracy = cards[1].split("\n")[1]
+        except Exception as exc:
+            final.problem = f"no configuration on the page: {type(exc).__name__}: {exc}"
+        return final
+
+
 # -- the class -----------------------------------------------------------------------------------------------
 async def classroom(url: str, structure: ModelStructure, args: argparse.Namespace, started: float
                     ) -> tuple[list[Request], list[Final]]:
-    """Every student in its own browser context of one chromium, all at once."""
+    """Every student in its own browser context of one chromium, all at once (or its own websocket client)."""
+    if args.clients == "websocket":
+        students = [WsStudent(i, url, structure, args, started) for i in range(args.students)]
+        if args.warm:
+            args.warm_s = await warm_up_client(url, args.timeout)
+        finals = await asyncio.gather(*(s.run() for s in students))
+        return [r for s in students for r in s.requests], list(finals)
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -468,6 +586,17 @@ async def warm_up(browser: Browser, url: str, timeout: float) -> float:
     await page.get_by_text("Current configuration #").wait_for(timeout=timeout * 1000)
     await page.get_by_text("Rows: one layer tabled alone").wait_for(timeout=timeout * 1000)  # the heatmap's sweep
     await context.close()
+    return time.monotonic() - begun
+
+
+async def warm_up_client(url: str, timeout: float) -> float:
+    """`warm_up` without a browser: the page's first run, in full (its heatmap sweep included)."""
+    begun = time.monotonic()
+    client = StreamlitClient(url)
+    await client.connect()
+    await client.rerun()
+    await client.finished(timeout)
+    await client.close()
     return time.monotonic() - begun
 
 
@@ -529,7 +658,7 @@ def by_kind(requests: list[Request]) -> dict[str, dict[str, Any]]:
 def summary(args: argparse.Namespace, requests: list[Request], finals: list[Final], peak_rss: int, wall_s: float,
             checkpoint_note: str) -> dict[str, Any]:
     return {"students": args.students, "minutes": args.minutes, "seed": args.seed, "search_budget": args.search_budget,
-            "think_s": list(args.think), "warm_s": args.warm_s,
+            "think_s": list(args.think), "clients": args.clients, "warm_s": args.warm_s,
             "server_cpus": args.server_cpus and sorted(args.server_cpus),
             "wall_s": wall_s, "checkpoint": checkpoint_note, "kinds": by_kind(requests),
             "errors": [asdict(r) for r in requests if r.error],
@@ -551,7 +680,7 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"classroom: {result['students']} students, {result['minutes']:g} min each, seed {result['seed']}, "
              f"search budget {result['search_budget']}, think {result['think_s'][0]:g}-{result['think_s'][1]:g} s; "
              f"server up {result['wall_s']:.0f} s; {result['checkpoint']}",
-             f"server on CPUs {result['server_cpus'] or 'all (shared with the browsers)'}; "
+             f"clients: {result['clients']}; server on CPUs {result['server_cpus'] or 'all'}; "
              + ("cold: the class opened it" if result["warm_s"] is None else
                 f"warm: the teacher's page opened it first ({result['warm_s']:.0f} s, not measured)"),
              f"{'kind':<8} {'requests':>8} {'errors':>6} {'p50 s':>7} {'p95 s':>7} {'max s':>7} {'shown p95':>9} "
@@ -662,6 +791,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--think", type=_think, default=THINK_S, metavar="LO,HI",
                         help="seconds a student thinks before each click, drawn uniformly (default %(default)s)")
+    parser.add_argument("--clients", choices=("browser", "websocket"), default="browser",
+                        help="students as chromium pages, or as websocket clients speaking Streamlit's protocol (no "
+                        "rendering: on a small machine the browsers would take the server's CPUs)")
     parser.add_argument("--warm", action="store_true",
                         help="the teacher opens the page once before the class arrives (not measured); default: the "
                         "whole class opens a cold server")
@@ -674,7 +806,7 @@ def main() -> None:
                         help="write the numbers as JSON to FILE (no FILE: to stdout, the table then to stderr)")
     args = parser.parse_args()
     args.warm_s = None
-    if not CHROMIUM.is_file():
+    if args.clients == "browser" and not CHROMIUM.is_file():
         parser.exit(2, f"error: {CHROMIUM} is absent (Debian's chromium; ./run.sh test installs it)\n")
     with tempfile.TemporaryDirectory(prefix="tabconv-classroom-") as folder:
         result = measure(args, Path(folder))
