@@ -9,6 +9,7 @@ from tabconv.cache import TableCache
 from tabconv.calibrate import FITTED, LOADED, REUSED
 from tabconv.config import Calibration, ConfigError
 from tabconv.data import load_dataset
+from tabconv.finetune import finetune_session
 from tabconv.metrics import Origin
 from tabconv.session import GIVEN, Session
 from tabconv.settings import EXACT, LayerSetting
@@ -294,6 +295,8 @@ def test_a_validation_session_evaluates_on_the_last_training_images_apart_from_c
     assert s.baseline.correct == int(hits) and tabled.eval_images == 200
     test = Session.from_checkpoint(str(resnet18_digits), calibration=calibration, eval_images=200)
     assert test.eval_sha256 != s.eval_sha256  # a different key for every stored result
+    with pytest.raises(ValueError, match="would reach the session's validation images .* use at most 1147"):
+        finetune_session(s, tabled, images=1300)  # fine-tuning takes the first training images
     with pytest.raises(ConfigError, match="use at most 835"):
         Session.from_checkpoint(str(resnet18_digits), calibration=calibration, eval_images=900,
                                 eval_split="validation")
