@@ -2,11 +2,12 @@
 
 python bench/reproduce.py --data-root DIR            (DIR from ../shared/datasets/prepare.sh DIR)
 
-Per row (model, dataset): train or reuse checkpoints/<model>-<dataset>.pt, search on a validation set, the
-last --search-images training images (priority masking, greedy on paper FLOPs, greedy on full FLOPs), then
-evaluate every chosen configuration on the FULL test split, which no search has seen, and report that
-(--search-split test searches on the first test images instead, as rows made before 2026-12-01 did).
-Checkpoints and tables are cached, so a rerun only repeats the (cheap) evaluations.
+Per row (model, dataset): train or reuse checkpoints/<model>-<dataset>.pt, search on the first
+--search-images test images (priority masking, greedy on paper FLOPs, greedy on full FLOPs), then
+evaluate every chosen configuration on the REST of the test split, which no search saw, and report that
+(the checkpoints trained on every training image, so only test images are unseen). Rows made before
+2026-12-01 were measured on the full test split, searched images included (`eval_first` absent). Checkpoints and tables
+are cached, so a rerun only repeats the (cheap) evaluations.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ sys.path.insert(0, str(ROOT))
 from tabconv import zoo  # noqa: E402
 from tabconv.cache import TableCache  # noqa: E402
 from tabconv.config import Calibration  # noqa: E402
-from tabconv.data import EVAL_SPLITS  # noqa: E402
 from tabconv.metrics import Metrics  # noqa: E402
 from tabconv.search import SearchResult, greedy_search, pareto_front, priority_masking  # noqa: E402
 from tabconv.session import Session  # noqa: E402
@@ -95,8 +95,8 @@ def final_row(row: Row, method: str, chosen: Metrics, full: Session, search: Ses
     table = [s for s in final.settings.values() if s.is_table]
     return {
         "model": row.model, "dataset": row.dataset, "method": method, "note": row.note,
-        "eval_images": final.eval_images, "search_images": search.baseline.eval_images,
-        "search_split": search.eval_set.split,
+        "eval_images": final.eval_images, "eval_first": full.eval_set.first,
+        "search_images": search.baseline.eval_images,
         "calibration_images": args.calibration_images,
         "baseline_accuracy": final.baseline_accuracy, "accuracy": final.accuracy, "retention": final.retention,
         "search_retention": chosen.retention,
@@ -118,6 +118,7 @@ def verify(record: dict[str, Any], checkpoint: Path, args: argparse.Namespace) -
                str(ROOT / record["config"]), "--json"]
     command += ["--data-root", args.data_root] if args.data_root else []
     command += ["--cache-dir", args.cache_dir] if args.cache_dir else []
+    command += ["--eval-skip", str(record["eval_first"])] if record.get("eval_first") else []
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
     measured = json.loads(done.stdout)
     record["verified_accuracy"] = measured["accuracy"]
@@ -147,7 +148,7 @@ def plot(title: str, search: Session, results: dict[str, SearchResult], out: Pat
     ax.axhline(100 * 0.93 * search.baseline.accuracy, ls=":", c="k", lw=0.8, label="93% of baseline")
     ax.set_xscale("log")
     ax.set_xlabel("FLOPs per image, paper convention (encoding free)")
-    ax.set_ylabel(f"accuracy (%) on the {search.baseline.eval_images} {_search_set(search.eval_set.split)}")
+    ax.set_ylabel(f"accuracy (%) on the first {search.baseline.eval_images} test images")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -162,10 +163,9 @@ def run_row(row: Row, args: argparse.Namespace) -> list[dict[str, Any]]:
     calibration = Calibration(images=args.calibration_images, fit=args.fit)
     cache = TableCache(args.cache_dir)
     search = Session.from_checkpoint(str(checkpoint), calibration=calibration, eval_images=args.search_images,
-                                     eval_split=args.search_split,
                                      data_root=args.data_root, cache=cache, progress=progress)
     full = Session.from_checkpoint(str(checkpoint), calibration=calibration, data_root=args.data_root,
-                                   cache=cache, progress=progress)
+                                   cache=cache, progress=progress, eval_skip=args.search_images)
     rows = []
     for centroids in (args.centroids, *(() if args.start_only else row.more_centroids)):
         setting = LayerSetting("table", args.codebooks, centroids)
@@ -209,22 +209,16 @@ def pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def _search_set(split: str) -> str:
-    return "last training images (validation)" if split == "validation" else "first test images"
-
-
-def _searched_on(rows: list[dict[str, Any]]) -> str:
-    """'the 1000 last training images (validation)', or, for a mix of old and new rows, which rows used what."""
-    used: dict[tuple[int, str], list[str]] = {}
-    for r in rows:
-        pair = f"{r['model']}/{r['dataset']}{'' if r.get('fit', 'kmeans') == 'kmeans' else ' (' + r['fit'] + ')'}"
-        names = used.setdefault((r["search_images"], r.get("search_split", "test")), [])
-        names += [] if pair in names else [pair]
-    if len(used) == 1:
-        (images, split), _ = used.popitem()
-        return f"the {images} {_search_set(split)}"
-    return "; ".join(f"the {images} {_search_set(split)} for {', '.join(names)}"
-                     for (images, split), names in used.items())
+def _measured_on(rows: list[dict[str, Any]]) -> str:
+    """Where the rows' numbers come from: the test images after the searched ones (no search saw them), or, for
+    rows made before 2026-12-01, the full test split (the searched images included)."""
+    unseen = sorted({f"{r['model']}/{r['dataset']}" for r in rows if r.get("eval_first")})
+    seen = sorted({f"{r['model']}/{r['dataset']}" for r in rows if not r.get("eval_first")})
+    parts = ([f"**the test images after the searched ones**, which no search saw ({', '.join(unseen)})"]
+             if unseen else [])
+    parts += [f"the **full test split**, the searched images included ({', '.join(seen)}: rows made before "
+              "2026-12-01)"] if seen else []
+    return "; ".join(parts)
 
 
 def write_markdown(rows: list[dict[str, Any]], offline_missing: list[dict[str, Any]],
@@ -234,8 +228,9 @@ def write_markdown(rows: list[dict[str, Any]], offline_missing: list[dict[str, A
         "# Results: the paper's table, reproduced on the data we have",
         "",
         "Generated by `python bench/reproduce.py --data-root DIR` (DIR from `../shared/datasets/prepare.sh DIR`).",
-        f"Searches ran on {_searched_on(rows)}; every number below is then measured on the",
-        f"**full test split** (the `eval images` column). Calibration: first {args.calibration_images} training",
+        f"Searches ran on the first {args.search_images} test images; every number below is then measured on "
+        f"{_measured_on(rows)}",
+        f"(the `eval images` column). Calibration: first {args.calibration_images} training",
         "images, independent mode,"
         f" start setting C={args.codebooks}, K={args.centroids} (rows with more start settings: methods suffixed"
         " -K<K>), exhaustive encoder, float32 tables, k-means tables (methods suffixed -ls: least-squares tables,"
@@ -261,8 +256,8 @@ def write_markdown(rows: list[dict[str, Any]], offline_missing: list[dict[str, A
               "- a negative full-convention reduction is an increase: encoding costs more than the exact layers"]
     verified = [r for r in rows if r.get("verified")]
     lines += ["", f"Every configuration file above was reloaded in a fresh process with `python -m tabconv evaluate "
-              "--checkpoint CHECKPOINT --config CONFIG --data-root DIR --json` and re-measured on the full test "
-              "split: "
+              "--checkpoint CHECKPOINT --config CONFIG --data-root DIR [--eval-skip N] --json` and re-measured on "
+              "the same images: "
               f"{len(verified)} of {len(rows)} reproduce the accuracy in the table exactly"
               + ("." if len(verified) == len(rows) else
                  f" (mismatches: {', '.join(r['config'] for r in rows if not r.get('verified'))})."),
@@ -294,9 +289,6 @@ def main() -> None:
     parser.add_argument("--data-root", default=None, help="torchvision data root (else $TABCONV_DATA)")
     parser.add_argument("--rows", nargs="*", default=None, help="e.g. resnet18-mnist nin-mnist (default: all)")
     parser.add_argument("--search-images", type=int, default=1000)
-    parser.add_argument("--search-split", choices=EVAL_SPLITS, default="validation",
-                        help="search on the last --search-images training images (validation, apart from the "
-                        "calibration images), or on the first test images")
     parser.add_argument("--calibration-images", type=int, default=1000)
     parser.add_argument("--codebooks", type=int, default=8)
     parser.add_argument("--centroids", type=int, default=64)

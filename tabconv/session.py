@@ -24,7 +24,7 @@ from tabconv.calibrate import FITTED, TableBuilder
 from tabconv.config import Calibration, ConfigError, Configuration, load_for
 from tabconv.convert import convert, swaps, table_module
 from tabconv.cost import CostModel, CostReport
-from tabconv.data import EVAL_SPLITS, ImageSet, load_dataset
+from tabconv.data import ImageSet, load_dataset
 from tabconv.devices import resolve_device
 from tabconv.evaluate import ErrorAccumulator, LayerError, evaluate
 from tabconv.incremental import IncrementalRunner
@@ -145,23 +145,23 @@ class Session:
     def from_checkpoint(cls, path: str, *, calibration: Calibration | None = None, eval_images: int | None = None,
                         data_root: str | None = None, cache: TableCache | None = None, device: str | None = None,
                         progress: Progress | None = None, batch_size: int = 500, download: bool = True,
-                        clamp: bool = False, eval_split: str = "test") -> Session:
+                        clamp: bool = False, eval_skip: int = 0) -> Session:
         """Load a checkpoint and its dataset (calibration: first N train images; evaluation: first N test).
 
-        `eval_split="validation"` evaluates on the last `eval_images` training images instead, apart from the
-        calibration images: what a search should choose on, so that the test split stays unseen for the numbers it
-        reports. `clamp`: image counts above a split's size use the whole split (an interactive view shows the
-        counts it uses) instead of being refused; `download=False` never fetches a missing dataset."""
-        if eval_split not in EVAL_SPLITS:
-            raise ConfigError(f"eval_split must be one of {EVAL_SPLITS}, got {eval_split!r}")
+        `eval_skip`: leave out the first test images (e.g. the ones a search chose on) and evaluate on those after
+        them, which the choice never saw. `clamp`: image counts above a split's size use the whole split (an
+        interactive view shows the counts it uses) instead of being refused; `download=False` never fetches a
+        missing dataset."""
         device = resolve_device(device)
         model, meta = load_checkpoint(path, device)
         calibration = calibration or Calibration()
         calib_set = load_dataset(meta["dataset"], calibration.split, data_root, download)
-        if eval_split == "validation":
-            return cls(model, meta, calib_set, _validation(meta, calibration, eval_images, data_root, download),
-                       calibration, cache, device, batch_size, progress)
         eval_set = load_dataset(meta["dataset"], "test", data_root, download)
+        if eval_skip:
+            try:
+                eval_set = eval_set.skip(eval_skip)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         if clamp:
             calibration = replace(calibration, images=min(calibration.images, len(calib_set)))
             eval_images = None if eval_images is None else min(eval_images, len(eval_set))
@@ -384,18 +384,6 @@ class Session:
     @property
     def evaluations(self) -> int:
         return len(self.history)
-
-
-def _validation(meta: Mapping[str, Any], calibration: Calibration, images: int | None, data_root: str | None,
-                download: bool) -> ImageSet:
-    """The last `images` training images, apart from the calibration ones (the first)."""
-    if images is None:
-        raise ConfigError("a validation set needs its size: give eval_images (e.g. 1000)")
-    train = load_dataset(meta["dataset"], "train", data_root, download)
-    try:
-        return train.held_out(images, calibration.images if calibration.split == "train" else 0)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
 
 
 def _key(settings: Mapping[str, LayerSetting], tables_id: str | None) -> tuple:

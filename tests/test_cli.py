@@ -150,30 +150,26 @@ def test_train_and_finetune_report_intervals_and_the_test_against_the_parent(tmp
     assert data["accuracy_ci95"] == list(wilson(data["correct"], data["eval_images"]))
 
 
-def test_a_search_on_a_validation_set_leaves_the_test_split_for_the_numbers(evaluated, resnet18_digits, capsys):
+def test_a_search_says_its_number_is_optimistic_and_how_to_measure_it_on_unseen_images(evaluated, resnet18_digits,
+                                                                                       capsys):
     tmp, cache, _ = evaluated
-    out = tmp / "validated.json"
+    out = tmp / "searched.json"
     code, text, err = run(capsys, "search", "--checkpoint", str(resnet18_digits), "--strategy", "priority",
                           "--min-retention", "0.93", "--codebooks", "8", "--centroids", "64", *CALIB,
-                          "--cache-dir", cache, "--eval-split", "validation", "--eval-images", "300", "--out", str(out))
+                          "--cache-dir", cache, "--eval-images", "300", "--out", str(out))
     assert code == 0, err
-    assert "validation accuracy" in text and "optimistic" not in text
-    code, chosen, _ = run(capsys, "search", "--checkpoint", str(resnet18_digits), "--strategy", "priority",
-                          "--min-retention", "0.93", "--codebooks", "8", "--centroids", "64", *CALIB,
-                          "--cache-dir", cache, "--eval-split", "validation", "--eval-images", "300",
-                          "--out", str(out), "--json")
-    assert chosen["eval_split"] == "validation" and chosen["eval_images"] == 300 and chosen["retention"] >= 0.93
-    code, tested, _ = run(capsys, "evaluate", "--checkpoint", str(resnet18_digits), "--config", str(out),
-                          "--cache-dir", cache, "--json")
-    assert code == 0 and tested["eval_split"] == "test" and tested["eval_images"] == 450
-    assert tested["flops_paper"] == chosen["flops_paper"]  # the same configuration, measured on unseen images
-    code, text, _ = run(capsys, "search", "--checkpoint", str(resnet18_digits), "--strategy", "priority",
-                        "--min-retention", "0.93", "--codebooks", "8", "--centroids", "64", *CALIB,
-                        "--cache-dir", cache, "--out", str(tmp / "on-test.json"))
-    assert "test accuracy" in text and "optimistic" in text  # a search on the test split says what that means
-    code, _, err = run(capsys, "evaluate", "--checkpoint", str(resnet18_digits), "--all-exact", "--eval-split",
-                       "validation")
-    assert code == 2 and "needs its size" in err and len(err.strip().splitlines()) == 1
+    assert f"evaluate --config {out} --eval-skip 300` measures it on test images the search never saw" in text
+    code, chosen, _ = run(capsys, "evaluate", "--checkpoint", str(resnet18_digits), "--config", str(out),
+                          "--cache-dir", cache, "--eval-images", "300", "--json")
+    code, unseen, _ = run(capsys, "evaluate", "--checkpoint", str(resnet18_digits), "--config", str(out),
+                          "--cache-dir", cache, "--eval-skip", "300", "--json")
+    assert code == 0 and unseen["eval_first"] == 300 and unseen["eval_images"] == 150 and chosen["eval_first"] == 0
+    assert unseen["flops_paper"] == chosen["flops_paper"]  # the same configuration, measured on other images
+    code, text, _ = run(capsys, "evaluate", "--checkpoint", str(resnet18_digits), "--config", str(out),
+                        "--cache-dir", cache, "--eval-skip", "300")
+    assert "(test images 300-449)" in text
+    code, _, err = run(capsys, "evaluate", "--checkpoint", str(resnet18_digits), "--all-exact", "--eval-skip", "450")
+    assert code == 2 and "cannot leave out the first 450" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("args,message", [

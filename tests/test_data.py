@@ -80,13 +80,12 @@ def test_head(digits_train: ImageSet) -> None:
         digits_train.head(2000)
 
 
-def test_held_out_is_the_last_images_apart_from_the_first_ones(digits_train: ImageSet) -> None:
-    validation = digits_train.held_out(100, taken=1000)
-    assert validation.split == "validation" and len(validation) == 100
-    assert torch.equal(validation.images, digits_train.images[-100:])
-    assert torch.equal(validation.labels, digits_train.labels[-100:])
-    with pytest.raises(ValueError, match="first 1300 are used for calibration: use at most 47"):
-        digits_train.held_out(100, taken=1300)
+def test_skip_leaves_out_the_first_images_and_remembers_where_the_rest_begins(digits_train: ImageSet) -> None:
+    rest = digits_train.skip(1000)
+    assert len(rest) == 347 and rest.first == 1000 and torch.equal(rest.labels, digits_train.labels[1000:])
+    assert rest.head(10).first == 1000 and torch.equal(rest.head(10).images, digits_train.images[1000:1010])
+    with pytest.raises(ValueError, match="cannot leave out the first 1347 of the 1347 digits train images"):
+        digits_train.skip(1347)
 
 
 def test_resolve_root_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

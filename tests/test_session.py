@@ -9,7 +9,6 @@ from tabconv.cache import TableCache
 from tabconv.calibrate import FITTED, LOADED, REUSED
 from tabconv.config import Calibration, ConfigError
 from tabconv.data import load_dataset
-from tabconv.finetune import finetune_session
 from tabconv.metrics import Origin
 from tabconv.session import GIVEN, Session
 from tabconv.settings import EXACT, LayerSetting
@@ -283,24 +282,17 @@ def test_an_interactive_view_opens_a_checkpoint_with_counts_clamped_to_its_split
     assert s.baseline.eval_images == len(load_dataset("digits", "test"))
 
 
-def test_a_validation_session_evaluates_on_the_last_training_images_apart_from_calibration(resnet18_digits):
+def test_a_session_can_leave_out_the_test_images_a_search_chose_on(resnet18_digits):
     calibration = Calibration(images=512, max_rows=2048)
-    s = Session.from_checkpoint(str(resnet18_digits), calibration=calibration, eval_images=200, eval_split="validation")
-    train = load_dataset("digits", "train")
-    assert s.eval_set.split == "validation" and torch.equal(s.eval_set.images, train.images[-200:])
-    assert s.baseline.eval_images == 200
-    tabled = s.apply(s.uniform(TABLE)).metrics
+    s = Session.from_checkpoint(str(resnet18_digits), calibration=calibration, eval_images=200, eval_skip=150)
+    test = load_dataset("digits", "test")
+    assert s.eval_set.first == 150 and torch.equal(s.eval_set.images, test.images[150:350])
     with torch.no_grad():  # the session's accuracy is the model's on exactly those images
-        hits = (s.model(train.normalize(train.images[-200:])).argmax(1) == train.labels[-200:]).sum()
-    assert s.baseline.correct == int(hits) and tabled.eval_images == 200
-    test = Session.from_checkpoint(str(resnet18_digits), calibration=calibration, eval_images=200)
-    assert test.eval_sha256 != s.eval_sha256  # a different key for every stored result
-    with pytest.raises(ValueError, match="would reach the session's validation images .* use at most 1147"):
-        finetune_session(s, tabled, images=1300)  # fine-tuning takes the first training images
-    with pytest.raises(ConfigError, match="use at most 835"):
-        Session.from_checkpoint(str(resnet18_digits), calibration=calibration, eval_images=900,
-                                eval_split="validation")
-    with pytest.raises(ConfigError, match="needs its size"):
-        Session.from_checkpoint(str(resnet18_digits), calibration=calibration, eval_split="validation")
-    with pytest.raises(ConfigError, match="eval_split must be one of"):
-        Session.from_checkpoint(str(resnet18_digits), calibration=calibration, eval_split="val")
+        hits = (s.model(test.normalize(test.images[150:350])).argmax(1) == test.labels[150:350]).sum()
+    assert s.baseline.correct == int(hits) and s.baseline.eval_images == 200
+    first = Session.from_checkpoint(str(resnet18_digits), calibration=calibration, eval_images=200)
+    assert first.eval_sha256 != s.eval_sha256  # a different key for every stored result
+    rest = Session.from_checkpoint(str(resnet18_digits), calibration=calibration, eval_skip=150)
+    assert len(rest.eval_set) == len(test) - 150
+    with pytest.raises(ConfigError, match="cannot leave out the first 450"):
+        Session.from_checkpoint(str(resnet18_digits), calibration=calibration, eval_skip=450)
