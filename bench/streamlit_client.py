@@ -79,18 +79,19 @@ class StreamlitClient:
     # -- widgets -------------------------------------------------------------------------------------------
     def widget(self, key: str) -> tuple[str, Any]:
         """(element kind, its proto) of the widget with this user key, as last drawn."""
-        for element, _, _ in self.elements.values():
-            kind = element.WhichOneof("type")
-            proto = getattr(element, kind)
-            if str(getattr(proto, "id", "")).endswith(f"-{key}"):
-                return kind, proto
-        raise KeyError(f"no widget with key {key!r} on the page")
+        element, _ = self._find(key)
+        kind = element.WhichOneof("type")
+        return kind, getattr(element, kind)
 
     def fragment_of(self, key: str) -> str:
+        """The fragment a widget was drawn in ("" for none): its interactions rerun only that fragment."""
+        return self._find(key)[1]
+
+    def _find(self, key: str) -> tuple[Element, str]:
         for element, fragment, _ in self.elements.values():
             proto = getattr(element, element.WhichOneof("type"))
             if str(getattr(proto, "id", "")).endswith(f"-{key}"):
-                return fragment
+                return element, fragment
         raise KeyError(f"no widget with key {key!r} on the page")
 
     def click(self, key: str) -> WidgetState:
