@@ -179,7 +179,7 @@ class Runs:
 
     def watch(self, socket: Any) -> None:
         self.connections += 1
-        socket.on("framereceived", self._frame)
+        socket.on("framereceived", self.feed)
         socket.on("framesent", self._sent)
 
     def _sent(self, payload: str | bytes) -> None:
@@ -189,7 +189,7 @@ class Runs:
                 "type") == "rerun_script":
             self.sent_at = now
 
-    def _frame(self, payload: str | bytes) -> None:
+    def feed(self, payload: str | bytes) -> None:
         if not isinstance(payload, bytes):
             return
         now, found = time.monotonic(), WAITING.search(payload)
@@ -345,9 +345,7 @@ class Student:
 
     async def toggle(self) -> bool:
         """Click one layer's "table" checkbox in the per-layer table."""
-        name = self.rng.choice(self.structure.names)
-        row = self.structure.names.index(name)
-        wanted = "exact" if self.layers[name]["mode"] == "table" else "table"
+        name, row, wanted = self.draw_toggle()
 
         async def click() -> None:
             grid = self.editor()
@@ -360,26 +358,20 @@ class Student:
             box = await grid.locator("canvas").first.bounding_box()
             await self.page.mouse.click(box["x"] + self.table_x, box["y"] + ROW_PX * (row + 1.5))
 
-        return await self.request("toggle", f"{name} -> {wanted}", click,
-                                  lambda: "" if self.layers[name]["mode"] == wanted else f"{name} is not {wanted}")
+        return await self.request("toggle", f"{name} -> {wanted}", click, self.is_mode(name, wanted))
 
     async def change_ck(self) -> bool:
         """Set a layer, a block or a stage to tables at a C and K it does not have yet (the group controls)."""
-        target = self.rng.choice([*self.structure.names, *(g for g in self.structure.groups if ":" in g)])
-        names = self.structure.expand(target)
-        choices = [(c, k) for c in C_CHOICES for k in K_CHOICES
-                   if not all(self.has_tables(n, c, k) for n in names)]
-        c, k = self.rng.choice(choices)
+        target, names, c, k = self.draw_ck()
         detail = f"{target} -> C={c} K={k}"
 
         async def steps() -> None:
-            await self.choose_target(target, len(names))
+            await self.choose_target(target)
             await self.set_number("C", c)
             await self.set_number("K", k)
 
         return await self.set_up("ck", detail, steps) and await self.request(
-            "ck", detail, self.page.get_by_role("button", name="→ tables").click,
-            lambda: "" if all(self.has_tables(n, c, k) for n in names) else f"{target} is not at C={c} K={k}")
+            "ck", detail, self.page.get_by_role("button", name="→ tables").click, self.has_all(target, c, k))
 
     async def search(self) -> bool:
         """A budgeted search with the page's defaults (93% retention) and a small evaluation budget."""
@@ -415,9 +407,34 @@ class Student:
         layer = self.layers[name]
         return layer["mode"] == "table" and (layer["codebooks"], layer["centroids"]) == (c, k)
 
-    async def choose_target(self, target: str, count: int) -> None:
+    def draw_toggle(self) -> tuple[str, int, str]:
+        """A layer, its row in the per-layer table, and the mode it is switched to."""
+        name = self.rng.choice(self.structure.names)
+        return name, self.structure.names.index(name), "exact" if self.layers[name]["mode"] == "table" else "table"
+
+    def draw_ck(self) -> tuple[str, list[str], int, int]:
+        """A layer, block or stage, its layers, and a C and K that not all of them have yet."""
+        target = self.rng.choice([*self.structure.names, *(g for g in self.structure.groups if ":" in g)])
+        names = self.structure.expand(target)
+        choices = [(c, k) for c in C_CHOICES for k in K_CHOICES
+                   if not all(self.has_tables(n, c, k) for n in names)]
+        return (target, names, *self.rng.choice(choices))
+
+    def target_label(self, target: str) -> str:
+        """How the group selectbox shows a target: a layer by name, a group with its layer count."""
+        return target if target in self.structure.names else f"{target} ({len(self.structure.expand(target))} layers)"
+
+    def is_mode(self, name: str, wanted: str) -> Callable[[], str]:
+        """A request's check: "" when the page shows `name` in mode `wanted`, else what is wrong."""
+        return lambda: "" if self.layers[name]["mode"] == wanted else f"{name} is not {wanted}"
+
+    def has_all(self, target: str, c: int, k: int) -> Callable[[], str]:
+        names = self.structure.expand(target)
+        return lambda: "" if all(self.has_tables(n, c, k) for n in names) else f"{target} is not at C={c} K={k}"
+
+    async def choose_target(self, target: str) -> None:
         box = self.page.get_by_role("combobox", name="Group or layer")
-        label = target if target in self.structure.names else f"{target} ({count} layers)"
+        label = self.target_label(target)
         if await box.input_value() == label:
             return
 
@@ -453,7 +470,7 @@ class WsStudent(Student):
         self.rng = random.Random(args.seed * 1000 + index)
         self.started = started
         self.runs = Runs()  # fed every frame: the waits in line
-        self.client = StreamlitClient(url, lambda frame, _: self.runs._frame(frame))
+        self.client = StreamlitClient(url, lambda frame, _: self.runs.feed(frame))
         self.requests: list[Request] = []
         self.layers: dict[str, dict[str, Any]] = {}
 
@@ -501,46 +518,34 @@ class WsStudent(Student):
 
     async def toggle(self) -> bool:
         """The per-layer table's "table" cell of one layer, flipped."""
-        name = self.rng.choice(self.structure.names)
-        wanted = "exact" if self.layers[name]["mode"] == "table" else "table"
+        name, row, wanted = self.draw_toggle()
 
         async def edit() -> float:
-            key, state = self.client.edit_rows("editor-", {self.structure.names.index(name): {
-                "table": wanted == "table"}})
+            key, state = self.client.edit_rows("editor-", {row: {"table": wanted == "table"}})
             return await self.client.rerun(state, fragment_id=self.client.fragment_of(key))
 
-        return await self.request("toggle", f"{name} -> {wanted}", edit,
-                                  lambda: "" if self.layers[name]["mode"] == wanted else f"{name} is not {wanted}")
+        return await self.request("toggle", f"{name} -> {wanted}", edit, self.is_mode(name, wanted))
 
     async def change_ck(self) -> bool:
-        target = self.rng.choice([*self.structure.names, *(g for g in self.structure.groups if ":" in g)])
-        names = self.structure.expand(target)
-        choices = [(c, k) for c in C_CHOICES for k in K_CHOICES
-                   if not all(self.has_tables(n, c, k) for n in names)]
-        c, k = self.rng.choice(choices)
+        target, _, c, k = self.draw_ck()
         detail = f"{target} -> C={c} K={k}"
-        label = target if target in self.structure.names else f"{target} ({len(names)} layers)"
 
         async def steps() -> None:
-            await self.widget(self.client.choice("group_target", label), "group_target")
+            await self.widget(self.client.choice("group_target", self.target_label(target)), "group_target")
             await self.widget(self.client.number("group_c", c), "group_c")
             await self.widget(self.client.number("group_k", k), "group_k")
 
         return await self.set_up("ck", detail, steps) and await self.request(
-            "ck", detail, lambda: self.client.rerun(self.client.click("group_table"),
-                                                    fragment_id=self.client.fragment_of("group_table")),
-            lambda: "" if all(self.has_tables(n, c, k) for n in names) else f"{target} is not at C={c} K={k}")
+            "ck", detail, lambda: self.client.press("group_table"), self.has_all(target, c, k))
 
     async def search(self) -> bool:
         budget = self.args.search_budget
         ready = await self.set_up("search", f"budget {budget}", lambda: self.widget(
             self.client.number("search_budget", budget), "search_budget"))
-        return ready and await self.request("search", f"budget {budget}", lambda: self.client.rerun(
-            self.client.click("run_search"), fragment_id=self.client.fragment_of("run_search")))
+        return ready and await self.request("search", f"budget {budget}", lambda: self.client.press("run_search"))
 
     async def masking(self) -> bool:
-        return await self.request("masking", "", lambda: self.client.rerun(
-            self.client.click("run_masking"), fragment_id=self.client.fragment_of("run_masking")))
+        return await self.request("masking", "", lambda: self.client.press("run_masking"))
 
     async def final(self) -> Final:
         final = Final(self.index)

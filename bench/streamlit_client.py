@@ -71,6 +71,10 @@ class StreamlitClient:
             raise TimeoutError(f"no answer within {timeout:.0f} s") from None
         return self.ended_at
 
+    async def press(self, key: str) -> float:
+        """Click a button (by its user key), scoped to its fragment as the page scopes it; returns when sent."""
+        return await self.rerun(self.click(key), fragment_id=self.fragment_of(key))
+
     async def act(self, state: WidgetState, key: str, timeout: float) -> tuple[float, float]:
         """Change one widget (by its user key) and wait for the answer: (sent, ended)."""
         sent = await self.rerun(state, fragment_id=self.fragment_of(key))

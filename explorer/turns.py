@@ -87,18 +87,8 @@ class Line:
         """The owner's place in line, or the turn it already holds (entered once more). A new long turn goes to the
         end; a short one ahead of every waiting long turn, behind the short ones already waiting."""
         with self._changed:
-            held = self._of(owner)
-            if held is not None:
-                held.depth += 1
-                return held
-            turn = Turn(owner, title, short)
             self._note(owner, time.monotonic())
-            if short:
-                self._turns.insert(self._after_short(), turn)
-            else:
-                self._turns.append(turn)
-            self._start_first()
-            return turn
+            return self._enter(owner, title, short)
 
     def give_way(self, turn: Turn) -> bool:
         """Called by running long work between two of its steps: when short turns wait and it has run at least
@@ -125,14 +115,7 @@ class Line:
             if any(turn.owner != owner for turn in self._turns) or any(
                     other != owner and when > since for other, when in self._asked.items()):
                 return None
-            held = self._of(owner)
-            if held is not None:
-                held.depth += 1
-                return held
-            turn = Turn(owner, title)
-            self._turns.append(turn)
-            self._start_first()
-            return turn
+            return self._enter(owner, title, short=False)
 
     def wait(self, turn: Turn, timeout: float) -> bool:
         """Whether `turn` runs, waiting up to `timeout` seconds for it to come."""
@@ -163,6 +146,20 @@ class Line:
         while index < len(self._turns) and self._turns[index].short:
             index += 1
         return min(index, len(self._turns))
+
+    def _enter(self, owner: str, title: str, short: bool) -> Turn:
+        """The owner's turn, entered once more, or a new one in its place in line (with the lock held)."""
+        held = self._of(owner)
+        if held is not None:
+            held.depth += 1
+            return held
+        turn = Turn(owner, title, short)
+        if short:
+            self._turns.insert(self._after_short(), turn)
+        else:
+            self._turns.append(turn)
+        self._start_first()
+        return turn
 
     def _note(self, owner: str, when: float) -> None:
         self._asked[owner] = when
