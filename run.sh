@@ -2,7 +2,9 @@
 # The project's entry points, all inside a project-local virtual environment .venv/ that this script makes
 # from $PYTHON (default python3) on first use; the system interpreter is never installed into.
 #   ./run.sh explore [streamlit args]   install what is missing, then open the explorer on the embedded default
-#   ./run.sh test [pytest args]         install what is missing (Python packages, Debian's chromium), lint, run the tests
+#   ./run.sh test [pytest args]         install what is missing (Python packages, Debian's chromium and gcc), build the
+#                                       native kernels, lint, run the tests (without args: the whole suite, then the
+#                                       table-layer suites again on the torch path)
 #   ./run.sh tabconv ARGS...            the command line: python -m tabconv ARGS...
 #   ./run.sh python ARGS...             the environment's python with the development requirements (bench/ scripts)
 # Requirements are installed only when the venv lacks them or the requirements files changed (a sha256 of the
@@ -101,6 +103,22 @@ install_python() {
   while read -r f; do req_hash "$f" >"$(stamp_of "$f")"; done < <(req_closure "$req")
 }
 
+# The native table kernels need a C compiler: Debian's gcc when there is none (as root), else the torch path serves.
+install_compiler() {
+  if command -v cc >/dev/null || command -v gcc >/dev/null || [[ -n ${CC:-} ]]; then return; fi
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    echo "installing Debian's gcc for the native table kernels" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null
+  fi
+}
+
+# Build the native kernels once per source and compiler (cached under build/native/); without a compiler this
+# says so and every table layer runs on the torch path.
+build_native() {
+  install_compiler
+  "$VPY" -m tabconv.native
+}
+
 install_chromium() {
   if [[ -x /usr/bin/chromium ]]; then return; fi
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
@@ -122,13 +140,20 @@ export VIRTUAL_ENV=$PWD/$VENV PATH=$PWD/$VENV/bin:$PATH
 case "$cmd" in
   explore)
     install_python requirements.txt
+    build_native
     exec "$VPY" -m streamlit run explorer/app.py "$@"
     ;;
   test)
     install_python requirements-dev.txt
     install_chromium
+    build_native
     "$VPY" -m ruff check tabconv explorer tests bench
-    exec "$VPY" -m pytest -q "$@"
+    if [[ $# -gt 0 ]]; then exec "$VPY" -m pytest -q "$@"; fi
+    # The whole suite on the native kernels (when built), then the table-layer suites again on the torch path.
+    "$VPY" -m pytest -q
+    echo "run.sh: the table-layer tests again with TABCONV_KERNEL=torch (the path without native kernels)" >&2
+    TABCONV_KERNEL=torch exec "$VPY" -m pytest -q tests/test_native.py \
+      tests/test_convert.py tests/test_export.py tests/test_quantizer.py tests/test_session.py
     ;;
   tabconv)
     install_python requirements.txt

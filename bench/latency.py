@@ -1,7 +1,8 @@
 """Measured latency of the exact and the tabled network on this CPU, beside their counted FLOPs.
 
 python bench/latency.py --checkpoint checkpoints/resnet18-mnist.pt --data-root DIR --setting C=8,K=16
-                        [--config CFG.json] [--batches 1,64] [--repeats 30] [--warmup 5] [--threads N] [--out F.json]
+                        [--config CFG.json] [--batches 1,64] [--repeats 30] [--warmup 5] [--threads N]
+                        [--kernel auto|native|torch] [--no-int8] [--out F.json]
 
 Both networks run in PyTorch eager and in onnxruntime (the files `tabconv export` writes), on the first test
 images, at each batch size: end to end, and per layer in eager (forward hooks around each layer and its batch
@@ -9,6 +10,9 @@ norm: the exact layer is conv + BN, the table layer replaces both). Every number
 runs after --warmup runs; ratios are tabled / exact from the same run (below 1: the tabled network is faster).
 Before timing, each runtime's outputs are checked against eager PyTorch. The thread count is the same for
 both runtimes (default: PyTorch's). Timings need a quiet machine: other work on the cores inflates them.
+Table layers run on --kernel (auto: the native kernels when they are built). What a user would otherwise pick is
+timed too: the exact network quantised to int8 in onnxruntime (static QDQ quantisation, calibrated on the timed
+images; --no-int8 skips it); onnxruntime's tabled graph is the standard-operator form (no custom operators).
 """
 
 from __future__ import annotations
@@ -33,11 +37,12 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from tabconv import config as config_file  # noqa: E402
+from tabconv import native  # noqa: E402
 from tabconv.atomic import atomic_write_text  # noqa: E402
 from tabconv.cache import TableCache  # noqa: E402
 from tabconv.config import Calibration  # noqa: E402
 from tabconv.export import TabledNetwork, onnx_bytes  # noqa: E402
-from tabconv.latency import images, ort_session  # noqa: E402
+from tabconv.latency import images, median_ms, ort_session  # noqa: E402
 from tabconv.latency import measure as measure_end_to_end  # noqa: E402
 from tabconv.session import Session  # noqa: E402
 from tabconv.settings import LayerSetting  # noqa: E402
@@ -124,15 +129,42 @@ def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
             "same_predictions": float((other.argmax(1) == reference.argmax(1)).mean())}
 
 
+def ort_int8_session(exact_onnx: bytes, calibration: torch.Tensor, threads: int) -> onnxruntime.InferenceSession:
+    """The exact network quantised to int8 by onnxruntime's static QDQ quantisation (per-channel weights, uint8
+    activations calibrated on `calibration`): what a user who wants a fast CPU network would otherwise pick."""
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": calibration[i:i + 16].numpy()} for i in range(0, len(calibration), 16)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as folder:
+        raw, source, target = (Path(folder) / name for name in ("raw.onnx", "exact.onnx", "exact-int8.onnx"))
+        raw.write_bytes(exact_onnx)
+        quant_pre_process(str(raw), str(source))  # shape inference and graph optimisation, as onnxruntime advises
+        quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        return ort_session(target.read_bytes(), threads)
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
+    kernel = native.use_kernel(args.kernel)
     session = open_session(args, max(args.batches))
     quantizers, settings = table_quantizers(session, args)
     specs = {name: TabledNetwork.from_session(session, tables)
              for name, tables in (("exact", {}), ("tabled", quantizers))}
     layout = torch.channels_last if args.layout == "channels_last" else torch.contiguous_format
     networks = {name: eager(spec.network(), layout) for name, spec in specs.items()}
+    native.set_kernel(networks["tabled"], args.kernel)
     runtimes = {name: ort_session(onnx_bytes(spec), args.threads) for name, spec in specs.items()}
+    int8 = None if args.no_int8 else ort_int8_session(onnx_bytes(specs["exact"]), images(session, 64), args.threads)
     groups = {info.name: [info.name] + ([info.bn] if info.bn else []) for info in session.structure.layers}
     results: dict[str, Any] = {"end_to_end": [], "per_layer": {}, "checks": {}}
     for batch in args.batches:
@@ -140,14 +172,25 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         results["checks"].update(check(networks, runtimes, x, layout))
         timed = measure_end_to_end(networks["exact"], networks["tabled"], x, args.repeats, args.warmup, runtimes,
                                    layout)
-        results["end_to_end"].append({"batch": batch, **timed.row()})
+        row = {"batch": batch, **timed.row()}
+        if int8 is not None:
+            feed = {"input": x.contiguous().numpy()}
+            with torch.inference_mode():
+                reference = networks["exact"](x.contiguous(memory_format=layout)).numpy()
+            results["checks"][f"exact int8, onnxruntime, batch {batch}"] = agreement(reference,
+                                                                                    int8.run(None, feed)[0])
+            row["onnxruntime_int8_exact_ms"] = median_ms(lambda feed=feed: int8.run(None, feed), args.repeats,
+                                                         args.warmup)
+            row["pytorch_tabled_vs_onnxruntime_int8"] = row["pytorch_tabled_ms"] / row["onnxruntime_int8_exact_ms"]
+        results["end_to_end"].append(row)
         results["per_layer"][str(batch)] = {
             name: per_layer(net, groups, x.contiguous(memory_format=layout), args) for name, net in networks.items()}
     tables = {n: s for n, s in settings.items() if s.is_table}
     results["layers"] = layer_rows(session, tables, results["per_layer"])
     results["flops"] = {"exact": session.baseline_cost.flops,
                         **{f"tabled_{c}": session.cost_model.report(tables, c).flops for c in ("paper", "full")}}
-    results["setup"] = setup(args, session, tables)
+    results["setup"] = {**setup(args, session, tables), "kernel": args.kernel, "table_layers_run_on": kernel,
+                        "isa": native.isa() if kernel == "native" else None}
     return results
 
 
@@ -203,6 +246,10 @@ def report(results: Mapping[str, Any]) -> str:
         for runtime in ("pytorch", "onnxruntime"):
             lines.append(f"{row['batch']:>5}  {runtime:12s} {row[f'{runtime}_exact_ms']:>10.3f} "
                          f"{row[f'{runtime}_tabled_ms']:>10.3f} {row[f'{runtime}_ratio']:>7.2f}")
+        if "onnxruntime_int8_exact_ms" in row:
+            lines.append(f"{row['batch']:>5}  {'ort int8':12s} {row['onnxruntime_int8_exact_ms']:>10.3f} "
+                         f"{'(eager)':>10} {row['pytorch_tabled_vs_onnxruntime_int8']:>7.2f}  exact network in int8 "
+                         "(onnxruntime) against the tabled network in eager PyTorch")
     batches = list(results["per_layer"])
     lines += ["", "per layer, PyTorch eager (exact: conv + its batch norm); FLOPs per image: exact, tabled (full)",
               f"{'layer':24s} {'exact FLOPs':>12} {'tab. FLOPs':>12}"
@@ -233,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="eager memory layout (channels-last: the session's, measured faster for ResNets)")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--no-cache", action="store_true")
+    parser.add_argument("--kernel", choices=native.KERNELS, default="auto",
+                        help="table layers in eager PyTorch: native kernels, torch, or auto (native when built)")
+    parser.add_argument("--no-int8", action="store_true", help="skip the int8 onnxruntime exact network")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     return parser
 

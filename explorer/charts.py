@@ -20,9 +20,10 @@ COSTS: dict[str, tuple[str, Callable[[Metrics], float]]] = {
     "flops_paper": ("FLOPs per image — paper convention (encoding free)", lambda m: m.flops_paper),
     "flops_full": ("FLOPs per image — full convention (encoding counted)", lambda m: m.flops_full),
     "storage_bytes": ("Storage of weights + tables + prototypes (MiB)", lambda m: m.paper.storage_bytes / 2**20),
+    "latency_ms": ("Latency measured on this CPU (ms per batch)", lambda m: m.latency_ms),
 }
 # FLOPs in SI units (M); storage in MiB like the cards, as plain short numbers
-TICK_FORMATS = {"flops_paper": "~s", "flops_full": "~s", "storage_bytes": "~g"}
+TICK_FORMATS = {"flops_paper": "~s", "flops_full": "~s", "storage_bytes": "~g", "latency_ms": "~g"}
 ORIGIN_COLOURS = {Origin.EDIT: "#4C78A8", Origin.PRIORITY: "#F58518", Origin.GREEDY: "#54A24B",
                   Origin.SWEEP: "#B7B7B7", Origin.BASELINE: "#222222", Origin.IMPORTED: "#72B7B2",
                   FINE_TUNED: "#B279A2"}
@@ -55,7 +56,17 @@ def summary_lines(m: Metrics) -> list[str]:
             f"FLOPs paper {m.flops_paper / 1e6:.3g}M ({change(m.reduction_paper)}), "
             f"full {m.flops_full / 1e6:.3g}M ({change(m.reduction_full)})",
             f"storage {m.paper.storage_bytes / 2**20:.3g} MiB (×{m.storage_ratio:.2f} of the original)",
+            *([latency_text(m)] if m.latency is not None else []),
             f"{len(m.table_layers)}/{len(m.settings)} layers as tables"]
+
+
+def latency_text(m: Metrics) -> str:
+    """'measured 5.2 ms per batch of 64 (3.9× faster than exact)', or '… (1.4× slower than exact)'."""
+    latency = m.latency
+    assert latency is not None
+    speed = latency.speedup
+    word = f"{speed:.2f}× faster" if speed >= 1 else f"{1 / speed:.2f}× slower"
+    return f"measured {latency.total_ms:.3g} ms per batch of {latency.batch} ({word} than exact)"
 
 
 def hover(m: Metrics) -> str:
@@ -70,6 +81,9 @@ def tradeoff(points: Sequence[Metrics], baseline: Metrics, current: Metrics, cos
 
     `links` are (parent, fine-tuned) pairs, drawn as dotted segments from a configuration to its tuned form."""
     title, value = COSTS[cost]
+    points = [m for m in points if value(m) is not None]
+    if cost == "latency_ms" and baseline.latency is not None:
+        title = f"Latency measured on this CPU (ms per batch of {baseline.latency.batch}, {baseline.latency.kernel})"
     fig = go.Figure()
     groups: dict[str, list[Metrics]] = {}
     for m in points:
@@ -97,7 +111,8 @@ def tradeoff(points: Sequence[Metrics], baseline: Metrics, current: Metrics, cos
     fig.update_layout(
         height=400, margin=dict(l=10, r=10, t=40, b=10), title=dict(text=f"Accuracy vs {title.split(' (')[0]}",
                                                                     font=dict(size=15)),
-        xaxis=dict(title=title, type="log", tickformat=TICK_FORMATS[cost], **log_ticks([value(m) for m in points])),
+        xaxis=dict(title=title, type="log", tickformat=TICK_FORMATS[cost],
+                   **log_ticks([value(m) for m in points] or [value(baseline)])),
         yaxis=dict(title=f"top-1 accuracy (%) on {baseline.eval_images} test images"),
         legend=dict(orientation="h", yanchor="top", y=-0.2, x=0), clickmode="event+select", hovermode="closest",
         modebar=dict(orientation="v"),

@@ -31,11 +31,14 @@ from tabconv.bounded import BoundedDict
 from tabconv.cache import TableCache
 from tabconv.config import Calibration
 from tabconv.finetune import Tuned
+from tabconv.latencytable import LatencyTable
 from tabconv.metrics import Metrics
 from tabconv.resultstore import ResultStore
 from tabconv.session import MAX_GIVEN_TABLES, Session
 from tabconv.settings import LayerSetting
 from tabconv.structure import ModelStructure
+
+LATENCY_BATCH = 64  # the batch of the latency the page shows (1 is interactive use; 64 batched inference)
 
 Progress = Callable[[dict[str, Any]], None]
 SETTLE_QUIET_S = 60.0  # settle only when no other tab asked for work this long (a lone user: always)
@@ -206,7 +209,15 @@ def _open_checkpoint(spec: Spec) -> Workbench:
     cache = TableCache()
     session = Session.from_checkpoint(spec.checkpoint, calibration=spec.calibration, eval_images=spec.eval_images,
                                       data_root=spec.data_root, cache=cache, download=False, clamp=True)
+    _measure_latency(session, cache)
     return Workbench(session, spec, ResultStore(cache.root / "explorer"))
+
+
+def _measure_latency(session: Session, cache: TableCache) -> None:
+    """Every configuration gets its measured latency (per-layer timings kept beside the table cache, so each layer
+    and setting is timed once per machine); TABCONV_EXPLORER_LATENCY=0 turns it off."""
+    if os.environ.get("TABCONV_EXPLORER_LATENCY", "1") != "0":
+        session.enable_latency(LatencyTable(cache.root, batch=LATENCY_BATCH))
 
 
 def _open_user(spec: Spec, progress: Progress | None) -> Workbench:
@@ -219,4 +230,5 @@ def _open_user(spec: Spec, progress: Progress | None) -> Workbench:
                                       image_size=user.image_size, mean=user.mean, std=user.std,
                                       calibration=spec.calibration, eval_images=spec.eval_images, cache=cache,
                                       progress=progress, clamp=True)
+    _measure_latency(session, cache)
     return Workbench(session, spec, ResultStore(cache.root / "explorer"))

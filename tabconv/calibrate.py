@@ -17,7 +17,7 @@ from tabconv.cache import TableCache, cache_key
 from tabconv.config import Calibration
 from tabconv.convert import convert
 from tabconv.lowering import bias_vector, fold_batchnorm, im2col, weight_matrix
-from tabconv.quantizer import ProductQuantizer
+from tabconv.quantizer import INT8_SCHEME, ProductQuantizer
 from tabconv.settings import LayerSetting
 from tabconv.structure import LayerInfo, ModelStructure
 
@@ -156,6 +156,8 @@ class TableBuilder:
                  "calibration": self.calibration.key_parts(),
                  "quantizer": {k: v for k, v in ProductQuantizer.from_setting(setting).get_params().items()
                                if k in ("kmeans_iter", "kmeans_backend")}}
+        if setting.lut_dtype == "int8":
+            parts["int8"] = INT8_SCHEME
         if self.depends_on_upstream(name):
             parts["upstream"] = {n: s.to_dict() for n, s in upstream.items() if s.is_table}
         return parts

@@ -15,6 +15,7 @@ from typing import Any
 
 from tabconv import config as config_file
 from tabconv import finetune as finetuning
+from tabconv import native
 from tabconv.architectures import ArchitectureError, build_architecture
 from tabconv.atomic import atomic_write_bytes
 from tabconv.cache import TableCache
@@ -22,9 +23,11 @@ from tabconv.config import FIT_METHODS, Calibration, ConfigError, Configuration
 from tabconv.cost import CONVENTIONS, model_cost
 from tabconv.data import DATASETS, DatasetUnavailable
 from tabconv.imagefolder import ImageFolderError
+from tabconv.latencytable import DEFAULT_BATCH, LatencyTable
 from tabconv.lowering import LoweringError
 from tabconv.metrics import Origin
 from tabconv.models import model_names
+from tabconv.search import CONVENTIONS as SEARCH_CONVENTIONS
 from tabconv.settings import ENCODERS, EXACT, LUT_DTYPES, LayerSetting, SettingError
 from tabconv.stats import accuracy_text, p_text, wilson
 from tabconv.structure import ModelStructure, UnknownLayerError
@@ -36,6 +39,9 @@ from tabconv.weights import WeightsError
 USER_ERRORS = (ConfigError, TablesFileError, CheckpointError, DatasetUnavailable, SettingError, UnknownLayerError,
                LoweringError, ArchitectureError, WeightsError, ImageFolderError, UserModelError, FileNotFoundError,
                ValueError, FloatingPointError)
+
+
+KERNEL_CHECK_IMAGES = 64  # export: test images the written model.pt is run on, on --kernel and on torch
 
 
 class CliError(Exception):
@@ -155,6 +161,8 @@ def _session(args: argparse.Namespace, calibration: Calibration | None = None):
     wins over the calibration flags."""
     from tabconv.session import Session
 
+    if args.kernel is not None:
+        _use_kernel(args.kernel)
     calibration = calibration or Calibration(images=args.calibration_images, mode=args.calibration,
                                              seed=args.seed, max_rows=args.max_rows, fit=args.fit,
                                              ridge=args.ridge, refit_classifier=args.refit_classifier)
@@ -176,6 +184,13 @@ def _session(args: argparse.Namespace, calibration: Calibration | None = None):
                                    image_size=args.image_size, mean=args.mean, std=args.std,
                                    calibration=calibration, eval_images=args.eval_images, cache=cache,
                                    device=args.device, progress=_progress_bar("session"))
+
+
+def _use_kernel(kernel: str) -> str:
+    try:
+        return native.use_kernel(kernel)
+    except native.NativeUnavailable as exc:
+        raise CliError(str(exc)) from None
 
 
 def _user_model_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -226,11 +241,33 @@ def _metrics_lines(session, metrics) -> list[str]:
             f"full convention (encoding counted): {metrics.flops_full:,} ({-metrics.reduction_full:+.1%}); "
             f"baseline {metrics.baseline.flops:,}",
             f"storage {metrics.paper.storage_bytes:,} bytes (x{metrics.storage_ratio:.2f} of "
-            f"{metrics.baseline.storage_bytes:,})"]
+            f"{metrics.baseline.storage_bytes:,})", *_latency_lines(metrics)]
+
+
+def _latency_lines(metrics) -> list[str]:
+    """Measured time beside the counted work: end to end, and the table layers slower than their exact layer."""
+    latency = metrics.latency
+    if latency is None:
+        return []
+    slower = latency.slower_layers(metrics.table_layers)
+    faster = "faster" if latency.speedup >= 1 else "slower"
+    ratio = latency.speedup if latency.speedup >= 1 else 1 / latency.speedup
+    return [f"latency measured on this machine (batch {latency.batch}, {latency.threads} threads, table layers on "
+            f"{latency.kernel}; per-layer medians summed): {latency.total_ms:.2f} ms against exact "
+            f"{latency.baseline_ms:.2f} ms, {ratio:.2f}x {faster}",
+            *([f"slower tabled than exact: {', '.join(slower)}"] if slower else [])]
+
+
+def _enable_latency(session, args: argparse.Namespace) -> None:
+    """Measured latency beside the counted FLOPs (per-layer latency table kept beside the table cache)."""
+    if not args.no_latency:
+        root = None if args.no_cache else TableCache(args.cache_dir).root
+        session.enable_latency(LatencyTable(root, batch=args.latency_batch))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     session = _session(args, config_file.load(args.config).calibration if args.config else None)
+    _enable_latency(session, args)
     if args.config:
         loaded, tables = session.load_configuration(args.config)
         metrics = _apply_config(session, loaded, tables)
@@ -272,6 +309,9 @@ def cmd_search(args: argparse.Namespace) -> None:
     from tabconv.search import greedy_search, priority_masking
 
     session = _session(args)
+    if args.convention == "latency" and args.no_latency:
+        raise CliError("--convention latency measures latency: drop --no-latency")
+    _enable_latency(session, args)
     setting = _table_setting(args)
     if args.strategy == "priority":
         result = priority_masking(session, setting, args.min_retention, max_storage_bytes=args.max_storage_bytes,
@@ -326,7 +366,7 @@ def _formats(text: str) -> tuple[str, ...]:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from tabconv.export import TabledNetwork, export_files, prepare_folder, write_export
+    from tabconv.export import MODEL_FILE, TabledNetwork, export_files, kernel_check, prepare_folder, write_export
 
     calibration = config_file.load(args.config).calibration
     prepare_folder(args.out)  # an unwritable folder is refused before any table is built
@@ -338,8 +378,15 @@ def cmd_export(args: argparse.Namespace) -> None:
     kind = "fine-tuned" if tables is not None else "built"
     data = {"model": session.meta["model"], "dataset": session.meta["dataset"], "config_file": args.config,
             "table_layers": len(quantizers), "tables": kind, "out": str(args.out), "files": sizes}
-    _emit(data, args.json, [f"exported {session.meta['model']} with {len(quantizers)} table layers ({kind} tables) "
-                            f"-> {args.out}", *(f"  {name}: {size:,} bytes" for name, size in sizes.items())])
+    lines = [f"exported {session.meta['model']} with {len(quantizers)} table layers ({kind} tables) -> {args.out}",
+             *(f"  {name}: {size:,} bytes" for name, size in sizes.items())]
+    if MODEL_FILE in sizes:
+        images = session.eval_set.normalize(session.eval_set.images[:KERNEL_CHECK_IMAGES]).float().cpu()
+        check = data["kernel_check"] = kernel_check(Path(args.out) / MODEL_FILE, images, native.default_kernel())
+        lines.append(f"model.pt on the {check['runs_on']} kernels against the torch path, {check['images']} test "
+                     f"images: same predictions {check['same_predictions']:.0%}, logits within "
+                     f"{check['max_abs_diff_relative']:.1e} of the largest")
+    _emit(data, args.json, lines)
 
 
 # -- cache ---------------------------------------------------------------------------------------------
@@ -410,6 +457,13 @@ def _session_options(p: argparse.ArgumentParser, folder_flags: tuple[str, ...] =
     p.add_argument("--no-cache", action="store_true", help="do not read or write the table cache")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--latency-batch", type=_positive, default=DEFAULT_BATCH,
+                   help="evaluate / search: batch size of the measured latency (default %(default)s)")
+    p.add_argument("--no-latency", action="store_true",
+                   help="evaluate / search: do not measure latency (no per-layer timing on this machine)")
+    p.add_argument("--kernel", choices=native.KERNELS, default=None,
+                   help="table layers' kernels: native (C, SIMD lookups; fails when they cannot be built), torch, or "
+                   "auto (native when available); default: $TABCONV_KERNEL, else auto")
 
 
 def _table_options(p: argparse.ArgumentParser) -> None:
@@ -492,7 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=("priority", "greedy"), required=True)
     p.add_argument("--min-retention", type=_fraction, required=True, help="fraction of baseline accuracy to keep")
     p.add_argument("--max-storage-bytes", type=_positive, default=None)
-    p.add_argument("--convention", choices=CONVENTIONS, default="paper", help="FLOPs the greedy search minimises")
+    p.add_argument("--convention", choices=SEARCH_CONVENTIONS, default="paper",
+                   help="what the greedy search minimises: FLOPs (paper: encoding free; full: encoding counted) or "
+                   "latency measured on this machine (per-layer latency table)")
     p.add_argument("--max-evaluations", type=_positive, default=400, help="greedy: evaluation budget")
     p.add_argument("--out", required=True, help="where the best configuration file is written")
     p.set_defaults(func=cmd_search)

@@ -45,7 +45,7 @@ _FREE = (nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.Flatten, nn.Unflatten, nn
 _FREE_NAMES = ("StochasticDepth", "Permute")
 # blocks whose own forward multiplies elementwise (SE: scale * input; ConvNeXt: layer_scale * x): 1 per element
 _MULTIPLYING_BLOCKS = ("SqueezeExcitation", "CNBlock")
-_SCALE_BYTES = 4  # int8 tables: one float32 scale per layer and one float32 offset per codebook
+_SCALE_BYTES = 4  # int8 tables: per output, one float32 scale and one float32 bias (the codebooks' offsets summed)
 
 
 @dataclass
@@ -133,7 +133,7 @@ def table_layer_counts(
     table_bytes = c * k * m * LUT_BYTES[setting.lut_dtype]  # each group's C tables cover its M / G outputs
     if setting.lut_dtype == "int8":
         adds += 2 * rows * m  # dequantize each output: one multiply, one add
-        table_bytes += _SCALE_BYTES + _SCALE_BYTES * c * groups
+        table_bytes += 2 * _SCALE_BYTES * m
     if setting.encoder == "exhaustive":
         encoding_macs = rows * k * d_pad * groups
         comparisons = rows * c * (k - 1) * groups

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tabconv import native
 from tabconv.atomic import atomic_write_bytes
 from tabconv.convert import convert, swap_in
 from tabconv.graphform import graph_form
@@ -256,10 +257,12 @@ def _table_entry(name: str, quantizer: ProductQuantizer, arrays: Mapping[str, np
 
 
 # -- reading -------------------------------------------------------------------------------------------
-def load_tabled(path: str | os.PathLike) -> nn.Module:
+def load_tabled(path: str | os.PathLike, kernel: str | None = None) -> nn.Module:
     """The tabled network of a model.pt, ready in eval mode on the CPU (no dataset, no table cache).
 
-    The file is checked first: a damaged, edited or foreign file is refused with one line naming it.
+    Its table layers run on the native kernels when they are available (`kernel` None or "auto"), or on the one
+    named ("native" fails when the kernels cannot be built; "torch" keeps PyTorch's path). The file is checked
+    first: a damaged, edited or foreign file is refused with one line naming it.
     """
     path = Path(path)
     payload = _read_model_file(path)
@@ -270,7 +273,20 @@ def load_tabled(path: str | os.PathLike) -> nn.Module:
         quantizers = {name: _quantizer(structure, name, item) for name, item in payload["layers"].items()}
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
         raise ExportError(f"{path}: does not rebuild a tabled network ({_first_line(exc)})") from None
-    return convert(model, structure, quantizers)
+    tabled = convert(model, structure, quantizers)
+    return native.set_kernel(tabled, kernel) if kernel is not None else tabled
+
+
+@torch.no_grad()
+def kernel_check(path: str | os.PathLike, images: torch.Tensor, kernel: str) -> dict[str, Any]:
+    """The exported model.pt on `kernel` against the same file on the torch path, on `images`: that what was
+    written runs on the kernel a deployment will use, and computes what the library computes."""
+    runs, reference = load_tabled(path, kernel), load_tabled(path, "torch")
+    got, want = runs(images), reference(images)
+    scale = float(want.abs().max()) or 1.0
+    return {"kernel": kernel, "runs_on": "torch" if kernel == "torch" or not native.available() else "native",
+            "images": len(images), "same_predictions": float((got.argmax(1) == want.argmax(1)).float().mean()),
+            "max_abs_diff_relative": float((got - want).abs().max()) / scale}
 
 
 def _read_model_file(path: Path) -> dict[str, Any]:

@@ -41,8 +41,9 @@ class _GraphTables(nn.Module):
         self.register_buffer("tables", quantizer.tables_.reshape(codebooks * centroids, -1).clone())
         self.register_buffer("code_offsets", torch.arange(codebooks) * centroids)
         if self.int8:
-            self.register_buffer("scale", quantizer.table_scale_.clone())
-            self.register_buffer("offset", quantizer.table_offset_.sum())
+            scale, bias = quantizer.int8_affine()[0], quantizer.int8_bias()
+            self.register_buffer("scale", scale.clone())
+            self.register_buffer("offset", bias.clone())
         self.tree = quantizer.encoder == "tree"
         if self.tree:
             nodes = centroids - 1
@@ -73,7 +74,7 @@ class _GraphTables(nn.Module):
         shape[axis] = self.codebooks
         picked = F.embedding(codes + self.code_offsets.reshape(shape), self.tables).float()
         summed = picked.sum(axis)
-        return self.scale * (summed + 128.0 * self.codebooks) + self.offset if self.int8 else summed
+        return self.scale * summed + self.offset if self.int8 else summed
 
 
 class GraphTableConv2d(nn.Module):

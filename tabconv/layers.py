@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tabconv import native
 from tabconv.lowering import bias_vector, im2col, output_hw, rows_to_nchw, weight_matrix
 from tabconv.quantizer import ProductQuantizer
 from tabconv.settings import LayerSetting
@@ -36,6 +37,7 @@ class TableConv2d(nn.Module):
         kernels = _prototype_kernels(quantizer, conv)
         self.register_buffer("score_weight", kernels[0] if kernels else None, persistent=False)
         self.register_buffer("score_bias", kernels[1] if kernels else None, persistent=False)
+        self.kernel: str | None = None  # auto | native | torch (tabconv.native.set_kernel); None: the default
         self.train(conv.training)  # the mode of the layer it replaces: eval uses the direct, chunked encoder
 
     @classmethod
@@ -45,6 +47,10 @@ class TableConv2d(nn.Module):
         return cls(conv, quantizer, setting)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            out = native.forward(self, x)  # None: this forward takes the torch path below
+            if out is not None:
+                return out if out.dtype == x.dtype else out.to(x.dtype)
         height, width = output_hw(self, x.shape[2], x.shape[3])
         if self.training:  # fine-tuning: the quantizer is trainable and computes rows -> outputs itself
             return rows_to_nchw(self.quantizer(im2col(x, self)), x.shape[0], height, width)
@@ -111,6 +117,7 @@ class TableLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.quantizer = quantizer
         self.setting = setting
+        self.kernel: str | None = None  # auto | native | torch (tabconv.native.set_kernel); None: the default
         self.train(linear.training)
 
     @classmethod
@@ -120,7 +127,11 @@ class TableLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        return self.quantizer(x.reshape(-1, self.in_features)).reshape(*lead, self.out_features).to(x.dtype)
+        rows = x.reshape(-1, self.in_features)
+        out = None if self.training else native.forward(self, rows)
+        if out is not None:
+            return out.reshape(*lead, self.out_features).to(x.dtype)
+        return self.quantizer(rows).reshape(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         s = self.setting

@@ -13,6 +13,7 @@ import torch
 
 from tabconv.cost import CostReport
 from tabconv.evaluate import LayerError
+from tabconv.latencytable import LatencyEstimate
 from tabconv.settings import LayerSetting
 from tabconv.stats import Paired, accuracy_text, paired, wilson
 from tabconv.structure import ModelStructure
@@ -46,6 +47,12 @@ class Metrics:
     id: int = -1  # position in the session history
     origin: Origin = Origin.EDIT  # the kind of request that first evaluated it
     extra: dict[str, Any] = field(default_factory=dict)
+    latency: LatencyEstimate | None = None  # measured per-layer latencies (when the session keeps a latency table)
+
+    @property
+    def latency_ms(self) -> float | None:
+        """Milliseconds per batch of `latency.batch` images on this machine, or None when not measured."""
+        return None if self.latency is None else self.latency.total_ms
 
     @property
     def correct_images(self) -> np.ndarray:
@@ -118,14 +125,25 @@ class Metrics:
                 "rows_per_image": info.rows_per_image, "calibration_rows": calib_rows,
                 "macs": info.macs_per_image, "mac_share": info.macs_per_image / total_macs,
                 "flops_paper": cost.flops("paper"), "flops_full": self.full.layer(info.name).flops("full"),
+                "exact_flops": self.baseline.layer(info.name).flops("paper"),
                 "weight_bytes": self.baseline.layer(info.name).weight_bytes
                 + (self.baseline.layer(info.bn).weight_bytes if info.bn else 0),
                 "table_bytes": cost.table_bytes, "prototype_bytes": cost.prototype_bytes,
                 "cosine": error.cosine if error else None,
                 "relative_error": error.relative_error if error else None,
                 "k_exceeds_rows": setting.is_table and setting.centroids >= calib_rows,
+                **self._layer_latency(info.name),
             })
         return rows
+
+    def _layer_latency(self, name: str) -> dict[str, Any]:
+        """Measured ms of the layer as configured and exact (None when not measured), and whether the table is the
+        slower of the two."""
+        if self.latency is None:
+            return {"latency_ms": None, "exact_latency_ms": None, "slower_than_exact": False}
+        now, exact = self.latency.layer_ms[name], self.latency.exact_ms[name]
+        return {"latency_ms": now, "exact_latency_ms": exact,
+                "slower_than_exact": self.settings[name].is_table and now > exact}
 
     def to_dict(self, structure: ModelStructure | None = None, calibration_images: int = 0) -> dict[str, Any]:
         """The JSON record of `evaluate` (and of every point of a search)."""
@@ -142,6 +160,7 @@ class Metrics:
             "storage_bytes": self.paper.storage_bytes, "table_bytes": self.paper.table_bytes,
             "prototype_bytes": self.paper.prototype_bytes, "weight_bytes": self.paper.weight_bytes,
             "baseline_storage_bytes": self.baseline.storage_bytes, "storage_ratio": self.storage_ratio,
+            **(self.latency.to_dict() if self.latency else {}),
             **self.extra,
         }
         if structure is not None:

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from tabconv.settings import LayerSetting, SettingError
 
 KMEANS_BACKENDS = ("torch", "sklearn")
+INT8_SCHEME = "per-output scale, per-codebook-and-output offset"  # part of cached int8 tables' keys
 _CHUNK_ELEMENTS = 1 << 23  # bounds the (C, rows, K) distance block held at once
 
 
@@ -340,12 +341,37 @@ class ProductQuantizer(nn.Module):
         """The tables as float32 (C', K, M / G), dequantized when they are stored as int8."""
         self._check_fitted("tables_")
         if self.lut_dtype == "int8":
-            return self.table_scale_ * (self.tables_.float() + 128.0) + self.table_offset_.reshape(-1, 1, 1)
+            scale, offset = self.int8_affine()
+            width = self.tables_.shape[-1]
+            q = self.tables_.float().reshape(self.groups, self.n_codebooks, self.n_centroids, width)
+            values = scale.reshape(self.groups, 1, 1, width) * (q + 128.0) + offset.reshape(
+                self.groups, self.n_codebooks, 1, width)
+            return values.reshape(self.tables_.shape)
         return self.tables_.float()
+
+    def int8_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale per output (M,), offset per codebook and output column (C', M / G)) of int8 tables.
+
+        Tables quantised before per-output scales (one scale per layer, one offset per codebook) are broadcast to
+        these shapes, so files written then still load and compute what they did."""
+        self._check_fitted("table_scale_")
+        width = self.tables_.shape[-1]
+        scale, offset = self.table_scale_.float(), self.table_offset_.float()
+        if scale.dim() == 0:
+            scale = scale.expand(self.groups * width)
+        if offset.dim() == 1:
+            offset = offset.unsqueeze(1).expand(-1, width)
+        return scale, offset
+
+    def int8_bias(self) -> torch.Tensor:
+        """Per output (M,), what dequantising an integer sum adds: scale * 128 C + the sum of its offsets."""
+        scale, offset = self.int8_affine()
+        offset_sums = offset.reshape(self.groups, self.n_codebooks, -1).sum(1).reshape(-1)
+        return scale * (128.0 * self.n_codebooks) + offset_sums
 
     def _store_tables(self, tables: torch.Tensor) -> None:
         if self.lut_dtype == "int8":
-            self.tables_, self.table_scale_, self.table_offset_ = quantize_tables_int8(tables)
+            self.tables_, self.table_scale_, self.table_offset_ = quantize_tables_int8(tables, self.groups)
         else:
             self.tables_ = tables.to(getattr(torch, self.lut_dtype))
 
@@ -355,8 +381,7 @@ class ProductQuantizer(nn.Module):
         summed = self._sum_tables(self.tables_.float(), codes)
         if self.lut_dtype == "int8":
             # integer sums are exact in float32 (|sum| <= 128*C << 2**24): this is int accumulation
-            offsets = self.table_offset_.reshape(self.groups, -1).sum(1).repeat_interleave(self.tables_.shape[-1])
-            return dequantize_sum(summed, self.table_scale_, offsets, self.n_codebooks)
+            return dequantize_sum(summed, self.int8_affine()[0], self.int8_bias())
         return summed
 
     def _code_offsets(self, device: torch.device) -> torch.Tensor:
@@ -413,21 +438,25 @@ class ProductQuantizer(nn.Module):
                 setattr(self, name, value.detach().to(device, copy=True))
 
 
-def quantize_tables_int8(tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """int8 tables with one scale per layer and one offset per codebook.
+def quantize_tables_int8(tables: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int8 tables (C', K, M / G) with one scale per output and one offset per codebook and output column.
 
-    A shared scale lets the C looked-up int8 entries be summed as integers (no overflow in int32)
-    and dequantized once per output: sum_c T_c ~= scale * (sum_c q_c + 128 C) + sum_c offset_c.
+    Every codebook summed into an output shares that output's scale, so the C looked-up int8 entries are summed
+    as integers (no overflow in int32) and dequantised once per output m:
+    sum_c T[c, :, m] ~= scale_m * (sum_c q_c + 128 C) + sum_c offset[c, m]. One scale per output (instead of one
+    per layer) keeps a narrow output from being rounded on the scale of the widest; the offsets only matter to
+    the lookup through their sum per output.
     """
-    low = tables.amin(dim=(1, 2))  # (C,)
-    span = (tables.amax(dim=(1, 2)) - low).max().clamp(min=1e-12)
-    scale = span / 255.0
-    q = torch.round((tables - low.reshape(-1, 1, 1)) / scale) - 128
-    return q.clamp_(-128, 127).to(torch.int8), scale.reshape(()), low
+    width = tables.shape[-1]
+    low = tables.amin(dim=1)  # (C', M / G)
+    span = (tables.amax(dim=1) - low).reshape(groups, -1, width).amax(1)  # (G, M / G): widest codebook per output
+    scale = (span.clamp(min=1e-12) / 255.0).reshape(groups, 1, 1, width)
+    grouped = tables.reshape(groups, -1, *tables.shape[1:])
+    q = torch.round((grouped - low.reshape(groups, -1, 1, width)) / scale) - 128
+    return q.clamp_(-128, 127).to(torch.int8).reshape(tables.shape), scale.reshape(-1), low
 
 
-def dequantize_sum(summed: torch.Tensor, scale: torch.Tensor, offset_sums: torch.Tensor, codebooks: int
-                   ) -> torch.Tensor:
-    """Turn sums of `codebooks` int8 entries back into the float sum of table values; `offset_sums`: per output,
-    the sum of the offsets of the codebooks summed into it."""
-    return scale * (summed + 128.0 * codebooks) + offset_sums
+def dequantize_sum(summed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Turn per-output sums of int8 entries (N, M) back into the float sum of table values: scale * sum + bias, with
+    `scale` and `bias` per output (see `ProductQuantizer.int8_bias`)."""
+    return scale * summed + bias

@@ -29,7 +29,15 @@ def feasible(m: Metrics, min_retention: float, max_storage_bytes: int | None = N
     return m.retention >= min_retention and (max_storage_bytes is None or m.paper.storage_bytes <= max_storage_bytes)
 
 
-def flops(m: Metrics, convention: str) -> int:
+CONVENTIONS = ("paper", "full", "latency")  # what a search minimises: FLOPs counted two ways, or measured time
+
+
+def flops(m: Metrics, convention: str) -> float:
+    """A configuration's cost by `convention`: FLOPs (paper or full), or measured latency in milliseconds."""
+    if convention == "latency":
+        if m.latency is None:
+            raise ValueError("the latency convention needs measured latencies: call Session.enable_latency first")
+        return m.latency.total_ms
     return m.flops_paper if convention == "paper" else m.flops_full
 
 
@@ -122,13 +130,17 @@ def propagation_matrix(session: Session, setting: LayerSetting, current: Metrics
                         "config_id": current.id}}
 
 
-def _moves(settings: dict[str, LayerSetting], setting: LayerSetting) -> list[tuple[str, LayerSetting]]:
-    """Moves that can save FLOPs: exact -> table; a table layer's C halved; its K halved."""
+def _moves(settings: dict[str, LayerSetting], setting: LayerSetting, convention: str = "paper"
+           ) -> list[tuple[str, LayerSetting]]:
+    """Moves that can save cost: exact -> table; a table layer's C halved; its K halved; and, for latency, a table
+    layer back to exact (a table layer can be slower than the layer it replaces)."""
     moves = []
     for name, s in settings.items():
         if not s.is_table:
             moves.append((name, setting))
             continue
+        if convention == "latency":
+            moves.append((name, EXACT))
         if s.codebooks > 1:
             moves.append((name, s.with_(codebooks=s.codebooks // 2, subvector=None)))
         if s.centroids > 2:
@@ -183,12 +195,18 @@ def _try(session: Session, current: Metrics, name: str, new: LayerSetting, progr
 
 def _saving_moves(session: Session, current: Metrics, setting: LayerSetting,
                   convention: str) -> list[tuple[str, LayerSetting]]:
-    """The moves whose configuration costs fewer FLOPs than `current` (cost is analytic: no evaluation)."""
+    """The moves whose configuration costs less than `current`, known before evaluating: FLOPs from the cost
+    model, latency from the per-layer latency table."""
     now = flops(current, convention)
     moves = []
-    for name, new in _moves(dict(current.settings), setting):
-        paper, full = session.costs({**current.settings, name: new})
-        if (paper if convention == "paper" else full).flops < now:
+    for name, new in _moves(dict(current.settings), setting, convention):
+        settings = {**current.settings, name: new}
+        if convention == "latency":
+            cost = session.latency_of(settings).total_ms
+        else:
+            paper, full = session.costs(settings)
+            cost = (paper if convention == "paper" else full).flops
+        if cost < now:
             moves.append((name, new))
     return moves
 
@@ -200,8 +218,8 @@ def _short(s: LayerSetting) -> str:
 def pareto_front(points: Iterable[Metrics], cost: str = "flops_paper") -> list[Metrics]:
     """Points not dominated in (lower cost, higher accuracy), sorted by cost: the step line of the plots."""
     def key(m: Metrics) -> float:
-        return {"flops_paper": m.flops_paper, "flops_full": m.flops_full,
-                "storage_bytes": m.paper.storage_bytes}[cost]
+        return {"flops_paper": m.flops_paper, "flops_full": m.flops_full, "storage_bytes": m.paper.storage_bytes,
+                "latency_ms": m.latency_ms}[cost]
     front: list[Metrics] = []
     for m in sorted(points, key=lambda m: (key(m), -m.accuracy)):
         if not front or m.accuracy > front[-1].accuracy:

@@ -28,6 +28,7 @@ from tabconv.data import ImageSet, load_dataset
 from tabconv.devices import resolve_device
 from tabconv.evaluate import ErrorAccumulator, LayerError, evaluate
 from tabconv.incremental import IncrementalRunner
+from tabconv.latencytable import LatencyEstimate, LatencyTable
 from tabconv.metrics import Metrics, Origin, pack_hits
 from tabconv.quantizer import ProductQuantizer
 from tabconv.settings import EXACT, LayerSetting
@@ -98,6 +99,8 @@ class Session:
         self._identities: dict[str, nn.Identity] = {}
         self._tables: dict[int, nn.Module] = {}
         self._costs: dict[tuple, tuple[CostReport, CostReport]] = {}
+        self.latency_table: LatencyTable | None = None  # set by enable_latency: every evaluation is then timed
+        self._latencies: dict[tuple, LatencyEstimate] = {}
         self._seen: dict[tuple, Metrics] = {}
         # given (e.g. fine-tuned) tables by tables_id, the most recent MAX_GIVEN_TABLES of them
         self._tuned: BoundedDict = BoundedDict(MAX_GIVEN_TABLES)
@@ -293,7 +296,7 @@ class Session:
         paper, full = self.costs(settings)
         metrics = Metrics(dict(settings), int(hits.sum()) / len(self.eval_set), len(self.eval_set),
                           self.baseline_accuracy, paper, full, self.baseline_cost, errors, pack_hits(hits), label,
-                          len(self.history), origin)
+                          len(self.history), origin, latency=self.latency_of(settings))
         self.history.append(metrics)
         self.current = metrics
         if self.incremental:
@@ -319,6 +322,24 @@ class Session:
         if key not in self._costs:
             self._costs[key] = tuple(self.cost_model.report(tables, c) for c in ("paper", "full"))
         return self._costs[key]
+
+    def enable_latency(self, table: LatencyTable) -> None:
+        """Time every configuration from now on (and the ones evaluated so far) with this per-layer latency table."""
+        self.latency_table = table
+        self._latencies.clear()
+        for metrics in self.history:
+            metrics.latency = self.latency_of(metrics.settings)
+
+    def latency_of(self, settings: Mapping[str, LayerSetting]) -> LatencyEstimate | None:
+        """The measured latency of a configuration (memoised per distinct settings), None without a latency table
+        or off the CPU (the table times this machine's CPU)."""
+        if self.latency_table is None or self.device.type != "cpu":
+            return None
+        settings = self.complete(settings)
+        key = tuple((n, s) for n, s in settings.items() if s.is_table)
+        if key not in self._latencies:
+            self._latencies[key] = self.latency_table.estimate(self.model, self.structure, settings)
+        return self._latencies[key]
 
     def tables(self, settings: Mapping[str, LayerSetting]) -> dict[str, ProductQuantizer]:
         """Built tables of the configuration's table layers (from memory or the cache when possible)."""

@@ -142,10 +142,7 @@ def column_labels(result: Mapping[str, Any], start: int, stop: int) -> list[str]
 
 def table_entries(quantizer: ProductQuantizer, codes: torch.Tensor) -> torch.Tensor:
     """(C, M) float table rows T[c, codes[c], :] (int8 tables dequantized); their sum is the output."""
-    picked = quantizer.tables_[torch.arange(quantizer.n_codebooks), codes.to(quantizer.tables_.device)].float()
-    if quantizer.lut_dtype == "int8":
-        return quantizer.table_scale_ * (picked + 128.0) + quantizer.table_offset_.reshape(-1, 1)
-    return picked
+    return quantizer.table_values()[torch.arange(quantizer.n_codebooks), codes.to(quantizer.tables_.device)]
 
 
 def _quantizer(session: Session, info: LayerInfo, settings: dict[str, LayerSetting]) -> ProductQuantizer:

@@ -13,6 +13,15 @@ APP = Path(__file__).resolve().parents[1] / "explorer" / "app.py"
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
+@pytest.fixture(autouse=True)
+def _kernel_default_per_test():
+    """A command's --kernel sets the process's default: each test starts from $TABCONV_KERNEL again."""
+    from tabconv import native
+
+    yield
+    native.use_kernel(None)
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A torchvision data root with MNIST, Fashion-MNIST and the CIFAR-10 image folders (no network)."""

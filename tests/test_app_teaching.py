@@ -189,5 +189,6 @@ def test_editor_cells_arrive_as_text_and_a_dash_means_not_set() -> None:
                            "k_exceeds_rows": False, "kind": "conv", "input_shape": [1, 4, 4],
                            "output_shape": [2, 4, 4], "inner_dim": 9, "out_features": 2, "rows_per_image": 16,
                            "macs": 288, "mac_share": 1.0, "flops_paper": 288, "flops_full": 288, "weight_bytes": 72,
-                           "table_bytes": 0, "prototype_bytes": 0}], frozenset())
+                           "table_bytes": 0, "prototype_bytes": 0, "exact_flops": 288, "latency_ms": None,
+                           "exact_latency_ms": None, "slower_than_exact": False}], frozenset())
     assert list(cells.loc[0, SETTING_COLUMNS + ["tables/weights"]]) == ["—"] * 6

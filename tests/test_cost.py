@@ -159,7 +159,7 @@ def test_tree_int8_table_layer_by_hand() -> None:
     assert conv.lookup_adds == 64 * 32 * 9 + 2 * 64 * 32  # plus dequantize multiply-add
     assert conv.encoding_macs == 0
     assert conv.encoding_comparisons == 64 * 10 * 4  # log2(16) comparisons per codebook
-    assert conv.table_bytes == 10 * 16 * 32 * 1 + 4 + 4 * 10
+    assert conv.table_bytes == 10 * 16 * 32 * 1 + 2 * 4 * 32  # per output: one float32 scale and one bias
     assert conv.prototype_bytes == 10 * 15 * 4 + 10 * 4 * 4
     assert full.encoding_ops == 64 * 10 * 4
     assert full.storage_bytes == conv.table_bytes + conv.prototype_bytes

@@ -19,6 +19,7 @@ import torch
 
 import tabconv
 from tabconv import config as config_file
+from tabconv import native
 from tabconv.calibrate import TableBuilder
 from tabconv.cli import main
 from tabconv.config import Calibration
@@ -29,6 +30,7 @@ from tabconv.export import (
     configuration_zip,
     export_files,
     export_zip,
+    kernel_check,
     load_npz,
     parse_formats,
     prepare_folder,
@@ -92,6 +94,19 @@ def test_load_tabled_rebuilds_the_network_bit_exactly(tiny: TabledNetwork, tiny_
     tables = {k: v for k, v in loaded.state_dict().items() if ".quantizer." in k}
     assert len(tables) == 3 * 5 + 2 + 2  # every learned tensor and scalar; tree and int8 extras on conv2
     assert torch.equal(loaded.conv2.quantizer.thresholds_, tiny.quantizers["conv2"].thresholds_)
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+def test_load_tabled_runs_the_export_on_the_native_kernels(tiny_export: Path):
+    """The exported file carries all the native path needs: on it, the network computes what the torch path does."""
+    x = _images(64, (1, 12, 12))
+    check = kernel_check(tiny_export / "model.pt", x, "native")
+    assert check["runs_on"] == "native" and check["same_predictions"] == 1.0
+    assert check["max_abs_diff_relative"] < 1e-4
+    loaded = tabconv.load_tabled(tiny_export / "model.pt", kernel="native")
+    assert all(native.runs_natively(loaded.get_submodule(n), x.new_zeros(1)) for n in ("conv1", "conv2", "fc"))
+    with pytest.raises(ValueError, match="auto, native, torch"):
+        tabconv.load_tabled(tiny_export / "model.pt", kernel="fastest")
 
 
 def _onnx_outputs(data: bytes, x: torch.Tensor) -> np.ndarray:
@@ -166,7 +181,7 @@ def _numpy_layer(rows: np.ndarray, layer: dict, arrays: dict[str, np.ndarray]) -
     picked = get["tables"][np.arange(c), codes].astype(np.float32)  # (N, C, M)
     summed = picked.sum(1)
     if layer["lut_dtype"] == "int8":
-        return get["table_scale"] * (summed + 128.0 * c) + get["table_offset"].sum()
+        return get["table_scale"] * (summed + 128.0 * c) + get["table_offset"].sum(0)  # offsets: (C, M)
     return summed
 
 

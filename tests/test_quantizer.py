@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -101,9 +102,36 @@ def test_compact_tables_reproduce_float_tables_within_quantization_error(dtype, 
     assert pq.tables_.dtype == getattr(torch, dtype)
     out, want = pq(x), ref(x)
     if dtype == "int8":
-        # each of the C summed entries is off by at most half a quantization step
-        assert (out - want).abs().max() <= 8 * pq.table_scale_ / 2 + 1e-4
+        # each of the C summed entries is off by at most half of its output's quantization step
+        assert ((out - want).abs() <= 8 * pq.table_scale_ / 2 + 1e-4).all()
     assert ((out - want).norm() / want.norm()) < tolerance
+
+
+def test_int8_scales_are_per_output_so_a_narrow_output_keeps_its_precision():
+    x = torch.randn(3000, 40)
+    w = torch.randn(40, 2)
+    w[:, 1] *= 1e-3  # an output a thousand times narrower than the other
+    ref = ProductQuantizer(8, 16).fit(x).set_weight(w)
+    pq = ProductQuantizer(8, 16, lut_dtype="int8").fit(x).set_weight(w)
+    assert pq.table_scale_.shape == (2,) and pq.table_offset_.shape == (8, 2)
+    out, want = pq(x), ref(x)
+    error = (out - want).norm(dim=0) / want.norm(dim=0)
+    assert error.max() < 0.02  # one scale for the layer would round the narrow output to its offsets alone
+
+
+def test_int8_tables_of_one_scale_per_layer_still_compute_what_they_did():
+    x = torch.randn(500, 24)
+    pq = ProductQuantizer(4, 16, lut_dtype="int8").fit(x).set_weight(torch.randn(24, 6), torch.randn(6))
+    values = pq.table_values()
+    old = copy.deepcopy(pq)  # the earlier storage: one scale per layer, one offset per codebook
+    low = values.amin(dim=(1, 2))
+    old.table_scale_ = ((values.amax(dim=(1, 2)) - low).max() / 255.0).reshape(())
+    old.tables_ = (torch.round((values - low.reshape(-1, 1, 1)) / old.table_scale_) - 128).to(torch.int8)
+    old.table_offset_ = low
+    codes = old.encode(x)
+    picked = old.table_scale_ * (old.tables_.float() + 128) + low.reshape(-1, 1, 1)
+    want = picked[torch.arange(4), codes].sum(1)
+    torch.testing.assert_close(old(x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_int8_accumulation_does_not_overflow_with_many_codebooks():

@@ -125,7 +125,7 @@ def test_venv_made_once_requirements_installed_only_when_changed(project):
     assert _run(project, "python", "bench/x.py").returncode == 0
     assert _calls(project) == [f"{PIP} requirements-dev.txt", "bench/x.py"]
     assert _run(project, "explore", "--server.port", "1").returncode == 0
-    assert _calls(project) == ["-m streamlit run explorer/app.py --server.port 1"]
+    assert _calls(project) == ["-m tabconv.native", "-m streamlit run explorer/app.py --server.port 1"]
     # a changed requirements file (also one included with -r) is installed again
     with open(proj / "requirements.txt", "a") as f:
         f.write("# changed\n")

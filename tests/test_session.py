@@ -231,10 +231,12 @@ def test_an_untraceable_model_streams_and_says_so(digits):
 
 
 def test_table_layers_run_in_inference_mode_with_the_direct_encoder(digits, monkeypatch):
-    """A table layer takes the mode of the layer it replaces: in an evaluation, codes come from the direct
-    conv encoder in image chunks, never from the fine-tuning path's whole-batch im2col."""
+    """A table layer takes the mode of the layer it replaces: in an evaluation on the torch path, codes come from
+    the direct conv encoder in image chunks, never from the fine-tuning path's whole-batch im2col (on the native
+    kernels, tests/test_native.py checks the codes)."""
     from tabconv.layers import TABLE_LAYERS, TableConv2d
 
+    monkeypatch.setenv("TABCONV_KERNEL", "torch")
     encoded = []
     direct = TableConv2d.encode_by_conv
     monkeypatch.setattr(TableConv2d, "encode_by_conv", lambda self, x: encoded.append(self) or direct(self, x))

@@ -106,7 +106,10 @@ def frame(rows: list[dict], locks: frozenset[str], settings: Mapping[str, LayerS
             "K": _cell(r["centroids"] if tabled else None),
             "encoder": _cell(r["encoder"] if tabled else None), "LUT": _cell(r["lut_dtype"] if tabled else None),
             "cosine": r["cosine"], "rel. error": r["relative_error"],
-            "warning": f"K ≥ {r['calibration_rows']} calibration rows" if r["k_exceeds_rows"] else "",
+            "warning": _warning(r),
+            "ms now": r["latency_ms"], "ms exact": r["exact_latency_ms"],
+            "measured ×": r["latency_ms"] / r["exact_latency_ms"] if r["latency_ms"] is not None else None,
+            "counted ×": r["flops_full"] / r["exact_flops"] if r["exact_flops"] else None,
             "type": r["kind"], "shape in → out": f"{_shape(r['input_shape'])} → {_shape(r['output_shape'])}",
             "D": r["inner_dim"], "C_out": r["out_features"], "rows/image": r["rows_per_image"],
             "MACs": r["macs"], "MAC share": r["mac_share"],
@@ -117,6 +120,14 @@ def frame(rows: list[dict], locks: frozenset[str], settings: Mapping[str, LayerS
                                     if tabled else None),
         })
     return pd.DataFrame.from_records(records)
+
+
+def _warning(row: dict) -> str:
+    """What the row's numbers hide: K above the calibration rows, or a table slower than the exact layer."""
+    warnings = [f"K ≥ {row['calibration_rows']} calibration rows"] if row["k_exceeds_rows"] else []
+    if row["slower_than_exact"]:
+        warnings.append("slower tabled than exact on this machine")
+    return "; ".join(warnings)
 
 
 def _cell(value: object) -> str:
@@ -161,7 +172,15 @@ COLUMNS = {
     "cosine": NUMBER("cosine", format="%.4f", help="Cosine of this layer's output vs the exact network, now"),
     "rel. error": NUMBER("rel. error", format="%.3f", help="‖approx − exact‖ / ‖exact‖ of its output, now"),
     "warning": st.column_config.TextColumn("warning", width="large",
-                                           help="K at least the calibration rows: k-means memorises"),
+                                           help="K at least the calibration rows (k-means memorises), or a table "
+                                           "layer measured slower than its exact layer"),
+    "ms now": NUMBER("ms now", format="%.3f", help="Measured on this machine: this layer as configured (median ms "
+                     "per batch; a table layer includes its encoding)"),
+    "ms exact": NUMBER("ms exact", format="%.3f", help="Measured on this machine: the exact layer and its batch norm"),
+    "measured ×": NUMBER("measured ×", format="%.2f", help="Measured time now / exact: below 1 the layer is faster"),
+    "counted ×": NUMBER("counted ×", format="%.2f",
+                        help="Counted FLOPs now (full convention, encoding counted) / the exact layer's: where this "
+                        "and the measured ratio disagree, the count misleads about speed"),
     "type": st.column_config.TextColumn("type"),
     "shape in → out": st.column_config.TextColumn("shape in → out"),
     "D": NUMBER("D", help="Inner dimension C_in·k·k"),

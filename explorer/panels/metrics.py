@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from explorer.charts import change
+from explorer.charts import change, latency_text
 from explorer.workbench import Workbench
 from tabconv.config import Calibration
 from tabconv.cost import CostReport
@@ -126,7 +126,24 @@ def live(current: Metrics, previous: Metrics | None) -> None:
                    f"{current.paper.storage_bytes / MIB:.2f} MiB",
                    _delta(current.paper.storage_bytes, previous and previous.paper.storage_bytes, 1 / MIB, " MiB"),
                    delta_color="inverse", help="Weights of exact layers + tables + prototypes.")
+    measured(current)
     uncertainty(current, previous)
+
+
+def measured(current: Metrics) -> None:
+    """Measured time beside the counted work, and a warning when the tables make this machine slower."""
+    latency = current.latency
+    if latency is None:
+        return
+    slower = latency.slower_layers(current.table_layers)
+    line = (f"Latency on this machine: **{latency.total_ms:.3g} ms** per batch of {latency.batch} against "
+            f"{latency.baseline_ms:.3g} ms exact ({latency_text(current).split('(')[1].rstrip(')')}; table "
+            f"layers on {latency.kernel}, {latency.threads} threads; per-layer medians summed).")
+    if latency.speedup < 1:
+        st.warning(line + " This configuration counts fewer operations but runs **slower than the exact network** "
+                   "here" + (f"; slower tabled than exact: {', '.join(slower)}." if slower else "."))
+    else:
+        st.caption(line + (f" Slower tabled than exact: {', '.join(slower)}." if slower else ""))
 
 
 def uncertainty(current: Metrics, previous: Metrics | None) -> None:

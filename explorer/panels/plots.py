@@ -32,12 +32,14 @@ def tradeoffs(wb: Workbench, current: Metrics) -> None:
     history = state.own_history(wb)
     own = {m.id for m in history}
     links = [(run.parent, run.metrics) for run in wb.tuned.values() if run.metrics.id in own]
-    convention = st.segmented_control("FLOP convention", ["paper", "full"], default="paper", key="plot_convention",
-                                      help="paper: encoding free (the paper's count); full: encoding counted")
+    choices = ["paper", "full"] + (["latency"] if current.latency is not None else [])
+    convention = st.segmented_control("Cost axis", choices, default="paper", key="plot_convention",
+                                      help="paper: FLOPs, encoding free (the paper's count); full: FLOPs, encoding "
+                                      "counted; latency: measured on this machine's CPU (per-layer medians, summed)")
+    cost = "latency_ms" if convention == "latency" else f"flops_{convention or 'paper'}"
     left, right = st.columns(2)
     with left:
-        _chart(charts.tradeoff(history, wb.session.baseline, current, f"flops_{convention or 'paper'}", links),
-               "plot-flops")
+        _chart(charts.tradeoff(history, wb.session.baseline, current, cost, links), "plot-flops")
     with right:
         _chart(charts.tradeoff(history, wb.session.baseline, current, "storage_bytes", links), "plot-storage")
     tuned = sum(charts.is_tuned(m) for m in history)
