@@ -124,13 +124,20 @@ def test_linear_layers_match_the_library(encoder, lut, centroids, batch, isa):
     _close(got, want)
 
 
-def test_channels_last_and_sliced_inputs_give_the_same_outputs():
-    layer, _ = _table_conv(CONVS[2], "tree", "int8", 16)
-    x = torch.randn(6, 5, 9, 10)
-    want, _ = _both(layer, x, native.isa())
+@pytest.mark.parametrize("spec", [CONVS[2], CONVS[1]], ids=["5-channels", "16-channels"])
+@pytest.mark.parametrize("batch", [6, 37])  # below 16 images: output positions in lanes; from 16: images in lanes
+def test_channels_last_and_sliced_inputs_give_the_same_outputs(spec, batch):
+    layer, _ = _table_conv(spec, "tree", "int8", 16)
+    x = torch.randn(batch, spec[1], spec[7], spec[8])
+    want, got = _both(layer, x, native.isa())
+    _close(got, want)
     with torch.no_grad():
-        assert torch.equal(layer(x.contiguous(memory_format=torch.channels_last)), layer(x))
-        torch.testing.assert_close(layer(torch.randn(7, 5, 9, 10)[1:]).shape, want.shape)
+        assert torch.equal(layer(x.contiguous(memory_format=torch.channels_last)), got)
+        sliced = torch.randn(batch + 1, *x.shape[1:])
+        layer.kernel = "torch"
+        expected = layer(sliced[1:])
+        layer.kernel = "native"
+        _close(layer(sliced[1:]), expected)
 
 
 def test_changed_tables_rebuild_the_plan():

@@ -296,6 +296,30 @@ __attribute__((target("avx2,fma"))) static void encode_tree_avx2(const tc_plan *
 #endif
 
 #if TC_X86
+/* r[i] lane j -> r[j] lane i: unpack pairs, then 4x4 blocks within 128-bit lanes, then the lanes themselves. */
+__attribute__((target("avx512f"))) static inline void transpose16(__m512 *r) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) { /* r[i + j] lane k: rows i..i+3 of column 4k + j */
+        r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; j++) {
+        __m512 a = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88), b = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+        __m512 c = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88), d = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+        t[j] = _mm512_shuffle_f32x4(a, c, 0x88);
+        t[8 + j] = _mm512_shuffle_f32x4(a, c, 0xDD);
+        t[4 + j] = _mm512_shuffle_f32x4(b, d, 0x88);
+        t[12 + j] = _mm512_shuffle_f32x4(b, d, 0xDD);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
 /* Image lanes: the input re-laid out as (N / 16, C_in, H, W, 16), one lane per image, so that one tree split of 16
  * rows (16 images at one output position) is one contiguous load instead of a gather. Slot j * 16 + i of the tile
  * is image 16 * block + i at the tile's j-th output position. */
@@ -306,22 +330,32 @@ __attribute__((target("avx512f,avx512bw"))) static void encode_tree_lanes(const 
     for (int b = 0; b < t->n; b += 16) {
         int32_t iy0 = t->iy0[b], ix0 = t->ix0[b];
         const float *base = call->lanes + (int64_t)t->base[b] * 16;
-        for (int c = 0; c < p->total; c++) {
-            __m512i node = _mm512_setzero_si512();
-            const float *thr = p->thr + (int64_t)c * p->thr_stride;
-            __m512 thr16 = small ? _mm512_loadu_ps(thr) : _mm512_setzero_ps();
-            const tc_tap *tap = call->split + c * depth;
-            for (int l = 0; l < depth; l++, tap++) {
-                int32_t iy = iy0 + tap->ky, ix = ix0 + tap->kx;
-                __m512 v = tap->real && iy >= 0 && iy < in->h && ix >= 0 && ix < in->w
-                               ? _mm512_load_ps(base + (int64_t)tap->offset * 16) : _mm512_setzero_ps();
-                __m512i at = _mm512_add_epi32(node, _mm512_set1_epi32((1 << l) - 1));
-                __m512 th = small ? _mm512_permutexvar_ps(at, thr16) : _mm512_i32gather_ps(at, thr, 4);
-                __mmask16 right = _mm512_cmp_ps_mask(v, th, _CMP_GT_OQ);
-                node = _mm512_slli_epi32(node, 1);
-                node = _mm512_mask_add_epi32(node, right, node, _mm512_set1_epi32(1));
+        /* four codebooks at a time: four independent compare chains in flight */
+        for (int c0 = 0; c0 < p->total; c0 += 4) {
+            int width = p->total - c0 < 4 ? p->total - c0 : 4;
+            __m512i node[4];
+            __m512 thr16[4];
+            for (int u = 0; u < width; u++) {
+                node[u] = _mm512_setzero_si512();
+                thr16[u] = small ? _mm512_loadu_ps(p->thr + (int64_t)(c0 + u) * 16) : _mm512_setzero_ps();
             }
-            _mm256_storeu_si256((__m256i *)(codes + (int64_t)c * TILE + b), _mm512_cvtepi32_epi16(node));
+            for (int l = 0; l < depth; l++) {
+                __m512i offset = _mm512_set1_epi32((1 << l) - 1);
+                for (int u = 0; u < width; u++) {
+                    const tc_tap *tap = call->split + (c0 + u) * depth + l;
+                    int32_t iy = iy0 + tap->ky, ix = ix0 + tap->kx;
+                    __m512 v = tap->real && iy >= 0 && iy < in->h && ix >= 0 && ix < in->w
+                                   ? _mm512_load_ps(base + (int64_t)tap->offset * 16) : _mm512_setzero_ps();
+                    __m512i at = _mm512_add_epi32(node[u], offset);
+                    __m512 th = small ? _mm512_permutexvar_ps(at, thr16[u])
+                                      : _mm512_i32gather_ps(at, p->thr + (int64_t)(c0 + u) * p->thr_stride, 4);
+                    __mmask16 right = _mm512_cmp_ps_mask(v, th, _CMP_GT_OQ);
+                    node[u] = _mm512_slli_epi32(node[u], 1);
+                    node[u] = _mm512_mask_add_epi32(node[u], right, node[u], _mm512_set1_epi32(1));
+                }
+            }
+            for (int u = 0; u < width; u++)
+                _mm256_storeu_si256((__m256i *)(codes + (int64_t)(c0 + u) * TILE + b), _mm512_cvtepi32_epi16(node[u]));
         }
     }
 }
@@ -330,6 +364,25 @@ __attribute__((target("avx512f,avx512bw"))) static void encode_tree_lanes(const 
 __attribute__((target("avx512f"))) static void to_lanes(const tc_input *in, int64_t images, int64_t channels,
                                                          float *lanes, int threads) {
     int64_t blocks = (images + 15) / 16, planes = blocks * channels, hw = in->h * in->w;
+    if (in->sc == 1) { /* channels-last: 16 channels of 16 images are 16 loads and one transpose */
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t item = 0; item < blocks * hw; item++) {
+            int64_t block = item / hw, pixel = item % hw, y = pixel / in->w, x = pixel % in->w;
+            const float *src = in->x + y * in->sh + x * in->sw;
+            for (int64_t c0 = 0; c0 < channels; c0 += 16) {
+                int count = channels - c0 < 16 ? (int)(channels - c0) : 16;
+                __mmask16 keep = (__mmask16)((1u << count) - 1);
+                __m512 r[16];
+                for (int i = 0; i < 16; i++)
+                    r[i] = block * 16 + i < images ? _mm512_maskz_loadu_ps(keep, src + (block * 16 + i) * in->sn + c0)
+                                                   : _mm512_setzero_ps();
+                transpose16(r); /* r[k] lane i: channel c0 + k of image 16 * block + i */
+                for (int k = 0; k < count; k++)
+                    _mm512_store_ps(lanes + ((block * channels + c0 + k) * hw + pixel) * 16, r[k]);
+            }
+        }
+        return;
+    }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t plane = 0; plane < planes; plane++) {
         int64_t block = plane / channels, ch = plane % channels;
@@ -347,17 +400,20 @@ __attribute__((target("avx512f"))) static void to_lanes(const tc_input *in, int6
 }
 #endif
 
-/* Image-lane tile: block `block` of 16 images, output positions pos0 .. pos0 + count - 1. */
-static void fill_lane_tile(const tc_plan *p, const tc_input *in, int64_t images, int64_t channels, int64_t block,
-                           int64_t pos0, int count, tc_tile *t) {
+/* Image-lane tile: up to TILE / 16 (image block, output position) pairs, pairs numbered block-major from `first`,
+ * so that a small feature map still fills a tile from several blocks of 16 images (the tables are then read once
+ * for 64 rows, not 16). */
+static void fill_lane_tile(const tc_plan *p, const tc_input *in, int64_t images, int64_t channels, int64_t first,
+                           int count, tc_tile *t) {
+    int64_t hw_out = in->ho * in->wo;
     t->n = count * 16;
     for (int j = 0; j < count; j++) {
-        int64_t pos = pos0 + j;
+        int64_t block = (first + j) / hw_out, pos = (first + j) % hw_out;
         int32_t iy0 = (int32_t)(pos / in->wo) * p->d.sy - p->d.py, ix0 = (int32_t)(pos % in->wo) * p->d.sx - p->d.px;
         for (int i = 0; i < 16; i++) {
             int s = j * 16 + i;
             int64_t image = block * 16 + i;
-            t->row[s] = image < images ? image * in->ho * in->wo + pos : -1;
+            t->row[s] = image < images ? image * hw_out + pos : -1;
             t->iy0[s] = iy0;
             t->ix0[s] = ix0;
             /* element offset in the lane layout, in units of 16 floats: plane (block, channel 0), then (iy0, ix0) */
@@ -477,29 +533,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void lookup_rows_avx
     }
 }
 
-/* r[i] lane j -> r[j] lane i: unpack pairs, then 4x4 blocks within 128-bit lanes, then the lanes themselves. */
-__attribute__((target("avx512f"))) static inline void transpose16(__m512 *r) {
-    __m512 t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) { /* r[i + j] lane k: rows i..i+3 of column 4k + j */
-        r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-        r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-        r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-        r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-    }
-    for (int j = 0; j < 4; j++) {
-        __m512 a = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88), b = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
-        __m512 c = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88), d = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
-        t[j] = _mm512_shuffle_f32x4(a, c, 0x88);
-        t[8 + j] = _mm512_shuffle_f32x4(a, c, 0xDD);
-        t[4 + j] = _mm512_shuffle_f32x4(b, d, 0x88);
-        t[12 + j] = _mm512_shuffle_f32x4(b, d, 0xDD);
-    }
-    for (int i = 0; i < 16; i++) r[i] = t[i];
-}
 
 __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vnni"))) static void lookup_vpermb(
     const tc_plan *p, const tc_tile *t, const uint16_t *codes, int m0, int m1, float *out) {
@@ -723,6 +756,19 @@ int tc_lookup_path(const void *handle, int rows) {
 }
 
 /* ------------------------------------------------------------------------------------ drivers */
+/* The image-lane copy of a layer's input, kept per calling thread and grown as needed: a fresh allocation of a few
+ * MB per layer call costs more in page faults than the copy itself. */
+static float *lane_buffer(size_t floats) {
+    static _Thread_local float *buffer = NULL;
+    static _Thread_local size_t capacity = 0;
+    if (floats > capacity) {
+        free(buffer);
+        buffer = aligned_alloc(64, (sizeof(float) * floats + 63) / 64 * 64);
+        capacity = buffer ? floats : 0;
+    }
+    return buffer;
+}
+
 /* Image lanes pay for themselves from 16 images on (below, most lanes would be empty). */
 static int use_lanes(const tc_plan *p, int isa, int64_t images) {
     return TC_X86 && isa == ISA_AVX512 && p->d.encoder == 1 && images >= 16;
@@ -740,8 +786,8 @@ static int run(const tc_plan *p, const float *x, int64_t n_images, int64_t h, in
     int isa = tc_isa(), lanes = use_lanes(p, isa, n_images);
     int64_t columns = (int64_t)p->total * p->d.width, hw_out = in->ho * in->wo;
     int64_t channels = p->d.in_channels, blocks = (n_images + 15) / 16;
-    int per_tile = lanes ? (int)(hw_out < TILE / 16 ? hw_out : TILE / 16) : TILE; /* positions or rows */
-    int64_t tiles = lanes ? blocks * ((hw_out + per_tile - 1) / per_tile) : (in->rows + TILE - 1) / TILE;
+    int64_t pairs = blocks * hw_out; /* image lanes: (block of 16 images, output position) pairs, TILE / 16 a tile */
+    int64_t tiles = lanes ? (pairs + TILE / 16 - 1) / (TILE / 16) : (in->rows + TILE - 1) / TILE;
     tc_input geometry = *in; /* where taps are: the input's strides, or the lane layout's (in units of 16) */
     if (lanes) {
         geometry.sc = h * w;
@@ -759,7 +805,7 @@ static int run(const tc_plan *p, const float *x, int64_t n_images, int64_t h, in
     }
 #if TC_X86
     if (lanes) {
-        call.lanes = aligned_alloc(64, sizeof(float) * (size_t)(blocks * channels * h * w * 16));
+        call.lanes = lane_buffer((size_t)(blocks * channels * h * w * 16));
         if (!call.lanes) { free(call.split); return 2; }
         to_lanes(in, n_images, channels, call.lanes, threads);
     }
@@ -768,7 +814,7 @@ static int run(const tc_plan *p, const float *x, int64_t n_images, int64_t h, in
     if ((double)in->rows * p->total * m_total < SMALL_WORK) threads = 1; /* waking a second thread costs more */
     int chunks = codes_out || tiles >= threads ? 1 : threads; /* few rows: split the outputs between threads */
     if (chunks > m_total) chunks = m_total;
-    int64_t items = tiles * chunks, positions = (hw_out + per_tile - 1) / per_tile;
+    int64_t items = tiles * chunks;
     int failed = 0, per = p->per_group;
 #pragma omp parallel num_threads(threads > items ? (int)items : threads)
     {
@@ -785,9 +831,9 @@ static int run(const tc_plan *p, const float *x, int64_t n_images, int64_t h, in
                 int chunk = (int)(item % chunks);
                 int64_t index = item / chunks;
                 if (lanes) {
-                    int64_t pos0 = index % positions * per_tile;
-                    int count = hw_out - pos0 < per_tile ? (int)(hw_out - pos0) : per_tile;
-                    fill_lane_tile(p, in, n_images, channels, index / positions, pos0, count, tile);
+                    int64_t first = index * (TILE / 16);
+                    int count = pairs - first < TILE / 16 ? (int)(pairs - first) : TILE / 16;
+                    fill_lane_tile(p, in, n_images, channels, first, count, tile);
                 } else {
                     int64_t r0 = index * TILE;
                     fill_tile(p, in, r0, in->rows - r0 < TILE ? (int)(in->rows - r0) : TILE, tile);
@@ -818,7 +864,6 @@ static int run(const tc_plan *p, const float *x, int64_t n_images, int64_t h, in
     }
     free(call.split);
     free(call.column);
-    free(call.lanes);
     return failed ? 2 : 0;
 }
 
