@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +27,14 @@ import torch  # noqa: E402
 
 from tabconv import native  # noqa: E402
 from tabconv.atomic import atomic_write_text  # noqa: E402
-from tabconv.latencytable import _random_table_layer  # noqa: E402
+from tabconv.latency import median_ms  # noqa: E402
+from tabconv.latencytable import random_table_layer  # noqa: E402
 from tabconv.models import build_model  # noqa: E402
 from tabconv.settings import LayerSetting  # noqa: E402
 from tabconv.structure import ModelStructure  # noqa: E402
 
 SHUFFLE_LOOKUPS_PER_CYCLE = 32
+WARMUP = 5
 
 
 def nominal_hz() -> float:
@@ -44,17 +43,6 @@ def nominal_hz() -> float:
         if line.startswith("cpu MHz"):
             return float(line.split(":")[1]) * 1e6
     raise RuntimeError("no 'cpu MHz' in /proc/cpuinfo")
-
-
-def median_s(run: Callable[[], object], repeats: int) -> float:
-    for _ in range(5):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def parse_setting(text: str) -> LayerSetting:
@@ -76,13 +64,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     for name in args.layers:
         info = structure.layer(name)
         layer = model.get_submodule(name)
-        table = _random_table_layer(layer, info, args.setting)
+        table = random_table_layer(layer, info, args.setting)
         table.kernel = "native"
         x = torch.randn(args.batch, *info.input_shape)
-        seconds = median_s(lambda table=table, x=x: table(x), args.repeats)
+        seconds = median_ms(lambda table=table, x=x: table(x), args.repeats, WARMUP) / 1e3
         bn = model.get_submodule(info.bn) if info.bn else torch.nn.Identity()
         x_cl = x.contiguous(memory_format=torch.channels_last)
-        exact_s = median_s(lambda bn=bn, layer=layer, x_cl=x_cl: bn(layer(x_cl)), args.repeats)
+        exact_s = median_ms(lambda bn=bn, layer=layer, x_cl=x_cl: bn(layer(x_cl)), args.repeats, WARMUP) / 1e3
         quantizer = table.quantizer
         r = args.batch * info.rows_per_image
         lookups = r * quantizer.total_codebooks * quantizer.out_features_ // quantizer.groups

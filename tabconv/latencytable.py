@@ -159,7 +159,7 @@ class LatencyTable:
         runs_on = "torch" if kernel == "torch" or not native.available() else "native"
         resolved = setting.for_inner_dim(info.inner_dim).with_(subvector=None)
         parts = {"what": "table", **_geometry(layer, info), "setting": resolved.to_dict(), "kernel": runs_on}
-        return self._lookup(parts, lambda: self._time(_random_table_layer(layer, info, setting), info))
+        return self._lookup(parts, lambda: self._time(random_table_layer(layer, info, setting), info))
 
     def layer_ms(self, model: nn.Module, info: LayerInfo, setting: LayerSetting) -> float:
         return self.table_ms(model, info, setting) if setting.is_table else self.exact_ms(model, info)
@@ -218,7 +218,7 @@ def _geometry(layer: nn.Module, info: LayerInfo) -> dict[str, Any]:
     return common
 
 
-def _random_table_layer(layer: nn.Module, info: LayerInfo, setting: LayerSetting) -> nn.Module:
+def random_table_layer(layer: nn.Module, info: LayerInfo, setting: LayerSetting) -> nn.Module:
     """A table layer of this geometry and setting whose tables were fitted to random rows."""
     setting = setting.for_inner_dim(info.inner_dim).with_(subvector=None)
     groups = layer.groups if isinstance(layer, nn.Conv2d) else 1

@@ -287,7 +287,12 @@ def _stamp(quantizer: ProductQuantizer) -> tuple:
     """What identifies the tables and encoder a plan was made from: the tensors' identities and in-place versions
     (a refit or a fine-tuned copy replaces them; an in-place edit bumps the version)."""
     tables, encoder = quantizer.tables_, quantizer.thresholds_ if quantizer.encoder == "tree" else quantizer.prototypes_
-    return id(tables), tables._version, id(encoder), encoder._version, id(quantizer.table_scale_)
+    return id(tables), _version(tables), id(encoder), _version(encoder), id(quantizer.table_scale_)
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The in-place version counter (inference-mode tensors have none: they cannot change outside that mode)."""
+    return 0 if tensor.is_inference() else tensor._version
 
 
 def _geometry(layer: nn.Module, conv: bool) -> dict[str, int]:

@@ -110,6 +110,34 @@ def test_priority_and_greedy_keep_93_percent(evaluated, resnet18_digits, capsys)
     assert results["greedy"]["flops_reduction_paper"] >= results["priority"]["flops_reduction_paper"]
 
 
+def test_evaluate_reports_measured_latency_and_search_minimises_it(evaluated, resnet18_digits, capsys):
+    """Measured time beside the counted FLOPs: per layer and end to end, and a greedy search by latency."""
+    tmp, cache, config = evaluated
+    code, out, _ = run(capsys, "evaluate", "--checkpoint", str(resnet18_digits), "--config", str(config), *CALIB,
+                       "--cache-dir", cache, "--latency-batch", "8")
+    assert code == 0 and "latency measured on this machine (batch 8" in out
+    code, data, _ = run(capsys, "evaluate", "--checkpoint", str(resnet18_digits), "--config", str(config), *CALIB,
+                        "--cache-dir", cache, "--latency-batch", "8", "--json")
+    assert code == 0 and data["latency_batch"] == 8 and data["latency_ms"] > 0
+    assert data["latency_speedup"] == pytest.approx(data["baseline_latency_ms"] / data["latency_ms"])
+    assert {row["name"] for row in data["layers"]} == set(data["latency_layers_ms"])
+    assert all(row["latency_ms"] > 0 and row["exact_latency_ms"] > 0 for row in data["layers"])
+    code, data, _ = run(capsys, "evaluate", "--checkpoint", str(resnet18_digits), "--config", str(config), *CALIB,
+                        "--cache-dir", cache, "--no-latency", "--json")
+    assert code == 0 and "latency_ms" not in data
+    out_file = tmp / "latency-search.json"
+    code, data, err = run(capsys, "search", "--checkpoint", str(resnet18_digits), "--strategy", "greedy",
+                          "--convention", "latency", "--min-retention", "0.9", "--codebooks", "8", "--centroids", "16",
+                          "--encoder", "tree", "--lut-dtype", "int8", *CALIB, "--cache-dir", cache,
+                          "--latency-batch", "8", "--max-evaluations", "20", "--eval-images", "200",
+                          "--out", str(out_file), "--json")
+    assert code == 0, err
+    assert data["retention"] >= 0.9 and data["latency_ms"] <= data["baseline_latency_ms"]
+    code, _, err = run(capsys, "search", "--checkpoint", str(resnet18_digits), "--strategy", "greedy",
+                       "--convention", "latency", "--no-latency", "--min-retention", "0.9", "--out", str(out_file))
+    assert code == 2 and "drop --no-latency" in err
+
+
 def test_sensitivity_and_cache_commands(evaluated, resnet18_digits, capsys):
     tmp, cache, _ = evaluated
     code, data, _ = run(capsys, "sensitivity", "--checkpoint", str(resnet18_digits), *CALIB, "--cache-dir", cache,

@@ -153,6 +153,15 @@ def test_changed_tables_rebuild_the_plan():
         _close(after, layer(x))
 
 
+def test_tables_made_in_inference_mode_run_natively():
+    with torch.inference_mode():
+        layer, _ = _table_conv(CONVS[3], "tree", "int8", 16)
+        x = torch.randn(3, 24, 7, 7)
+        got = layer(x)
+        layer.kernel = "torch"
+        _close(got, layer(x))
+
+
 def test_training_and_gradients_take_the_torch_path():
     layer, _ = _table_conv(CONVS[1], "exhaustive", "float32", 16)
     x = torch.randn(2, 16, 13, 11, requires_grad=True)

@@ -492,29 +492,38 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void lookup_rows_avx
             int j0 = m0 > g * per ? m0 - g * per : 0, j1 = m1 < (g + 1) * per ? m1 - g * per : per;
             const uint16_t *code = codes + (int64_t)g * cb * TILE + i;
             if (p->d.lut == 1) {
-                for (int j = j0; j < j1; j += 32) {
-                    int count = j1 - j < 32 ? j1 - j : 32;
-                    __mmask32 keep = count == 32 ? 0xFFFFFFFFu : (__mmask32)((1u << count) - 1);
-                    __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+                /* up to 512 outputs at once (16 registers of 32 int16): each codebook's table row is read as one
+                 * contiguous run, widened to int32 every 256 codebooks (|sum| <= 128 * 256) */
+                for (int j = j0; j < j1; j += 512) {
+                    int span = j1 - j < 512 ? j1 - j : 512, regs = (span + 31) / 32;
+                    __mmask32 keep[16];
+                    for (int v = 0; v < regs; v++) {
+                        int count = span - 32 * v < 32 ? span - 32 * v : 32;
+                        keep[v] = count == 32 ? 0xFFFFFFFFu : (__mmask32)((1u << count) - 1);
+                    }
+                    __m512i wide[32];
+                    for (int v = 0; v < 2 * regs; v++) wide[v] = _mm512_setzero_si512();
                     for (int c0 = 0; c0 < cb; c0 += 256) {
                         int c1 = c0 + 256 < cb ? c0 + 256 : cb;
-                        __m512i sum = _mm512_setzero_si512();
+                        __m512i sum[16];
+                        for (int v = 0; v < regs; v++) sum[v] = _mm512_setzero_si512();
                         for (int c = c0; c < c1; c++) {
                             const int8_t *row = p->tab8 + ((int64_t)(g * cb + c) * k_count + code[(int64_t)c * TILE]) * per + j;
-                            sum = _mm512_add_epi16(sum, _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(keep, row)));
+                            for (int v = 0; v < regs; v++)
+                                sum[v] = _mm512_add_epi16(sum[v], _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(keep[v], row + 32 * v)));
                         }
-                        lo = _mm512_add_epi32(lo, _mm512_cvtepi16_epi32(_mm512_castsi512_si256(sum)));
-                        hi = _mm512_add_epi32(hi, _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(sum, 1)));
+                        for (int v = 0; v < regs; v++) {
+                            wide[2 * v] = _mm512_add_epi32(wide[2 * v], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(sum[v])));
+                            wide[2 * v + 1] = _mm512_add_epi32(wide[2 * v + 1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(sum[v], 1)));
+                        }
                     }
-                    int m = g * per + j;
-                    __mmask16 first = (__mmask16)(keep & 0xFFFF), second = (__mmask16)(keep >> 16);
-                    __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_maskz_loadu_ps(first, p->scale + m),
-                                               _mm512_maskz_loadu_ps(first, p->bias + m));
-                    _mm512_mask_storeu_ps(y + m, first, a);
-                    if (second) {
-                        __m512 b = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_maskz_loadu_ps(second, p->scale + m + 16),
-                                                   _mm512_maskz_loadu_ps(second, p->bias + m + 16));
-                        _mm512_mask_storeu_ps(y + m + 16, second, b);
+                    for (int v = 0; v < 2 * regs; v++) {
+                        int m = g * per + j + 16 * v, count = j1 - (j + 16 * v);
+                        if (count <= 0) break;
+                        __mmask16 lanes = count >= 16 ? 0xFFFF : (__mmask16)((1u << count) - 1);
+                        __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(wide[v]), _mm512_maskz_loadu_ps(lanes, p->scale + m),
+                                                   _mm512_maskz_loadu_ps(lanes, p->bias + m));
+                        _mm512_mask_storeu_ps(y + m, lanes, a);
                     }
                 }
             } else {
