@@ -139,6 +139,25 @@ def test_measuring_speed_shows_its_own_box_apart_from_the_counted_cards(app: App
     assert not any(m.value.startswith("**Measured on this machine") for m in app.markdown)
 
 
+def test_every_configuration_shows_its_measured_latency_beside_the_counts(app: AppTest) -> None:
+    """Measured time is an axis of its own: the current configuration says it (and warns when it is slower than
+    exact), the per-layer table compares measured with counted, and the plot can use it."""
+    latency = open_workbench(app.session_state["spec"]).metrics(app.session_state["current_id"]).latency
+    assert latency is not None and latency.batch == 64
+    said = [e.value for e in [*app.caption, *app.warning] if "Latency on this machine" in e.value]
+    assert len(said) == 1 and f"{latency.total_ms:.3g} ms" in said[0]
+    assert (latency.speedup < 1) == any("Latency on this machine" in w.value for w in app.warning)
+    editor = app.data_editor[0].value
+    assert (editor["ms now"] > 0).all() and (editor["ms exact"] > 0).all()
+    assert list(editor["measured ×"]) == pytest.approx(list(editor["ms now"] / editor["ms exact"]))
+    slower = set(latency.slower_layers(list(editor["layer"])))
+    assert {r["layer"] for _, r in editor.iterrows() if "slower tabled than exact" in r["warning"]} == slower
+    app.segmented_control(key="plot_convention").set_value("latency").run()
+    no_failure(app)
+    titles = [json.loads(c.proto.spec)["layout"]["xaxis"]["title"]["text"] for c in app.get("plotly_chart")[:1]]
+    assert titles[0].startswith("Latency measured on this CPU (ms per batch of 64")
+
+
 def test_clicking_a_point_loads_that_configuration(app: AppTest) -> None:
     app.session_state["load_request"] = 0  # what a click on the baseline's star leaves behind
     app.run()

@@ -33,6 +33,8 @@ def tradeoffs(wb: Workbench, current: Metrics) -> None:
     own = {m.id for m in history}
     links = [(run.parent, run.metrics) for run in wb.tuned.values() if run.metrics.id in own]
     choices = ["paper", "full"] + (["latency"] if current.latency is not None else [])
+    if st.session_state.get("plot_convention") not in (None, *choices):
+        st.session_state.plot_convention = "paper"  # a model opened without measured latency has no such axis
     convention = st.segmented_control("Cost axis", choices, default="paper", key="plot_convention",
                                       help="paper: FLOPs, encoding free (the paper's count); full: FLOPs, encoding "
                                       "counted; latency: measured on this machine's CPU (per-layer medians, summed)")
