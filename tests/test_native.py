@@ -143,6 +143,7 @@ def test_channels_last_and_sliced_inputs_give_the_same_outputs(spec, batch):
 def test_changed_tables_rebuild_the_plan():
     """A refit changes the tables in place: the next forward must use the new ones, never a stale copy."""
     layer, _ = _table_conv(CONVS[1], "tree", "int8", 16)
+    layer.kernel = "native"
     x = torch.randn(2, 16, 13, 11)
     with torch.no_grad():
         before = layer(x)
@@ -156,14 +157,17 @@ def test_changed_tables_rebuild_the_plan():
 def test_tables_made_in_inference_mode_run_natively():
     with torch.inference_mode():
         layer, _ = _table_conv(CONVS[3], "tree", "int8", 16)
+        layer.kernel = "native"
         x = torch.randn(3, 24, 7, 7)
         got = layer(x)
+        assert native.runs_natively(layer, x)
         layer.kernel = "torch"
         _close(got, layer(x))
 
 
 def test_training_and_gradients_take_the_torch_path():
     layer, _ = _table_conv(CONVS[1], "exhaustive", "float32", 16)
+    layer.kernel = "native"
     x = torch.randn(2, 16, 13, 11, requires_grad=True)
     assert not native.runs_natively(layer, x)
     with torch.no_grad():
