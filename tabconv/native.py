@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tabconv.lowering import im2col
 from tabconv.quantizer import ProductQuantizer
 
 KERNELS = ("auto", "native", "torch")
@@ -35,6 +36,7 @@ PATHS = ("rows", "vpshufb", "vpermb", "rows-avx512")  # tc_lookup_path() values 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "lookup.c"
 FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp")
 _INDEX_LIMIT = 2**31 - 1  # the kernels index the input with int32 offsets
+NATIVE_WIDTH = 16  # exhaustive encoding at K=16 runs natively up to this sub-vector width (one register of distances)
 
 
 class NativeUnavailable(RuntimeError):
@@ -157,6 +159,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name in ("tc_forward", "tc_encode"):
         getattr(lib, name).argtypes = [ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ptr, i32]
         getattr(lib, name).restype = i32
+    lib.tc_lookup.argtypes, lib.tc_lookup.restype = [ptr, ptr, i64, ptr, i32], i32
     lib.tc_isa.restype = lib.tc_force_isa.restype = lib.tc_lookup_path.restype = i32
     lib.tc_force_isa.argtypes = [i32]
     lib.tc_lookup_path.argtypes = [ptr, i32]
@@ -232,8 +235,11 @@ class Plan:
             raise MemoryError("the native kernels could not allocate a layer plan")
         weakref.finalize(self, lib.tc_plan_free, self.handle)
         self.geometry = geometry
-        self._forward, self._encode = lib.tc_forward, lib.tc_encode
+        self._forward, self._encode, self._lookup = lib.tc_forward, lib.tc_encode, lib.tc_lookup
         self._sizes: dict[tuple[int, int], tuple[int, int]] = {}
+        # Exhaustive distances over wide sub-vectors or many prototypes are a matrix product, which PyTorch's BLAS /
+        # oneDNN does faster than the kernels' row-at-a-time loop: there PyTorch encodes and the kernels look up.
+        self.encodes = quantizer.encoder == "tree" or (quantizer.n_centroids == 16 and desc.width <= NATIVE_WIDTH)
 
     def current(self) -> bool:
         return self.stamp == _stamp(self.quantizer)
@@ -251,11 +257,13 @@ class Plan:
             return (x.shape[0], x.shape[2], x.shape[3], *x.stride())
         return x.shape[0], 1, 1, x.stride(0), x.stride(1), 0, 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         """The layer's output: (N, M, H_out, W_out) in channels-last memory for a conv (the kernels write rows, as
         the torch path's view does), (N, M) for a linear layer. Called on every forward: kept lean."""
         if x.dtype is not torch.float32 or x.device.type != "cpu" or x.storage_offset():
             x = x.to("cpu", torch.float32).contiguous()
+        if not self.encodes:
+            return self._lookup_codes(x, layer)
         n, h, w, *strides = self._shape(x)
         if self.conv:
             height, width = self.output_hw(h, w)
@@ -265,6 +273,22 @@ class Plan:
         rc = self._forward(self.handle, x.data_ptr(), n, h, w, *strides, out.data_ptr(), torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"the native table kernel failed (code {rc})")
+        return out.permute(0, 3, 1, 2) if self.conv else out
+
+    def _lookup_codes(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        """PyTorch's encoder (the library's own), then the kernels' lookups."""
+        if self.conv:
+            direct = layer.score_weight is not None
+            codes = layer.encode_by_conv(x) if direct else self.quantizer.encode(im2col(x, layer))
+            height, width = self.output_hw(x.shape[2], x.shape[3])
+            out = torch.empty(x.shape[0], height, width, self.out_features)
+        else:
+            codes = self.quantizer.encode(x)
+            out = torch.empty(x.shape[0], self.out_features)
+        codes = codes.to(torch.int32).contiguous()
+        rc = self._lookup(self.handle, codes.data_ptr(), codes.shape[0], out.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"the native table lookup failed (code {rc})")
         return out.permute(0, 3, 1, 2) if self.conv else out
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -361,7 +385,7 @@ def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if x.device.type != "cpu" or x.numel() >= _INDEX_LIMIT:
         return None
     made = plan(layer)
-    return None if made is None else made.forward(x)
+    return None if made is None else made.forward(x, layer)
 
 
 def runs_natively(layer: nn.Module, x: torch.Tensor) -> bool:

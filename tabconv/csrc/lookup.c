@@ -765,6 +765,18 @@ int tc_lookup_path(const void *handle, int rows) {
 }
 
 /* ------------------------------------------------------------------------------------ drivers */
+static void lookup_tile(const tc_plan *p, int isa, const tc_tile *tile, const uint16_t *codes, int m0, int m1,
+                        float *out, void *acc) {
+    int path = lookup_path(p, isa, tile->n);
+#if TC_X86
+    if (path == 3) { lookup_rows_avx512(p, tile, codes, m0, m1, out); return; }
+    if (path == 2) { lookup_vpermb(p, tile, codes, m0, m1, out); return; }
+    if (path == 1) { lookup_vpshufb(p, tile, codes, m0, m1, out); return; }
+#endif
+    (void)path;
+    lookup_rows_portable(p, tile, codes, m0, m1, out, acc);
+}
+
 /* The image-lane copy of a layer's input, kept per calling thread and grown as needed: a fresh allocation of a few
  * MB per layer call costs more in page faults than the copy itself. */
 static float *lane_buffer(size_t floats) {
@@ -856,14 +868,7 @@ static int run(const tc_plan *p, const float *x, int64_t n_images, int64_t h, in
                     continue;
                 }
                 int m0 = (int)((int64_t)m_total * chunk / chunks), m1 = (int)((int64_t)m_total * (chunk + 1) / chunks);
-                int path = lookup_path(p, isa, tile->n);
-#if TC_X86
-                if (path == 3) { lookup_rows_avx512(p, tile, codes, m0, m1, out); continue; }
-                if (path == 2) { lookup_vpermb(p, tile, codes, m0, m1, out); continue; }
-                if (path == 1) { lookup_vpshufb(p, tile, codes, m0, m1, out); continue; }
-#endif
-                (void)path;
-                lookup_rows_portable(p, tile, codes, m0, m1, out, acc);
+                lookup_tile(p, isa, tile, codes, m0, m1, out, acc);
             }
         }
         free(codes);
@@ -889,4 +894,46 @@ int tc_encode(const void *handle, const float *x, int64_t n, int64_t h, int64_t 
               int64_t sh, int64_t sw, int32_t *codes, int threads) {
     int64_t strides[4] = {sn, sc, sh, sw};
     return run((const tc_plan *)handle, x, n, h, w, strides, NULL, codes, threads);
+}
+
+/* The lookups alone, from codes (rows, C') int32 another encoder picked (e.g. PyTorch's, when its distances are the
+ * faster ones): out rows (rows, M) float32. Returns 0 on success. */
+int tc_lookup(const void *handle, const int32_t *codes_in, int64_t rows, float *out, int threads) {
+    const tc_plan *p = (const tc_plan *)handle;
+    int isa = tc_isa(), m_total = p->d.out_features, per = p->per_group;
+    int64_t tiles = (rows + TILE - 1) / TILE;
+    if (threads < 1) threads = 1;
+    if ((double)rows * p->total * m_total < SMALL_WORK) threads = 1;
+    int chunks = tiles >= threads ? 1 : threads;
+    if (chunks > m_total) chunks = m_total;
+    int64_t items = tiles * chunks;
+    int failed = 0;
+#pragma omp parallel num_threads(threads > items ? (int)items : threads)
+    {
+        uint16_t *codes = malloc(sizeof(uint16_t) * (size_t)p->total * TILE);
+        void *acc = malloc(sizeof(float) * (size_t)(per > 0 ? per : 1));
+        tc_tile *tile = malloc(sizeof(tc_tile));
+        if (!codes || !acc || !tile) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t item = 0; item < items; item++) {
+                int chunk = (int)(item % chunks);
+                int64_t r0 = item / chunks * TILE;
+                int n = rows - r0 < TILE ? (int)(rows - r0) : TILE;
+                tile->n = n;
+                for (int i = 0; i < TILE; i++) tile->row[i] = i < n ? r0 + i : -1;
+                for (int c = 0; c < p->total; c++)
+                    for (int i = 0; i < TILE; i++)
+                        codes[(int64_t)c * TILE + i] = i < n ? (uint16_t)codes_in[(r0 + i) * p->total + c] : 0;
+                int m0 = (int)((int64_t)m_total * chunk / chunks), m1 = (int)((int64_t)m_total * (chunk + 1) / chunks);
+                lookup_tile(p, isa, tile, codes, m0, m1, out, acc);
+            }
+        }
+        free(codes);
+        free(acc);
+        free(tile);
+    }
+    return failed ? 2 : 0;
 }
