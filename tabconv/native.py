@@ -265,15 +265,16 @@ class Plan:
         if not self.encodes:
             return self._lookup_codes(x, layer)
         n, h, w, *strides = self._shape(x)
+        m = self.out_features
         if self.conv:
-            height, width = self.output_hw(h, w)
-            out = torch.empty(n, height, width, self.out_features)
+            height, width = self.output_hw(h, w)  # (N, M, H, W) in channels-last memory: the rows the kernels write
+            out = torch.empty_strided((n, m, height, width), (height * width * m, 1, width * m, m))
         else:
-            out = torch.empty(n, self.out_features)
+            out = torch.empty(n, m)
         rc = self._forward(self.handle, x.data_ptr(), n, h, w, *strides, out.data_ptr(), torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"the native table kernel failed (code {rc})")
-        return out.permute(0, 3, 1, 2) if self.conv else out
+        return out
 
     def _lookup_codes(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         """PyTorch's encoder (the library's own), then the kernels' lookups."""
@@ -384,7 +385,9 @@ def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     if x.device.type != "cpu" or x.numel() >= _INDEX_LIMIT:
         return None
-    made = plan(layer)
+    made = _plans.get(layer)  # the common case first: a current plan, without the checks that made it
+    if made is None or not made.current():
+        made = plan(layer)
     return None if made is None else made.forward(x, layer)
 
 
