@@ -95,6 +95,23 @@ int tc_force_isa(int isa) { /* -1: the best this CPU has; returns the ISA now in
 
 int tc_version(void) { return 1; }
 
+/* Per-thread scratch buffers, grown as needed and kept for the next call: a layer call is often only a few
+ * microseconds of work, and allocating its buffers each time cost as much. Never freed (bounded by the largest
+ * layer a thread has run). */
+enum { SCRATCH_CODES, SCRATCH_ROW, SCRATCH_ACC, SCRATCH_TILE, SCRATCH_TAPS, SCRATCH_PACKS, SCRATCH_LANES,
+       SCRATCH_SLOTS };
+
+static void *scratch(int slot, size_t bytes) {
+    static _Thread_local void *buffers[SCRATCH_SLOTS];
+    static _Thread_local size_t sizes[SCRATCH_SLOTS];
+    if (bytes > sizes[slot]) {
+        free(buffers[slot]);
+        buffers[slot] = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        sizes[slot] = buffers[slot] ? bytes : 0;
+    }
+    return buffers[slot];
+}
+
 /* ------------------------------------------------------------------------------------ geometry */
 typedef struct {
     const float *x;
@@ -552,7 +569,7 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vnni"))) static void lo
     uint32_t weight = slots == 4 ? 0x01010101u : slots == 2 ? 0x00000101u : 0x00000001u;
     __m512i ones = _mm512_set1_epi32((int32_t)weight);
     size_t count = (size_t)blocks * quads * groups;
-    __m512i *packs = (__m512i *)aligned_alloc(64, sizeof(__m512i) * count);
+    __m512i *packs = (__m512i *)scratch(SCRATCH_PACKS, sizeof(__m512i) * count);
     if (!packs) return;
     /* codes of 16 rows x `slots` codebooks per register, byte `slot` of each row = code + slot * K' */
     for (int g = 0; g < groups; g++)
@@ -608,7 +625,6 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vnni"))) static void lo
                 if (t->row[b * 16 + i] >= 0) _mm512_mask_storeu_ps(out + t->row[b * 16 + i] * m_total + mm, keep, y[b][i]);
         }
     }
-    free(packs);
 }
 
 __attribute__((target("avx2,fma"))) static void lookup_vpshufb(const tc_plan *p, const tc_tile *t,
@@ -777,19 +793,6 @@ static void lookup_tile(const tc_plan *p, int isa, const tc_tile *tile, const ui
     lookup_rows_portable(p, tile, codes, m0, m1, out, acc);
 }
 
-/* The image-lane copy of a layer's input, kept per calling thread and grown as needed: a fresh allocation of a few
- * MB per layer call costs more in page faults than the copy itself. */
-static float *lane_buffer(size_t floats) {
-    static _Thread_local float *buffer = NULL;
-    static _Thread_local size_t capacity = 0;
-    if (floats > capacity) {
-        free(buffer);
-        buffer = aligned_alloc(64, (sizeof(float) * floats + 63) / 64 * 64);
-        capacity = buffer ? floats : 0;
-    }
-    return buffer;
-}
-
 /* Image lanes pay for themselves from 16 images on (below, most lanes would be empty). */
 static int use_lanes(const tc_plan *p, int isa, int64_t images) {
     return TC_X86 && isa == ISA_AVX512 && p->d.encoder == 1 && images >= 16;
@@ -816,18 +819,18 @@ static int run(const tc_plan *p, const float *x, int64_t n_images, int64_t h, in
         geometry.sw = 1;
     }
     if (p->d.encoder == 1) {
-        call.split = malloc(sizeof(tc_tap) * (size_t)p->total * p->d.depth);
+        call.split = scratch(SCRATCH_TAPS, sizeof(tc_tap) * (size_t)p->total * p->d.depth);
         if (!call.split) return 2;
         make_taps(p, &geometry, p->split_ch, p->split_ky, p->split_kx, (int64_t)p->total * p->d.depth, call.split);
     } else {
-        call.column = malloc(sizeof(tc_tap) * (size_t)columns);
+        call.column = scratch(SCRATCH_TAPS, sizeof(tc_tap) * (size_t)columns);
         if (!call.column) return 2;
         make_taps(p, &geometry, p->col_ch, p->col_ky, p->col_kx, columns, call.column);
     }
 #if TC_X86
     if (lanes) {
-        call.lanes = lane_buffer((size_t)(blocks * channels * h * w * 16));
-        if (!call.lanes) { free(call.split); return 2; }
+        call.lanes = scratch(SCRATCH_LANES, sizeof(float) * (size_t)(blocks * channels * h * w * 16));
+        if (!call.lanes) return 2;
         to_lanes(in, n_images, channels, call.lanes, threads);
     }
 #endif
@@ -837,12 +840,12 @@ static int run(const tc_plan *p, const float *x, int64_t n_images, int64_t h, in
     if (chunks > m_total) chunks = m_total;
     int64_t items = tiles * chunks;
     int failed = 0, per = p->per_group;
-#pragma omp parallel num_threads(threads > items ? (int)items : threads)
+#pragma omp parallel num_threads(threads > items ? (int)items : threads) if (threads > 1 && items > 1)
     {
-        uint16_t *codes = malloc(sizeof(uint16_t) * (size_t)p->total * TILE);
-        float *xrow = malloc(sizeof(float) * ((size_t)columns + (size_t)p->d.centroids));
-        void *acc = malloc(sizeof(float) * (size_t)(per > 0 ? per : 1));
-        tc_tile *tile = malloc(sizeof(tc_tile));
+        uint16_t *codes = scratch(SCRATCH_CODES, sizeof(uint16_t) * (size_t)p->total * TILE);
+        float *xrow = scratch(SCRATCH_ROW, sizeof(float) * ((size_t)columns + (size_t)p->d.centroids));
+        void *acc = scratch(SCRATCH_ACC, sizeof(float) * (size_t)(per > 0 ? per : 1));
+        tc_tile *tile = scratch(SCRATCH_TILE, sizeof(tc_tile));
         if (!codes || !xrow || !acc || !tile) {
 #pragma omp atomic write
             failed = 1;
@@ -871,13 +874,7 @@ static int run(const tc_plan *p, const float *x, int64_t n_images, int64_t h, in
                 lookup_tile(p, isa, tile, codes, m0, m1, out, acc);
             }
         }
-        free(codes);
-        free(xrow);
-        free(acc);
-        free(tile);
     }
-    free(call.split);
-    free(call.column);
     return failed ? 2 : 0;
 }
 
@@ -908,11 +905,11 @@ int tc_lookup(const void *handle, const int32_t *codes_in, int64_t rows, float *
     if (chunks > m_total) chunks = m_total;
     int64_t items = tiles * chunks;
     int failed = 0;
-#pragma omp parallel num_threads(threads > items ? (int)items : threads)
+#pragma omp parallel num_threads(threads > items ? (int)items : threads) if (threads > 1 && items > 1)
     {
-        uint16_t *codes = malloc(sizeof(uint16_t) * (size_t)p->total * TILE);
-        void *acc = malloc(sizeof(float) * (size_t)(per > 0 ? per : 1));
-        tc_tile *tile = malloc(sizeof(tc_tile));
+        uint16_t *codes = scratch(SCRATCH_CODES, sizeof(uint16_t) * (size_t)p->total * TILE);
+        void *acc = scratch(SCRATCH_ACC, sizeof(float) * (size_t)(per > 0 ? per : 1));
+        tc_tile *tile = scratch(SCRATCH_TILE, sizeof(tc_tile));
         if (!codes || !acc || !tile) {
 #pragma omp atomic write
             failed = 1;
@@ -931,9 +928,6 @@ int tc_lookup(const void *handle, const int32_t *codes_in, int64_t rows, float *
                 lookup_tile(p, isa, tile, codes, m0, m1, out, acc);
             }
         }
-        free(codes);
-        free(acc);
-        free(tile);
     }
     return failed ? 2 : 0;
 }
