@@ -61,12 +61,10 @@ def summary_lines(m: Metrics) -> list[str]:
 
 
 def latency_text(m: Metrics) -> str:
-    """'measured 5.2 ms per batch of 64 (3.9× faster than exact)', or '… (1.4× slower than exact)'."""
+    """'measured 5.2 ms per batch of 64 (3.90x faster than exact)', or '… (1.40x slower than exact)'."""
     latency = m.latency
     assert latency is not None
-    speed = latency.speedup
-    word = f"{speed:.2f}× faster" if speed >= 1 else f"{1 / speed:.2f}× slower"
-    return f"measured {latency.total_ms:.3g} ms per batch of {latency.batch} ({word} than exact)"
+    return f"measured {latency.total_ms:.3g} ms per batch of {latency.batch} ({latency.versus_exact()})"
 
 
 def hover(m: Metrics) -> str:

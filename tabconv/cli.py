@@ -250,11 +250,9 @@ def _latency_lines(metrics) -> list[str]:
     if latency is None:
         return []
     slower = latency.slower_layers(metrics.table_layers)
-    faster = "faster" if latency.speedup >= 1 else "slower"
-    ratio = latency.speedup if latency.speedup >= 1 else 1 / latency.speedup
     return [f"latency measured on this machine (batch {latency.batch}, {latency.threads} threads, table layers on "
             f"{latency.kernel}; per-layer medians summed): {latency.total_ms:.2f} ms against exact "
-            f"{latency.baseline_ms:.2f} ms, {ratio:.2f}x {faster}",
+            f"{latency.baseline_ms:.2f} ms, {latency.versus_exact()}",
             *([f"slower tabled than exact: {', '.join(slower)}"] if slower else [])]
 
 

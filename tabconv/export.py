@@ -284,7 +284,7 @@ def kernel_check(path: str | os.PathLike, images: torch.Tensor, kernel: str) -> 
     runs, reference = load_tabled(path, kernel), load_tabled(path, "torch")
     got, want = runs(images), reference(images)
     scale = float(want.abs().max()) or 1.0
-    return {"kernel": kernel, "runs_on": "torch" if kernel == "torch" or not native.available() else "native",
+    return {"kernel": kernel, "runs_on": native.runs_on(kernel),
             "images": len(images), "same_predictions": float((got.argmax(1) == want.argmax(1)).float().mean()),
             "max_abs_diff_relative": float((got - want).abs().max()) / scale}
 

@@ -14,11 +14,10 @@ Timings on a busy machine are inflated: a table measured beside other work shoul
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import nn
 
 from tabconv import native
 from tabconv.atomic import atomic_write_text
+from tabconv.latency import median_ms
 from tabconv.layers import TableConv2d, TableLinear
 from tabconv.lowering import im2col
 from tabconv.quantizer import ProductQuantizer
@@ -65,6 +65,12 @@ class LatencyEstimate:
     def speedup(self) -> float:
         """Exact / this configuration: above 1 it is faster than the exact network."""
         return self.baseline_ms / self.total_ms
+
+    def versus_exact(self) -> str:
+        """'3.90x faster than exact' or '1.40x slower than exact'."""
+        if self.speedup >= 1:
+            return f"{self.speedup:.2f}x faster than exact"
+        return f"{1 / self.speedup:.2f}x slower than exact"
 
     def slower_layers(self, tabled: list[str]) -> list[str]:
         """Table layers that take longer than their exact layer."""
@@ -155,10 +161,8 @@ class LatencyTable:
     def table_ms(self, model: nn.Module, info: LayerInfo, setting: LayerSetting) -> float:
         """The table layer of `setting` (tables fitted to random rows), on the kernel table layers run on now."""
         layer = model.get_submodule(info.name)
-        kernel = native.default_kernel()
-        runs_on = "torch" if kernel == "torch" or not native.available() else "native"
         resolved = setting.for_inner_dim(info.inner_dim).with_(subvector=None)
-        parts = {"what": "table", **_geometry(layer, info), "setting": resolved.to_dict(), "kernel": runs_on}
+        parts = {"what": "table", **_geometry(layer, info), "setting": resolved.to_dict(), "kernel": native.runs_on()}
         return self._lookup(parts, lambda: self._time(random_table_layer(layer, info, setting), info))
 
     def layer_ms(self, model: nn.Module, info: LayerInfo, setting: LayerSetting) -> float:
@@ -182,8 +186,7 @@ class LatencyTable:
         exact = {info.name: self.exact_ms(model, info) for info in structure.layers}
         configured = {info.name: self.layer_ms(model, info, settings.get(info.name, LayerSetting()))
                       for info in structure.layers}
-        kernel = native.default_kernel()
-        runs_on = f"native ({native.isa()})" if kernel != "torch" and native.available() else "torch"
+        runs_on = f"native ({native.isa()})" if native.runs_on() == "native" else "torch"
         return LatencyEstimate(self.batch, self._threads(), runs_on, exact, configured, self.other_ms(model, structure))
 
     # -- timing --------------------------------------------------------------------------------------------
@@ -198,16 +201,9 @@ class LatencyTable:
         threads = torch.get_num_threads()
         torch.set_num_threads(self._threads())
         try:
-            for _ in range(self.warmup):
-                run()
-            times = []
-            for _ in range(self.repeats):
-                start = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - start)
+            return median_ms(run, self.repeats, self.warmup)
         finally:
             torch.set_num_threads(threads)
-        return statistics.median(times) * 1e3
 
 
 def _geometry(layer: nn.Module, info: LayerInfo) -> dict[str, Any]:
@@ -236,6 +232,7 @@ def random_table_layer(layer: nn.Module, info: LayerInfo, setting: LayerSetting)
     return made.eval()
 
 
+@functools.cache
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -74,7 +74,12 @@ def use_kernel(kernel: str | None) -> str:
     if kernel is not None:
         _check_choice(kernel)
     _chosen = kernel
-    return "torch" if default_kernel() == "torch" or library() is None else "native"
+    return runs_on()
+
+
+def runs_on(kernel: str | None = None) -> str:
+    """What table layers given `kernel` (default: the process's) run on: "native" or "torch"."""
+    return "torch" if (kernel or default_kernel()) == "torch" or library() is None else "native"
 
 
 def _check_choice(kernel: str) -> None:
@@ -169,20 +174,22 @@ def available() -> bool:
     return library() is not None
 
 
-def isa() -> str:
-    """The instruction set the kernels use on this CPU (after any `force_isa`)."""
+def _loaded() -> ctypes.CDLL:
     lib = library()
     if lib is None:
         raise NativeUnavailable(failure() or "native kernels unavailable")
-    return ISAS[lib.tc_isa()]
+    return lib
+
+
+def isa() -> str:
+    """The instruction set the kernels use on this CPU (after any `force_isa`)."""
+    return ISAS[_loaded().tc_isa()]
 
 
 @contextmanager
 def force_isa(name: str) -> Iterator[str]:
     """Run the kernels at most at ISA `name` (tests compare every path); yields the ISA in force."""
-    lib = library()
-    if lib is None:
-        raise NativeUnavailable(failure() or "native kernels unavailable")
+    lib = _loaded()
     try:
         yield ISAS[lib.tc_force_isa(ISAS.index(name))]
     finally:
@@ -219,9 +226,9 @@ class Plan:
         self._lib = lib
         self.quantizer = quantizer
         self.stamp = _stamp(quantizer)
-        self.conv = isinstance(layer, nn.Conv2d) or hasattr(layer, "kernel_size")
+        self.conv = hasattr(layer, "kernel_size")  # a TableConv2d keeps its conv's geometry
         geometry = _geometry(layer, self.conv)
-        arrays = _arrays(layer, quantizer, geometry)
+        arrays = _arrays(layer, quantizer, geometry)  # alive until tc_plan_new has copied them
         desc = _Desc(**geometry, groups=quantizer.groups, codebooks=quantizer.n_codebooks,
                      centroids=quantizer.n_centroids,
                      width=quantizer.padded_dim(quantizer.in_features_) // quantizer.total_codebooks,
@@ -328,7 +335,7 @@ def _geometry(layer: nn.Module, conv: bool) -> dict[str, int]:
 
 
 def _arrays(layer: nn.Module, quantizer: ProductQuantizer, geometry: dict[str, int]) -> dict[str, torch.Tensor | None]:
-    """The arrays a plan copies (kept alive by the caller until tc_plan_new returns)."""
+    """The arrays a plan copies."""
     groups, taps = quantizer.groups, geometry["kh"] * geometry["kw"]
     per_group = geometry["in_channels"] // groups * taps
     width = quantizer.padded_dim(quantizer.in_features_) // groups  # padded columns of one group
@@ -352,11 +359,9 @@ def _arrays(layer: nn.Module, quantizer: ProductQuantizer, geometry: dict[str, i
         arrays["scale"], arrays["bias"] = scale.float().cpu().contiguous(), bias.float().cpu().contiguous()
     else:
         arrays["tables"] = quantizer.tables_.float().cpu().contiguous()
-    _keep_alive.append(arrays)  # until the plan has copied them (the caller clears it)
     return arrays
 
 
-_keep_alive: list[dict] = []
 _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -369,36 +374,32 @@ def plan(layer: nn.Module) -> Plan | None:
         return None
     made = _plans.get(layer)
     if made is None or not made.current():
-        try:
-            made = Plan(lib, layer, layer.quantizer)
-        finally:
-            _keep_alive.clear()
-        _plans[layer] = made
+        made = _plans[layer] = Plan(lib, layer, layer.quantizer)
     return made
 
 
-def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The output of a table layer in eval mode on the native kernels, or None when this forward takes the torch
-    path (kernel torch, a gradient wanted, not on the CPU, unsupported tables or no kernels)."""
+def _active_plan(layer: nn.Module, x: torch.Tensor) -> Plan | None:
+    """The plan this eval-mode forward of `layer` on `x` runs, or None when it takes the torch path (kernel torch,
+    a gradient wanted, not on the CPU, unsupported tables or no kernels)."""
     kernel = layer.kernel or _chosen or _environment_kernel()
     if kernel == "torch" or (x.requires_grad and torch.is_grad_enabled()):
         return None
     if x.device.type != "cpu" or x.numel() >= _INDEX_LIMIT:
         return None
     made = _plans.get(layer)  # the common case first: a current plan, without the checks that made it
-    if made is None or not made.current():
-        made = plan(layer)
+    return made if made is not None and made.current() else plan(layer)
+
+
+def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The output of a table layer in eval mode on the native kernels, or None when this forward takes the torch
+    path."""
+    made = _active_plan(layer, x)
     return None if made is None else made.forward(x, layer)
 
 
 def runs_natively(layer: nn.Module, x: torch.Tensor) -> bool:
     """Whether a forward of `layer` on `x` takes the native kernels."""
-    kernel = getattr(layer, "kernel", None) or default_kernel()
-    if kernel == "torch" or layer.training or (torch.is_grad_enabled() and x.requires_grad):
-        return False
-    if x.numel() >= _INDEX_LIMIT or x.device.type != "cpu":
-        return False
-    return plan(layer) is not None
+    return not layer.training and _active_plan(layer, x) is not None
 
 
 def main() -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from explorer.charts import change, latency_text
+from explorer.charts import change
 from explorer.workbench import Workbench
 from tabconv.config import Calibration
 from tabconv.cost import CostReport
@@ -137,7 +137,7 @@ def measured(current: Metrics) -> None:
         return
     slower = latency.slower_layers(current.table_layers)
     line = (f"Latency on this machine: **{latency.total_ms:.3g} ms** per batch of {latency.batch} against "
-            f"{latency.baseline_ms:.3g} ms exact ({latency_text(current).split('(')[1].rstrip(')')}; table "
+            f"{latency.baseline_ms:.3g} ms exact ({latency.versus_exact()}; table "
             f"layers on {latency.kernel}, {latency.threads} threads; per-layer medians summed).")
     if latency.speedup < 1:
         st.warning(line + " This configuration counts fewer operations but runs **slower than the exact network** "

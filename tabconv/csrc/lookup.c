@@ -462,103 +462,103 @@ static void encode_tile(const tc_plan *p, const tc_call *call, int isa, const tc
 /* ------------------------------------------------------------------------------------- lookups */
 /* Outputs are rows: out[r * M + m] (channels-last for a conv, the layout the next layers run fastest on). */
 
-/* Any K, any table dtype: one row at a time, whole table rows added (contiguous over outputs). */
-static void lookup_rows_portable(const tc_plan *p, const tc_tile *t, const uint16_t *codes, int m0, int m1,
-                                 float *out, void *acc_buffer) {
-    int per = p->per_group, cb = p->d.codebooks, k_count = p->d.centroids, m_total = p->d.out_features;
+/* One output row's outputs j0 .. j1 - 1 of group g: `code` points at the row's code of the group's first codebook
+ * (the next codebook's is TILE further), `y` at the row's outputs, `acc` at M / G scratch values. */
+typedef void (*tc_row_lookup)(const tc_plan *p, const uint16_t *code, int g, int j0, int j1, float *y, void *acc);
+
+/* Every row of a tile, the outputs m0 .. m1 - 1 of each, through `row_lookup` once per (row, group). */
+static void lookup_rows(const tc_plan *p, const tc_tile *t, const uint16_t *codes, int m0, int m1, float *out,
+                        void *acc, tc_row_lookup row_lookup) {
+    int per = p->per_group, cb = p->d.codebooks, m_total = p->d.out_features;
     for (int i = 0; i < t->n; i++) {
         if (t->row[i] < 0) continue;
-        float *y = out + t->row[i] * m_total;
         for (int g = m0 / per; g * per < m1; g++) {
             int j0 = m0 > g * per ? m0 - g * per : 0, j1 = m1 < (g + 1) * per ? m1 - g * per : per;
-            if (p->d.lut == 1) {
-                int32_t *acc = (int32_t *)acc_buffer;
-                memset(acc, 0, sizeof(int32_t) * (size_t)(j1 - j0));
-                for (int c = g * cb; c < (g + 1) * cb; c++) {
-                    const int8_t *row = p->tab8 + ((int64_t)c * k_count + codes[(int64_t)c * TILE + i]) * per + j0;
-                    for (int j = 0; j < j1 - j0; j++) acc[j] += row[j];
-                }
-                for (int j = j0; j < j1; j++) {
-                    int m = g * per + j;
-                    y[m] = p->scale[m] * (float)acc[j - j0] + p->bias[m];
-                }
-            } else {
-                float *acc = (float *)acc_buffer;
-                memset(acc, 0, sizeof(float) * (size_t)(j1 - j0));
-                for (int c = g * cb; c < (g + 1) * cb; c++) {
-                    const float *row = p->tabf + ((int64_t)c * k_count + codes[(int64_t)c * TILE + i]) * per + j0;
-                    for (int j = 0; j < j1 - j0; j++) acc[j] += row[j];
-                }
-                for (int j = j0; j < j1; j++) y[g * per + j] = acc[j - j0];
-            }
+            row_lookup(p, codes + (int64_t)g * cb * TILE + i, g, j0, j1, out + t->row[i] * m_total, acc);
         }
     }
+}
+
+/* Any K, any table dtype, any CPU: whole table rows added (contiguous over outputs). */
+static void row_portable(const tc_plan *p, const uint16_t *code, int g, int j0, int j1, float *y, void *acc_buffer) {
+    int per = p->per_group, cb = p->d.codebooks, k_count = p->d.centroids;
+    if (p->d.lut == 1) {
+        int32_t *acc = (int32_t *)acc_buffer;
+        memset(acc, 0, sizeof(int32_t) * (size_t)(j1 - j0));
+        for (int c = 0; c < cb; c++) {
+            const int8_t *row = p->tab8 + ((int64_t)(g * cb + c) * k_count + code[(int64_t)c * TILE]) * per + j0;
+            for (int j = 0; j < j1 - j0; j++) acc[j] += row[j];
+        }
+        for (int j = j0; j < j1; j++) {
+            int m = g * per + j;
+            y[m] = p->scale[m] * (float)acc[j - j0] + p->bias[m];
+        }
+        return;
+    }
+    float *acc = (float *)acc_buffer;
+    memset(acc, 0, sizeof(float) * (size_t)(j1 - j0));
+    for (int c = 0; c < cb; c++) {
+        const float *row = p->tabf + ((int64_t)(g * cb + c) * k_count + code[(int64_t)c * TILE]) * per + j0;
+        for (int j = 0; j < j1 - j0; j++) acc[j] += row[j];
+    }
+    for (int j = j0; j < j1; j++) y[g * per + j] = acc[j - j0];
 }
 
 #if TC_X86
-/* Few rows (or K > 64, or float tables): one row at a time like the portable path, 32 int8 outputs per register
- * widened to int16 (flushed to int32 every 256 codebooks: |sum| <= 128 * 256) or 16 float outputs. */
-__attribute__((target("avx512f,avx512bw,avx512vl"))) static void lookup_rows_avx512(const tc_plan *p, const tc_tile *t,
-                                                                            const uint16_t *codes, int m0, int m1,
-                                                                            float *out) {
-    int per = p->per_group, cb = p->d.codebooks, k_count = p->d.centroids, m_total = p->d.out_features;
-    for (int i = 0; i < t->n; i++) {
-        if (t->row[i] < 0) continue;
-        float *y = out + t->row[i] * m_total;
-        for (int g = m0 / per; g * per < m1; g++) {
-            int j0 = m0 > g * per ? m0 - g * per : 0, j1 = m1 < (g + 1) * per ? m1 - g * per : per;
-            const uint16_t *code = codes + (int64_t)g * cb * TILE + i;
-            if (p->d.lut == 1) {
-                /* up to 512 outputs at once (16 registers of 32 int16): each codebook's table row is read as one
-                 * contiguous run, widened to int32 every 256 codebooks (|sum| <= 128 * 256) */
-                for (int j = j0; j < j1; j += 512) {
-                    int span = j1 - j < 512 ? j1 - j : 512, regs = (span + 31) / 32;
-                    __mmask32 keep[16];
-                    for (int v = 0; v < regs; v++) {
-                        int count = span - 32 * v < 32 ? span - 32 * v : 32;
-                        keep[v] = count == 32 ? 0xFFFFFFFFu : (__mmask32)((1u << count) - 1);
-                    }
-                    __m512i wide[32];
-                    for (int v = 0; v < 2 * regs; v++) wide[v] = _mm512_setzero_si512();
-                    for (int c0 = 0; c0 < cb; c0 += 256) {
-                        int c1 = c0 + 256 < cb ? c0 + 256 : cb;
-                        __m512i sum[16];
-                        for (int v = 0; v < regs; v++) sum[v] = _mm512_setzero_si512();
-                        for (int c = c0; c < c1; c++) {
-                            const int8_t *row = p->tab8 + ((int64_t)(g * cb + c) * k_count + code[(int64_t)c * TILE]) * per + j;
-                            for (int v = 0; v < regs; v++)
-                                sum[v] = _mm512_add_epi16(sum[v], _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(keep[v], row + 32 * v)));
-                        }
-                        for (int v = 0; v < regs; v++) {
-                            wide[2 * v] = _mm512_add_epi32(wide[2 * v], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(sum[v])));
-                            wide[2 * v + 1] = _mm512_add_epi32(wide[2 * v + 1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(sum[v], 1)));
-                        }
-                    }
-                    for (int v = 0; v < 2 * regs; v++) {
-                        int m = g * per + j + 16 * v, count = j1 - (j + 16 * v);
-                        if (count <= 0) break;
-                        __mmask16 lanes = count >= 16 ? 0xFFFF : (__mmask16)((1u << count) - 1);
-                        __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(wide[v]), _mm512_maskz_loadu_ps(lanes, p->scale + m),
-                                                   _mm512_maskz_loadu_ps(lanes, p->bias + m));
-                        _mm512_mask_storeu_ps(y + m, lanes, a);
-                    }
-                }
-            } else {
-                for (int j = j0; j < j1; j += 16) {
-                    int count = j1 - j < 16 ? j1 - j : 16;
-                    __mmask16 keep = (__mmask16)((1u << count) - 1);
-                    __m512 sum = _mm512_setzero_ps();
-                    for (int c = 0; c < cb; c++) {
-                        const float *row = p->tabf + ((int64_t)(g * cb + c) * k_count + code[(int64_t)c * TILE]) * per + j;
-                        sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(keep, row));
-                    }
-                    _mm512_mask_storeu_ps(y + g * per + j, keep, sum);
-                }
+/* Few rows (or K > 64, or float tables) with AVX-512: 32 int8 outputs per register widened to int16 (flushed to
+ * int32 every 256 codebooks: |sum| <= 128 * 256), up to 512 outputs at once so that each codebook's table row is
+ * read as one contiguous run; or 16 float outputs per register. */
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void row_avx512(const tc_plan *p, const uint16_t *code,
+                                                                             int g, int j0, int j1, float *y,
+                                                                             void *acc_buffer) {
+    int per = p->per_group, cb = p->d.codebooks, k_count = p->d.centroids;
+    (void)acc_buffer;
+    if (p->d.lut != 1) {
+        for (int j = j0; j < j1; j += 16) {
+            int count = j1 - j < 16 ? j1 - j : 16;
+            __mmask16 keep = (__mmask16)((1u << count) - 1);
+            __m512 sum = _mm512_setzero_ps();
+            for (int c = 0; c < cb; c++) {
+                const float *row = p->tabf + ((int64_t)(g * cb + c) * k_count + code[(int64_t)c * TILE]) * per + j;
+                sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(keep, row));
             }
+            _mm512_mask_storeu_ps(y + g * per + j, keep, sum);
+        }
+        return;
+    }
+    for (int j = j0; j < j1; j += 512) {
+        int span = j1 - j < 512 ? j1 - j : 512, regs = (span + 31) / 32;
+        __mmask32 keep[16];
+        for (int v = 0; v < regs; v++) {
+            int count = span - 32 * v < 32 ? span - 32 * v : 32;
+            keep[v] = count == 32 ? 0xFFFFFFFFu : (__mmask32)((1u << count) - 1);
+        }
+        __m512i wide[32];
+        for (int v = 0; v < 2 * regs; v++) wide[v] = _mm512_setzero_si512();
+        for (int c0 = 0; c0 < cb; c0 += 256) {
+            int c1 = c0 + 256 < cb ? c0 + 256 : cb;
+            __m512i sum[16];
+            for (int v = 0; v < regs; v++) sum[v] = _mm512_setzero_si512();
+            for (int c = c0; c < c1; c++) {
+                const int8_t *row = p->tab8 + ((int64_t)(g * cb + c) * k_count + code[(int64_t)c * TILE]) * per + j;
+                for (int v = 0; v < regs; v++)
+                    sum[v] = _mm512_add_epi16(sum[v], _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(keep[v], row + 32 * v)));
+            }
+            for (int v = 0; v < regs; v++) {
+                wide[2 * v] = _mm512_add_epi32(wide[2 * v], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(sum[v])));
+                wide[2 * v + 1] = _mm512_add_epi32(wide[2 * v + 1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(sum[v], 1)));
+            }
+        }
+        for (int v = 0; v < 2 * regs; v++) {
+            int m = g * per + j + 16 * v, count = j1 - (j + 16 * v);
+            if (count <= 0) break;
+            __mmask16 lanes = count >= 16 ? 0xFFFF : (__mmask16)((1u << count) - 1);
+            __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(wide[v]), _mm512_maskz_loadu_ps(lanes, p->scale + m),
+                                       _mm512_maskz_loadu_ps(lanes, p->bias + m));
+            _mm512_mask_storeu_ps(y + m, lanes, a);
         }
     }
 }
-
 
 __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vnni"))) static void lookup_vpermb(
     const tc_plan *p, const tc_tile *t, const uint16_t *codes, int m0, int m1, float *out) {
@@ -785,12 +785,12 @@ static void lookup_tile(const tc_plan *p, int isa, const tc_tile *tile, const ui
                         float *out, void *acc) {
     int path = lookup_path(p, isa, tile->n);
 #if TC_X86
-    if (path == 3) { lookup_rows_avx512(p, tile, codes, m0, m1, out); return; }
+    if (path == 3) { lookup_rows(p, tile, codes, m0, m1, out, acc, row_avx512); return; }
     if (path == 2) { lookup_vpermb(p, tile, codes, m0, m1, out); return; }
     if (path == 1) { lookup_vpshufb(p, tile, codes, m0, m1, out); return; }
 #endif
     (void)path;
-    lookup_rows_portable(p, tile, codes, m0, m1, out, acc);
+    lookup_rows(p, tile, codes, m0, m1, out, acc, row_portable);
 }
 
 /* Image lanes pay for themselves from 16 images on (below, most lanes would be empty). */
