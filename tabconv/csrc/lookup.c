@@ -682,6 +682,22 @@ void tc_plan_free(void *handle) {
     free(p);
 }
 
+/* int8 tables re-laid out per output for the shuffles: output m gets `regs` registers of `bytes` bytes, codebook c
+ * fills slot c % slots of register c / slots with its K entries (at slot * kpad); unused entries stay 0. */
+static int8_t *per_output_tables(const tc_plan *p, int regs, int bytes, int slots, int kpad) {
+    int per = p->per_group, cb = p->d.codebooks, k_count = p->d.centroids;
+    int8_t *out = calloc((size_t)p->d.out_features * regs * bytes, 1);
+    if (!out) return NULL;
+    for (int m = 0; m < p->d.out_features; m++) {
+        int g = m / per, j = m % per;
+        for (int c = 0; c < cb; c++)
+            for (int k = 0; k < k_count; k++)
+                out[((int64_t)m * regs + c / slots) * bytes + (c % slots) * kpad + k] =
+                    p->tab8[(((int64_t)g * cb + c) * k_count + k) * per + j];
+    }
+    return out;
+}
+
 void *tc_plan_new(const tc_desc *d) {
     tc_plan *p = (tc_plan *)calloc(1, sizeof(tc_plan));
     if (!p) return NULL;
@@ -737,26 +753,12 @@ void *tc_plan_new(const tc_desc *d) {
             p->kpad = k_count <= 16 ? 16 : k_count <= 32 ? 32 : 64;
             p->slots = 64 / p->kpad;
             p->quads = (d->codebooks + p->slots - 1) / p->slots;
-            p->vtab = calloc((size_t)d->out_features * p->quads * 64, 1);
+            p->vtab = per_output_tables(p, p->quads, 64, p->slots, p->kpad);
             if (!p->vtab) goto fail;
-            for (int m = 0; m < d->out_features; m++) {
-                int g = m / per, j = m % per;
-                for (int c = 0; c < d->codebooks; c++)
-                    for (int k = 0; k < k_count; k++)
-                        p->vtab[((int64_t)m * p->quads + c / p->slots) * 64 + (c % p->slots) * p->kpad + k] =
-                            p->tab8[(((int64_t)g * d->codebooks + c) * k_count + k) * per + j];
-            }
         }
         if (k_count <= 16) {
-            p->stab = calloc((size_t)d->out_features * d->codebooks * 16, 1);
+            p->stab = per_output_tables(p, d->codebooks, 16, 1, 16);
             if (!p->stab) goto fail;
-            for (int m = 0; m < d->out_features; m++) {
-                int g = m / per, j = m % per;
-                for (int c = 0; c < d->codebooks; c++)
-                    for (int k = 0; k < k_count; k++)
-                        p->stab[((int64_t)m * d->codebooks + c) * 16 + k] =
-                            p->tab8[(((int64_t)g * d->codebooks + c) * k_count + k) * per + j];
-            }
         }
     } else {
         p->tabf = copy_of(d->tables, entries * 4);
