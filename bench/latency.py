@@ -2,7 +2,7 @@
 
 python bench/latency.py --checkpoint checkpoints/resnet18-mnist.pt --data-root DIR --setting C=8,K=16
                         [--config CFG.json] [--batches 1,64] [--repeats 30] [--warmup 5] [--threads N]
-                        [--kernel auto|native|torch] [--no-int8] [--out F.json]
+                        [--kernel auto|native|torch] [--no-int8] [--no-ops] [--out F.json]
 
 Both networks run in PyTorch eager and in onnxruntime (the files `tabconv export` writes), on the first test
 images, at each batch size: end to end, and per layer in eager (forward hooks around each layer and its batch
@@ -12,7 +12,9 @@ Before timing, each runtime's outputs are checked against eager PyTorch. The thr
 both runtimes (default: PyTorch's). Timings need a quiet machine: other work on the cores inflates them.
 Table layers run on --kernel (auto: the native kernels when they are built). What a user would otherwise pick is
 timed too: the exact network quantised to int8 in onnxruntime (static QDQ quantisation, calibrated on the timed
-images; --no-int8 skips it); onnxruntime's tabled graph is the standard-operator form (no custom operators).
+images; --no-int8 skips it). onnxruntime runs the tabled network twice: the standard-operator graph (model.onnx,
+portable) and model-ops.onnx, whose table layers are tabconv's onnxruntime operator on the native kernels
+(tabconv/ortops.py; --no-ops skips it).
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from tabconv import config as config_file  # noqa: E402
-from tabconv import native  # noqa: E402
+from tabconv import native, ortops  # noqa: E402
 from tabconv.atomic import atomic_write_text  # noqa: E402
 from tabconv.cache import TableCache  # noqa: E402
 from tabconv.config import Calibration  # noqa: E402
-from tabconv.export import TabledNetwork, onnx_bytes  # noqa: E402
+from tabconv.export import TabledNetwork, onnx_bytes, ops_onnx_bytes  # noqa: E402
 from tabconv.latency import images, median_ms, ort_session  # noqa: E402
 from tabconv.latency import measure as measure_end_to_end  # noqa: E402
 from tabconv.session import Session  # noqa: E402
@@ -165,6 +167,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     native.set_kernel(networks["tabled"], args.kernel)
     runtimes = {name: ort_session(onnx_bytes(spec), args.threads) for name, spec in specs.items()}
     int8 = None if args.no_int8 else ort_int8_session(onnx_bytes(specs["exact"]), images(session, 64), args.threads)
+    ops = None if args.no_ops else ops_session(specs["tabled"], args.threads)
     groups = {info.name: [info.name] + ([info.bn] if info.bn else []) for info in session.structure.layers}
     results: dict[str, Any] = {"end_to_end": [], "per_layer": {}, "checks": {}}
     for batch in args.batches:
@@ -182,6 +185,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             row["onnxruntime_int8_exact_ms"] = median_ms(lambda feed=feed: int8.run(None, feed), args.repeats,
                                                          args.warmup)
             row["pytorch_tabled_vs_onnxruntime_int8"] = row["pytorch_tabled_ms"] / row["onnxruntime_int8_exact_ms"]
+        if ops is not None:
+            row.update(time_ops(ops, networks["tabled"], x, layout, args, results["checks"]))
+            row["onnxruntime_ops_ratio"] = row["onnxruntime_ops_tabled_ms"] / row["onnxruntime_exact_ms"]
+            if int8 is not None:
+                row["onnxruntime_ops_vs_int8"] = row["onnxruntime_ops_tabled_ms"] / row["onnxruntime_int8_exact_ms"]
         results["end_to_end"].append(row)
         results["per_layer"][str(batch)] = {
             name: per_layer(net, groups, x.contiguous(memory_format=layout), args) for name, net in networks.items()}
@@ -192,6 +200,25 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     results["setup"] = {**setup(args, session, tables), "kernel": args.kernel, "table_layers_run_on": kernel,
                         "isa": native.isa() if kernel == "native" else None}
     return results
+
+
+def ops_session(tabled: TabledNetwork, threads: int) -> onnxruntime.InferenceSession | None:
+    """model-ops.onnx in onnxruntime with tabconv's operator; None (said on stderr) where it cannot be built."""
+    try:
+        return ortops.inference_session(ops_onnx_bytes(tabled), threads)
+    except native.NativeUnavailable as exc:
+        print(f"onnxruntime with tabconv's operator not timed: {exc}", file=sys.stderr)
+        return None
+
+
+@torch.inference_mode()
+def time_ops(ops: onnxruntime.InferenceSession, tabled: nn.Module, x: torch.Tensor, layout: torch.memory_format,
+             args: argparse.Namespace, checks: dict[str, Any]) -> dict[str, float]:
+    """model-ops.onnx (table layers as tabconv's onnxruntime operator) timed, after checking it against eager."""
+    feed = {"input": x.contiguous().numpy()}
+    reference = tabled(x.contiguous(memory_format=layout)).numpy()
+    checks[f"tabled, onnxruntime + tabconv operator, batch {len(x)}"] = agreement(reference, ops.run(None, feed)[0])
+    return {"onnxruntime_ops_tabled_ms": median_ms(lambda: ops.run(None, feed), args.repeats, args.warmup)}
 
 
 @torch.inference_mode()
@@ -246,6 +273,10 @@ def report(results: Mapping[str, Any]) -> str:
         for runtime in ("pytorch", "onnxruntime"):
             lines.append(f"{row['batch']:>5}  {runtime:12s} {row[f'{runtime}_exact_ms']:>10.3f} "
                          f"{row[f'{runtime}_tabled_ms']:>10.3f} {row[f'{runtime}_ratio']:>7.2f}")
+        if "onnxruntime_ops_tabled_ms" in row:
+            lines.append(f"{row['batch']:>5}  {'ort + ops':12s} {row['onnxruntime_exact_ms']:>10.3f} "
+                         f"{row['onnxruntime_ops_tabled_ms']:>10.3f} {row['onnxruntime_ops_ratio']:>7.2f}  tabled "
+                         "network with tabconv's onnxruntime operator (model-ops.onnx)")
         if "onnxruntime_int8_exact_ms" in row:
             lines.append(f"{row['batch']:>5}  {'ort int8':12s} {row['onnxruntime_int8_exact_ms']:>10.3f} "
                          f"{'(eager)':>10} {row['pytorch_tabled_vs_onnxruntime_int8']:>7.2f}  exact network in int8 "
@@ -283,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kernel", choices=native.KERNELS, default="auto",
                         help="table layers in eager PyTorch: native kernels, torch, or auto (native when built)")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 onnxruntime exact network")
+    parser.add_argument("--no-ops", action="store_true",
+                        help="skip the tabled network on tabconv's onnxruntime operator (model-ops.onnx)")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     return parser
 

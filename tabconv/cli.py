@@ -22,6 +22,7 @@ from tabconv.cache import TableCache
 from tabconv.config import FIT_METHODS, Calibration, ConfigError, Configuration
 from tabconv.cost import CONVENTIONS, model_cost
 from tabconv.data import DATASETS, DatasetUnavailable
+from tabconv.export import FORMATS
 from tabconv.imagefolder import ImageFolderError
 from tabconv.latencytable import DEFAULT_BATCH, LatencyTable
 from tabconv.lowering import LoweringError
@@ -529,13 +530,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("export", help="write the tabled network of a configuration: model.pt, model.onnx, "
-                       "tables.npz + manifest.json")
+                       "model-ops.onnx, tables.npz + manifest.json")
     _session_options(p)
     p.add_argument("--config", required=True, help="the configuration to export (its calibration is used; "
                    "a fine-tuned one exports its tables file)")
     p.add_argument("--out", required=True, help="folder for the files (created if needed)")
-    p.add_argument("--format", type=_formats, default=("torch", "onnx", "npz"),
-                   help="comma-separated subset of torch,onnx,npz (default: all); manifest.json is always written")
+    p.add_argument("--format", type=_formats, default=FORMATS,
+                   help=f"comma-separated subset of {','.join(FORMATS)} (default: all; onnx-ops: model-ops.onnx, "
+                   "the table layers as tabconv's onnxruntime operator); manifest.json is always written")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("search", help="find a configuration: priority masking or greedy, under a retention budget")

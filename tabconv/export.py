@@ -3,6 +3,8 @@
 model.pt       weights-only torch file: the architecture, the exact network's weights and every table
                layer's quantizer state; `load_tabled` rebuilds the ready network without dataset or cache.
 model.onnx     the tabled network as a standard ONNX graph (tabconv/graphform.py), batch dimension dynamic.
+model-ops.onnx the same network with each table layer one TableLayer node (domain tabconv): run by onnxruntime
+               with the operator library of tabconv/ortops.py, on the native kernels (many times faster).
 tables.npz     per table layer its encoder (prototypes, or tree split dimensions and thresholds) and tables,
                for a C/C++/FPGA implementation of the lookup.
 manifest.json  always written: the network, every layer's geometry and setting, the arrays of tables.npz
@@ -38,12 +40,15 @@ from tabconv.structure import LayerInfo, ModelStructure
 from tabconv.train import weights_sha256
 
 if TYPE_CHECKING:
+    import onnx
+
     from tabconv.metrics import Metrics
     from tabconv.session import Session
 
-FORMATS = ("torch", "onnx", "npz")
+FORMATS = ("torch", "onnx", "onnx-ops", "npz")
 MODEL_FILE, ONNX_FILE, NPZ_FILE, MANIFEST_FILE = "model.pt", "model.onnx", "tables.npz", "manifest.json"
-FORMAT_FILES = {"torch": MODEL_FILE, "onnx": ONNX_FILE, "npz": NPZ_FILE}
+OPS_FILE = "model-ops.onnx"
+FORMAT_FILES = {"torch": MODEL_FILE, "onnx": ONNX_FILE, "onnx-ops": OPS_FILE, "npz": NPZ_FILE}
 MODEL_FORMAT, MANIFEST_FORMAT, VERSION = "tabconv-tabled-model", "tabconv-export", 1
 ONNX_INPUT, ONNX_OUTPUT = "input", "logits"
 ONNX_EXAMPLE_BATCH = 2  # torch.export specialises a dimension traced at size 1, so trace at 2
@@ -97,16 +102,18 @@ def export_files(tabled: TabledNetwork, formats: Iterable[str] = FORMATS) -> dic
     """File name -> content of an export: the chosen formats' files plus manifest.json."""
     formats = parse_formats(formats)
     grouped = [name for name, q in tabled.quantizers.items() if q.groups > 1]
-    if grouped and {"onnx", "npz"} & set(formats):
-        raise ExportError(f"table layer {grouped[0]} is a grouped convolution ({len(grouped)} in all): the onnx and "
-                          "npz formats hold ungrouped tables only; export with --format torch, or keep those "
-                          "layers exact")
+    if grouped and {"onnx", "onnx-ops", "npz"} & set(formats):
+        raise ExportError(f"table layer {grouped[0]} is a grouped convolution ({len(grouped)} in all): the onnx, "
+                          "onnx-ops and npz formats hold ungrouped tables only; export with --format torch, or keep "
+                          "those layers exact")
     files: dict[str, bytes] = {}
     arrays: dict[str, np.ndarray] = {}
     if "torch" in formats:
         files[MODEL_FILE] = model_bytes(tabled)
     if "onnx" in formats:
         files[ONNX_FILE] = onnx_bytes(tabled)
+    if "onnx-ops" in formats:
+        files[OPS_FILE] = ops_onnx_bytes(tabled)
     if "npz" in formats:
         arrays = npz_arrays(tabled)
         files[NPZ_FILE] = npz_bytes(arrays)
@@ -180,18 +187,33 @@ def _payload_sha256(payload: Mapping[str, Any]) -> str:
 
 def onnx_bytes(tabled: TabledNetwork) -> bytes:
     """model.onnx: the graph form of the tabled network, traced by torch.export, batch dimension dynamic."""
-    graph = graph_form(tabled.network())
+    return _with_identity(_onnx_export(graph_form(tabled.network()), tabled), tabled).SerializeToString()
+
+
+def ops_onnx_bytes(tabled: TabledNetwork) -> bytes:
+    """model-ops.onnx: the tabled network with its table layers as TableLayer nodes (tabconv/ortops.py)."""
+    from tabconv import ortops
+
+    exported = _onnx_export(ortops.placeholder_network(tabled), tabled)
+    return _with_identity(ortops.ops_model(tabled, exported), tabled).SerializeToString()
+
+
+def _onnx_export(module: nn.Module, tabled: TabledNetwork) -> onnx.ModelProto:
+    """`module` traced by torch.export into ONNX, batch dimension dynamic."""
     example = torch.zeros(ONNX_EXAMPLE_BATCH, *tabled.input_shape)
     batch = torch.export.Dim("batch", min=1)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's progress lines and deprecation notes are not the user's
-        program = torch.onnx.export(graph, (example,), dynamo=True, input_names=[ONNX_INPUT],
+        program = torch.onnx.export(module, (example,), dynamo=True, input_names=[ONNX_INPUT],
                                     output_names=[ONNX_OUTPUT], dynamic_shapes=({0: batch},), verbose=False)
-    proto = program.model_proto
+    return program.model_proto
+
+
+def _with_identity(proto: onnx.ModelProto, tabled: TabledNetwork) -> onnx.ModelProto:
     for key, value in {**_identity(tabled), "format": MANIFEST_FORMAT, "version": VERSION}.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = f"tabconv.{key}", json.dumps(value)
-    return proto.SerializeToString()
+    return proto
 
 
 def npz_arrays(tabled: TabledNetwork) -> dict[str, np.ndarray]:
@@ -227,7 +249,7 @@ def manifest(tabled: TabledNetwork, files: Mapping[str, bytes], arrays: Mapping[
             "files": {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
                       for name, data in files.items()},
             "onnx": {"input": ONNX_INPUT, "output": ONNX_OUTPUT, "input_shape": ["batch", *tabled.input_shape]}
-            if ONNX_FILE in files else None,
+            if ONNX_FILE in files or OPS_FILE in files else None,
             "layers": layers}
 
 

@@ -33,7 +33,10 @@ from tabconv.quantizer import ProductQuantizer
 KERNELS = ("auto", "native", "torch")
 ISAS = ("portable", "avx2", "avx512-vbmi")  # tc_isa() values 0, 1, 2
 PATHS = ("rows", "vpshufb", "vpermb", "rows-avx512")  # tc_lookup_path() values 0, 1, 2, 3
-SOURCE = Path(__file__).resolve().parent / "csrc" / "lookup.c"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCE = CSRC / "lookup.c"
+HEADER = CSRC / "lookup.h"
+LIBRARY = "libtabconv_lookup.so"
 FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp")
 _INDEX_LIMIT = 2**31 - 1  # the kernels index the input with int32 offsets
 NATIVE_WIDTH = 16  # exhaustive encoding at K=16 runs natively up to this sub-vector width (one register of distances)
@@ -44,11 +47,9 @@ class NativeUnavailable(RuntimeError):
 
 
 class _Desc(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int32) for name in (
-        "in_channels", "kh", "kw", "sy", "sx", "py", "px", "dy", "dx", "groups", "codebooks", "centroids", "width",
-        "out_features", "encoder", "depth", "lut")] + [(name, ctypes.c_void_p) for name in (
-            "column_channel", "column_ky", "column_kx", "split_dims", "thresholds", "prototypes", "tables", "scale",
-            "bias")]
+    """tc_desc of lookup.h."""
+
+
 
 
 _chosen: str | None = None  # use_kernel's choice for this process
@@ -100,22 +101,25 @@ def compiler() -> str | None:
     return next((found for name in names if (found := shutil.which(name))), None)
 
 
-def _build_key(cc: str) -> str:
+def _build_key(cc: str, sources: tuple[Path, ...]) -> str:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256()
+    for source in (*sources, HEADER):
+        digest.update(source.read_bytes())
     digest.update(version.encode())
     digest.update(" ".join(FLAGS).encode())
     return digest.hexdigest()[:16]
 
 
-def build() -> Path:
-    """The compiled library, built when this source, compiler and flags have none yet (atomically: a build that
-    fails or is interrupted leaves nothing behind). Raises NativeUnavailable with the reason."""
+def build(sources: tuple[Path, ...] = (SOURCE,), name: str = LIBRARY) -> Path:
+    """The library `name` compiled from `sources`, built when these sources, compiler and flags have none yet
+    (atomically: a build that fails or is interrupted leaves nothing behind). Raises NativeUnavailable with the
+    reason."""
     cc = compiler()
     if cc is None:
         raise NativeUnavailable("no C compiler (cc, gcc or clang; set CC to name one)")
     try:
-        target = build_dir() / _build_key(cc) / "libtabconv_lookup.so"
+        target = build_dir() / _build_key(cc, sources) / name
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeUnavailable(f"{cc} does not run ({exc})") from None
     if target.is_file():
@@ -123,10 +127,11 @@ def build() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         partial = Path(scratch) / target.name
-        done = subprocess.run([cc, *FLAGS, "-o", str(partial), str(SOURCE), "-lm"], capture_output=True, text=True)
+        done = subprocess.run([cc, *FLAGS, "-o", str(partial), *map(str, sources), "-lm"], capture_output=True,
+                              text=True)
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ["no message"])[0]
-            raise NativeUnavailable(f"{cc} failed to build {SOURCE.name}: {first}")
+            raise NativeUnavailable(f"{cc} failed to build {name}: {first}")
         os.replace(partial, target)
     return target
 
@@ -225,31 +230,36 @@ class Plan:
     def __init__(self, lib: ctypes.CDLL, layer: nn.Module, quantizer: ProductQuantizer) -> None:
         self._lib = lib
         self.quantizer = quantizer
-        self.stamp = _stamp(quantizer)
+        self._buffers = quantizer._buffers  # read directly: nn.Module's attribute lookup is the slow part of a check
+        self._watched = _watched(quantizer)
         self.conv = hasattr(layer, "kernel_size")  # a TableConv2d keeps its conv's geometry
-        geometry = _geometry(layer, self.conv)
-        arrays = _arrays(layer, quantizer, geometry)  # alive until tc_plan_new has copied them
-        desc = _Desc(**geometry, groups=quantizer.groups, codebooks=quantizer.n_codebooks,
-                     centroids=quantizer.n_centroids,
-                     width=quantizer.padded_dim(quantizer.in_features_) // quantizer.total_codebooks,
-                     out_features=quantizer.out_features_, encoder=int(quantizer.encoder == "tree"),
-                     depth=0 if quantizer.split_dims_ is None else quantizer.split_dims_.shape[1],
-                     lut=int(quantizer.lut_dtype == "int8"),
-                     **{name: array.data_ptr() if array is not None else None for name, array in arrays.items()})
+        fields, arrays = describe(layer, quantizer)  # the arrays stay alive until tc_plan_new has copied them
+        desc = _Desc(**fields, **{name: array.data_ptr() if array is not None else None
+                                  for name, array in arrays.items()})
         self.out_features = quantizer.out_features_
         self.handle = lib.tc_plan_new(ctypes.byref(desc))
         if not self.handle:
             raise MemoryError("the native kernels could not allocate a layer plan")
         weakref.finalize(self, lib.tc_plan_free, self.handle)
-        self.geometry = geometry
+        self.geometry = {name: fields[name] for name in GEOMETRY}
         self._forward, self._encode, self._lookup = lib.tc_forward, lib.tc_encode, lib.tc_lookup
         self._sizes: dict[tuple[int, int], tuple[int, int]] = {}
+        self._calls: dict[tuple, tuple] = {}  # per input shape and strides: the kernel's arguments, the output's
         # Exhaustive distances over wide sub-vectors or many prototypes are a matrix product, which PyTorch's BLAS /
         # oneDNN does faster than the kernels' row-at-a-time loop: there PyTorch encodes and the kernels look up.
         self.encodes = quantizer.encoder == "tree" or (quantizer.n_centroids == 16 and desc.width <= NATIVE_WIDTH)
 
     def current(self) -> bool:
-        return self.stamp == _stamp(self.quantizer)
+        """Whether the quantizer still holds the tensors this plan was made from, unedited (a refit or a
+        fine-tuned copy replaces them; an in-place edit bumps their version). Called on every forward."""
+        buffers = self._buffers
+        for name, tensor, version in self._watched:
+            now = buffers.get(name)
+            if now is None:  # not (or no longer) a buffer: the ordinary attribute
+                now = getattr(self.quantizer, name, None)
+            if now is not tensor or (version is not None and now._version != version):
+                return False
+        return True
 
     def output_hw(self, h: int, w: int) -> tuple[int, int]:
         if (h, w) not in self._sizes:
@@ -267,21 +277,29 @@ class Plan:
     def forward(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         """The layer's output: (N, M, H_out, W_out) in channels-last memory for a conv (the kernels write rows, as
         the torch path's view does), (N, M) for a linear layer. Called on every forward: kept lean."""
-        if x.dtype is not torch.float32 or x.device.type != "cpu" or x.storage_offset():
-            x = x.to("cpu", torch.float32).contiguous()
+        if x.dtype is not torch.float32:  # on the CPU (_active_plan checked), at any strides
+            x = x.float()
         if not self.encodes:
             return self._lookup_codes(x, layer)
-        n, h, w, *strides = self._shape(x)
-        m = self.out_features
-        if self.conv:
-            height, width = self.output_hw(h, w)  # (N, M, H, W) in channels-last memory: the rows the kernels write
-            out = torch.empty_strided((n, m, height, width), (height * width * m, 1, width * m, m))
-        else:
-            out = torch.empty(n, m)
-        rc = self._forward(self.handle, x.data_ptr(), n, h, w, *strides, out.data_ptr(), torch.get_num_threads())
+        key = (x.shape, x.stride())
+        call = self._calls.get(key)
+        if call is None:
+            call = self._calls[key] = self._call_for(x)
+        arguments, size, stride = call
+        out = torch.empty_strided(size, stride)
+        rc = self._forward(self.handle, x.data_ptr(), *arguments, out.data_ptr(), torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"the native table kernel failed (code {rc})")
         return out
+
+    def _call_for(self, x: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(n, h, w, the four strides), and the output's size and strides, for inputs of x's shape and strides."""
+        n, h, w, *strides = self._shape(x)
+        m = self.out_features
+        if not self.conv:
+            return (n, h, w, *strides), (n, m), (m, 1)
+        height, width = self.output_hw(h, w)  # (N, M, H, W) in channels-last memory: the rows the kernels write
+        return (n, h, w, *strides), (n, m, height, width), (height * width * m, 1, width * m, m)
 
     def _lookup_codes(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         """PyTorch's encoder (the library's own), then the kernels' lookups."""
@@ -315,16 +333,36 @@ class Plan:
         return PATHS[self._lib.tc_lookup_path(self.handle, rows)]
 
 
-def _stamp(quantizer: ProductQuantizer) -> tuple:
-    """What identifies the tables and encoder a plan was made from: the tensors' identities and in-place versions
-    (a refit or a fine-tuned copy replaces them; an in-place edit bumps the version)."""
-    tables, encoder = quantizer.tables_, quantizer.thresholds_ if quantizer.encoder == "tree" else quantizer.prototypes_
-    return id(tables), _version(tables), id(encoder), _version(encoder), id(quantizer.table_scale_)
+def _watched(quantizer: ProductQuantizer) -> tuple[tuple[str, torch.Tensor | None, int | None], ...]:
+    """(name, tensor, in-place version) of what a plan is made from: the tables, the encoder and the int8 scale.
+    Inference-mode tensors have no version (they cannot change outside that mode)."""
+    encoder = "thresholds_" if quantizer.encoder == "tree" else "prototypes_"
+    watched = []
+    for name in ("tables_", encoder, "table_scale_"):
+        tensor = getattr(quantizer, name, None)
+        version = None if tensor is None or tensor.is_inference() else tensor._version
+        watched.append((name, tensor, version))
+    return tuple(watched)
 
 
-def _version(tensor: torch.Tensor) -> int:
-    """The in-place version counter (inference-mode tensors have none: they cannot change outside that mode)."""
-    return 0 if tensor.is_inference() else tensor._version
+GEOMETRY = ("in_channels", "kh", "kw", "sy", "sx", "py", "px", "dy", "dx")
+FIELDS = (*GEOMETRY, "groups", "codebooks", "centroids", "width", "out_features", "encoder", "depth", "lut")
+ARRAYS = ("column_channel", "column_ky", "column_kx", "split_dims", "thresholds", "prototypes", "tables", "scale",
+          "bias")
+_Desc._fields_ = [(name, ctypes.c_int32) for name in FIELDS] + [(name, ctypes.c_void_p) for name in ARRAYS]
+
+
+def describe(layer: nn.Module, quantizer: ProductQuantizer) -> tuple[dict[str, int], dict[str, torch.Tensor | None]]:
+    """What the kernels run a table layer from (tc_desc in lookup.h): its integer fields (FIELDS) and its arrays
+    (ARRAYS, None where the encoder or table type has none), on the CPU and contiguous."""
+    geometry = _geometry(layer, hasattr(layer, "kernel_size"))
+    fields = dict(**geometry, groups=quantizer.groups, codebooks=quantizer.n_codebooks,
+                  centroids=quantizer.n_centroids,
+                  width=quantizer.padded_dim(quantizer.in_features_) // quantizer.total_codebooks,
+                  out_features=quantizer.out_features_, encoder=int(quantizer.encoder == "tree"),
+                  depth=0 if quantizer.split_dims_ is None else quantizer.split_dims_.shape[1],
+                  lut=int(quantizer.lut_dtype == "int8"))
+    return fields, _arrays(layer, quantizer, geometry)
 
 
 def _geometry(layer: nn.Module, conv: bool) -> dict[str, int]:
@@ -403,11 +441,18 @@ def runs_natively(layer: nn.Module, x: torch.Tensor) -> bool:
 
 
 def main() -> int:
-    """Build (when needed) and report: `python -m tabconv.native`."""
+    """Build (when needed) and report: `python -m tabconv.native`. Builds the onnxruntime operator library too
+    (tabconv/ortops.py), so that neither is compiled on first use."""
     lib = library()
     if lib is None:
         return 0  # the reason was printed; the torch path serves every table layer
     print(f"tabconv: native table kernels ready ({ISAS[lib.tc_isa()]}, {SOURCE.name} built under {build_dir()})")
+    from tabconv import ortops
+
+    try:
+        print(f"tabconv: onnxruntime operator library ready ({ortops.library()})")
+    except NativeUnavailable as exc:
+        print(f"tabconv: no onnxruntime operator library ({exc}); model-ops.onnx will not run here", file=sys.stderr)
     return 0
 
 

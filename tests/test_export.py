@@ -19,7 +19,7 @@ import torch
 
 import tabconv
 from tabconv import config as config_file
-from tabconv import native
+from tabconv import native, ortops
 from tabconv.calibrate import TableBuilder
 from tabconv.cli import main
 from tabconv.config import Calibration
@@ -150,6 +150,72 @@ def test_onnx_agrees_on_resnet18():
     _assert_onnx_agrees(tabled, export_files(tabled, ["onnx"])["model.onnx"], (1, 32, 32))
 
 
+def _ops_library() -> Path:
+    try:
+        return ortops.library()
+    except native.NativeUnavailable as exc:
+        pytest.skip(f"the onnxruntime operator library cannot be built: {exc}")
+
+
+def _assert_ops_agree(tabled: TabledNetwork, data: bytes, shape: tuple[int, ...]) -> None:
+    """model-ops.onnx: one TableLayer node per table layer, no Gather left, and onnxruntime with the operator
+    library computing what the tabled network computes in PyTorch (torch path), at batch 1 and 64."""
+    graph = onnx.load_from_string(data)
+    nodes = [node for node in graph.graph.node if node.domain == ortops.DOMAIN]
+    assert sorted(node.name for node in nodes) == sorted(f"{name}.table_layer" for name in tabled.quantizers)
+    assert {node.op_type for node in nodes} == {ortops.OP_TYPE}
+    assert "Gather" not in {node.op_type for node in graph.graph.node}
+    session = ortops.inference_session(data, 2, _ops_library())
+    network = native.set_kernel(tabled.network(), "torch")
+    for batch in (1, 64):
+        x = _images(batch, shape)
+        with torch.no_grad():
+            expected = network(x).numpy()
+        got = session.run(None, {"input": x.numpy()})[0]
+        assert got.shape == expected.shape
+        off = np.abs(got - expected).max(1) > ONNX_RTOL * np.abs(expected).max()
+        assert off.sum() <= NEAR_TIE_SHARE * batch
+        assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("variant", sorted(TINY_SETTINGS))
+def test_the_operator_form_agrees_with_the_tabled_network(variant: str):
+    tabled = _tabled("tiny", (1, 12, 12), TINY_SETTINGS[variant])
+    _assert_ops_agree(tabled, export_files(tabled, ["onnx-ops"])["model-ops.onnx"], (1, 12, 12))
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+def test_the_operator_form_agrees_on_resnet18():
+    """Every layer of a ResNet-18 tabled (tree int8 K=16, exhaustive float32 and float16), some exact: strided,
+    1x1 and 7x7 convs and the linear layer through the operator, the rest standard ONNX."""
+    structure = ModelStructure(model("resnet18"), (1, 32, 32))
+    settings = {name: LayerSetting("table", 8, 16, "tree", "int8", 9) for name in structure.names}
+    settings["layer1.0.conv1"] = LayerSetting("table", 8, 16)
+    settings["layer3.0.downsample.0"] = LayerSetting("table", 4, 16, lut_dtype="float16")
+    settings["fc"] = LayerSetting("table", 8, 16, "tree", "int8")
+    del settings["layer2.0.conv2"], settings["layer4.1.conv1"]
+    tabled = _tabled("resnet18", (1, 32, 32), settings)
+    _assert_ops_agree(tabled, export_files(tabled, ["onnx-ops"])["model-ops.onnx"], (1, 32, 32))
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+def test_the_operator_refuses_inputs_it_cannot_run(tiny: TabledNetwork):
+    """A TableLayer whose tables are not constant, or of the wrong type, fails with the operator's own message."""
+    library = _ops_library()
+    graph = onnx.load_from_string(export_files(tiny, ["onnx-ops"])["model-ops.onnx"])
+    tables = next(t for t in graph.graph.initializer if t.name == "conv2.table_layer.tables")
+    tables.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tables).astype(np.float32), tables.name))
+    with pytest.raises(Exception, match="wrong element type"):
+        ortops.inference_session(graph.SerializeToString(), 1, library)
+    graph = onnx.load_from_string(export_files(tiny, ["onnx-ops"])["model-ops.onnx"])
+    scale = next(t for t in graph.graph.initializer if t.name == "conv2.table_layer.scale")
+    graph.graph.initializer.remove(scale)
+    graph.graph.input.append(onnx.helper.make_tensor_value_info(scale.name, onnx.TensorProto.FLOAT, [16]))
+    with pytest.raises(Exception, match="constant initializer"):
+        ortops.inference_session(graph.SerializeToString(), 1, library)
+
+
 def _im2col(x: np.ndarray, layer: dict) -> np.ndarray:
     """Rows (N*Ho*Wo, C_in*kh*kw), columns ordered (c_in, ky, kx): docs/export-format.md, numpy only."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (layer[k] for k in ("kernel_size", "stride", "padding", "dilation"))
@@ -214,7 +280,7 @@ def test_npz_rebuilds_each_table_layer_with_numpy_only(tiny: TabledNetwork, tiny
 
 def test_manifest_describes_the_export(tiny_export: Path):
     manifest = check_export(tiny_export)
-    assert set(manifest["files"]) == {"model.pt", "model.onnx", "tables.npz"}
+    assert set(manifest["files"]) == {"model.pt", "model.onnx", "model-ops.onnx", "tables.npz"}
     conv2 = next(layer for layer in manifest["layers"] if layer["name"] == "conv2")
     expected = {"kind": "conv", "in_channels": 8, "out_channels": 16, "kernel_size": [3, 3], "stride": [2, 2],
                 "padding": [1, 1], "dilation": [1, 1], "groups": 1, "batchnorm_folded": "bn2", "mode": "table",
@@ -308,8 +374,9 @@ def test_cli_exports_a_configuration_loadable_in_a_fresh_process(tiny_digits: Pa
         onnx_predictions = _onnx_outputs((out / "model.onnx").read_bytes(), images).argmax(1)
     assert onnx_predictions.tolist() == tabled(images).argmax(1).tolist()
     with zipfile.ZipFile(io.BytesIO(configuration_zip(session, metrics))) as archive:  # the explorer's download
-        assert sorted(archive.namelist()) == ["manifest.json", "model.onnx", "model.pt", "tables.npz"]
-        assert len(json.loads(archive.read("manifest.json"))["files"]) == 3
+        assert sorted(archive.namelist()) == ["manifest.json", "model-ops.onnx", "model.onnx", "model.pt",
+                                              "tables.npz"]
+        assert len(json.loads(archive.read("manifest.json"))["files"]) == 4
 
 
 def test_cli_exports_the_tables_of_a_fine_tuned_configuration(tiny_digits: Path, tmp_path: Path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tabconv import latency
+from tabconv import latency, native
 from tabconv.config import Calibration
 from tabconv.cost import model_cost
 from tabconv.export import TabledNetwork, onnx_bytes
@@ -97,6 +97,9 @@ def test_latency_main_times_both_networks_in_both_runtimes(tmp_path: Path, capsy
     for row in results["end_to_end"]:
         for runtime in ("pytorch", "onnxruntime"):
             assert row[f"{runtime}_ratio"] == row[f"{runtime}_tabled_ms"] / row[f"{runtime}_exact_ms"]
+        if native.available():  # model-ops.onnx: the table layers on tabconv's onnxruntime operator
+            assert row["onnxruntime_ops_ratio"] == row["onnxruntime_ops_tabled_ms"] / row["onnxruntime_exact_ms"]
+    assert native.available() == any("tabconv operator" in name for name in results["checks"])
     for check in results["checks"].values():  # onnxruntime runs the same networks as eager PyTorch
         assert check["same_predictions"] == 1.0 and check["max_abs_diff_relative"] < 1e-4
     assert [r["layer"] for r in results["layers"]] == ["conv1", "conv2", "fc"]

@@ -140,6 +140,35 @@ def test_channels_last_and_sliced_inputs_give_the_same_outputs(spec, batch):
         _close(layer(sliced[1:]), expected)
 
 
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("batch", [1, 2, 3])  # 4, 8 and 12 output rows: codebooks in lanes up to 8 rows, then rows
+def test_deep_layers_at_batch_1_pick_the_library_codes(batch, isa):
+    """A deep layer at batch 1 has a handful of output rows: the encoder then puts 20 codebooks (a full and a part
+    lane group) of one row side by side; border taps read padding. Same codes and outputs as the library's."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(40, 24, 3, 2, 1).eval()
+    quantizer = ProductQuantizer(20, 16, "tree", "int8").fit(im2col(torch.randn(16, 40, 4, 3), conv))
+    layer = TableConv2d.from_conv(conv, quantizer, LayerSetting("table", 20, 16, "tree", "int8")).eval()
+    x = torch.randn(batch, 40, 4, 3)
+    want, got = _both(layer, x, isa)
+    with native.force_isa(isa):
+        assert torch.equal(native.plan(layer).encode(x), quantizer.encode(im2col(x, conv)))
+    _close(got, want)
+
+
+def test_one_layer_fed_many_input_sizes():
+    """A plan keeps the taps of a few input stride patterns; more than it keeps are made per call: every size and
+    layout (image lanes from 16 images, codebook lanes for a few rows) still matches the library."""
+    layer, _ = _table_conv(CONVS[1], "tree", "int8", 16)
+    for size in range(3, 10):
+        for batch in (1, 17):
+            x = torch.randn(batch, 16, size, size + 1)
+            if size % 2:
+                x = x.contiguous(memory_format=torch.channels_last)
+            want, got = _both(layer, x, native.isa())
+            _close(got, want)
+
+
 def test_changed_tables_rebuild_the_plan():
     """A refit changes the tables in place: the next forward must use the new ones, never a stale copy."""
     layer, _ = _table_conv(CONVS[1], "tree", "int8", 16)

@@ -13,11 +13,12 @@ from tabconv.stats import range_text
 
 def panel(wb: Workbench) -> None:
     history = state.own_history(wb)
-    key = f"history-{st.session_state.chart_version}"
+    # keyed by the model too: a selection made on another model's (longer) history must not carry over
+    key = f"history-{wb.spec.digest[:16]}-{st.session_state.chart_version}"
     rows = [_row(m, wb.session.baseline) for m in history]
     event = st.dataframe(pd.DataFrame(rows), key=key, hide_index=True, width="stretch",
                          height=min(400, 38 + 35 * len(history)), on_select="rerun", selection_mode="multi-row")
-    chosen = [history[i] for i in event.selection.rows][:2]
+    chosen = [history[i] for i in event.selection.rows if 0 <= i < len(history)][:2]
     if not chosen:
         st.caption("Select one row to load it, or two to compare them.")
         return

@@ -78,7 +78,8 @@ def _model_button(wb: Workbench, current: Metrics, name: str, common: dict) -> N
             return configuration_zip(wb.session, current)
 
     st.download_button("Export model (zip)", build, key="export_model", file_name=f"{name}-model.zip",
-                       mime="application/zip", help="model.pt (tabconv.load_tabled), model.onnx, tables.npz and "
+                       mime="application/zip", help="model.pt (tabconv.load_tabled), model.onnx (standard operators), "
+                       "model-ops.onnx (tabconv's onnxruntime operator, on the native kernels), tables.npz and "
                        "manifest.json: the tabled network, to run outside this page (docs/export-format.md)", **common)
 
 

@@ -15,10 +15,13 @@
  * The ISA is chosen at run time (tc_isa); tc_force_isa lowers it so tests can compare every path.
  * Threads: OpenMP over row tiles, or over output channels when there are fewer tiles than threads.
  */
+#include "lookup.h"
+
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <stdatomic.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -30,24 +33,13 @@
 #endif
 
 #define TILE 64
-#define SMALL_WORK 1e6 /* lookups below which one thread does the whole layer */
+#define SMALL_WORK 1e5 /* lookups below which one thread does the whole layer */
+#define TAP_SETS 4     /* input stride patterns a plan keeps the taps of */
+#define BOOK_ROWS 8    /* calls of this many rows or fewer encode 16 codebooks of a row at once */
 #define ISA_PORTABLE 0
 #define ISA_AVX2 1
 #define ISA_AVX512 2
 
-typedef struct {
-    int32_t in_channels, kh, kw, sy, sx, py, px, dy, dx;
-    int32_t groups, codebooks, centroids, width, out_features;
-    int32_t encoder; /* 0 exhaustive, 1 tree */
-    int32_t depth;
-    int32_t lut; /* 0 float32, 1 int8 */
-    const int32_t *column_channel, *column_ky, *column_kx; /* per padded column of a group-0-relative row */
-    const int64_t *split_dims;                              /* (C', depth) */
-    const float *thresholds;                                /* (C', K - 1) */
-    const float *prototypes;                                /* (C', K, s) */
-    const void *tables;                                     /* (C', K, M / G) */
-    const float *scale, *bias;                              /* (M) */
-} tc_desc;
 
 typedef struct {
     tc_desc d;
@@ -67,6 +59,7 @@ typedef struct {
     int8_t *vtab;     /* vpermb: (M, quads, 64) */
     int8_t *stab;     /* vpshufb: (M, C, 16) */
     float *scale, *bias;
+    _Atomic(void *) taps[TAP_SETS]; /* tc_taps per input stride pattern, each claimed once, freed with the plan */
 } tc_plan;
 
 /* -------------------------------------------------------------------------------------------- ISA */
@@ -178,6 +171,7 @@ typedef struct {
     tc_tap *split; /* tree: (C', depth) */
     tc_tap *column; /* exhaustive: (C' * s) */
     float *lanes;  /* image-lane copy of the input, or NULL */
+    int32_t *books; /* tree, few rows: the split taps level-major, (offset, ky, kx) x (depth, C' padded to 16) */
 } tc_call;
 
 /* codes: (C', TILE) uint16, codebook-major */
@@ -337,6 +331,17 @@ __attribute__((target("avx512f"))) static inline void transpose16(__m512 *r) {
     for (int i = 0; i < 16; i++) r[i] = t[i];
 }
 
+/* One block of at most 16 x 16: rows i < np of `src` (leading dimension ld_src), columns j < nm -> dst[j][i]. */
+__attribute__((target("avx512f"))) static void planes_block(const float *src, int64_t ld_src, float *dst,
+                                                            int64_t ld_dst, int np, int nm) {
+    __mmask16 columns = nm == 16 ? 0xFFFF : (__mmask16)((1u << nm) - 1);
+    __mmask16 rows = np == 16 ? 0xFFFF : (__mmask16)((1u << np) - 1);
+    __m512 r[16];
+    for (int i = 0; i < 16; i++) r[i] = i < np ? _mm512_maskz_loadu_ps(columns, src + i * ld_src) : _mm512_setzero_ps();
+    transpose16(r); /* r[j] lane i: src row i, column j */
+    for (int j = 0; j < nm; j++) _mm512_mask_storeu_ps(dst + j * ld_dst, rows, r[j]);
+}
+
 /* Image lanes: the input re-laid out as (N / 16, C_in, H, W, 16), one lane per image, so that one tree split of 16
  * rows (16 images at one output position) is one contiguous load instead of a gather. Slot j * 16 + i of the tile
  * is image 16 * block + i at the tile's j-th output position. */
@@ -375,6 +380,57 @@ __attribute__((target("avx512f,avx512bw"))) static void encode_tree_lanes(const 
                 _mm256_storeu_si256((__m256i *)(codes + (int64_t)(c0 + u) * TILE + b), _mm512_cvtepi32_epi16(node[u]));
         }
     }
+}
+
+/* Few rows (BOOK_ROWS or fewer): one row at a time with 16 codebooks in the lanes, so that every lane of a gather
+ * is used (row lanes would leave 15 of 16 empty for a single row). A padding tap has ky far out of range. */
+__attribute__((target("avx512f,avx512bw"))) static void encode_tree_books(const tc_plan *p, const tc_call *call,
+                                                                           const tc_tile *t, uint16_t *codes) {
+    int depth = p->d.depth, total = p->total, padded = (total + 15) / 16 * 16;
+    const tc_input *in = &call->in;
+    const int32_t *off = call->books, *ky = off + depth * padded, *kx = ky + depth * padded;
+    __m512i hv = _mm512_set1_epi32((int32_t)in->h), wv = _mm512_set1_epi32((int32_t)in->w);
+    __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int i = 0; i < t->n; i++) {
+        __m512i base = _mm512_set1_epi32(t->base[i]), iy0 = _mm512_set1_epi32(t->iy0[i]);
+        __m512i ix0 = _mm512_set1_epi32(t->ix0[i]);
+        for (int c0 = 0; c0 < total; c0 += 16) {
+            __mmask16 valid = total - c0 >= 16 ? 0xFFFF : (__mmask16)((1u << (total - c0)) - 1);
+            __m512i row = _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(c0), lane),
+                                             _mm512_set1_epi32(p->thr_stride));
+            __m512i node = _mm512_setzero_si512();
+            for (int l = 0; l < depth; l++) {
+                int64_t at = (int64_t)l * padded + c0;
+                __mmask16 ok = valid &
+                               _mm512_cmplt_epu32_mask(_mm512_add_epi32(iy0, _mm512_loadu_si512(ky + at)), hv) &
+                               _mm512_cmplt_epu32_mask(_mm512_add_epi32(ix0, _mm512_loadu_si512(kx + at)), wv);
+                __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), ok,
+                                                    _mm512_add_epi32(base, _mm512_loadu_si512(off + at)), in->x, 4);
+                __m512i at_thr = _mm512_add_epi32(row, _mm512_add_epi32(node, _mm512_set1_epi32((1 << l) - 1)));
+                __m512 th = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, at_thr, p->thr, 4);
+                __mmask16 right = _mm512_cmp_ps_mask(v, th, _CMP_GT_OQ);
+                node = _mm512_slli_epi32(node, 1);
+                node = _mm512_mask_add_epi32(node, right, node, _mm512_set1_epi32(1));
+            }
+            int32_t found[16];
+            _mm512_storeu_si512(found, node);
+            for (int j = 0; j < 16 && c0 + j < total; j++) codes[(int64_t)(c0 + j) * TILE + i] = (uint16_t)found[j];
+        }
+    }
+}
+
+/* The split taps level-major for encode_tree_books (padding taps: ky out of any input's range). */
+static void book_taps(const tc_plan *p, const tc_tap *split, int32_t *books) {
+    int depth = p->d.depth, total = p->total, padded = (total + 15) / 16 * 16;
+    int32_t *off = books, *ky = off + depth * padded, *kx = ky + depth * padded;
+    for (int l = 0; l < depth; l++)
+        for (int c = 0; c < padded; c++) {
+            const tc_tap *tap = c < total ? split + c * depth + l : NULL;
+            int real = tap && tap->real;
+            off[l * padded + c] = real ? tap->offset : 0;
+            ky[l * padded + c] = real ? tap->ky : INT32_MIN / 2;
+            kx[l * padded + c] = real ? tap->kx : 0;
+        }
 }
 
 /* (N, C_in, H, W) at any strides -> (ceil(N / 16), C_in, H, W, 16), missing images zero. */
@@ -447,6 +503,7 @@ static void encode_tile(const tc_plan *p, const tc_call *call, int isa, const tc
     if (p->d.encoder == 1) {
 #if TC_X86
         if (call->lanes) return encode_tree_lanes(p, call, t, codes);
+        if (call->books && isa == ISA_AVX512) return encode_tree_books(p, call, t, codes);
         if (isa == ISA_AVX512) return encode_tree_avx512(p, call, t, codes);
         if (isa == ISA_AVX2) return encode_tree_avx2(p, call, t, codes);
 #endif
@@ -671,6 +728,8 @@ static void *copy_of(const void *src, size_t bytes) {
     return dst;
 }
 
+static void free_taps(void *set);
+
 void tc_plan_free(void *handle) {
     tc_plan *p = (tc_plan *)handle;
     if (!p) return;
@@ -679,6 +738,7 @@ void tc_plan_free(void *handle) {
     free(p->thr); free(p->proto_t); free(p->norms);
     free(p->tab8); free(p->tabf); free(p->vtab); free(p->stab);
     free(p->scale); free(p->bias);
+    for (int slot = 0; slot < TAP_SETS; slot++) free_taps(atomic_load(&p->taps[slot]));
     free(p);
 }
 
@@ -800,9 +860,69 @@ static int use_lanes(const tc_plan *p, int isa, int64_t images) {
     return TC_X86 && isa == ISA_AVX512 && p->d.encoder == 1 && images >= 16;
 }
 
+/* Where a plan's tree splits (or im2col columns) read an input of given strides, with the level-major copy
+ * encode_tree_books reads. Computing them costs about as much as a small layer's lookups, and a layer sees one or
+ * two stride patterns (its input size, and the image-lane layout), so a plan keeps up to TAP_SETS of them: each
+ * slot is claimed once with a compare-and-swap and never replaced, so readers need no lock. */
+typedef struct {
+    int64_t sc, sh, sw;
+    tc_tap *taps; /* tree: (C', depth); exhaustive: (C' * s) */
+    int32_t *books; /* tree: (offset, ky, kx) x (depth, C' padded to 16); NULL for the exhaustive encoder */
+} tc_taps;
+
+static void free_taps(void *handle) {
+    tc_taps *set = (tc_taps *)handle;
+    if (!set) return;
+    free(set->taps);
+    free(set->books);
+    free(set);
+}
+
+static tc_taps *make_tap_set(const tc_plan *p, const tc_input *geometry) {
+    int tree = p->d.encoder == 1;
+    int64_t count = tree ? (int64_t)p->total * p->d.depth : (int64_t)p->total * p->d.width;
+    int64_t padded = (p->total + 15) / 16 * 16;
+    tc_taps *set = calloc(1, sizeof(tc_taps));
+    if (!set) return NULL;
+    set->sc = geometry->sc, set->sh = geometry->sh, set->sw = geometry->sw;
+    set->taps = malloc(sizeof(tc_tap) * (size_t)(count ? count : 1));
+    set->books = tree ? malloc(sizeof(int32_t) * 3 * (size_t)p->d.depth * (size_t)padded) : NULL;
+    if (!set->taps || (tree && !set->books)) {
+        free_taps(set);
+        return NULL;
+    }
+    if (tree) {
+        make_taps(p, geometry, p->split_ch, p->split_ky, p->split_kx, count, set->taps);
+        book_taps(p, set->taps, set->books);
+    } else {
+        make_taps(p, geometry, p->col_ch, p->col_ky, p->col_kx, count, set->taps);
+    }
+    return set;
+}
+
+/* The plan's taps for this geometry (made on first sight); *owned is set when the caller must free them (every
+ * slot taken by other stride patterns). NULL when out of memory. */
+static tc_taps *taps_for(tc_plan *p, const tc_input *geometry, int *owned) {
+    *owned = 0;
+    for (int slot = 0; slot < TAP_SETS; slot++) {
+        tc_taps *set = atomic_load(&p->taps[slot]);
+        if (!set) {
+            tc_taps *made = make_tap_set(p, geometry);
+            if (!made) return NULL;
+            void *expected = NULL;
+            if (atomic_compare_exchange_strong(&p->taps[slot], &expected, made)) return made;
+            free_taps(made); /* another thread claimed the slot first: look at what it put there */
+            set = expected;
+        }
+        if (set->sc == geometry->sc && set->sh == geometry->sh && set->sw == geometry->sw) return set;
+    }
+    *owned = 1;
+    return make_tap_set(p, geometry);
+}
+
 static int run(const tc_plan *p, const float *x, int64_t n_images, int64_t h, int64_t w, const int64_t *strides,
                float *out, int32_t *codes_out, int threads) {
-    tc_call call = {{x, strides[0], strides[1], strides[2], strides[3], h, w, 0, 0, 0}, NULL, NULL, NULL};
+    tc_call call = {{x, strides[0], strides[1], strides[2], strides[3], h, w, 0, 0, 0}, NULL, NULL, NULL, NULL};
     tc_input *in = &call.in;
     in->ho = (h + 2 * p->d.py - p->d.dy * (p->d.kh - 1) - 1) / p->d.sy + 1;
     in->wo = (w + 2 * p->d.px - p->d.dx * (p->d.kw - 1) - 1) / p->d.sx + 1;
@@ -820,19 +940,22 @@ static int run(const tc_plan *p, const float *x, int64_t n_images, int64_t h, in
         geometry.sh = w;
         geometry.sw = 1;
     }
+    int owned;
+    tc_taps *set = taps_for((tc_plan *)p, &geometry, &owned); /* the cache is the plan's only mutable part */
+    if (!set) return 2;
     if (p->d.encoder == 1) {
-        call.split = scratch(SCRATCH_TAPS, sizeof(tc_tap) * (size_t)p->total * p->d.depth);
-        if (!call.split) return 2;
-        make_taps(p, &geometry, p->split_ch, p->split_ky, p->split_kx, (int64_t)p->total * p->d.depth, call.split);
+        call.split = set->taps;
+        if (!lanes && isa == ISA_AVX512 && in->rows <= BOOK_ROWS) call.books = set->books;
     } else {
-        call.column = scratch(SCRATCH_TAPS, sizeof(tc_tap) * (size_t)columns);
-        if (!call.column) return 2;
-        make_taps(p, &geometry, p->col_ch, p->col_ky, p->col_kx, columns, call.column);
+        call.column = set->taps;
     }
 #if TC_X86
     if (lanes) {
         call.lanes = scratch(SCRATCH_LANES, sizeof(float) * (size_t)(blocks * channels * h * w * 16));
-        if (!call.lanes) return 2;
+        if (!call.lanes) {
+            if (owned) free_taps(set);
+            return 2;
+        }
         to_lanes(in, n_images, channels, call.lanes, threads);
     }
 #endif
@@ -877,11 +1000,10 @@ static int run(const tc_plan *p, const float *x, int64_t n_images, int64_t h, in
             }
         }
     }
+    if (owned) free_taps(set);
     return failed ? 2 : 0;
 }
 
-/* x: (N, C_in, H, W) at element strides (sn, sc, sh, sw); out: rows (N * H_out * W_out, M) float32, i.e.
- * (N, H_out, W_out, M) channels-last. Returns 0 on success. */
 int tc_forward(const void *handle, const float *x, int64_t n, int64_t h, int64_t w, int64_t sn, int64_t sc,
                int64_t sh, int64_t sw, float *out, int threads) {
     int64_t strides[4] = {sn, sc, sh, sw};
@@ -932,4 +1054,30 @@ int tc_lookup(const void *handle, const int32_t *codes_in, int64_t rows, float *
         }
     }
     return failed ? 2 : 0;
+}
+
+/* rows (N, HW, M) -> planes (N, M, HW): the outputs in the NCHW layout of runtimes other than PyTorch (the
+ * onnxruntime operator), in blocks of 16 x 16. Returns 0. */
+int tc_rows_to_planes(const float *rows, int64_t n, int64_t hw, int64_t m, float *out, int threads) {
+    int64_t pblocks = (hw + 15) / 16, mblocks = (m + 15) / 16, per_image = pblocks * mblocks, items = n * per_image;
+    int isa = tc_isa();
+    (void)isa;
+    if ((double)n * hw * m < SMALL_WORK / 4) threads = 1;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t item = 0; item < items; item++) {
+        int64_t image = item / per_image, pb = item % per_image / mblocks, mb = item % mblocks;
+        int64_t p0 = pb * 16, m0 = mb * 16;
+        int np = hw - p0 < 16 ? (int)(hw - p0) : 16, nm = m - m0 < 16 ? (int)(m - m0) : 16;
+        const float *src = rows + (image * hw + p0) * m + m0;
+        float *dst = out + (image * m + m0) * hw + p0;
+#if TC_X86
+        if (isa == ISA_AVX512) {
+            planes_block(src, m, dst, hw, np, nm);
+            continue;
+        }
+#endif
+        for (int i = 0; i < np; i++)
+            for (int j = 0; j < nm; j++) dst[j * hw + i] = src[i * m + j];
+    }
+    return 0;
 }
