@@ -305,11 +305,15 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
+    from tabconv.confirm import confirm
     from tabconv.search import greedy_search, priority_masking
 
-    session = _session(args)
     if args.convention == "latency" and args.no_latency:
         raise CliError("--convention latency measures latency: drop --no-latency")
+    confirming = not args.no_confirm and args.arch is None
+    if confirming and args.eval_images is None:
+        args.eval_images = _search_images(args)
+    session = _session(args)
     _enable_latency(session, args)
     setting = _table_setting(args)
     if args.strategy == "priority":
@@ -321,14 +325,97 @@ def cmd_search(args: argparse.Namespace) -> None:
     if result.best is None:
         raise CliError(f"no evaluated configuration keeps {args.min_retention:.0%} of the baseline accuracy "
                        f"({len(result.points)} tried); lower --min-retention or raise --centroids")
-    session.configuration(result.best).save(args.out)
-    data = {**_metrics_json(session, result.best), "strategy": args.strategy, "evaluated": len(result.points),
-            "ranking": result.ranking, "config_file": str(args.out)}
-    searched = len(session.eval_set) + session.eval_set.first
-    chosen_on = [f"chosen on these test images, so this accuracy is optimistic: `evaluate --config {args.out} "
-                 f"--eval-skip {searched}` measures it on test images the search never saw"]
-    _emit(data, args.json, [f"{args.strategy}: best of {len(result.points)} configurations -> {args.out}",
-                            *_metrics_lines(session, result.best), *chosen_on])
+    data = {"strategy": args.strategy, "evaluated": len(result.points), "ranking": result.ranking,
+            "config_file": str(args.out)}
+    if not confirming:
+        session.configuration(result.best).save(args.out)
+        searched = len(session.eval_set) + session.eval_set.first
+        why = ("--arch searches are not confirmed (their image folder's evaluation part is not split)"
+               if args.arch is not None else "--no-confirm")
+        chosen_on = [f"not confirmed ({why}): chosen on these test images, so this accuracy is optimistic"
+                     + ("" if args.arch is not None else f"; `evaluate --config {args.out} --eval-skip {searched}` "
+                        "measures it on test images the search never saw")]
+        _emit({**_metrics_json(session, result.best), **data, "confirmation": None}, args.json,
+              [f"{args.strategy}: best of {len(result.points)} configurations -> {args.out}",
+               *_metrics_lines(session, result.best), *chosen_on])
+        return
+    confirmation_session = _confirmation_session(args, session)
+    _enable_latency(confirmation_session, args)
+    checked = confirm(session, confirmation_session, result.best, args.min_retention, args.max_storage_bytes,
+                      args.convention, progress=_progress_bar("back-off"))
+    accepted = checked.confirmed
+    confirmation_session.configuration(accepted).save(args.out)
+    data["confirmation"] = _confirmation_json(checked, session, confirmation_session)
+    _emit({**_metrics_json(confirmation_session, accepted), **data}, args.json,
+          [f"{args.strategy}: best of {len(result.points)} configurations, chosen on test images "
+           f"{_image_range(session)}, confirmed on {_image_range(confirmation_session)} -> {args.out}",
+           *_confirmation_lines(checked), "on the confirmation images:",
+           *_metrics_lines(confirmation_session, accepted)])
+
+
+DEFAULT_SEARCH_IMAGES = 1000  # a search chooses on these (or half the test split when smaller), confirms on the rest
+
+
+def _search_images(args: argparse.Namespace) -> int:
+    """How many test images a confirmed search chooses on when --eval-images is not given."""
+    from tabconv.data import load_dataset
+    from tabconv.train import load_checkpoint
+
+    _, meta = load_checkpoint(args.checkpoint, "cpu")
+    available = len(load_dataset(meta["dataset"], "test", args.data_root)) - args.eval_skip
+    if available < 2:
+        raise CliError(f"--eval-skip {args.eval_skip} leaves {max(available, 0)} test images: too few to search on "
+                       "some and confirm on others; lower --eval-skip or pass --no-confirm")
+    return min(DEFAULT_SEARCH_IMAGES, available // 2)
+
+
+def _confirmation_session(args: argparse.Namespace, search):
+    """The same model, calibration and table cache on the test images after the search's (--confirm-images of
+    them, default all)."""
+    from tabconv.session import Session
+
+    skip = search.eval_set.first + len(search.eval_set)
+    try:
+        return Session.from_checkpoint(args.checkpoint, calibration=search.calibration,
+                                       eval_images=args.confirm_images, data_root=args.data_root,
+                                       cache=search.builder.cache, device=args.device, eval_skip=skip)
+    except ConfigError as exc:
+        raise CliError(f"no test images left to confirm on after the {skip} the search used ({exc}); lower "
+                       "--eval-images or pass --no-confirm") from None
+
+
+def _image_range(session) -> str:
+    first = session.eval_set.first
+    return f"{first}-{first + len(session.eval_set) - 1}"
+
+
+def _confirmation_json(checked, search, confirmation) -> dict[str, Any]:
+    return {"search_images": [search.eval_set.first, len(search.eval_set)],
+            "confirmation_images": [confirmation.eval_set.first, len(confirmation.eval_set)],
+            "min_retention": checked.min_retention,
+            "chosen": _on_both(checked.chosen, checked.chosen_confirmed),
+            "backoffs": [{"layer": b.layer, **_on_both(b.searched, b.confirmed)} for b in checked.backoffs],
+            "accepted": _on_both(checked.searched, checked.confirmed)}
+
+
+def _on_both(searched, confirmed) -> dict[str, Any]:
+    """One configuration's accuracy and retention on the search images and on the confirmation images."""
+    return {"accuracy_searched": searched.accuracy, "retention_searched": searched.retention,
+            "accuracy_confirmed": confirmed.accuracy, "retention_confirmed": confirmed.retention,
+            "table_layers": confirmed.table_layers}
+
+
+def _confirmation_lines(checked) -> list[str]:
+    chosen, first = checked.chosen, checked.chosen_confirmed
+    lines = [f"the search's choice: retention {chosen.retention:.1%} on its images, {first.retention:.1%} on the "
+             f"confirmation images (target {checked.min_retention:.1%})"]
+    for step, b in enumerate(checked.backoffs, 1):
+        lines.append(f"back-off {step}: {b.layer} -> exact: retention {b.searched.retention:.1%} on the search "
+                     f"images, {b.confirmed.retention:.1%} on the confirmation images")
+    if checked.backoffs:
+        lines.append(f"accepted after {len(checked.backoffs)} back-off(s): {len(checked.confirmed.table_layers)} "
+                     "table layers")
+    return lines
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> None:
@@ -550,7 +637,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the greedy search minimises: FLOPs (paper: encoding free; full: encoding counted) or "
                    "latency measured on this machine (per-layer latency table)")
     p.add_argument("--max-evaluations", type=_positive, default=400, help="greedy: evaluation budget")
-    p.add_argument("--out", required=True, help="where the best configuration file is written")
+    p.add_argument("--confirm-images", type=_positive, default=None, metavar="N",
+                   help="confirm the choice on N test images after the search's (default: all of them); while the "
+                   "target fails there, table layers go back to exact, the costliest on the search images first")
+    p.add_argument("--no-confirm", action="store_true",
+                   help="keep the search's choice unconfirmed (its accuracy is then measured on the images that "
+                   "chose it)")
+    p.add_argument("--out", required=True, help="where the configuration file is written (the confirmed one, with "
+                   "its accuracy on the confirmation images)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("sensitivity", help="per layer: tabling only it, and keeping only it exact")

@@ -100,7 +100,8 @@ def test_priority_and_greedy_keep_93_percent(evaluated, resnet18_digits, capsys)
         out = tmp / f"{strategy}.json"
         code, data, err = run(capsys, "search", "--checkpoint", str(resnet18_digits), "--strategy", strategy,
                               "--min-retention", "0.93", "--codebooks", "8", "--centroids", "64", *CALIB,
-                              "--cache-dir", cache, "--out", str(out), "--max-evaluations", "150", "--json")
+                              "--cache-dir", cache, "--out", str(out), "--max-evaluations", "150", "--json",
+                              "--no-confirm")
         assert code == 0, err
         assert data["retention"] >= 0.93 and data["flops_paper"] < data["baseline_flops"]
         low, high = data["accuracy_ci95"]
@@ -184,8 +185,9 @@ def test_a_search_says_its_number_is_optimistic_and_how_to_measure_it_on_unseen_
     out = tmp / "searched.json"
     code, text, err = run(capsys, "search", "--checkpoint", str(resnet18_digits), "--strategy", "priority",
                           "--min-retention", "0.93", "--codebooks", "8", "--centroids", "64", *CALIB,
-                          "--cache-dir", cache, "--eval-images", "300", "--out", str(out))
+                          "--cache-dir", cache, "--eval-images", "300", "--out", str(out), "--no-confirm")
     assert code == 0, err
+    assert "not confirmed (--no-confirm): chosen on these test images, so this accuracy is optimistic" in text
     assert f"evaluate --config {out} --eval-skip 300` measures it on test images the search never saw" in text
     code, chosen, _ = run(capsys, "evaluate", "--checkpoint", str(resnet18_digits), "--config", str(out),
                           "--cache-dir", cache, "--eval-images", "300", "--json")
@@ -218,3 +220,31 @@ def test_module_entry_point_and_argument_errors():
     bad = subprocess.run([sys.executable, "-m", "tabconv", "evaluate", "--checkpoint", "x.pt", "--all-table",
                           "--codebooks", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "positive integer" in bad.stderr
+
+
+def test_a_search_confirms_its_choice_on_test_images_it_did_not_choose_on(evaluated, resnet18_digits, capsys):
+    """By default a search chooses on the first half of the test images (at most 1,000) and confirms on the rest:
+    the configuration written, and the numbers printed, are the confirmed ones."""
+    tmp, cache, _ = evaluated
+    out = tmp / "confirmed.json"
+    code, data, err = run(capsys, "search", "--checkpoint", str(resnet18_digits), "--strategy", "priority",
+                          "--min-retention", "0.97", "--codebooks", "8", "--centroids", "64", *CALIB,
+                          "--cache-dir", cache, "--out", str(out), "--json")
+    assert code == 0, err
+    check = data["confirmation"]
+    assert check["search_images"] == [0, 225] and check["confirmation_images"] == [225, 225]
+    assert (data["eval_first"], data["eval_images"]) == (225, 225)
+    assert data["retention"] >= 0.97 and check["accepted"]["retention_confirmed"] == data["retention"]
+    assert check["chosen"]["retention_searched"] >= 0.97
+    assert all(step["retention_confirmed"] < 0.97 for step in check["backoffs"][:-1])
+    assert len(check["accepted"]["table_layers"]) == len(check["chosen"]["table_layers"]) - len(check["backoffs"])
+    saved = json.loads(out.read_text())["metrics"]
+    assert (saved["eval_images"], saved["retention"]) == (225, data["retention"])
+    code, text, _ = run(capsys, "search", "--checkpoint", str(resnet18_digits), "--strategy", "priority",
+                        "--min-retention", "0.97", "--codebooks", "8", "--centroids", "64", *CALIB,
+                        "--cache-dir", cache, "--out", str(out), "--eval-images", "300", "--confirm-images", "100")
+    assert code == 0 and "chosen on test images 0-299, confirmed on 300-399" in text
+    code, _, err = run(capsys, "search", "--checkpoint", str(resnet18_digits), "--strategy", "priority",
+                       "--min-retention", "0.97", *CALIB, "--cache-dir", cache, "--out", str(out),
+                       "--eval-images", "450")
+    assert code == 2 and "no test images left to confirm on" in err and "--no-confirm" in err

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from tabconv.config import Calibration
+from tabconv.confirm import confirm
 from tabconv.data import load_dataset
 from tabconv.search import greedy_search, pareto_front, priority_masking, propagation_matrix, sensitivity
 from tabconv.session import Session
-from tabconv.settings import LayerSetting
+from tabconv.settings import EXACT, LayerSetting
 from tabconv.stats import mcnemar_p, wilson
 from tests.helpers import model
 
@@ -17,13 +20,22 @@ META = {"model": "tiny", "dataset": "digits", "num_classes": 10, "input_shape": 
 
 
 @pytest.fixture(scope="module")
-def session():
+def trained():
     from tabconv.train import train_model
 
-    train = load_dataset("digits", "train")
-    net = train_model(model("tiny"), train, epochs=5, batch_size=32, lr=0.2)
-    return Session(net, META, train.head(128), load_dataset("digits", "test").head(150),
+    return train_model(model("tiny"), load_dataset("digits", "train"), epochs=5, batch_size=32, lr=0.2)
+
+
+def _session(net, first: int, count: int | None) -> Session:
+    """A session of `net` (a copy: sessions swap modules in) on test images first .. first + count - 1."""
+    test = load_dataset("digits", "test")
+    return Session(copy.deepcopy(net), META, load_dataset("digits", "train").head(128), test.skip(first).head(count),
                    Calibration(images=128, max_rows=4096))
+
+
+@pytest.fixture(scope="module")
+def session(trained):
+    return _session(trained, 0, 150)
 
 
 def test_priority_masking_sweeps_every_count_of_exact_layers(session):
@@ -91,3 +103,28 @@ def test_pareto_front_is_non_dominated_and_sorted(session):
         assert all(a.accuracy < b.accuracy for a, b in zip(front, front[1:], strict=False))
         for m in points:  # nothing outside the front beats a front point on both axes
             assert not any(value(m) < value(f) and m.accuracy > f.accuracy for f in front)
+
+
+def test_confirmation_backs_off_until_the_target_holds_on_other_images(trained):
+    """A choice that misses its target on the confirmation images loses table layers, the one whose return to exact
+    gains most on the search images first, until the target holds there; a choice that holds is kept."""
+    search, other = _session(trained, 0, 150), _session(trained, 150, None)
+    chosen = search.apply(search.uniform(TABLE), label="every layer").metrics
+    first = other.apply(dict(chosen.settings)).metrics
+    assert first.retention < 0.99, "the test needs a choice that loses accuracy"
+    target = (first.retention + 1) / 2
+    checked = confirm(search, other, chosen, target)
+    assert checked.chosen is chosen and checked.chosen_confirmed.accuracy == first.accuracy
+    assert checked.backoffs and checked.confirmed.retention >= target
+    assert all(b.confirmed.retention < target for b in checked.backoffs[:-1])
+    before = chosen
+    for b in checked.backoffs:
+        assert b.layer in before.table_layers and set(b.searched.table_layers) == set(before.table_layers) - {b.layer}
+        gains = {layer: search.apply({**before.settings, layer: EXACT}).metrics.accuracy
+                 for layer in before.table_layers}
+        assert gains[b.layer] == max(gains.values())
+        assert b.confirmed.settings == b.searched.settings and b.confirmed.eval_images == len(other.eval_set)
+        before = b.searched
+    assert checked.searched is checked.backoffs[-1].searched
+    kept = confirm(search, other, chosen, first.retention)
+    assert not kept.backoffs and kept.confirmed.accuracy == first.accuracy and kept.searched is chosen
