@@ -396,8 +396,8 @@ __attribute__((target("avx512f,avx512bw"))) static void encode_tree_books(const 
         __m512i ix0 = _mm512_set1_epi32(t->ix0[i]);
         for (int c0 = 0; c0 < total; c0 += 16) {
             __mmask16 valid = total - c0 >= 16 ? 0xFFFF : (__mmask16)((1u << (total - c0)) - 1);
-            __m512i row = _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(c0), lane),
-                                             _mm512_set1_epi32(p->thr_stride));
+            const float *thr = p->thr + (int64_t)c0 * p->thr_stride; /* lane j: codebook c0 + j's thresholds */
+            __m512i row = _mm512_mullo_epi32(lane, _mm512_set1_epi32(p->thr_stride));
             __m512i node = _mm512_setzero_si512();
             for (int l = 0; l < depth; l++) {
                 int64_t at = (int64_t)l * padded + c0;
@@ -407,7 +407,7 @@ __attribute__((target("avx512f,avx512bw"))) static void encode_tree_books(const 
                 __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), ok,
                                                     _mm512_add_epi32(base, _mm512_loadu_si512(off + at)), in->x, 4);
                 __m512i at_thr = _mm512_add_epi32(row, _mm512_add_epi32(node, _mm512_set1_epi32((1 << l) - 1)));
-                __m512 th = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, at_thr, p->thr, 4);
+                __m512 th = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, at_thr, thr, 4);
                 __mmask16 right = _mm512_cmp_ps_mask(v, th, _CMP_GT_OQ);
                 node = _mm512_slli_epi32(node, 1);
                 node = _mm512_mask_add_epi32(node, right, node, _mm512_set1_epi32(1));
