@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 FORMATS = ("torch", "onnx", "onnx-ops", "npz")
 MODEL_FILE, ONNX_FILE, NPZ_FILE, MANIFEST_FILE = "model.pt", "model.onnx", "tables.npz", "manifest.json"
 OPS_FILE = "model-ops.onnx"
-FORMAT_FILES = {"torch": MODEL_FILE, "onnx": ONNX_FILE, "onnx-ops": OPS_FILE, "npz": NPZ_FILE}
 MODEL_FORMAT, MANIFEST_FORMAT, VERSION = "tabconv-tabled-model", "tabconv-export", 1
 ONNX_INPUT, ONNX_OUTPUT = "input", "logits"
 ONNX_EXAMPLE_BATCH = 2  # torch.export specialises a dimension traced at size 1, so trace at 2

@@ -139,9 +139,3 @@ class TableLinear(nn.Module):
 
 TABLE_LAYERS = (TableConv2d, TableLinear)
 
-
-def make_table_layer(layer: nn.Module, quantizer: ProductQuantizer, setting: LayerSetting) -> nn.Module:
-    """The table version of a (BN-folded) Conv2d or Linear."""
-    if isinstance(layer, nn.Conv2d):
-        return TableConv2d.from_conv(layer, quantizer, setting)
-    return TableLinear.from_linear(layer, quantizer, setting)

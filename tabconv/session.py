@@ -402,10 +402,6 @@ class Session:
                               f"keeps the latest {MAX_GIVEN_TABLES} sets): load them again from their tables file")
         return dict(self._tuned[tuned])
 
-    @property
-    def evaluations(self) -> int:
-        return len(self.history)
-
 
 def _key(settings: Mapping[str, LayerSetting], tables_id: str | None) -> tuple:
     """What makes two evaluations the same: every layer's setting, and the given tables' id."""
