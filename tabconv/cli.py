@@ -179,8 +179,8 @@ def _session(args: argparse.Namespace, calibration: Calibration | None = None):
         raise CliError("--eval-skip goes with --checkpoint; with --arch, the image folder's evaluation part is the one "
                        "evaluated on")
     if args.image_folder is None:
-        raise CliError(f"--arch {args.arch} needs {args.image_folder_flag} DIR (DIR/<class>/*.jpg, or DIR/train and "
-                       f"DIR/val)")
+        raise CliError(f"--arch {args.arch} needs {args.image_folder_flag} DIR (DIR/<class>/*.jpg|png, or DIR/train "
+                       "and DIR/val)")
     return Session.from_user_model(args.arch, args.weights, images=args.image_folder, num_classes=args.num_classes,
                                    image_size=args.image_size, mean=args.mean, std=args.std,
                                    calibration=calibration, eval_images=args.eval_images, cache=cache,
@@ -507,7 +507,7 @@ def _session_options(p: argparse.ArgumentParser, folder_flags: tuple[str, ...] =
                    help="with --arch: a state_dict file (torch.save(model.state_dict(), ...)), a tabconv checkpoint, "
                    "or a torchvision weight name (IMAGENET1K_V1, DEFAULT); default: random weights (seed 0)")
     p.add_argument(*folder_flags, dest="image_folder", default=None, metavar="DIR",
-                   help="with --arch: an image folder, DIR/<class>/*.jpg (split 80/20 per class) or DIR/train and "
+                   help="with --arch: an image folder, DIR/<class>/*.jpg|png (split 80/20 per class) or DIR/train and "
                    "DIR/val")
     p.set_defaults(image_folder_flag=folder_flags[0])
     p.add_argument("--num-classes", type=_positive, default=None,

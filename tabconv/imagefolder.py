@@ -30,7 +30,7 @@ EVAL_FRACTION = 0.2  # of each class, when the folder has no train/val split of 
 SPLIT_SEED = 0  # fixed, so every run (and every calibration seed) evaluates on the same images
 INTERPOLATIONS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                   "bicubic": Image.Resampling.BICUBIC}
-_LAYOUT_HELP = "expected DIR/<class>/*.jpg, or DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg"
+_LAYOUT_HELP = "expected DIR/<class>/*.jpg|png, or DIR/train/<class>/*.jpg|png and DIR/val/<class>/*.jpg|png"
 _CACHE_FORMAT = 1  # part of every decoded-cache key: bump when decoding changes
 
 Progress = Callable[[dict[str, Any]], None]

@@ -77,7 +77,7 @@ def open_user_model(arch: str, weights: str | os.PathLike[str] | None = None,
     """
     check_architecture(arch)
     if images is None:
-        raise UserModelError(f"{arch}: an image folder is needed (--images DIR: DIR/<class>/*.jpg, or DIR/train "
+        raise UserModelError(f"{arch}: an image folder is needed (--images DIR: DIR/<class>/*.jpg|png, or DIR/train "
                              f"and DIR/val)")
     scan = scan_image_folder(images)
     enum, file = _weights_source(arch, weights)

@@ -9,6 +9,7 @@ from explorer.workbench import Workbench
 from tabconv.search import RANKINGS
 from tabconv.settings import LayerSetting
 
+SEARCH_DEFAULTS = {"search_target": 93, "search_convention": "paper", "search_cap": 0.0, "search_budget": 40}
 RANK_HELP = {"cumulative": "cosine of each layer's output with every layer tabled (the paper's reference code)",
              "isolated": "cosine at the network output with only that layer tabled (one extra evaluation per layer)"}
 
@@ -61,14 +62,16 @@ def _search(wb: Workbench, setting: LayerSetting) -> None:
     base = wb.session.baseline
     st.markdown("**Budgeted search**: keep at least the target retention, maximise the FLOP reduction "
                 "(greedy: table more layers, halve C or K), optionally under a storage cap.")
+    for key, value in SEARCH_DEFAULTS.items():  # in Session State, not as widget defaults: the tour sets them too
+        st.session_state.setdefault(key, value)
     left, right = st.columns(2)
-    target = left.slider("Target retention (% of exact accuracy)", 50, 100, 93, key="search_target")
+    target = left.slider("Target retention (% of exact accuracy)", 50, 100, key="search_target")
     convention = right.radio("Minimise FLOPs counted", ["paper", "full"], horizontal=True, key="search_convention",
                              captions=["encoding free", "encoding counted"])
     left, right = st.columns(2)
-    cap = left.number_input("Storage cap (× original, 0 = none)", 0.0, 1000.0, 0.0, 0.5, key="search_cap",
+    cap = left.number_input("Storage cap (× original, 0 = none)", 0.0, 1000.0, step=0.5, key="search_cap",
                             help=f"Original: {base.baseline.storage_bytes / 2**20:.2f} MiB")
-    budget = right.number_input("Evaluation budget", 1, 400, 40, key="search_budget",
+    budget = right.number_input("Evaluation budget", 1, 400, key="search_budget",
                                 help="At most this many greedy evaluations after the masking sweep.")
     if st.button("Run budgeted search", key="run_search", type="primary"):
         cap_bytes = int(cap * base.baseline.storage_bytes) if cap > 0 else None
