@@ -11,7 +11,7 @@ if str(ROOT) not in sys.path:  # `streamlit run` puts explorer/ on the path, not
 
 import streamlit as st  # noqa: E402
 
-from explorer import actions, state  # noqa: E402
+from explorer import actions, state, turns  # noqa: E402
 from explorer.panels import (  # noqa: E402
     automatic,
     chooser,
@@ -32,6 +32,11 @@ from explorer.workbench import Workbench  # noqa: E402
 @st.fragment
 def workbench(wb: Workbench) -> None:
     """The core loop; a toggle, a click or a search reruns only this part of the page."""
+    with turns.notices_here():
+        _core_loop(wb)
+
+
+def _core_loop(wb: Workbench) -> None:
     tour.apply(wb)
     actions.handle_requests(wb)
     state.show_notice()
@@ -68,14 +73,15 @@ def main() -> None:
     st.set_page_config(page_title="TabConv Explorer", page_icon=":material/table_chart:", layout="wide")
     state.init()
     st.title("TabConv Explorer")
-    choice = chooser.sidebar()
-    wb = loading.open_choice(choice)
-    chooser.used_counts(wb.spec, wb.session.calibration.images, len(wb.session.eval_set))
-    metrics.header(wb)
-    loading.start(wb, choice)
-    tour.panel(wb)
-    workbench(wb)
-    teaching.panel(wb)
+    with turns.notices_here():
+        choice = chooser.sidebar()
+        wb = loading.open_choice(choice)
+        chooser.used_counts(wb.spec, wb.session.calibration.images, len(wb.session.eval_set))
+        metrics.header(wb)
+        loading.start(wb, choice)
+        tour.panel(wb)
+        workbench(wb)
+        teaching.panel(wb)
 
 
 main()

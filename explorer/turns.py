@@ -238,13 +238,29 @@ def give_way(held: Turn, lock: threading.RLock | None = None, line: Line = LINE)
         held.check()
 
 
+_NOTICES = threading.local()  # per script thread: where this run shows a waiting notice (notices_here)
+
+
+@contextmanager
+def notices_here() -> Iterator[None]:
+    """Waiting notices of the block appear here (a placeholder made now), not where the wait happens to be: the
+    page calls it right below its title, and the workbench fragment at its own top (a fragment rerun cannot write
+    above itself), so that a tab waiting in line says so where it is seen, on first load too."""
+    before = getattr(_NOTICES, "slot", None)
+    _NOTICES.slot = st.empty()
+    try:
+        yield
+    finally:
+        _NOTICES.slot = before
+
+
 def _wait(line: Line, held: Turn) -> None:
     """Wait with the place in line on the page; the tab's Cancel click (see cancel_clicked) leaves the line.
     Outside a script run (a download built on click) there is no page to show it on: it just waits."""
     if get_script_run_ctx(suppress_warning=True) is None:
         line.wait(held, None)
         return
-    note = st.empty()
+    note = getattr(_NOTICES, "slot", None) or st.empty()
     key = f"turn_leave_{held.serial}"
     with note.container():
         text = st.empty()

@@ -145,8 +145,11 @@ def test_two_tabs_keep_their_own_histories_and_take_turns(server: str) -> None:
             centroids.fill("8")  # waits behind the search (a quick toggle would go first)
             centroids.press("Enter")
             second.get_by_role("button", name="→ tables").click()
-            second.get_by_text(re.compile(r"Waiting for the server: 1st in line; running now: Budgeted search "
-                                          r"\(another tab, \d+ s\)")).wait_for(timeout=60_000)
+            notice = second.get_by_text(re.compile(r"Waiting for the server: 1st in line; running now: Budgeted "
+                                                   r"search \(another tab, \d+ s\)"))
+            notice.wait_for(timeout=60_000)
+            below = second.get_by_role("heading", name="Automatic choices")  # the notice opens the core loop
+            assert notice.bounding_box()["y"] < below.bounding_box()["y"]
 
             first.locator('[data-testid="stButton"] button').filter(has_text="Cancel").click()
             first.get_by_text(re.compile("Cancelled after \\d+ s: Budgeted search")).wait_for(timeout=120_000)
