@@ -39,8 +39,9 @@ def describe(event: dict[str, Any]) -> tuple[float | None, str]:
     total, index = event.get("total"), event.get("index", 0)
     if not total:
         return None, stage
-    if event.get("stage") == "finetune":  # steps count from 1; the detail is the step's loss
-        return min(index / total, 1.0), f"{stage}: step {index}/{total}, {event.get('layer') or ''}".rstrip(", ")
+    if event.get("stage") == "finetune":  # steps count from 1; the detail is the step's loss and the time left
+        left = f", about {event['seconds_left']:.0f} s left" if event.get("seconds_left") is not None else ""
+        return min(index / total, 1.0), f"{stage}: step {index}/{total}, {event.get('layer') or ''}".rstrip(", ") + left
     detail = f": {event['layer']}" if event.get("layer") else ""
     return min(index / total, 1.0), f"{stage} ({min(index + 1, total)}/{total}){detail}"
 

@@ -94,12 +94,13 @@ def budgeted(wb: Workbench, setting: LayerSetting, min_retention: float, max_sto
     return result
 
 
-def finetune(wb: Workbench, parent: Metrics, steps: int, images: int, lr: float, layer_loss: float) -> Tuned:
+def finetune(wb: Workbench, parent: Metrics, steps: int, images: int, lr: float, layer_loss: float,
+             seconds: float | None = None, patience: int | None = None) -> Tuned:
     """Fine-tune a configuration's tables (its tuned metrics land in the history); the run is kept by its
     tables' sha256, so that its configuration and tables file can be exported. Toggles never re-run it."""
     layers = len(parent.table_layers)
     run = _run(wb, f"Fine-tuning the {layers} table layer(s) of #{parent.id}", finetune_session, parent,
-               steps=steps, images=images, lr=lr, layer_loss=layer_loss)
+               steps=steps, images=images, lr=lr, layer_loss=layer_loss, seconds=seconds, patience=patience)
     with wb.lock:
         wb.tuned[run.sha256] = run
     return run

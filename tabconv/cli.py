@@ -288,8 +288,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         raise CliError(f"--out {args.out!r} must name a .json configuration file (its tables go beside it)")
     parent = _apply_config(session, loaded, tables, label="before fine-tuning")
     tuned = finetuning.finetune_session(session, parent, steps=args.steps, images=args.images, lr=args.lr,
-                             batch_size=args.batch_size, layer_loss=args.layer_loss, seed=args.seed,
-                             progress=_progress_bar("finetune"))
+                                        batch_size=args.batch_size, layer_loss=args.layer_loss, seed=args.seed,
+                                        seconds=args.seconds, patience=args.patience,
+                                        progress=_progress_bar("finetune"))
     out, tables_path = Path(args.out), tables_path_for(args.out)
     atomic_write_bytes(tables_path, tuned.tables)
     tuned.configuration(session, tables_path.name).save(out)
@@ -298,8 +299,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
             "tables_file": str(tables_path), "parent_accuracy_ci95": list(parent.accuracy_ci95),
             **_versus(metrics, parent, "parent")}
     _emit(data, args.json, [f"fine-tuned {len(tuned.quantizers)} table layers in {report.steps} steps "
-                            f"({report.seconds:.0f} s): distillation loss {report.loss_before:.4f} -> "
-                            f"{report.loss_after:.4f}",
+                            f"({report.seconds:.0f} s; stopped: {report.stopped}): held-out distillation loss "
+                            f"{report.loss_before:.4f} -> {report.loss_after:.4f} (step {report.best_step} kept)",
                             _versus_line(metrics, parent, "the untuned parent"),
                             f"-> {out} + {tables_path.name}", *_metrics_lines(session, metrics)])
 
@@ -606,7 +607,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="train a configuration's tables end to end, distilling the exact network")
     _session_options(p, ("--image-folder",))
     p.add_argument("--config", required=True, help="the configuration to fine-tune (its calibration is used)")
-    p.add_argument("--steps", type=_positive, default=finetuning.DEFAULT_STEPS)
+    p.add_argument("--steps", type=_positive, default=finetuning.DEFAULT_STEPS,
+                   help="at most this many Adam steps (default %(default)s)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="time budget: the first steps' speed sets how many fit (and the schedule follows them)")
+    p.add_argument("--patience", type=_positive, default=None,
+                   help=f"stop after this many of the {finetuning.CHECKS} held-out checks in a row without improvement")
     p.add_argument("--images", type=_positive, default=finetuning.DEFAULT_IMAGES,
                    help="first N training images (default %(default)s)")
     p.add_argument("--lr", type=float, default=finetuning.DEFAULT_LR, help="Adam learning rate (default %(default)g)")

@@ -13,6 +13,7 @@ optional per-layer output loss. Exact layers (and batch-norm statistics) stay fr
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,8 @@ Progress = Callable[[dict[str, Any]], None]
 # per-layer loss at weight 1 to 0.060 (accuracy 96.13% -> 96.56% on 10,000 test images).
 DEFAULT_STEPS = 300
 DEFAULT_IMAGES = 4096
+CHECKS = 10  # held-out checks in a run (they pick the tables kept, and patience counts them)
+CALIBRATION_STEPS = 5  # under a time budget, the speed of the first steps sets how many steps fit
 DEFAULT_LR = 3e-4
 DEFAULT_LAYER_LOSS = 1.0
 
@@ -118,6 +121,11 @@ class TrainableTables(nn.Module):
         return tuned
 
 
+STOPPED_STEPS = "ran its steps"
+STOPPED_TIME = "reached its time budget"
+STOPPED_PATIENCE = "the held-out loss stopped improving"
+
+
 @dataclass
 class FinetuneReport:
     """What a fine-tuning run did: its settings, its time and its distillation loss before and after."""
@@ -134,6 +142,10 @@ class FinetuneReport:
     best_step: int  # the checked step whose tables were kept (0: none beat the starting tables)
     loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, mean training loss)
     held_out_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss)
+    stopped: str = STOPPED_STEPS  # why the run ended (STOPPED_*)
+    max_steps: int | None = None  # the steps asked for (`steps` is how many ran)
+    seconds_budget: float | None = None
+    patience: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,20 +175,26 @@ class _LayerOutputs:
 
 def finetune(teacher: nn.Module, structure: ModelStructure, quantizers: Mapping[str, ProductQuantizer],
              images: torch.Tensor, *, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, batch_size: int = 64,
-             layer_loss: float = DEFAULT_LAYER_LOSS, seed: int = 0, progress: Progress | None = None
+             layer_loss: float = DEFAULT_LAYER_LOSS, seed: int = 0, seconds: float | None = None,
+             patience: int | None = None, progress: Progress | None = None
              ) -> tuple[dict[str, ProductQuantizer], FinetuneReport]:
     """Train the table layers of `quantizers` to match `teacher` on `images` (already normalised).
 
     Returns new quantizers (the given ones are not touched: caches and other views share them) and
     the run's report. `layer_loss` weights a per-layer loss: each table layer's output against the
     exact layer's, relative to the exact output's mean square. The last eighth of the images (at most
-    512) is held out: checked ten times during the run, it decides which tables are kept, so a run that
+    512) is held out: checked CHECKS times during the run, it decides which tables are kept, so a run that
     only overfits returns the tables it started from (measured: from a good start at lr 1e-3 the loss
-    on unseen images rose).
+    on unseen images rose). The run stops after `steps` steps, or earlier: within `seconds` (the first steps'
+    speed sets how many steps fit, and the cosine schedule is fitted to them), or when `patience` checks in a row
+    did not improve the held-out loss. Progress events carry the estimated seconds left.
     """
     if steps < 1 or batch_size < 1 or not lr > 0 or layer_loss < 0:
         raise ValueError(f"finetune needs steps >= 1, batch_size >= 1, lr > 0 and layer_loss >= 0, got "
                          f"steps={steps}, batch_size={batch_size}, lr={lr}, layer_loss={layer_loss}")
+    if (seconds is not None and not seconds > 0) or (patience is not None and patience < 1):
+        raise ValueError(f"finetune needs seconds > 0 and patience >= 1 when given, got seconds={seconds}, "
+                         f"patience={patience}")
     if not quantizers:
         raise ValueError("the configuration has no table layers to fine-tune")
     start = time.perf_counter()
@@ -186,11 +204,13 @@ def finetune(teacher: nn.Module, structure: ModelStructure, quantizers: Mapping[
     probe, images = (images[-held:], images[:-held]) if held else (images, images)
     student = convert(teacher, structure, quantizers)
     loss_before = _probe_loss(student.eval(), teacher, probe, device)
+    probe_s = time.perf_counter() - start
     student.requires_grad_(False)
     trainables = _make_trainable(student, quantizers)
     params = [p for t in trainables.values() for p in t.parameters()]
     optimizer = torch.optim.Adam(params, lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    plan = _Plan(steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, plan.factor)  # cosine over the planned steps
     names = list(quantizers)
     exact_outputs = {n: structure.layer(n).output_name for n in names}
     watch_teacher = _LayerOutputs(teacher, list(exact_outputs.values())) if layer_loss else None
@@ -199,9 +219,11 @@ def finetune(teacher: nn.Module, structure: ModelStructure, quantizers: Mapping[
     curve: list[tuple[int, float]] = []
     checks: list[tuple[int, float]] = []
     best = (loss_before, 0, _snapshot(trainables))
-    running = []
+    running, stale, stopped, step = [], 0, STOPPED_STEPS, 0
+    loop_start = time.perf_counter()
     try:
-        for step in range(1, steps + 1):
+        while step < plan.steps:
+            step += 1
             batch = images[torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)]
             batch = batch.to(device).contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
@@ -218,15 +240,30 @@ def finetune(teacher: nn.Module, structure: ModelStructure, quantizers: Mapping[
             schedule.step()
             value = float(loss.detach())
             running.append(value)
-            if step % max(1, steps // 50) == 0 or step == steps:
+            if seconds is not None and step == min(CALIBRATION_STEPS, plan.steps):
+                per_step = (time.perf_counter() - loop_start) / step
+                left = seconds - (time.perf_counter() - start) - (CHECKS + 1) * probe_s  # the checks, the final probe
+                plan.steps = max(step, min(steps, step + int(left / per_step)))
+                if plan.steps < steps:
+                    stopped = STOPPED_TIME
+            if step % max(1, plan.steps // 50) == 0 or step == plan.steps:
                 curve.append((step, sum(running) / len(running)))
                 running = []
-            if step % max(1, steps // 10) == 0 or step == steps:
+            if step % max(1, plan.steps // CHECKS) == 0 or step == plan.steps:
                 checks.append((step, _probe_loss(student, teacher, probe, device)))
+                stale = 0 if checks[-1][1] < best[0] else stale + 1
                 if checks[-1][1] < best[0]:
                     best = (checks[-1][1], step, _snapshot(trainables))
+                if patience is not None and stale >= patience and step < plan.steps:
+                    stopped = STOPPED_PATIENCE
+                    break
+            if seconds is not None and time.perf_counter() - start > seconds and step < plan.steps:
+                stopped = STOPPED_TIME  # slower than its first steps promised (other work on the cores)
+                break
             if progress:
-                progress({"stage": "finetune", "index": step, "total": steps, "layer": f"loss {value:.4f}"})
+                elapsed = time.perf_counter() - loop_start
+                progress({"stage": "finetune", "index": step, "total": plan.steps, "layer": f"loss {value:.4f}",
+                          "seconds_left": elapsed / step * (plan.steps - step)})
     finally:
         for watch in (watch_teacher, watch_student):
             if watch:
@@ -235,9 +272,21 @@ def finetune(teacher: nn.Module, structure: ModelStructure, quantizers: Mapping[
         trainable.load_state_dict(best[2][name])
     tuned = {name: t.to_quantizer() for name, t in trainables.items()}
     loss_after = _probe_loss(convert(teacher, structure, tuned), teacher, probe, device)
-    report = FinetuneReport(steps, total, batch_size, lr, layer_loss, time.perf_counter() - start,
-                            loss_before, loss_after, len(probe), best[1], curve, checks)
+    report = FinetuneReport(step, total, batch_size, lr, layer_loss, time.perf_counter() - start,
+                            loss_before, loss_after, len(probe), best[1], curve, checks, stopped, steps, seconds,
+                            patience)
     return tuned, report
+
+
+class _Plan:
+    """How many steps a run plans (a time budget lowers it after the first steps); the cosine learning-rate
+    factor follows it."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def factor(self, step: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, self.steps) / self.steps))
 
 
 def _snapshot(trainables: Mapping[str, TrainableTables]) -> dict[str, dict[str, torch.Tensor]]:
@@ -281,14 +330,15 @@ class Tuned:
 
 def finetune_session(session: Session, parent: Metrics, *, steps: int = DEFAULT_STEPS, images: int = DEFAULT_IMAGES,
                      lr: float = DEFAULT_LR, batch_size: int = 64, layer_loss: float = DEFAULT_LAYER_LOSS,
-                     seed: int = 0,
+                     seed: int = 0, seconds: float | None = None, patience: int | None = None,
                      progress: Progress | None = None) -> Tuned:
     """Fine-tune an evaluated configuration of a session on its first `images` calibration-split images;
     the result is evaluated on the session's images and lands in its history labelled "fine-tuned"."""
     chosen = session.calibration_set.head(min(images, len(session.calibration_set)))
     tuned, report = finetune(session.model, session.structure, session.quantizers(parent),
                              chosen.normalize(chosen.images), steps=steps, lr=lr, batch_size=batch_size,
-                             layer_loss=layer_loss, seed=seed, progress=progress)
+                             layer_loss=layer_loss, seed=seed, seconds=seconds, patience=patience,
+                             progress=progress)
     data, sha = tables_bytes(tuned)
     metrics = session.apply(parent.settings, label=f"fine-tuned ({parent.label})", origin=Origin.FINE_TUNED,
                             tables=tuned, tables_id=sha).metrics

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tabconv import config as config_file
+from tabconv import finetune as finetuning
 from tabconv.calibrate import refit_linear
 from tabconv.cli import main
 from tabconv.config import Calibration, ConfigError
@@ -322,3 +323,27 @@ def test_finetuning_keeps_the_starting_tables_when_training_only_hurts(tiny_digi
     else:  # the kept tables are the best check's, and their inference loss is what that check measured
         assert dict(report.held_out_curve)[report.best_step] == min(loss for _, loss in report.held_out_curve)
         assert report.loss_after == pytest.approx(dict(report.held_out_curve)[report.best_step], rel=1e-4)
+
+
+def test_finetuning_stops_on_its_own_and_says_why(tiny_digits):
+    """A time budget fits the steps (and the schedule) into the time; patience stops a run whose held-out loss has
+    not improved for that many checks; each run's report says which ended it."""
+    session = _session(tiny_digits, fit="least-squares")
+    start = session.apply(session.uniform(LayerSetting("table", 4, 8))).metrics
+    images = session.calibration_set.normalize(session.calibration_set.images)
+    quantizers = session.quantizers(start)
+    events = []
+    _, full = finetune(session.model, session.structure, quantizers, images, steps=12, progress=events.append)
+    assert (full.steps, full.max_steps, full.stopped) == (12, 12, finetuning.STOPPED_STEPS)
+    assert [e["index"] for e in events] == list(range(1, 13)) and events[-1]["seconds_left"] == 0
+    per_step = full.seconds / 12
+    _, timed = finetune(session.model, session.structure, quantizers, images, steps=100_000,
+                        seconds=max(1.0, 30 * per_step))
+    assert timed.stopped == finetuning.STOPPED_TIME and 5 <= timed.steps < 100_000
+    assert timed.seconds_budget == max(1.0, 30 * per_step) and len(timed.held_out_curve) <= finetuning.CHECKS + 1
+    # lr 1e-30 leaves every float32 parameter as it was: no check can improve, so the second check stops the run
+    _, still = finetune(session.model, session.structure, quantizers, images, steps=200, lr=1e-30, patience=2)
+    assert (still.stopped, still.steps, len(still.held_out_curve), still.best_step) == (
+        finetuning.STOPPED_PATIENCE, 40, 2, 0)
+    with pytest.raises(ValueError, match="seconds > 0 and patience >= 1"):
+        finetune(session.model, session.structure, quantizers, images, seconds=0)

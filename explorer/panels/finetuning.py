@@ -16,6 +16,9 @@ from tabconv.finetune import Tuned
 from tabconv.metrics import Metrics
 from tabconv.stats import accuracy_text, interval_text
 
+TIME_BUDGET_S = 60  # a class waits about a minute for a fine-tuning run (measured on the embedded default: below)
+MAX_STEPS = 100_000  # the time budget decides
+PATIENCE = 3  # held-out checks in a row without improvement before a run stops early
 BELONGS = ("Fine-tuned tables belong to this exact configuration: toggles never re-run fine-tuning, and a toggle "
            "from a fine-tuned configuration evaluates an ordinary (untuned) one.")
 
@@ -33,25 +36,31 @@ def panel(wb: Workbench, current: Metrics) -> None:
     available = len(wb.session.calibration_set)
     if st.session_state.get("tune_images", 0) > available:  # a session with a smaller calibration split (or folder):
         st.session_state.pop("tune_images")  # the widget starts again from its default, which fits
-    cols = st.columns([1, 1, 1, 1, 1.3], vertical_alignment="bottom")
-    steps = cols[0].number_input("Steps", 1, 100_000, finetuning.DEFAULT_STEPS, key="tune_steps",
-                                 help="Adam steps (cosine schedule), each on a batch of 64 images")
-    images = cols[1].number_input("Images", 1, available, min(finetuning.DEFAULT_IMAGES, available), key="tune_images",
+    cols = st.columns([1, 1, 1, 1, 1, 1.3], vertical_alignment="bottom")
+    seconds = cols[0].number_input("Time budget (s)", 5, 3600, TIME_BUDGET_S, step=15, key="tune_seconds",
+                                   help="The run fits its steps (and its learning-rate schedule) into this time, "
+                                        "judging by its first steps")
+    steps = cols[1].number_input("At most (steps)", 1, 100_000, MAX_STEPS, key="tune_steps",
+                                 help="Adam steps, each on a batch of 64 images, at most")
+    images = cols[2].number_input("Images", 1, available, min(finetuning.DEFAULT_IMAGES, available), key="tune_images",
                                   help=f"The first N images of the calibration ({wb.session.calibration.split}) split, "
                                        f"which has {available}; the exact network's logits are the targets")
-    lr = cols[2].number_input("Learning rate", 1e-6, 1.0, finetuning.DEFAULT_LR, format="%g", step=1e-4, key="tune_lr")
-    layer_loss = cols[3].number_input("Layer loss", 0.0, 100.0, finetuning.DEFAULT_LAYER_LOSS, format="%g", step=0.5,
+    lr = cols[3].number_input("Learning rate", 1e-6, 1.0, finetuning.DEFAULT_LR, format="%g", step=1e-4, key="tune_lr")
+    layer_loss = cols[4].number_input("Layer loss", 0.0, 100.0, finetuning.DEFAULT_LAYER_LOSS, format="%g", step=0.5,
                                       key="tune_layer_loss",
                                       help="Weight of each table layer's output error against the exact layer's, "
                                            "beside the logits' distillation loss (0: logits only)")
-    start = cols[4].button(f"Fine-tune #{current.id}", key="run_finetune", type="primary", width="stretch",
+    start = cols[5].button(f"Fine-tune #{current.id}", key="run_finetune", type="primary", width="stretch",
                            icon=":material/model_training:")
     st.caption(f"Trains the tables, prototypes (or tree thresholds) and temperature of the {len(tabled)} table "
                "layer(s) to match the exact network's logits (distillation, straight-through codes); exact layers "
-               f"stay frozen. {BELONGS}")
+               f"stay frozen. Held-out images check it {finetuning.CHECKS} times: the best check's tables are kept "
+               f"(the starting ones when none is better), and the run stops early after {PATIENCE} checks in a row "
+               f"without improvement. {BELONGS}")
     if start:
         try:
-            run = sweeps.finetune(wb, current, int(steps), int(images), float(lr), float(layer_loss))
+            run = sweeps.finetune(wb, current, int(steps), int(images), float(lr), float(layer_loss),
+                                  seconds=float(seconds), patience=PATIENCE)
         except Exception as exc:  # the page survives any failure of the library
             state.notify("error", f"Fine-tuning failed: {exc}")
         else:
@@ -67,7 +76,8 @@ def compare_line(run: Tuned) -> str:
             f"{tuned.eval_images} test images ({interval_text(*tuned.accuracy_ci95)}), "
             f"{tuned.against(parent).verdict()}; "
             f"distillation loss {report.loss_before:.4f} → {report.loss_after:.4f}; "
-            f"{report.steps} steps on {report.images} calibration images (lr {report.lr:g}) in {report.seconds:.1f} s.")
+            f"{report.steps} steps on {report.images} calibration images (lr {report.lr:g}) in {report.seconds:.1f} s, "
+            f"stopped because it {report.stopped}.")
 
 
 def _result(run: Tuned) -> None:
