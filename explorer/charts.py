@@ -36,7 +36,7 @@ HEAT_NAMES = {"cosine": "cosine similarity", "relative_error": "relative error"}
 
 def is_tuned(m: Metrics) -> bool:
     """Whether a configuration was evaluated with fine-tuned (given) tables rather than built ones."""
-    return bool(m.extra.get("tables_sha256"))
+    return bool(m.tables_sha256)
 
 
 def kind(m: Metrics) -> str:

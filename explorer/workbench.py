@@ -118,7 +118,7 @@ class Workbench:
     @staticmethod
     def tables_sha256(metrics: Metrics) -> str | None:
         """The sha256 of a configuration's fine-tuned tables, None for built (ordinary) tables."""
-        return metrics.extra.get("tables_sha256")
+        return metrics.tables_sha256
 
     def tuning(self, metrics: Metrics) -> Tuned | None:
         """The fine-tuning run (on this page) that produced a configuration's tables, if any."""

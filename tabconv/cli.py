@@ -274,7 +274,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         setting = _table_setting(args) if args.all_table else EXACT
         metrics = session.apply(session.uniform(setting), progress=_progress_bar("evaluate")).metrics
     if args.save_config:
-        if metrics.extra.get("tables_sha256"):
+        if metrics.tables_sha256:
             raise CliError("--save-config cannot copy a fine-tuned configuration (its tables file belongs to it); "
                            "copy the configuration and its .tables.pt file together instead")
         session.configuration(metrics).save(args.save_config)

@@ -4,7 +4,7 @@ record every view (CLI, search, explorer) shows."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -46,7 +46,7 @@ class Metrics:
     label: str = ""
     id: int = -1  # position in the session history
     origin: Origin = Origin.EDIT  # the kind of request that first evaluated it
-    extra: dict[str, Any] = field(default_factory=dict)
+    tables_sha256: str | None = None  # the given (fine-tuned or imported) tables it was evaluated with, if any
     latency: LatencyEstimate | None = None  # measured per-layer latencies (when the session keeps a latency table)
 
     @property
@@ -161,7 +161,7 @@ class Metrics:
             "prototype_bytes": self.paper.prototype_bytes, "weight_bytes": self.paper.weight_bytes,
             "baseline_storage_bytes": self.baseline.storage_bytes, "storage_ratio": self.storage_ratio,
             **(self.latency.to_dict() if self.latency else {}),
-            **self.extra,
+            **({"tables_sha256": self.tables_sha256} if self.tables_sha256 else {}),
         }
         if structure is not None:
             data["layers"] = self.layer_rows(structure, calibration_images)

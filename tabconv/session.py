@@ -267,7 +267,7 @@ class Session:
             sources = dict.fromkeys(quantizers, GIVEN)
         metrics = self._evaluate(settings, quantizers, progress, label or f"config {len(self.history)}", origin)
         if tables_id is not None:
-            metrics.extra["tables_sha256"] = tables_id
+            metrics.tables_sha256 = tables_id
             self._tuned[tables_id] = quantizers
         self._seen[key] = metrics
         return Applied(metrics, metrics.label, origin, False, sources, self.runner.recomputed if self.incremental
@@ -389,12 +389,12 @@ class Session:
     def has_tables(self, metrics: Metrics) -> bool:
         """Whether this session can give an evaluated configuration's tables: built ones always (from memory, the
         cache or a rebuild), given (fine-tuned) ones while they are among the latest MAX_GIVEN_TABLES sets."""
-        tuned = metrics.extra.get("tables_sha256")
+        tuned = metrics.tables_sha256
         return not tuned or tuned in self._tuned
 
     def quantizers(self, metrics: Metrics) -> dict[str, ProductQuantizer]:
         """The tables an evaluated configuration used: given (fine-tuned) ones, else built ones."""
-        tuned = metrics.extra.get("tables_sha256")
+        tuned = metrics.tables_sha256
         if not tuned:
             return self.builder.build_all(metrics.settings)
         if not self.has_tables(metrics):

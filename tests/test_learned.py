@@ -157,7 +157,7 @@ def test_finetuning_lowers_the_loss_and_raises_accuracy(tiny_digits):
         assert not torch.equal(tuned[name].tables_, snapshot[name])
     after = session.apply(before.settings, tables=tuned, tables_id="tuned").metrics
     assert after.accuracy > before.accuracy
-    assert after.extra["tables_sha256"] == "tuned"
+    assert after.tables_sha256 == "tuned"
 
 
 def test_the_straight_through_forward_is_the_inference_forward_and_trees_learn_thresholds():
