@@ -103,6 +103,17 @@ install_python() {
   while read -r f; do req_hash "$f" >"$(stamp_of "$f")"; done < <(req_closure "$req")
 }
 
+# The project itself, installed editable (its modules are the working tree's, no path edits anywhere): once per
+# venv and pyproject.toml. Without setuptools in the venv, pip fetches it for the build (build isolation).
+install_project() {
+  local stamp=$VENV/.tabconv-project.sha256 hash isolation=()
+  hash=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  if [[ -f $stamp && $(<"$stamp") == "$hash" ]]; then return; fi
+  if "$VPY" -c "import setuptools" 2>/dev/null; then isolation=(--no-build-isolation); fi
+  "$VPY" -m pip install -qq --disable-pip-version-check --root-user-action=ignore --no-deps "${isolation[@]}" -e .
+  echo "$hash" >"$stamp"
+}
+
 # The native table kernels need a C compiler: Debian's gcc when there is none (as root), else the torch path serves.
 install_compiler() {
   if command -v cc >/dev/null || command -v gcc >/dev/null || [[ -n ${CC:-} ]]; then return; fi
@@ -140,11 +151,13 @@ export VIRTUAL_ENV=$PWD/$VENV PATH=$PWD/$VENV/bin:$PATH
 case "$cmd" in
   explore)
     install_python requirements.txt
+    install_project
     build_native
     exec "$VPY" -m streamlit run explorer/app.py "$@"
     ;;
   test)
     install_python requirements-dev.txt
+    install_project
     install_chromium
     build_native
     "$VPY" -m ruff check tabconv explorer tests bench
@@ -157,10 +170,12 @@ case "$cmd" in
     ;;
   tabconv)
     install_python requirements.txt
+    install_project
     exec "$VPY" -m tabconv "$@"
     ;;
   python)
     install_python requirements-dev.txt
+    install_project
     exec "$VPY" "$@"
     ;;
 esac

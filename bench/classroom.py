@@ -1,6 +1,7 @@
 """A class on one explorer server: N students, each a browser session, doing a scripted mix for a few minutes.
 
-python bench/classroom.py --students 10 --minutes 3 [--json [FILE]] [--seed 0]
+python -m bench.classroom --students 10 --minutes 3 [--json [FILE]] [--seed 0]   (from the repository root: it
+                                                                                 reuses tests/browser_helpers.py)
 
 One server (streamlit, headless, a free port) starts cold: temporary table cache, data and checkpoint folders (the
 default checkpoint, ResNet-18 on digits, is copied from checkpoints/ when there, else trained first, unmeasured); the
@@ -47,21 +48,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from playwright.async_api import Browser, Page, async_playwright
+from streamlit.proto.BackMsg_pb2 import BackMsg
+from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
-from playwright.async_api import Browser, Page, async_playwright  # noqa: E402
-from streamlit.proto.BackMsg_pb2 import BackMsg  # noqa: E402
-from streamlit.proto.ForwardMsg_pb2 import ForwardMsg  # noqa: E402
-
-from bench.streamlit_client import StreamlitClient  # noqa: E402
-from tabconv import zoo  # noqa: E402
-from tabconv.cache import TableCache  # noqa: E402
-from tabconv.config import from_dict  # noqa: E402
-from tabconv.session import Session  # noqa: E402
-from tabconv.structure import ModelStructure  # noqa: E402
-from tabconv.train import load_checkpoint  # noqa: E402
-from tests.browser_helpers import CHROMIUM, CHROMIUM_ARGS, start_server, stop_server  # noqa: E402
+from bench.streamlit_client import StreamlitClient
+from tabconv import zoo
+from tabconv.cache import TableCache
+from tabconv.config import from_dict
+from tabconv.session import Session
+from tabconv.structure import ModelStructure
+from tabconv.train import load_checkpoint
+from tests.browser_helpers import CHROMIUM, CHROMIUM_ARGS, start_server, stop_server
 
 KINDS = ("open", "toggle", "ck", "search", "masking")
 ARRIVAL_S = (0.0, 5.0)  # a class does not open the page in the same second

@@ -14,17 +14,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tabconv.cache import TableCache  # noqa: E402
-from tabconv.config import Calibration  # noqa: E402
-from tabconv.session import Session  # noqa: E402
-from tabconv.settings import EXACT, LayerSetting  # noqa: E402
+from tabconv.cache import TableCache
+from tabconv.config import Calibration
+from tabconv.session import Session
+from tabconv.settings import EXACT, LayerSetting
 
 
 def timed(fn) -> float:
@@ -75,8 +71,7 @@ def rebuilds(session: Session, table: LayerSetting, layers: int) -> float:
 
 def warm_start(args: argparse.Namespace, cache_dir: str, table: LayerSetting) -> float:
     """A new process: import, load checkpoint and data, all tables from the disk cache, first metrics."""
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
-            "from tabconv.session import Session; from tabconv.cache import TableCache\n"
+    code = ("from tabconv.session import Session; from tabconv.cache import TableCache\n"
             "from tabconv.config import Calibration; from tabconv.settings import LayerSetting\n"
             f"s = Session.from_checkpoint({args.checkpoint!r},"
             f" calibration=Calibration(images={args.calibration_images}), eval_images={args.eval_images},"

@@ -16,22 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from tabconv import native  # noqa: E402
-from tabconv.atomic import atomic_write_text  # noqa: E402
-from tabconv.latency import median_ms  # noqa: E402
-from tabconv.latencytable import random_table_layer  # noqa: E402
-from tabconv.models import build_model  # noqa: E402
-from tabconv.settings import LayerSetting  # noqa: E402
-from tabconv.structure import ModelStructure  # noqa: E402
+from tabconv import native
+from tabconv.atomic import atomic_write_text
+from tabconv.latency import median_ms
+from tabconv.latencytable import random_table_layer
+from tabconv.models import build_model
+from tabconv.settings import LayerSetting
+from tabconv.structure import ModelStructure
 
 SHUFFLE_LOOKUPS_PER_CYCLE = 32
 WARMUP = 5

@@ -30,24 +30,21 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import onnxruntime
+import torch
+from torch import nn
 
-import numpy as np  # noqa: E402
-import onnxruntime  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from tabconv import config as config_file  # noqa: E402
-from tabconv import native, ortops  # noqa: E402
-from tabconv.atomic import atomic_write_text  # noqa: E402
-from tabconv.cache import TableCache  # noqa: E402
-from tabconv.config import Calibration  # noqa: E402
-from tabconv.export import TabledNetwork, onnx_bytes, ops_onnx_bytes  # noqa: E402
-from tabconv.latency import images, median_ms, ort_session  # noqa: E402
-from tabconv.latency import measure as measure_end_to_end  # noqa: E402
-from tabconv.session import Session  # noqa: E402
-from tabconv.settings import LayerSetting  # noqa: E402
+from tabconv import config as config_file
+from tabconv import native, ortops
+from tabconv.atomic import atomic_write_text
+from tabconv.cache import TableCache
+from tabconv.config import Calibration
+from tabconv.export import TabledNetwork, onnx_bytes, ops_onnx_bytes
+from tabconv.latency import images, median_ms, ort_session
+from tabconv.latency import measure as measure_end_to_end
+from tabconv.session import Session
+from tabconv.settings import LayerSetting
 
 SETTING_KEYS = {"C": "codebooks", "K": "centroids", "S": "subvector", "encoder": "encoder", "lut": "lut_dtype"}
 

@@ -12,20 +12,18 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tabconv.atomic import atomic_write_text
+from tabconv.config import Calibration
+from tabconv.finetune import DEFAULT_LAYER_LOSS, DEFAULT_LR, finetune_session
+from tabconv.session import Session
+from tabconv.settings import LayerSetting
 
-from tabconv.atomic import atomic_write_text  # noqa: E402
-from tabconv.config import Calibration  # noqa: E402
-from tabconv.finetune import DEFAULT_LAYER_LOSS, DEFAULT_LR, finetune_session  # noqa: E402
-from tabconv.session import Session  # noqa: E402
-from tabconv.settings import LayerSetting  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)

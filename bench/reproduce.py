@@ -21,16 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tabconv import zoo
+from tabconv.cache import TableCache
+from tabconv.config import Calibration
+from tabconv.metrics import Metrics
+from tabconv.search import SearchResult, greedy_search, pareto_front, priority_masking
+from tabconv.session import Session
+from tabconv.settings import LayerSetting
 
-from tabconv import zoo  # noqa: E402
-from tabconv.cache import TableCache  # noqa: E402
-from tabconv.config import Calibration  # noqa: E402
-from tabconv.metrics import Metrics  # noqa: E402
-from tabconv.search import SearchResult, greedy_search, pareto_front, priority_masking  # noqa: E402
-from tabconv.session import Session  # noqa: E402
-from tabconv.settings import LayerSetting  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 
 def make_folder(root: Path, per_split: int, classes: int = 10, size: int = 256) -> Path:
     """train/ and val/ class folders of smooth random JPEGs (decoding cost like real photos)."""

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import streamlit as st
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `streamlit run` puts explorer/ on the path, not the repository
-    sys.path.insert(0, str(ROOT))
-
-import streamlit as st  # noqa: E402
-
-from explorer import actions, state, turns  # noqa: E402
-from explorer.panels import (  # noqa: E402
+from explorer import actions, state, turns
+from explorer.panels import (
     automatic,
     chooser,
     editor,
@@ -26,7 +19,7 @@ from explorer.panels import (  # noqa: E402
     tour,
     transfer,
 )
-from explorer.workbench import Workbench  # noqa: E402
+from explorer.workbench import Workbench
 
 
 @st.fragment

@@ -34,6 +34,7 @@ exit 1
 """
 
 PIP = "-m pip install -qq --disable-pip-version-check --root-user-action=ignore -r"
+PROJECT = "-m pip install -qq --disable-pip-version-check --root-user-action=ignore --no-deps --no-build-isolation -e ."
 
 VENV_PYTHON = """#!/usr/bin/env bash
 # fake venv interpreter: logs what it runs
@@ -51,7 +52,7 @@ def _executable(path: Path, text: str) -> None:
 def project(tmp_path):
     proj = tmp_path / "p"
     proj.mkdir()
-    for name in ("run.sh", "requirements.txt", "requirements-dev.txt"):
+    for name in ("run.sh", "requirements.txt", "requirements-dev.txt", "pyproject.toml"):
         shutil.copy2(ROOT / name, proj / name)
     fakes = tmp_path / "fakes"
     fakes.mkdir()
@@ -116,7 +117,7 @@ def test_python_that_does_not_run(project):
 def test_venv_made_once_requirements_installed_only_when_changed(project):
     proj, _ = project
     assert _run(project, "tabconv", "cost", "--json").returncode == 0
-    assert _calls(project) == ["venv .venv", f"{PIP} requirements.txt", "-m tabconv cost --json"]
+    assert _calls(project) == ["venv .venv", f"{PIP} requirements.txt", PROJECT, "-m tabconv cost --json"]
     # second launch: no venv, no pip
     result = _run(project, "tabconv", "cost")
     assert result.returncode == 0 and result.stderr == ""
@@ -133,6 +134,11 @@ def test_venv_made_once_requirements_installed_only_when_changed(project):
     assert _calls(project) == [f"{PIP} requirements-dev.txt", "-V"]
     assert _run(project, "tabconv").returncode == 0
     assert _calls(project) == ["-m tabconv"]
+    # a changed pyproject.toml installs the project again (editable: its code is the working tree's)
+    with open(proj / "pyproject.toml", "a") as f:
+        f.write("# changed\n")
+    assert _run(project, "tabconv").returncode == 0
+    assert _calls(project) == [PROJECT, "-m tabconv"]
 
 
 def test_venv_remade_for_another_interpreter_or_when_broken(project):
