@@ -40,6 +40,7 @@ class DatasetInfo:
     std: tuple[float, ...]
     description: str
     how_to_get: str
+    class_names: tuple[str, ...] = ()  # label k's name (empty: not known, labels are numbers)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -62,6 +63,7 @@ DATASETS: dict[str, DatasetInfo] = {
             description="scikit-learn's 8x8 handwritten digits (1797 images), upsampled to 32x32; "
             "fixed stratified split: 1347 train / 450 test",
             how_to_get="bundled with scikit-learn, always available",
+            class_names=tuple("0123456789"),
         ),
         DatasetInfo(
             name="mnist",
@@ -73,6 +75,7 @@ DATASETS: dict[str, DatasetInfo] = {
             std=(0.3081,),
             description="MNIST handwritten digits, 60000 train / 10000 test, 28x28 grey",
             how_to_get=f"{_DOWNLOAD_HOW}; {_OFFLINE_HOW}",
+            class_names=tuple("0123456789"),
         ),
         DatasetInfo(
             name="fashion-mnist",
@@ -84,6 +87,8 @@ DATASETS: dict[str, DatasetInfo] = {
             std=(0.3530,),
             description="Fashion-MNIST clothing images, 60000 train / 10000 test, 28x28 grey",
             how_to_get=f"{_DOWNLOAD_HOW}; {_OFFLINE_HOW}",
+            class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot"),
         ),
         DatasetInfo(
             name="cifar10",
@@ -96,6 +101,7 @@ DATASETS: dict[str, DatasetInfo] = {
             description="CIFAR-10 natural images, 50000 train / 10000 test, 32x32 RGB",
             how_to_get=f"{_DOWNLOAD_HOW}, or an image-folder export at cifar10-images/{{train,test}}/<class>/*.jpg; "
             f"{_OFFLINE_HOW}",
+            class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
         ),
         DatasetInfo(
             name="cifar100",

@@ -33,6 +33,8 @@ from torch import nn
 from tabconv import native
 from tabconv.atomic import atomic_write_bytes
 from tabconv.convert import convert, swap_in
+from tabconv.data import DatasetInfo
+from tabconv.exportreadme import export_readme
 from tabconv.graphform import graph_form
 from tabconv.models import build_model
 from tabconv.quantizer import ProductQuantizer
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
 
 FORMATS = ("torch", "onnx", "onnx-ops", "npz")
 MODEL_FILE, ONNX_FILE, NPZ_FILE, MANIFEST_FILE = "model.pt", "model.onnx", "tables.npz", "manifest.json"
-OPS_FILE = "model-ops.onnx"
+OPS_FILE, README_FILE = "model-ops.onnx", "README.md"
 MODEL_FORMAT, MANIFEST_FORMAT, VERSION = "tabconv-tabled-model", "tabconv-export", 1
 ONNX_INPUT, ONNX_OUTPUT = "input", "logits"
 ONNX_EXAMPLE_BATCH = 2  # torch.export specialises a dimension traced at size 1, so trace at 2
@@ -75,10 +77,11 @@ class TabledNetwork:
     meta: Mapping[str, Any]  # model, num_classes, input_shape; dataset and sha256 (of the checkpoint) when known
     structure: ModelStructure
     quantizers: Mapping[str, ProductQuantizer]
+    preprocessing: Mapping[str, Any] | None = None  # what an image goes through before the network (see below)
 
     @classmethod
     def from_session(cls, session: Session, quantizers: Mapping[str, ProductQuantizer]) -> TabledNetwork:
-        return cls(session.model, session.meta, session.structure, quantizers)
+        return cls(session.model, session.meta, session.structure, quantizers, preprocessing(session.eval_set.info))
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -94,6 +97,14 @@ class TabledNetwork:
         for name, quantizer in self.quantizers.items():
             swap_in(network, self.structure.layer(name), copy.deepcopy(quantizer).cpu())
         return network.eval()
+
+
+def preprocessing(info: DatasetInfo) -> dict[str, Any]:
+    """How an image becomes the network's input, as the session fed it: pixels (0-255, C x H x W, resized to the
+    input size) times pixel_scale, then per channel (x - mean) / std; class k of the output is class_names[k]."""
+    return {"input_shape": [info.channels, info.height, info.width], "pixel_scale": 1 / 255,
+            "mean": list(info.mean), "std": list(info.std), "class_names": list(info.class_names) or None,
+            "dataset": info.name}
 
 
 # -- writing -----------------------------------------------------------------------------------------
@@ -116,6 +127,7 @@ def export_files(tabled: TabledNetwork, formats: Iterable[str] = FORMATS) -> dic
     if "npz" in formats:
         arrays = npz_arrays(tabled)
         files[NPZ_FILE] = npz_bytes(arrays)
+    files[README_FILE] = export_readme(tabled, files).encode()
     files[MANIFEST_FILE] = json.dumps(manifest(tabled, files, arrays), indent=2).encode()
     return files
 
@@ -249,6 +261,7 @@ def manifest(tabled: TabledNetwork, files: Mapping[str, bytes], arrays: Mapping[
                       for name, data in files.items()},
             "onnx": {"input": ONNX_INPUT, "output": ONNX_OUTPUT, "input_shape": ["batch", *tabled.input_shape]}
             if ONNX_FILE in files or OPS_FILE in files else None,
+            "preprocessing": dict(tabled.preprocessing) if tabled.preprocessing else None,
             "layers": layers}
 
 

@@ -255,7 +255,8 @@ def load_image_folder(scan: FolderScan, prep: Preprocessing, *, calibration_imag
                        std=prep.std, description=f"image folder {scan.root}: {len(scan.classes)} classes, "
                        f"{len(scan.calibration)} calibration / {len(scan.evaluation)} evaluation images "
                        f"({scan.split_text})",
-                       how_to_get=f"your own image folder at {scan.root}")
+                       how_to_get=f"your own image folder at {scan.root}",
+                       class_names=scan.classes if class_indices is None else ())
     wanted = {"calibration": _head(scan, calibration_split, calibration_images, "calibration"),
               "evaluation": _head(scan, "test", eval_images, "evaluation")}
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}

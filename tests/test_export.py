@@ -289,7 +289,7 @@ def test_npz_rebuilds_each_table_layer_with_numpy_only(tiny: TabledNetwork, tiny
 
 def test_manifest_describes_the_export(tiny_export: Path):
     manifest = check_export(tiny_export)
-    assert set(manifest["files"]) == {"model.pt", "model.onnx", "model-ops.onnx", "tables.npz"}
+    assert set(manifest["files"]) == {"model.pt", "model.onnx", "model-ops.onnx", "tables.npz", "README.md"}
     conv2 = next(layer for layer in manifest["layers"] if layer["name"] == "conv2")
     expected = {"kind": "conv", "in_channels": 8, "out_channels": 16, "kernel_size": [3, 3], "stride": [2, 2],
                 "padding": [1, 1], "dilation": [1, 1], "groups": 1, "batchnorm_folded": "bn2", "mode": "table",
@@ -306,7 +306,7 @@ def test_zip_holds_the_files(tiny: TabledNetwork):
     files = export_files(tiny, "torch,npz")
     with zipfile.ZipFile(io.BytesIO(export_zip(files))) as archive:
         assert {name: archive.read(name) for name in archive.namelist()} == files
-    assert set(files) == {"model.pt", "tables.npz", "manifest.json"}
+    assert set(files) == {"model.pt", "tables.npz", "README.md", "manifest.json"}
 
 
 def test_damaged_or_edited_files_are_refused(tiny_export: Path, tmp_path: Path):
@@ -383,9 +383,22 @@ def test_cli_exports_a_configuration_loadable_in_a_fresh_process(tiny_digits: Pa
         onnx_predictions = _onnx_outputs((out / "model.onnx").read_bytes(), images).argmax(1)
     assert onnx_predictions.tolist() == tabled(images).argmax(1).tolist()
     with zipfile.ZipFile(io.BytesIO(configuration_zip(session, metrics))) as archive:  # the explorer's download
-        assert sorted(archive.namelist()) == ["manifest.json", "model-ops.onnx", "model.onnx", "model.pt",
-                                              "tables.npz"]
-        assert len(json.loads(archive.read("manifest.json"))["files"]) == 4
+        assert sorted(archive.namelist()) == ["README.md", "manifest.json", "model-ops.onnx", "model.onnx",
+                                              "model.pt", "tables.npz"]
+        manifest = json.loads(archive.read("manifest.json"))
+        readme = archive.read("README.md").decode()
+    assert len(manifest["files"]) == 5
+    # what an engineer needs beyond the files: the preprocessing the session used, and how to load each file
+    prep = manifest["preprocessing"]
+    assert prep == {"input_shape": [1, 32, 32], "pixel_scale": 1 / 255, "mean": [0.3052], "std": [0.3236],
+                    "class_names": list("0123456789"), "dataset": "digits"}
+    raw = session.eval_set.images[:8]
+    by_manifest = (raw.float() * prep["pixel_scale"] - torch.tensor(prep["mean"]).view(-1, 1, 1)) / torch.tensor(
+        prep["std"]).view(-1, 1, 1)
+    torch.testing.assert_close(by_manifest, session.eval_set.normalize(raw))
+    for name in ("model.pt", "model.onnx", "model-ops.onnx", "tables.npz", "manifest.json"):
+        assert f"| `{name}` |" in readme
+    assert "exact network's weights" in readme and "mean = [0.3052]" in readme and "9: 9" in readme
 
 
 def test_cli_exports_the_tables_of_a_fine_tuned_configuration(tiny_digits: Path, tmp_path: Path):
@@ -404,7 +417,7 @@ def test_cli_exports_the_tables_of_a_fine_tuned_configuration(tiny_digits: Path,
     out = tmp_path / "export"
     assert _cli("--checkpoint", str(tiny_digits), "--config", str(config_path), "--out", str(out),
                 "--format", "torch") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "manifest.json", "model.pt"]
     loaded = tabconv.load_tabled(out / "model.pt")
     for name, quantizer in tuned.items():
         assert torch.equal(loaded.get_submodule(name).quantizer.tables_, quantizer.tables_)

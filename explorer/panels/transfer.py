@@ -79,8 +79,12 @@ def _model_button(wb: Workbench, current: Metrics, name: str, common: dict) -> N
 
     st.download_button("Export model (zip)", build, key="export_model", file_name=f"{name}-model.zip",
                        mime="application/zip", help="model.pt (tabconv.load_tabled), model.onnx (standard operators), "
-                       "model-ops.onnx (tabconv's onnxruntime operator, on the native kernels), tables.npz and "
-                       "manifest.json: the tabled network, to run outside this page (docs/export-format.md)", **common)
+                       "model-ops.onnx (tabconv's onnxruntime operator, on the native kernels), tables.npz, "
+                       "manifest.json (with the preprocessing: input size, mean, std, class names) and a README.md "
+                       "saying how to load each: the tabled network, to run outside this page. model.pt also carries "
+                       f"the exact network's weights ({current.baseline.storage_bytes / 2**20:.1f} MiB), so that it "
+                       "rebuilds the whole network: it is larger than the storage shown for the tables",
+                       **common)
 
 
 def _json(wb: Workbench, current: Metrics) -> str:
