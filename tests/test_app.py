@@ -283,3 +283,14 @@ def test_every_accuracy_shows_its_interval_and_a_change_says_whether_it_is_real(
     assert bars and all(min(b["array"] + b["arrayminus"]) >= 0 for b in bars)
     history = next(d.value for d in app.dataframe if "95% CI" in d.value.columns)
     assert history.set_index("id").loc[0, "vs exact (McNemar)"] == "within noise (p=1)"
+
+
+def test_a_history_selection_never_outlives_the_rows_it_picked(app: AppTest) -> None:
+    """Rows selected in the run history index that history: a selection beyond it (left by another model's longer
+    history, as after a model switch) is dropped instead of failing, and every panel below still draws."""
+    key = next(k for k in app.session_state.keys() if str(k).startswith("history-"))
+    app.session_state[key] = {"selection": {"rows": [0, 57, 99], "columns": [], "cells": []}}
+    app.run()
+    no_failure(app)
+    assert any(b.label.startswith("Load #") for b in app.button)  # row 0, the baseline, is still chosen
+    assert any(m.value.startswith("**4 · The result.**") for m in app.markdown)  # the teaching view below draws
