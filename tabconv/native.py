@@ -46,10 +46,16 @@ class NativeUnavailable(RuntimeError):
     """`--kernel native` was asked for where the native kernels cannot run."""
 
 
+GEOMETRY = ("in_channels", "kh", "kw", "sy", "sx", "py", "px", "dy", "dx")
+FIELDS = (*GEOMETRY, "groups", "codebooks", "centroids", "width", "out_features", "encoder", "depth", "lut")
+ARRAYS = ("column_channel", "column_ky", "column_kx", "split_dims", "thresholds", "prototypes", "tables", "scale",
+          "bias")
+
+
 class _Desc(ctypes.Structure):
-    """tc_desc of lookup.h."""
+    """tc_desc of lookup.h: the integer fields, then the arrays' addresses."""
 
-
+    _fields_ = [(name, ctypes.c_int32) for name in FIELDS] + [(name, ctypes.c_void_p) for name in ARRAYS]
 
 
 _chosen: str | None = None  # use_kernel's choice for this process
@@ -343,13 +349,6 @@ def _watched(quantizer: ProductQuantizer) -> tuple[tuple[str, torch.Tensor | Non
         version = None if tensor is None or tensor.is_inference() else tensor._version
         watched.append((name, tensor, version))
     return tuple(watched)
-
-
-GEOMETRY = ("in_channels", "kh", "kw", "sy", "sx", "py", "px", "dy", "dx")
-FIELDS = (*GEOMETRY, "groups", "codebooks", "centroids", "width", "out_features", "encoder", "depth", "lut")
-ARRAYS = ("column_channel", "column_ky", "column_kx", "split_dims", "thresholds", "prototypes", "tables", "scale",
-          "bias")
-_Desc._fields_ = [(name, ctypes.c_int32) for name in FIELDS] + [(name, ctypes.c_void_p) for name in ARRAYS]
 
 
 def describe(layer: nn.Module, quantizer: ProductQuantizer) -> tuple[dict[str, int], dict[str, torch.Tensor | None]]:
