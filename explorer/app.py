@@ -30,7 +30,6 @@ def workbench(wb: Workbench) -> None:
 
 
 def _core_loop(wb: Workbench) -> None:
-    tour.apply(wb)
     actions.handle_requests(wb)
     state.show_notice()
     current = state.view(wb, st.session_state.current_id)
@@ -72,6 +71,7 @@ def main() -> None:
         chooser.used_counts(wb.spec, wb.session.calibration.images, len(wb.session.eval_set))
         metrics.header(wb)
         loading.start(wb, choice)
+        tour.apply(wb)  # before its box: a step's words are drawn from the results the step asked for
         tour.panel(wb)
         workbench(wb)
         teaching.panel(wb)

@@ -288,7 +288,7 @@ def test_every_accuracy_shows_its_interval_and_a_change_says_whether_it_is_real(
 def test_a_history_selection_never_outlives_the_rows_it_picked(app: AppTest) -> None:
     """Rows selected in the run history index that history: a selection beyond it (left by another model's longer
     history, as after a model switch) is dropped instead of failing, and every panel below still draws."""
-    key = next(k for k in app.session_state.keys() if str(k).startswith("history-"))
+    key = next(k for k in app.session_state if str(k).startswith("history-"))
     app.session_state[key] = {"selection": {"rows": [0, 57, 99], "columns": [], "cells": []}}
     app.run()
     no_failure(app)

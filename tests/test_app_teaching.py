@@ -114,13 +114,25 @@ def test_the_guided_tour_sets_the_page_for_each_step_and_can_be_left(app: AppTes
     assert f"priority: {MASKED} worst exact" in _current_label(app)
     assert app.slider(key="mask_exact").value == MASKED  # the slider shows the loaded configuration
     masking_id = app.session_state["current_id"]
+    wb = open_workbench(app.session_state["spec"])
+    sweep = wb.sweeps[("priority", app.session_state["defaults"], "cumulative")]
+    every, masked = wb.metrics(sweep["ids"][0]), wb.metrics(masking_id)  # the sweep's first point, and this one
+    sentence = next(m.value for m in app.markdown if m.value.startswith("**Guided tour · step 4"))
+    assert every.table_layers == list(wb.session.structure.names) and sweep["ids"][MASKED] == masking_id
+    assert (f"from {every.accuracy:.2%} (every layer tabled) to {masked.accuracy:.2%}: "
+            f"{masked.against(every).verdict(name_test=False)}") in sentence  # its words are its numbers
     before = len(open_workbench(app.session_state["spec"]).session.history)
     app.button(key="tour_next").click().run()
     no_failure(app)
-    assert any(s.value.startswith("Search evaluated") for s in app.success)
     assert app.number_input(key="search_budget").value == SEARCH_BUDGET
     after = len(open_workbench(app.session_state["spec"]).session.history)
     assert after - before <= SEARCH_BUDGET  # only the small budget ran: the masking sweep was recalled
+    ran = app.session_state["tour_search"]
+    assert ran["new"] == after - before
+    assert any(s.value.startswith(f"Search looked at {ran['points']} configurations ({ran['new']} newly") for s in
+               app.success)
+    sentence = next(m.value for m in app.markdown if m.value.startswith("**Guided tour · step 5"))
+    assert f"It looked at {ran['points']} configurations: {ran['new']} newly evaluated" in sentence
     exact_layers = app.data_editor[0].value["table"].eq(False).sum()
     assert app.slider(key="mask_exact").value == exact_layers
     app.button(key="tour_back").click().run()

@@ -3,8 +3,9 @@ priority masking and a small budgeted search, each with one sentence and the pag
 
 A step only leaves requests, through the same calls the page's own controls use (load a configuration,
 evaluate settings, the masking sweep, the budgeted search); the workbench carries them out at the top of
-its run. The search step runs with a budget of a few evaluations, so no step is a long wait; leaving the
-tour keeps the configuration on screen.
+its run. A sentence that describes a result is made from that result (masking's accuracies and whether they
+differ beyond noise, how many configurations the search looked at). The search step runs with a budget of a
+few evaluations, so no step is a long wait; leaving the tour keeps the configuration on screen.
 """
 
 from __future__ import annotations
@@ -46,13 +47,33 @@ def steps(wb: Workbench) -> list[Step]:
                                     "takes it apart, and the accuracy line says whether the change is beyond noise."),
         Step("every layer as tables", "Every layer uses tables: the FLOPs drop the most, but the errors of all "
                                       "layers add up through the network (see the heatmap's last row)."),
-        Step("priority masking", f"The paper's fix: rank layers by how far their output drifts (cosine, every "
+        Step("priority masking", f"The paper's method: rank layers by how far their output drifts (cosine, every "
                                  f"layer tabled) and keep the {MASKED} worst exact; the slider under Automatic "
-                                 "choices moves along this sweep."),
+                                 "choices moves along this sweep." + _masking_outcome(wb)),
         Step("a budgeted search", f"From masking's best point, a greedy search tables more layers or halves C or K "
-                                  f"while keeping {SEARCH_TARGET}% of the exact accuracy — here with only "
-                                  f"{SEARCH_BUDGET} evaluations (raise the budget for a real search)."),
+                                  f"while keeping {SEARCH_TARGET}% of the exact accuracy — here with a budget of "
+                                  f"{SEARCH_BUDGET} new evaluations (raise it for a real search)."
+                                  + _search_outcome()),
     ]
+
+
+def _masking_outcome(wb: Workbench) -> str:
+    """What masking did here, in the words of its own numbers (empty before the sweep ran)."""
+    sweep = wb.sweeps.get(("priority", st.session_state.defaults, "cumulative"))
+    if not sweep:
+        return ""
+    every, masked = wb.metrics(sweep["ids"][0]), wb.metrics(sweep["ids"][min(MASKED, len(sweep["ids"]) - 1)])
+    return (f" Here it moved the accuracy from {every.accuracy:.2%} (every layer tabled) to {masked.accuracy:.2%}: "
+            f"{masked.against(every).verdict(name_test=False)}.")
+
+
+def _search_outcome() -> str:
+    """How many configurations the tour's search looked at, and how many of them were new (after it ran)."""
+    ran = st.session_state.get("tour_search")
+    if not ran:
+        return ""
+    return (f" It looked at {ran['points']} configurations: {ran['new']} newly evaluated, the rest recalled from "
+            "the masking sweep.")
 
 
 def panel(wb: Workbench) -> None:
@@ -96,7 +117,8 @@ def leave() -> None:
 
 
 def apply(wb: Workbench) -> None:
-    """Turn the requested step into the page's own requests (run at the top of the workbench, before them)."""
+    """Turn the requested step into the page's own requests (run before the tour's box and the workbench, which
+    carries the requests out)."""
     step, st.session_state.tour_request = st.session_state.tour_request, None
     if step is None:
         return
@@ -113,8 +135,10 @@ def apply(wb: Workbench) -> None:
         ids = sweeps.masking(wb, setting, "cumulative")["ids"]
         st.session_state.load_request = ids[min(MASKED, len(ids) - 1)]  # a model with fewer layers: all exact
     else:
+        before = len(session.history)
         result = sweeps.budgeted(wb, setting, SEARCH_TARGET / 100, None, "paper", SEARCH_BUDGET)
+        ran = st.session_state.tour_search = {"points": len(result.points), "new": len(session.history) - before}
         best = result.best or session.baseline
         st.session_state.load_request = best.id
-        state.notify("success", f"Search evaluated {len(result.points)} configurations (most recalled from the "
-                                f"masking sweep); best: {best.summary()}")
+        state.notify("success", f"Search looked at {ran['points']} configurations ({ran['new']} newly evaluated, "
+                                f"the rest recalled from the masking sweep); best: {best.summary()}")
