@@ -6,6 +6,10 @@ configuration usually keeps a little less (on CIFAR-10, choices that held 93% on
 target fails there, backs off: the table layer whose return to exact gains the most accuracy on the *search*
 images goes back to exact (choosing on the confirmation images would make them search images too), and the new
 choice is confirmed again. The exact network always holds, so a back-off ends.
+
+The two sets of images are two sessions' (the CLI: the test images after the search's), or two slices of one
+session's (the explorer: the halves of its evaluation images), where one evaluation serves both: a configuration's
+accuracy on a slice comes from its per-image record.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tabconv.metrics import Metrics, Origin
-from tabconv.search import feasible, flops
+from tabconv.search import Judge, feasible, flops, on_images
 from tabconv.session import Session
 from tabconv.settings import EXACT
 
@@ -52,16 +56,20 @@ class Confirmation:
 
 
 def confirm(search: Session, confirmation: Session, chosen: Metrics, min_retention: float,
-            max_storage_bytes: int | None = None, convention: str = "paper",
-            progress: Progress | None = None) -> Confirmation:
+            max_storage_bytes: int | None = None, convention: str = "paper", progress: Progress | None = None,
+            search_images: slice | None = None, confirmation_images: slice | None = None) -> Confirmation:
     """`chosen` (evaluated by `search`) on `confirmation`'s images, backed off until it meets `min_retention`
     (and the storage bound) there. Both sessions must be of the same model and calibration, so that their tables
-    are the same (the confirmation session reads them from the shared cache)."""
-    confirmed = _on(confirmation, chosen, "confirmation")
+    are the same (the confirmation session reads them from the shared cache); they may be one session judged on
+    two slices of its images (`search_images`, `confirmation_images`). Every Metrics reported is as seen on its
+    images (its id is the session's record of the whole configuration)."""
+    searched, confirming = on_images(search, search_images), on_images(confirmation, confirmation_images)
+    chosen = searched(chosen)
+    confirmed = confirming(_on(confirmation, chosen, "confirmation"))
     first, current, steps = confirmed, chosen, []
     while not feasible(confirmed, min_retention, max_storage_bytes) and current.table_layers:
-        layer, current = _costliest(search, current, convention, progress, len(steps))
-        confirmed = _on(confirmation, current, f"confirmation after {len(steps) + 1} back-off(s)")
+        layer, current = _costliest(search, searched, current, convention, progress, len(steps))
+        confirmed = confirming(_on(confirmation, current, f"confirmation after {len(steps) + 1} back-off(s)"))
         steps.append(BackOff(layer, current, confirmed))
     return Confirmation(min_retention, chosen, first, tuple(steps))
 
@@ -70,16 +78,16 @@ def _on(session: Session, m: Metrics, label: str) -> Metrics:
     return session.apply(dict(m.settings), label=f"{label}: {m.label}", origin=Origin.GREEDY).metrics
 
 
-def _costliest(search: Session, current: Metrics, convention: str, progress: Progress | None,
+def _costliest(search: Session, searched: Judge, current: Metrics, convention: str, progress: Progress | None,
                done: int) -> tuple[str, Metrics]:
     """The table layer whose return to exact gains the most accuracy on the search images (ties: the one that
-    gives back the least cost), with the configuration it leaves."""
+    gives back the least cost), with the configuration it leaves (as seen on the search images)."""
     trials = []
     for index, layer in enumerate(current.table_layers):
         if progress:
             progress({"stage": "back-off", "index": index, "total": len(current.table_layers), "step": done + 1})
-        trial = search.apply({**current.settings, layer: EXACT}, label=f"back-off: {layer} -> exact",
-                             origin=Origin.GREEDY).metrics
+        trial = searched(search.apply({**current.settings, layer: EXACT}, label=f"back-off: {layer} -> exact",
+                                      origin=Origin.GREEDY).metrics)
         trials.append((trial.accuracy, -flops(trial, convention), layer, trial))
     _, _, layer, trial = max(trials, key=lambda item: item[:2])
     return layer, trial

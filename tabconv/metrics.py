@@ -4,7 +4,7 @@ record every view (CLI, search, explorer) shows."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -71,6 +71,15 @@ class Metrics:
     def against(self, reference: Metrics) -> Paired:
         """McNemar's exact test of this configuration against `reference` (evaluated on the same images)."""
         return paired(reference.correct_images, self.correct_images)
+
+    def on_images(self, images: slice, baseline: Metrics) -> Metrics:
+        """This configuration judged on a slice of its evaluation images (from the per-image record, nothing is
+        evaluated again): accuracy, retention against `baseline` on the same images, and the image count."""
+        mine, theirs = self.correct_images[images], baseline.correct_images[images]
+        if not len(mine):
+            raise ValueError(f"no evaluation images in {images} of {self.eval_images}")
+        return replace(self, accuracy=float(mine.mean()), eval_images=len(mine), baseline_accuracy=float(theirs.mean()),
+                       hits=np.packbits(mine).tobytes())
 
     @property
     def retention(self) -> float:

@@ -12,6 +12,7 @@ from tabconv.session import Session
 from tabconv.settings import EXACT, LayerSetting
 
 Progress = Callable[[dict[str, Any]], None]
+Judge = Callable[[Metrics], Metrics]  # a configuration as a search sees it (e.g. on some of its images)
 RANKINGS = ("cumulative", "isolated")
 
 
@@ -42,10 +43,20 @@ def flops(m: Metrics, convention: str) -> float:
 
 
 def pick_best(points: Iterable[Metrics], min_retention: float, max_storage_bytes: int | None = None,
-              convention: str = "paper") -> Metrics | None:
-    """Fewest FLOPs among feasible points; ties go to higher accuracy."""
-    ok = [m for m in points if feasible(m, min_retention, max_storage_bytes)]
-    return min(ok, key=lambda m: (flops(m, convention), -m.accuracy)) if ok else None
+              convention: str = "paper", judge: Judge | None = None) -> Metrics | None:
+    """Fewest FLOPs among points feasible as `judge` sees them (default: on all their images); ties go to higher
+    accuracy."""
+    judge = judge or (lambda m: m)
+    ok = [m for m in points if feasible(judge(m), min_retention, max_storage_bytes)]
+    return min(ok, key=lambda m: (flops(m, convention), -judge(m).accuracy)) if ok else None
+
+
+def on_images(session: Session, images: slice | None) -> Judge:
+    """How a search judges a configuration: on all the session's evaluation images (None), or on a slice of them
+    (its accuracy and retention recomputed from the per-image record), so that the rest can confirm the choice."""
+    if images is None:
+        return lambda m: m
+    return lambda m: m.on_images(images, session.baseline)
 
 
 def _notify(progress: Progress | None, stage: str, index: int, total: int, **extra: Any) -> None:
@@ -67,7 +78,7 @@ def only_exact(session: Session, layer: str, setting: LayerSetting) -> Metrics:
 
 def priority_masking(session: Session, setting: LayerSetting, min_retention: float = 0.0,
                      rank_by: str = "cumulative", max_storage_bytes: int | None = None,
-                     progress: Progress | None = None) -> SearchResult:
+                     progress: Progress | None = None, images: slice | None = None) -> SearchResult:
     """The paper's masking: rank layers by the cosine of their output with every layer tabled
     ('cumulative', as the reference code does) or with only that layer tabled ('isolated', cosine at
     the network output), then sweep how many of the worst stay exact (0..L); every point is evaluated."""
@@ -88,7 +99,8 @@ def priority_masking(session: Session, setting: LayerSetting, min_retention: flo
         for name in ranking[:count]:
             settings[name] = EXACT
         points.append(session.apply(settings, label=f"priority: {count} worst exact", origin=Origin.PRIORITY).metrics)
-    return SearchResult("priority", points, pick_best(points, min_retention, max_storage_bytes), ranking)
+    return SearchResult("priority", points, pick_best(points, min_retention, max_storage_bytes,
+                                                      judge=on_images(session, images)), ranking)
 
 
 def sensitivity(session: Session, setting: LayerSetting, progress: Progress | None = None) -> list[dict[str, Any]]:
@@ -150,12 +162,14 @@ def _moves(settings: dict[str, LayerSetting], setting: LayerSetting, convention:
 
 def greedy_search(session: Session, setting: LayerSetting, min_retention: float,
                   max_storage_bytes: int | None = None, convention: str = "paper", max_evaluations: int = 400,
-                  progress: Progress | None = None) -> SearchResult:
+                  progress: Progress | None = None, images: slice | None = None) -> SearchResult:
     """Start from priority masking's best point (so never worse), then score every move that saves
     FLOPs (known from the cost model before evaluating) by accuracy lost per FLOP saved, and accept
-    moves best score first while the constraints and the evaluation budget hold."""
+    moves best score first while the constraints and the evaluation budget hold. `images`: judge on that
+    slice of the evaluation images only (the others can then confirm the choice)."""
+    judge = on_images(session, images)
     start = priority_masking(session, setting, min_retention, max_storage_bytes=max_storage_bytes,
-                             progress=progress)
+                             progress=progress, images=images)
     points = list(start.points)
     current = start.best or session.baseline
     budget = max_evaluations
@@ -169,19 +183,19 @@ def greedy_search(session: Session, setting: LayerSetting, min_retention: float,
             trial = _try(session, current, name, new, progress, max_evaluations - budget, max_evaluations, convention)
             budget -= 1
             points.append(trial)
-            if feasible(trial, min_retention, max_storage_bytes):
+            if feasible(judge(trial), min_retention, max_storage_bytes):
                 saved = flops(current, convention) - flops(trial, convention)
-                scored.append(((current.accuracy - trial.accuracy) / saved, name, new))
+                scored.append(((judge(current).accuracy - judge(trial).accuracy) / saved, name, new))
         for _, name, new in sorted(scored, key=lambda item: item[0]):
             if budget <= 0:
                 break
             trial = _try(session, current, name, new, progress, max_evaluations - budget, max_evaluations, convention)
             budget -= 1
             points.append(trial)
-            if flops(trial, convention) < flops(current, convention) and feasible(trial, min_retention,
+            if flops(trial, convention) < flops(current, convention) and feasible(judge(trial), min_retention,
                                                                                   max_storage_bytes):
                 current, improved = trial, True
-    best = pick_best(points, min_retention, max_storage_bytes, convention)
+    best = pick_best(points, min_retention, max_storage_bytes, convention, judge)
     return SearchResult("greedy", points, best, start.ranking)
 
 

@@ -128,3 +128,24 @@ def test_confirmation_backs_off_until_the_target_holds_on_other_images(trained):
     assert checked.searched is checked.backoffs[-1].searched
     kept = confirm(search, other, chosen, first.retention)
     assert not kept.backoffs and kept.confirmed.accuracy == first.accuracy and kept.searched is chosen
+
+
+def test_one_session_can_search_on_half_its_images_and_confirm_on_the_other(session):
+    """The explorer's way: a search judged on the first half of a session's images, confirmed on the second half,
+    both read from the same evaluations' per-image record."""
+    first, second = slice(0, 75), slice(75, 150)
+    result = greedy_search(session, TABLE, 0.7, max_evaluations=10, images=first)
+    every = [session.apply(dict(m.settings)).metrics for m in result.points]  # recalled, not evaluated again
+    assert all(a is b for a, b in zip(every, result.points, strict=True))
+    half = result.best.on_images(first, session.baseline)
+    correct, base = result.best.correct_images[:75], session.baseline.correct_images[:75]
+    assert (half.eval_images, half.accuracy, half.baseline_accuracy) == (75, correct.mean(), base.mean())
+    assert half.retention >= 0.7 and half.id == result.best.id
+    feasible_on_half = [m for m in result.points if m.on_images(first, session.baseline).retention >= 0.7]
+    assert result.best in feasible_on_half and min(m.flops_paper for m in feasible_on_half) == result.best.flops_paper
+    checked = confirm(session, session, result.best, 0.95, search_images=first, confirmation_images=second)
+    assert checked.chosen.eval_images == checked.chosen_confirmed.eval_images == 75
+    assert checked.chosen_confirmed.accuracy == result.best.correct_images[75:].mean()
+    assert checked.confirmed.retention >= 0.95
+    for b in checked.backoffs:
+        assert b.searched.eval_images == b.confirmed.eval_images == 75 and b.searched.id == b.confirmed.id
