@@ -10,12 +10,14 @@ evaluated are in this process's history too (their ids are only valid here, so t
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from explorer import state, turns
 from explorer.progress import ProgressBar
 from explorer.workbench import Workbench
 from tabconv import search
+from tabconv.confirm import Confirmation, confirm, halves
 from tabconv.finetune import Tuned, finetune_session
 from tabconv.latency import Latency, measure_configuration
 from tabconv.metrics import Metrics, Origin
@@ -85,13 +87,39 @@ def masking(wb: Workbench, setting: LayerSetting, rank_by: str) -> dict[str, Any
     return wb.sweeps[key]
 
 
+@dataclass(frozen=True)
+class Budgeted:
+    """A budgeted search, chosen on the first half of the evaluation images and confirmed on the second."""
+
+    result: search.SearchResult
+    checked: Confirmation | None  # None: nothing met the target, or too few images to split
+    halves: tuple[slice, slice] | None
+
+    @property
+    def accepted(self) -> int | None:
+        """The id of the configuration to show: the confirmed one (the search's best when none could be)."""
+        if self.checked is not None:
+            return self.checked.confirmed.id
+        return None if self.result.best is None else self.result.best.id
+
+
 def budgeted(wb: Workbench, setting: LayerSetting, min_retention: float, max_storage_bytes: int | None,
-             convention: str, max_evaluations: int) -> search.SearchResult:
-    """Greedy search from priority masking's best point: the most FLOPs saved within the budget."""
+             convention: str, max_evaluations: int) -> Budgeted:
+    """Greedy search from priority masking's best point (the most FLOPs saved within the budget), judged on the
+    first half of the evaluation images, then confirmed on the second half (tabconv.confirm): one evaluation per
+    configuration serves both halves."""
+    split = halves(len(wb.session.eval_set))
     result = _run(wb, "Budgeted search", search.greedy_search, setting, min_retention,
-                  max_storage_bytes=max_storage_bytes, convention=convention, max_evaluations=max_evaluations)
+                  max_storage_bytes=max_storage_bytes, convention=convention, max_evaluations=max_evaluations,
+                  images=split[0] if split else None)
     state.remember(m.id for m in result.points)
-    return result
+    checked = None
+    if result.best is not None and split is not None:
+        checked = _run(wb, "Confirming the search's choice on the other half of the images", confirm, wb.session,
+                       result.best, min_retention, max_storage_bytes, convention, search_images=split[0],
+                       confirmation_images=split[1])
+        state.remember(b.searched.id for b in checked.backoffs)
+    return Budgeted(result, checked, split)
 
 
 def finetune(wb: Workbench, parent: Metrics, steps: int, images: int, lr: float, layer_loss: float,

@@ -55,6 +55,13 @@ class Confirmation:
         return self.backoffs[-1].confirmed if self.backoffs else self.chosen_confirmed
 
 
+def halves(images: int) -> tuple[slice, slice] | None:
+    """A session's evaluation images split for one search: choose on the first half, confirm on the second (None
+    when there are too few to split)."""
+    half = images // 2
+    return (slice(0, half), slice(half, images)) if half else None
+
+
 def confirm(search: Session, confirmation: Session, chosen: Metrics, min_retention: float,
             max_storage_bytes: int | None = None, convention: str = "paper", progress: Progress | None = None,
             search_images: slice | None = None, confirmation_images: slice | None = None) -> Confirmation:

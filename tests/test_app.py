@@ -114,11 +114,18 @@ def test_priority_masking_and_search_add_configurations(app: AppTest) -> None:
     app.slider(key="search_target").set_value(50)
     app.button(key="run_search").click().run()
     no_failure(app)
-    found = next(s.value for s in app.success if s.value.startswith("Search evaluated"))
-    evaluated = int(re.match(r"Search evaluated (\d+) configurations", found).group(1))
+    found = next(s.value for s in app.success if s.value.startswith("The search looked at"))
+    evaluated = int(re.match(r"The search looked at (\d+) configurations", found).group(1))
     assert len(names) + 1 <= evaluated <= len(names) + 1 + 3  # the masking points it starts from + its budget
-    best = wb.metrics(app.session_state["current_id"])  # the search's best is shown
-    assert best.retention >= 0.5 and found.endswith(f"best: {best.summary()}")
+    greedy = evaluated - len(names) - 1
+    assert f"the {len(names) + 1} points of the masking sweep it starts from, then {greedy} greedy moves" in found
+    shown = wb.metrics(app.session_state["current_id"])  # the confirmed choice is shown
+    half = len(wb.session.eval_set) // 2
+    on_second = shown.on_images(slice(half, None), wb.session.baseline)
+    assert on_second.retention >= 0.5
+    assert found.endswith(f"Loaded #{shown.id} ({len(shown.table_layers)} table layers).")
+    assert f"Chosen on images 1-{half}" in found and f"on images {half + 1}-{len(wb.session.eval_set)}" in found
+    assert any(c.value.startswith("It chooses on the first half of the") for c in app.caption)
 
 
 def test_measuring_speed_shows_its_own_box_apart_from_the_counted_cards(app: AppTest) -> None:

@@ -121,7 +121,7 @@ def test_a_cancelled_search_gives_the_server_back_and_keeps_the_page(app: AppTes
 
     app.button(key="run_search").click().run()  # and the same search runs to its end afterwards
     no_failure(app)
-    assert any(s.value.startswith("Search evaluated") for s in app.success)
+    assert any(s.value.startswith("The search looked at") for s in app.success)
 
 
 def test_an_evaluation_can_be_cancelled_while_it_runs(app: AppTest, monkeypatch: pytest.MonkeyPatch) -> None:

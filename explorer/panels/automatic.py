@@ -73,14 +73,39 @@ def _search(wb: Workbench, setting: LayerSetting) -> None:
                             help=f"Original: {base.baseline.storage_bytes / 2**20:.2f} MiB")
     budget = right.number_input("Evaluation budget", 1, 400, key="search_budget",
                                 help="At most this many greedy evaluations after the masking sweep.")
+    images = len(wb.session.eval_set)
+    st.caption(f"It chooses on the first half of the {images} evaluation images and confirms on the second half: "
+               "while the target fails there, the table layer whose return to exact gains most on the first half "
+               "goes back to exact. The cards above count all the images, the half it chose on included.")
     if st.button("Run budgeted search", key="run_search", type="primary"):
         cap_bytes = int(cap * base.baseline.storage_bytes) if cap > 0 else None
-        result = sweeps.budgeted(wb, setting, target / 100, cap_bytes, convention, int(budget))
-        if result.best is None:
-            state.notify("warning", f"No configuration among the {len(result.points)} evaluated kept {target}% "
-                         "of the exact accuracy" + (" under the storage cap" if cap_bytes else "") + ".")
-        else:
-            st.session_state.load_request = result.best.id
-            state.notify("success", f"Search evaluated {len(result.points)} configurations; "
-                         f"best: {result.best.summary()}")
+        ran = sweeps.budgeted(wb, setting, target / 100, cap_bytes, convention, int(budget))
+        st.session_state.search_outcome = outcome(ran, target, cap_bytes is not None, len(wb.structure.names))
+        if ran.accepted is not None:
+            st.session_state.load_request = ran.accepted
         state.refresh()
+    if st.session_state.get("search_outcome"):  # the last search's outcome, beside its button
+        kind, text = st.session_state.search_outcome
+        getattr(st, kind)(text)
+
+
+def outcome(ran: sweeps.Budgeted, target: int, capped: bool, layers: int) -> tuple[str, str]:
+    """('success' | 'warning', what the search did, in its own numbers): how many configurations it looked at and
+    why more than its budget, what its choice kept on each half of the images, and what backing off took."""
+    points = len(ran.result.points)
+    looked = (f"The search looked at {points} configurations: the {layers + 1} points of the masking sweep it starts "
+              f"from, then {points - layers - 1} greedy moves within its budget")
+    if ran.result.best is None:
+        return "warning", (f"{looked}; none kept {target}% of the exact accuracy"
+                           + (" under the storage cap" if capped else "") + ".")
+    if ran.checked is None:
+        return "success", f"{looked}. Too few images to confirm on: best, on all of them, {ran.result.best.summary()}."
+    check = ran.checked
+    first, second = ran.halves
+    text = (f"{looked}. Chosen on images {first.start + 1}-{first.stop}: its choice kept {check.chosen.retention:.1%} "
+            f"there and {check.chosen_confirmed.retention:.1%} on images {second.start + 1}-{second.stop}")
+    if check.backoffs:
+        layers_back = ", ".join(b.layer for b in check.backoffs)
+        text += (f"; {len(check.backoffs)} layer(s) went back to exact ({layers_back}) until the target held there "
+                 f"({check.confirmed.retention:.1%})")
+    return "success", text + f". Loaded #{check.confirmed.id} ({len(check.confirmed.table_layers)} table layers)."
