@@ -154,8 +154,9 @@ class TableBuilder:
     def key_parts(self, name: str, setting: LayerSetting, upstream: Mapping[str, LayerSetting]) -> dict[str, Any]:
         parts = {**self.identity, "layer": name, "setting": setting.with_(subvector=None).to_dict(),
                  "calibration": self.calibration.key_parts(),
-                 "quantizer": {k: v for k, v in ProductQuantizer.from_setting(setting).get_params().items()
-                               if k in ("kmeans_iter", "kmeans_backend")}}
+                 # every parameter of the quantizer fit_tables makes: a new one can never serve stale tables
+                 "quantizer": ProductQuantizer.from_setting(setting, random_state=self.calibration.seed,
+                                                            groups=self.structure.layer(name).groups).get_params()}
         if setting.lut_dtype == "int8":
             parts["int8"] = INT8_SCHEME
         if self.depends_on_upstream(name):

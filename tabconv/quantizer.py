@@ -8,8 +8,10 @@ registered buffers: they move with `.to(device)` and round-trip through `state_d
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -134,6 +136,10 @@ LEARNED_TENSORS = ("prototypes_", "split_dims_", "thresholds_", "tables_", "tabl
 LEARNED_SCALARS = ("in_features_", "fit_rows_", "out_features_")
 
 
+class NotFittedError(ValueError, AttributeError):
+    """A quantizer used before `fit` (or `set_weight`, for what needs tables): scikit-learn's shape of the error."""
+
+
 class ProductQuantizer(nn.Module):
     """Learn K prototypes in each of C subspaces; approximate X @ W + b by summed table entries.
 
@@ -164,15 +170,7 @@ class ProductQuantizer(nn.Module):
         random_state: int = 0,
         groups: int = 1,
     ) -> None:
-        super().__init__()
-        LayerSetting("table", n_codebooks, n_centroids, encoder, lut_dtype)  # validates
-        if kmeans_backend not in KMEANS_BACKENDS:
-            raise SettingError(f"kmeans_backend must be one of {KMEANS_BACKENDS}, got {kmeans_backend!r}")
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-            raise SettingError(f"groups must be a positive integer, got {groups!r}")
-        if groups > 1 and encoder == "tree":
-            raise SettingError(f"the hash-tree encoder does not support grouped convolutions (groups={groups}); "
-                               "use the exhaustive encoder for this layer")
+        super().__init__()  # parameters are stored as given and checked by fit (scikit-learn's estimator shape)
         self.n_codebooks = n_codebooks
         self.n_centroids = n_centroids
         self.encoder = encoder
@@ -196,11 +194,26 @@ class ProductQuantizer(nn.Module):
     def setting(self) -> LayerSetting:
         return LayerSetting("table", self.n_codebooks, self.n_centroids, self.encoder, self.lut_dtype)
 
-    def get_params(self) -> dict:
-        """Constructor parameters (scikit-learn convention), e.g. to rebuild from a cache entry."""
-        names = ("n_codebooks", "n_centroids", "encoder", "lut_dtype", "kmeans_iter", "kmeans_backend", "random_state",
-                 "groups")
-        return {name: getattr(self, name) for name in names}
+    @classmethod
+    def _param_names(cls) -> tuple[str, ...]:
+        return tuple(name for name in inspect.signature(cls.__init__).parameters if name != "self")
+
+    def get_params(self) -> dict[str, Any]:
+        """Every constructor parameter (scikit-learn convention, read from the signature: a new one is never left
+        out), e.g. to rebuild from a cache entry or to key one."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def validate_params(self) -> None:
+        """Refuse parameters that cannot be fitted, naming the value (fit and a state load call it)."""
+        LayerSetting("table", self.n_codebooks, self.n_centroids, self.encoder, self.lut_dtype)  # validates these
+        if self.kmeans_backend not in KMEANS_BACKENDS:
+            raise SettingError(f"kmeans_backend must be one of {KMEANS_BACKENDS}, got {self.kmeans_backend!r}")
+        groups = self.groups
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise SettingError(f"groups must be a positive integer, got {groups!r}")
+        if groups > 1 and self.encoder == "tree":
+            raise SettingError(f"the hash-tree encoder does not support grouped convolutions (groups={groups}); "
+                               "use the exhaustive encoder for this layer")
 
     # -- fitting -------------------------------------------------------------------------------
     @property
@@ -227,6 +240,7 @@ class ProductQuantizer(nn.Module):
     @torch.no_grad()
     def fit(self, x: torch.Tensor) -> ProductQuantizer:
         """Learn prototypes (exhaustive) or a hash tree (tree) from calibration rows x of shape (N, D)."""
+        self.validate_params()
         if x.ndim != 2 or x.shape[0] == 0:
             raise ValueError(f"fit expects a non-empty (rows, features) matrix, got shape {tuple(x.shape)}")
         rows, in_features = x.shape
@@ -396,9 +410,24 @@ class ProductQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lookup(self.encode(x))
 
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """The rows (N, D) that codes (N, C') stand for: each codebook's prototype in its own columns (exhaustive),
+        or the sum of the codebooks' full-width prototypes (the hash tree's, fitted jointly by ridge regression).
+        Tables are prototypes times the weights, so `decode(codes) @ W + b` is what float tables sum to."""
+        self._check_fitted("prototypes_")
+        picked = self.prototypes_[torch.arange(self.prototypes_.shape[0], device=codes.device), codes.long()]
+        if self.prototypes_.shape[-1] == self.padded_dim(self.in_features_) and self.total_codebooks > 1:
+            padded = picked.sum(1)  # full-width prototypes: (N, C, D_pad) summed over the codebooks
+        else:
+            padded = picked.reshape(len(codes), -1)  # (N, C', s): the subspaces side by side
+        width = self.padded_dim(self.in_features_) // self.groups
+        per_group = padded.reshape(len(codes), self.groups, width)[:, :, :self.in_features_ // self.groups]
+        return per_group.reshape(len(codes), self.in_features_)
+
     def _check_fitted(self, attr: str) -> None:
         if getattr(self, attr) is None:
-            raise RuntimeError(f"ProductQuantizer is not fitted: {attr} missing (call fit / set_weight first)")
+            raise NotFittedError(f"ProductQuantizer is not fitted: {attr} missing (call fit / set_weight first)")
 
     # -- persistence -----------------------------------------------------------------------------
     def expected_state(self, has_tables: bool = True) -> list[str]:
@@ -419,6 +448,7 @@ class ProductQuantizer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         """Learned tensors take the stored shapes (an unfitted quantizer has none); all or nothing under strict."""
+        self.validate_params()  # a stored state is only as good as the parameters it is loaded into
         given = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
         if not given:
             missing_keys.extend(prefix + name for name in self.expected_state())

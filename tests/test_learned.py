@@ -347,3 +347,18 @@ def test_finetuning_stops_on_its_own_and_says_why(tiny_digits):
         finetuning.STOPPED_PATIENCE, 40, 2, 0)
     with pytest.raises(ValueError, match="seconds > 0 and patience >= 1"):
         finetune(session.model, session.structure, quantizers, images, seconds=0)
+
+
+def test_cache_keys_hold_every_quantizer_parameter(tiny_digits):
+    """The cache key is built from all of the quantizer's parameters (read from its signature), so a new
+    hyper-parameter can never serve tables fitted without it."""
+    import inspect
+
+    from tabconv.quantizer import ProductQuantizer
+
+    session = _session(tiny_digits)
+    name = session.structure.names[0]
+    parts = session.builder.key_parts(name, LayerSetting("table", 4, 8), {})
+    assert set(parts["quantizer"]) == set(inspect.signature(ProductQuantizer).parameters)
+    assert parts["quantizer"]["random_state"] == session.calibration.seed
+    assert parts["quantizer"]["groups"] == session.structure.layer(name).groups

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from tabconv.quantizer import DegenerateCodebookWarning, ProductQuantizer, nearest_codes, split_subspaces
+from tabconv.quantizer import (
+    DegenerateCodebookWarning,
+    NotFittedError,
+    ProductQuantizer,
+    nearest_codes,
+    split_subspaces,
+)
 from tabconv.settings import SettingError
 
 
@@ -143,16 +150,22 @@ def test_int8_accumulation_does_not_overflow_with_many_codebooks():
 
 
 def test_invalid_parameters_are_refused_with_the_value():
-    with pytest.raises(SettingError, match="codebooks must be a positive integer, got 0"):
-        ProductQuantizer(0, 4)
-    with pytest.raises(SettingError, match="centroids"):
-        ProductQuantizer(2, -1)
-    with pytest.raises(SettingError, match="power of two"):
-        ProductQuantizer(2, 12, encoder="tree")
+    """As a scikit-learn estimator: the constructor stores, fit (and a state load) refuses, naming the value."""
+    rows = torch.randn(40, 8)
+    for params, message in [((0, 4), "codebooks must be a positive integer, got 0"), ((2, -1), "centroids"),
+                            ((2, 12, "tree"), "power of two")]:
+        quantizer = ProductQuantizer(*params)
+        assert quantizer.get_params()["n_codebooks"] == params[0]  # stored as given
+        with pytest.raises(SettingError, match=message):
+            quantizer.fit(rows)
     with pytest.raises(SettingError, match="kmeans_backend"):
-        ProductQuantizer(2, 4, kmeans_backend="faiss")
-    with pytest.raises(RuntimeError, match="not fitted"):
+        ProductQuantizer(2, 4, kmeans_backend="faiss").fit(rows)
+    fitted = ProductQuantizer(2, 4).fit(rows)
+    with pytest.raises(SettingError, match="groups must be a positive integer"):
+        ProductQuantizer(2, 4, groups=0).load_state_dict(fitted.state_dict())
+    with pytest.raises(NotFittedError, match="not fitted") as refused:
         ProductQuantizer(2, 4).encode(torch.randn(3, 4))
+    assert isinstance(refused.value, ValueError) and isinstance(refused.value, AttributeError)
     with pytest.raises(ValueError, match="non-empty"):
         ProductQuantizer(2, 4).fit(torch.randn(0, 4))
 
@@ -238,4 +251,31 @@ def test_grouped_least_squares_fits_each_group() -> None:
 
 def test_tree_encoder_refuses_groups() -> None:
     with pytest.raises(SettingError, match="grouped"):
-        ProductQuantizer(2, 4, encoder="tree", groups=4)
+        ProductQuantizer(2, 4, encoder="tree", groups=4).fit(torch.randn(40, 8))
+
+
+def test_get_params_reads_every_constructor_parameter():
+    quantizer = ProductQuantizer(4, 16, "tree", "int8", kmeans_iter=3, random_state=7)
+    params = quantizer.get_params()
+    assert set(params) == set(inspect.signature(ProductQuantizer).parameters)
+    assert ProductQuantizer(**params).get_params() == params and params["random_state"] == 7
+
+
+@pytest.mark.parametrize(("encoder", "groups"), [("exhaustive", 1), ("exhaustive", 2), ("tree", 1)])
+def test_decode_gives_the_rows_the_tables_stand_for(encoder, groups):
+    """Float tables are prototypes times the weights: summing the looked-up entries equals decoding the codes to
+    rows and multiplying those by the weights (per group for a grouped product)."""
+    from tabconv.calibrate import layer_output
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 2 * 15, generator=g)
+    weight, bias = torch.randn(15, 6, generator=g), torch.randn(6, generator=g)
+    if groups == 1:
+        weight = torch.randn(30, 6, generator=g)
+    quantizer = ProductQuantizer(4, 16, encoder, groups=groups).fit(x).set_weight(weight, bias)
+    codes = quantizer.encode(x)
+    rows = quantizer.decode(codes)
+    assert rows.shape == x.shape
+    torch.testing.assert_close(quantizer.lookup(codes), layer_output(rows, weight, bias, groups), rtol=1e-4,
+                               atol=1e-4)
+    assert (rows - x).norm() < x.norm()  # and they are an approximation of the rows, not noise
