@@ -89,6 +89,11 @@ def table(wb: Workbench, current: Metrics) -> None:
         disabled=[c for c in COLUMNS if c not in EDITABLE], column_config=COLUMNS,
         on_change=partial(_edited, key, [r["name"] for r in rows], current),
     )
+    if any(not s.is_table and current.errors[n].cosine < 1 - 1e-6 for n, s in current.settings.items()
+           if n in current.errors):
+        st.caption("Cosine and relative error compare each layer's output with the exact network's on the same "
+                   "images. An exact layer below a cosine of 1 computes exactly; its input already carries the error "
+                   "of the table layers before it.")
 
 
 def frame(rows: list[dict], locks: frozenset[str], settings: Mapping[str, LayerSetting] | None = None
@@ -169,8 +174,11 @@ COLUMNS = {
     "K": st.column_config.TextColumn("K", validate=WHOLE, help="Prototypes per subspace"),
     "encoder": st.column_config.SelectboxColumn("encoder", options=[*ENCODERS, NOT_APPLICABLE]),
     "LUT": st.column_config.SelectboxColumn("LUT", options=[*LUT_DTYPES, NOT_APPLICABLE], help="Table dtype"),
-    "cosine": NUMBER("cosine", format="%.4f", help="Cosine of this layer's output vs the exact network, now"),
-    "rel. error": NUMBER("rel. error", format="%.3f", help="‖approx − exact‖ / ‖exact‖ of its output, now"),
+    "cosine": NUMBER("cosine", format="%.4f", help="Cosine of this layer's output with the exact network's on the "
+                     "same images, now (1: the same). An exact layer below 1 computes exactly, but its input already "
+                     "carries the error of the table layers before it"),
+    "rel. error": NUMBER("rel. error", format="%.3f", help="‖approx − exact‖ / ‖exact‖ of its output, now: for an "
+                         "exact layer, the error arriving from the table layers before it"),
     "warning": st.column_config.TextColumn("warning", width="large",
                                            help="K at least the calibration rows (k-means memorises), or a table "
                                            "layer measured slower than its exact layer"),
