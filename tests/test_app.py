@@ -301,3 +301,12 @@ def test_a_history_selection_never_outlives_the_rows_it_picked(app: AppTest) -> 
     no_failure(app)
     assert any(b.label.startswith("Load #") for b in app.button)  # row 0, the baseline, is still chosen
     assert any(m.value.startswith("**4 · The result.**") for m in app.markdown)  # the teaching view below draws
+
+
+def test_exact_layers_after_table_layers_say_where_their_error_comes_from(app: AppTest) -> None:
+    app.selectbox(key="group_target").set_value("stage:layer2")
+    app.button(key="group_exact").click().run()
+    no_failure(app)
+    editor = app.data_editor[0].value.set_index("layer")
+    assert not editor.loc["layer2.0.conv1", "table"] and editor.loc["layer2.0.conv1", "cosine"] < 1
+    assert any(c.value.startswith("Cosine and relative error compare each layer's output") for c in app.caption)
