@@ -15,7 +15,7 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from explorer import charts, editing
-from explorer.panels import speed
+from explorer.panels import speed, transfer
 from explorer.workbench import open_workbench
 from tabconv.settings import EXACT, LayerSetting
 from tabconv.stats import mcnemar_p, p_text
@@ -199,7 +199,8 @@ def test_export_then_import_round_trips(app: AppTest) -> None:
 def test_a_bad_upload_shows_a_specific_error(app: AppTest, content: bytes, message: str) -> None:
     app.file_uploader(key="import_file").set_value(("bad.json", content, "application/json")).run()
     assert not app.exception
-    assert any(message in e.value for e in app.error), [e.value for e in app.error]
+    said = [e.value for e in app.error if message in e.value]
+    assert len(said) == 1 and said[0].endswith(transfer.IMPORT_WAY_FORWARD) and "\n" not in said[0], said
 
 
 def test_a_configuration_with_an_unknown_layer_is_refused_by_name(app: AppTest) -> None:
@@ -310,3 +311,13 @@ def test_exact_layers_after_table_layers_say_where_their_error_comes_from(app: A
     editor = app.data_editor[0].value.set_index("layer")
     assert not editor.loc["layer2.0.conv1", "table"] and editor.loc["layer2.0.conv1", "cosine"] < 1
     assert any(c.value.startswith("Cosine and relative error compare each layer's output") for c in app.caption)
+
+
+def test_a_layer_with_too_few_calibration_rows_says_what_it_means_and_what_to_do() -> None:
+    from explorer.panels import editor
+
+    said = editor._warning({"k_exceeds_rows": True, "centroids": 64, "calibration_rows": 30,
+                            "slower_than_exact": False})
+    assert said == ("K=64 but only 30 calibration rows: k-means memorises them (the tables fit these images, not new "
+                    "ones); use more calibration images or a smaller K")
+    assert editor._warning({"k_exceeds_rows": False, "slower_than_exact": False}) == ""

@@ -129,7 +129,9 @@ def frame(rows: list[dict], locks: frozenset[str], settings: Mapping[str, LayerS
 
 def _warning(row: dict) -> str:
     """What the row's numbers hide: K above the calibration rows, or a table slower than the exact layer."""
-    warnings = [f"K ≥ {row['calibration_rows']} calibration rows"] if row["k_exceeds_rows"] else []
+    warnings = [f"K={row['centroids']} but only {row['calibration_rows']} calibration rows: k-means memorises "
+                "them (the tables fit these images, not new ones); use more calibration images or a smaller K"
+                ] if row["k_exceeds_rows"] else []
     if row["slower_than_exact"]:
         warnings.append("slower tabled than exact on this machine")
     return "; ".join(warnings)

@@ -104,11 +104,16 @@ def import_panel(wb: Workbench, current: Metrics) -> None:
         st.code(_json(wb, current), language="json")
 
 
+IMPORT_WAY_FORWARD = ("Import a configuration file that this page (Export configuration) or the command line "
+                      "(`evaluate --save-config`, `search --out`, `finetune --out`) wrote for the model open in the "
+                      "sidebar; open the model it was made for first if it names another.")
+
+
 def _check(wb: Workbench, name: str, data: bytes) -> None:
     try:
         config = _parse(wb, data)
     except ConfigError as exc:
-        st.error(f"**{name}** is not a usable configuration: {exc}")
+        st.error(f"**{name}** is not a usable configuration: {exc}. {IMPORT_WAY_FORWARD}")
         return
     tabled = config.table_layers()
     st.success(f"**{name}** is valid for this model: {len(tabled)}/{len(config.layers)} layers as tables.")
