@@ -41,6 +41,7 @@ class DatasetInfo:
     description: str
     how_to_get: str
     class_names: tuple[str, ...] = ()  # label k's name (empty: not known, labels are numbers)
+    test_images: int | None = None  # the test split's size (None: not known before loading it)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -64,6 +65,7 @@ DATASETS: dict[str, DatasetInfo] = {
             "fixed stratified split: 1347 train / 450 test",
             how_to_get="bundled with scikit-learn, always available",
             class_names=tuple("0123456789"),
+            test_images=450,
         ),
         DatasetInfo(
             name="mnist",
@@ -76,6 +78,7 @@ DATASETS: dict[str, DatasetInfo] = {
             description="MNIST handwritten digits, 60000 train / 10000 test, 28x28 grey",
             how_to_get=f"{_DOWNLOAD_HOW}; {_OFFLINE_HOW}",
             class_names=tuple("0123456789"),
+            test_images=10000,
         ),
         DatasetInfo(
             name="fashion-mnist",
@@ -89,6 +92,7 @@ DATASETS: dict[str, DatasetInfo] = {
             how_to_get=f"{_DOWNLOAD_HOW}; {_OFFLINE_HOW}",
             class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot"),
+            test_images=10000,
         ),
         DatasetInfo(
             name="cifar10",
@@ -102,6 +106,7 @@ DATASETS: dict[str, DatasetInfo] = {
             how_to_get=f"{_DOWNLOAD_HOW}, or an image-folder export at cifar10-images/{{train,test}}/<class>/*.jpg; "
             f"{_OFFLINE_HOW}",
             class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+            test_images=10000,
         ),
         DatasetInfo(
             name="cifar100",
@@ -113,6 +118,7 @@ DATASETS: dict[str, DatasetInfo] = {
             std=(0.2673, 0.2564, 0.2762),
             description="CIFAR-100 natural images, 50000 train / 10000 test, 32x32 RGB, 100 classes",
             how_to_get=f"{_DOWNLOAD_HOW}; not available offline on the project's machines",
+            test_images=10000,
         ),
     )
 }

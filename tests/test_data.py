@@ -129,6 +129,8 @@ def test_mnist_and_fashion_mnist_from_the_prepared_root(data_root: Path) -> None
     fashion = load_dataset("fashion-mnist", "test", data_root, download=False)
     assert fashion.images.shape == (10000, 1, 28, 28)
     assert torch.bincount(fashion.labels).tolist() == [1000] * 10
+    for name, loaded in (("mnist", mnist), ("fashion-mnist", fashion)):  # what the registry says of them
+        assert DATASETS[name].test_images == len(loaded) and len(DATASETS[name].class_names) == 10
 
 
 def test_cifar10_image_folders_load_balanced_and_cache(
@@ -137,7 +139,9 @@ def test_cifar10_image_folders_load_balanced_and_cache(
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert is_available("cifar10", data_root)
     first = load_dataset("cifar10", "test", data_root, download=False)
-    assert first.images.shape == (10000, 3, 32, 32)
+    assert first.images.shape == (10000, 3, 32, 32) and DATASETS["cifar10"].test_images == 10000
+    folders = sorted(p.name for p in (data_root / "cifar10-images" / "test").iterdir() if p.is_dir())
+    assert list(DATASETS["cifar10"].class_names) == folders  # label k is the k-th class folder
     assert first.head(10).labels.tolist() == list(range(10))
     (cache,) = (tmp_path / "tabconv" / "decoded").glob("*.npz")
     with monkeypatch.context() as patched:
@@ -177,3 +181,10 @@ def test_loading_a_decoded_split_does_not_import_torchvision(data_root: Path) ->
     check = ("import sys; from tabconv.models import build_model; build_model('resnet18', 10, 1)\n"
              "assert len(s) == 10000 and 'torchvision' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", load + check], check=True)
+
+
+def test_the_registry_knows_the_digits_test_split_and_its_class_names() -> None:
+    """The explorer's first screen asks for at most the test split's images; the export names the classes."""
+    test = load_dataset("digits", "test")
+    assert DATASETS["digits"].test_images == len(test) == 450
+    assert DATASETS["digits"].class_names == tuple("0123456789") and int(test.labels.max()) == 9

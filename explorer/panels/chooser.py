@@ -133,7 +133,8 @@ def _form() -> Choice:
                                     value=default_images("TABCONV_EXPLORER_CALIBRATION", 512),
                                     help="The first N training images: their activations fit the prototypes.")
     evaluation = right.number_input("Evaluation images", 1, 10000, key="choose_eval",
-                                    value=default_images("TABCONV_EXPLORER_EVAL", 1000),
+                                    value=min(default_images("TABCONV_EXPLORER_EVAL", 1000),
+                                              DATASETS[dataset].test_images or 10000),
                                     help="The first N test images (capped at the test split's size).")
     left, right = st.columns(2)
     mode = left.selectbox("Calibration mode", CALIBRATION_MODES, key="choose_mode", help=MODE_HELP)
