@@ -363,7 +363,8 @@ def _search_images(args: argparse.Namespace) -> int:
     from tabconv.train import load_checkpoint
 
     _, meta = load_checkpoint(args.checkpoint, "cpu")
-    available = len(load_dataset(meta["dataset"], "test", args.data_root)) - args.eval_skip
+    known = DATASETS[meta["dataset"]].test_images  # the registry's count: no need to load the split for it
+    available = (known or len(load_dataset(meta["dataset"], "test", args.data_root))) - args.eval_skip
     if available < 2:
         raise CliError(f"--eval-skip {args.eval_skip} leaves {max(available, 0)} test images: too few to search on "
                        "some and confirm on others; lower --eval-skip or pass --no-confirm")

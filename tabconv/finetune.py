@@ -251,8 +251,9 @@ def finetune(teacher: nn.Module, structure: ModelStructure, quantizers: Mapping[
                 running = []
             if step % max(1, plan.steps // CHECKS) == 0 or step == plan.steps:
                 checks.append((step, _probe_loss(student, teacher, probe, device)))
-                stale = 0 if checks[-1][1] < best[0] else stale + 1
-                if checks[-1][1] < best[0]:
+                improved = checks[-1][1] < best[0]
+                stale = 0 if improved else stale + 1
+                if improved:
                     best = (checks[-1][1], step, _snapshot(trainables))
                 if patience is not None and stale >= patience and step < plan.steps:
                     stopped = STOPPED_PATIENCE

@@ -15,7 +15,6 @@ ones `tabconv.native.describe` gives the kernels.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,10 +64,10 @@ def ops_model(tabled: TabledNetwork, exported: onnx.ModelProto) -> onnx.ModelPro
     graph = exported.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     nodes = list(graph.node)
-    network = tabled.network()
     for name, quantizer in tabled.quantizers.items():
         index = _node_of(nodes, name)
-        fields, arrays = native.describe(network.get_submodule(name), quantizer)
+        layer = tabled.model.get_submodule(name)  # the exact layer: the same geometry as its table layer
+        fields, arrays = native.describe(layer, quantizer)
         inputs = [nodes[index].input[0]]
         for key, dtype in INPUT_DTYPES.items():
             array = arrays[key]
@@ -78,8 +77,7 @@ def ops_model(tabled: TabledNetwork, exported: onnx.ModelProto) -> onnx.ModelPro
             inputs.append(f"{name}.table_layer.{key}")
             graph.initializer.append(numpy_helper.from_array(values, inputs[-1]))
         replaced = helper.make_node(OP_TYPE, inputs, list(nodes[index].output), name=f"{name}.table_layer",
-                                    domain=DOMAIN, conv=int(hasattr(network.get_submodule(name), "kernel_size")),
-                                    **fields)
+                                    domain=DOMAIN, conv=int(hasattr(layer, "kernel_size")), **fields)
         for unused in nodes[index].input[1:]:
             if unused in initializers:
                 graph.initializer.remove(initializers.pop(unused))
@@ -93,7 +91,7 @@ def ops_model(tabled: TabledNetwork, exported: onnx.ModelProto) -> onnx.ModelPro
 def placeholder_network(tabled: TabledNetwork) -> nn.Module:
     """The tabled network with each table layer swapped for a Conv2d / Linear of its geometry (zero weights):
     the export then has one Conv or Gemm node per table layer, its weight named `<layer>.weight`."""
-    network = copy.deepcopy(tabled.network())
+    network = tabled.network()  # a copy already: its table layers can be swapped out
     for name, module in list(network.named_modules()):
         if isinstance(module, TABLE_LAYERS):
             set_module(network, name, _placeholder(module))

@@ -920,6 +920,15 @@ static tc_taps *taps_for(tc_plan *p, const tc_input *geometry, int *owned) {
     return make_tap_set(p, geometry);
 }
 
+/* How a call of `rows` rows in `tiles` tiles shares the work: *threads lowered to 1 for small work (waking a second
+ * thread costs more), and the number of output chunks per tile returned: with fewer tiles than threads, the outputs
+ * are split between threads (when `split_outputs`). */
+static int split_work(const tc_plan *p, int64_t rows, int64_t tiles, int split_outputs, int *threads) {
+    if (*threads < 1 || (double)rows * p->total * p->d.out_features < SMALL_WORK) *threads = 1;
+    int chunks = !split_outputs || tiles >= *threads ? 1 : *threads;
+    return chunks > p->d.out_features ? p->d.out_features : chunks;
+}
+
 static int run(const tc_plan *p, const float *x, int64_t n_images, int64_t h, int64_t w, const int64_t *strides,
                float *out, int32_t *codes_out, int threads) {
     tc_call call = {{x, strides[0], strides[1], strides[2], strides[3], h, w, 0, 0, 0}, NULL, NULL, NULL, NULL};
@@ -960,9 +969,7 @@ static int run(const tc_plan *p, const float *x, int64_t n_images, int64_t h, in
     }
 #endif
     int m_total = p->d.out_features;
-    if ((double)in->rows * p->total * m_total < SMALL_WORK) threads = 1; /* waking a second thread costs more */
-    int chunks = codes_out || tiles >= threads ? 1 : threads; /* few rows: split the outputs between threads */
-    if (chunks > m_total) chunks = m_total;
+    int chunks = split_work(p, in->rows, tiles, !codes_out, &threads);
     int64_t items = tiles * chunks;
     int failed = 0, per = p->per_group;
 #pragma omp parallel num_threads(threads > items ? (int)items : threads) if (threads > 1 && items > 1)
@@ -1023,10 +1030,7 @@ int tc_lookup(const void *handle, const int32_t *codes_in, int64_t rows, float *
     const tc_plan *p = (const tc_plan *)handle;
     int isa = tc_isa(), m_total = p->d.out_features, per = p->per_group;
     int64_t tiles = (rows + TILE - 1) / TILE;
-    if (threads < 1) threads = 1;
-    if ((double)rows * p->total * m_total < SMALL_WORK) threads = 1;
-    int chunks = tiles >= threads ? 1 : threads;
-    if (chunks > m_total) chunks = m_total;
+    int chunks = split_work(p, rows, tiles, 1, &threads);
     int64_t items = tiles * chunks;
     int failed = 0;
 #pragma omp parallel num_threads(threads > items ? (int)items : threads) if (threads > 1 && items > 1)
