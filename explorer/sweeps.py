@@ -18,7 +18,7 @@ from explorer.progress import ProgressBar
 from explorer.workbench import Workbench
 from tabconv import search
 from tabconv.confirm import Confirmation, confirm, halves
-from tabconv.finetune import Tuned, finetune_session
+from tabconv.finetune import Tuned, finetune_session, first_half
 from tabconv.latency import Latency, measure_configuration
 from tabconv.metrics import Metrics, Origin
 from tabconv.settings import LayerSetting
@@ -125,10 +125,13 @@ def budgeted(wb: Workbench, setting: LayerSetting, min_retention: float, max_sto
 def finetune(wb: Workbench, parent: Metrics, steps: int, images: int, lr: float, layer_loss: float,
              seconds: float | None = None, patience: int | None = None) -> Tuned:
     """Fine-tune a configuration's tables (its tuned metrics land in the history); the run is kept by its
-    tables' sha256, so that its configuration and tables file can be exported. Toggles never re-run it."""
+    tables' sha256, so that its configuration and tables file can be exported. Toggles never re-run it. The
+    held-out checks use the first half of the evaluation images (the network never trained on them); the result
+    is judged on the second."""
     layers = len(parent.table_layers)
     run = _run(wb, f"Fine-tuning the {layers} table layer(s) of #{parent.id}", finetune_session, parent,
-               steps=steps, images=images, lr=lr, layer_loss=layer_loss, seconds=seconds, patience=patience)
+               steps=steps, images=images, lr=lr, layer_loss=layer_loss, seconds=seconds, patience=patience,
+               held_out=first_half(wb.session))
     with wb.lock:
         wb.tuned[run.sha256] = run
     return run

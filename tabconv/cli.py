@@ -282,27 +282,50 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    session = _session(args, config_file.load(args.config).calibration)
-    loaded, tables = session.load_configuration(args.config)
     if not args.out.endswith(".json"):
         raise CliError(f"--out {args.out!r} must name a .json configuration file (its tables go beside it)")
+    if args.held_out == "test" and args.arch is None and not args.eval_skip:
+        args.eval_skip = _search_images(args)  # the checks take the first test images, results the rest
+    session = _session(args, config_file.load(args.config).calibration)
+    loaded, tables = session.load_configuration(args.config)
     parent = _apply_config(session, loaded, tables, label="before fine-tuning")
     tuned = finetuning.finetune_session(session, parent, steps=args.steps, images=args.images, lr=args.lr,
                                         batch_size=args.batch_size, layer_loss=args.layer_loss, seed=args.seed,
                                         seconds=args.seconds, patience=args.patience,
-                                        progress=_progress_bar("finetune"))
+                                        held_out=_held_out(args, session), progress=_progress_bar("finetune"))
     out, tables_path = Path(args.out), tables_path_for(args.out)
     atomic_write_bytes(tables_path, tuned.tables)
     tuned.configuration(session, tables_path.name).save(out)
     report, metrics = tuned.report, tuned.metrics
+    judged, judged_parent = tuned.judged()
     data = {**_metrics_json(session, metrics), "finetune": tuned.record(), "config_file": str(out),
             "tables_file": str(tables_path), "parent_accuracy_ci95": list(parent.accuracy_ci95),
-            **_versus(metrics, parent, "parent")}
+            **_versus(metrics, parent, "parent"),
+            "unseen": None if tuned.unseen is None else {
+                "first": tuned.unseen.start, "images": judged.eval_images, "accuracy": judged.accuracy,
+                "retention": judged.retention, "parent_accuracy": judged_parent.accuracy}}
+    unseen = ([] if tuned.unseen is None else
+              [f"on the {judged.eval_images} evaluation images after the held-out ones: "
+               + _versus_line(judged, judged_parent, "the untuned parent")])
     _emit(data, args.json, [f"fine-tuned {len(tuned.quantizers)} table layers in {report.steps} steps "
                             f"({report.seconds:.0f} s; stopped: {report.stopped}): held-out distillation loss "
-                            f"{report.loss_before:.4f} -> {report.loss_after:.4f} (step {report.best_step} kept)",
-                            _versus_line(metrics, parent, "the untuned parent"),
+                            f"{report.loss_before:.4f} -> {report.loss_after:.4f} (step {report.best_step} kept; "
+                            f"held out: {report.held_out_from})",
+                            _versus_line(metrics, parent, "the untuned parent"), *unseen,
                             f"-> {out} + {tables_path.name}", *_metrics_lines(session, metrics)])
+
+
+def _held_out(args: argparse.Namespace, session):
+    """The images a fine-tuning run checks itself on: the test images left out (--checkpoint), the first half of
+    the folder's evaluation images (--arch), or None (--held-out train: the last fine-tuning images)."""
+    if args.held_out == "train":
+        return None
+    if args.arch is None:
+        return session.left_out
+    if (half := finetuning.first_half(session)) is None:
+        raise CliError(f"--held-out test needs 2 or more evaluation images in {args.image_folder}, it has "
+                       f"{len(session.eval_set)}; add images or pass --held-out train")
+    return half
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -620,6 +643,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--layer-loss", type=float, default=finetuning.DEFAULT_LAYER_LOSS,
                    help="weight of the per-layer output loss beside the logits' (default %(default)g; 0: logits only)")
+    p.add_argument("--held-out", choices=("test", "train"), default="test",
+                   help="images the held-out checks use (they pick the tables kept): test (default) = the first "
+                   "--eval-skip test images (default: as a search, 1000 or half the split), the results are measured "
+                   "on those after them; with --arch the first half of the folder's evaluation images; train = the "
+                   "last fine-tuning images, which the network may have trained on")
     p.add_argument("--out", required=True, help="TUNED.json; the tables go to TUNED.tables.pt beside it")
     p.set_defaults(func=cmd_finetune)
 

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from tabconv.config import Configuration
 from tabconv.convert import convert
+from tabconv.data import ImageSet
 from tabconv.hashtree import encode_hash_trees
 from tabconv.metrics import Metrics, Origin
 from tabconv.quantizer import ProductQuantizer
@@ -138,7 +139,7 @@ class FinetuneReport:
     seconds: float
     loss_before: float  # on the held-out images, inference (hard) forward
     loss_after: float  # the same, for the tables kept
-    held_out: int  # the last images of the fine-tuning set: never trained on, they pick the step kept
+    held_out: int  # images never trained on that pick the step kept (see held_out_from)
     best_step: int  # the checked step whose tables were kept (0: none beat the starting tables)
     loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, mean training loss)
     held_out_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss)
@@ -146,6 +147,7 @@ class FinetuneReport:
     max_steps: int | None = None  # the steps asked for (`steps` is how many ran)
     seconds_budget: float | None = None
     patience: int | None = None
+    held_out_from: str = ""  # which images the held-out checks used, in words
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,18 +178,20 @@ class _LayerOutputs:
 def finetune(teacher: nn.Module, structure: ModelStructure, quantizers: Mapping[str, ProductQuantizer],
              images: torch.Tensor, *, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, batch_size: int = 64,
              layer_loss: float = DEFAULT_LAYER_LOSS, seed: int = 0, seconds: float | None = None,
-             patience: int | None = None, progress: Progress | None = None
-             ) -> tuple[dict[str, ProductQuantizer], FinetuneReport]:
+             patience: int | None = None, held_out: torch.Tensor | None = None, held_out_from: str = "",
+             progress: Progress | None = None) -> tuple[dict[str, ProductQuantizer], FinetuneReport]:
     """Train the table layers of `quantizers` to match `teacher` on `images` (already normalised).
 
     Returns new quantizers (the given ones are not touched: caches and other views share them) and
     the run's report. `layer_loss` weights a per-layer loss: each table layer's output against the
-    exact layer's, relative to the exact output's mean square. The last eighth of the images (at most
-    512) is held out: checked CHECKS times during the run, it decides which tables are kept, so a run that
-    only overfits returns the tables it started from (measured: from a good start at lr 1e-3 the loss
-    on unseen images rose). The run stops after `steps` steps, or earlier: within `seconds` (the first steps'
-    speed sets how many steps fit, and the cosine schedule is fitted to them), or when `patience` checks in a row
-    did not improve the held-out loss. Progress events carry the estimated seconds left.
+    exact layer's, relative to the exact output's mean square. `held_out` images (normalised; `held_out_from`
+    says which they are) are never trained on: checked CHECKS times during the run, they decide which tables
+    are kept, so a run that only overfits returns the tables it started from (measured: from a good start at
+    lr 1e-3 the loss on unseen images rose). Without them the last eighth of `images` (at most 512) is held out,
+    which only tells overfitting apart when the teacher did not train on those images either. The run stops
+    after `steps` steps, or earlier: within `seconds` (the first steps' speed sets how many steps fit, and the
+    cosine schedule is fitted to them), or when `patience` checks in a row did not improve the held-out loss.
+    Progress events carry the estimated seconds left.
     """
     if steps < 1 or batch_size < 1 or not lr > 0 or layer_loss < 0:
         raise ValueError(f"finetune needs steps >= 1, batch_size >= 1, lr > 0 and layer_loss >= 0, got "
@@ -200,8 +204,15 @@ def finetune(teacher: nn.Module, structure: ModelStructure, quantizers: Mapping[
     start = time.perf_counter()
     teacher = teacher.eval()
     device = next(teacher.parameters()).device
-    total, held = len(images), min(512, len(images) // 8)
-    probe, images = (images[-held:], images[:-held]) if held else (images, images)
+    total = len(images)
+    if held_out is not None:
+        if not len(held_out):
+            raise ValueError("finetune needs at least one held-out image")
+        probe = held_out
+    else:
+        held = min(512, len(images) // 8)
+        probe, images = (images[-held:], images[:-held]) if held else (images, images)
+        held_out_from = held_out_from or f"the last {held} of the {total} fine-tuning images"
     student = convert(teacher, structure, quantizers)
     loss_before = _probe_loss(student.eval(), teacher, probe, device)
     probe_s = time.perf_counter() - start
@@ -275,7 +286,7 @@ def finetune(teacher: nn.Module, structure: ModelStructure, quantizers: Mapping[
     loss_after = _probe_loss(convert(teacher, structure, tuned), teacher, probe, device)
     report = FinetuneReport(step, total, batch_size, lr, layer_loss, time.perf_counter() - start,
                             loss_before, loss_after, len(probe), best[1], curve, checks, stopped, steps, seconds,
-                            patience)
+                            patience, held_out_from)
     return tuned, report
 
 
@@ -308,7 +319,10 @@ def _probe_loss(student: nn.Module, teacher: nn.Module, images: torch.Tensor, de
 
 @dataclass
 class Tuned:
-    """A fine-tuned configuration: its metrics (evaluated like any other), tables, file content and report."""
+    """A fine-tuned configuration: its metrics (evaluated like any other), tables, file content and report.
+
+    `unseen`: the session's evaluation images the held-out checks did not use (None: all of them), the ones
+    that judge the run without favouring it."""
 
     parent: Metrics
     metrics: Metrics
@@ -316,6 +330,8 @@ class Tuned:
     report: FinetuneReport
     tables: bytes  # the tables file's content
     sha256: str
+    unseen: slice | None = None
+    baseline: Metrics | None = None  # the exact network's record, for judging on `unseen`
 
     def record(self) -> dict[str, Any]:
         """The `finetune` entry of the configuration file."""
@@ -328,22 +344,70 @@ class Tuned:
         config.tables_file, config.tables_sha256, config.finetune = tables_file, self.sha256, self.record()
         return config
 
+    def judged(self) -> tuple[Metrics, Metrics]:
+        """(tuned, parent) on the evaluation images the held-out checks did not pick tables on."""
+        if self.unseen is None or self.baseline is None:
+            return self.metrics, self.parent
+        return self.metrics.on_images(self.unseen, self.baseline), self.parent.on_images(self.unseen, self.baseline)
+
 
 def finetune_session(session: Session, parent: Metrics, *, steps: int = DEFAULT_STEPS, images: int = DEFAULT_IMAGES,
                      lr: float = DEFAULT_LR, batch_size: int = 64, layer_loss: float = DEFAULT_LAYER_LOSS,
                      seed: int = 0, seconds: float | None = None, patience: int | None = None,
-                     progress: Progress | None = None) -> Tuned:
+                     held_out: ImageSet | None = None, progress: Progress | None = None) -> Tuned:
     """Fine-tune an evaluated configuration of a session on its first `images` calibration-split images;
-    the result is evaluated on the session's images and lands in its history labelled "fine-tuned"."""
+    the result is evaluated on the session's images and lands in its history labelled "fine-tuned".
+
+    `held_out`: images of the evaluation split the network never trained on (e.g. the test images a search chose
+    on, or the first of the session's own) for the held-out checks; when they are the first of the session's
+    evaluation images, `Tuned.judged` reports on the rest. Without them the checks use the last fine-tuning
+    images, which the network may have trained on (then the checks cannot see a loss of accuracy)."""
     chosen = session.calibration_set.head(min(images, len(session.calibration_set)))
+    probe, unseen = None, None
+    if held_out is not None:
+        probe, described = held_out.normalize(held_out.images), _describe(held_out)
+        unseen = _after(held_out, session.eval_set)
+    else:
+        last = _span(chosen, len(chosen) - min(512, len(chosen) // 8), len(chosen))
+        described = f"{chosen.info.name} {chosen.split} images {last} (the network may have trained on them)"
     tuned, report = finetune(session.model, session.structure, session.quantizers(parent),
                              chosen.normalize(chosen.images), steps=steps, lr=lr, batch_size=batch_size,
-                             layer_loss=layer_loss, seed=seed, seconds=seconds, patience=patience,
-                             progress=progress)
+                             layer_loss=layer_loss, seed=seed, seconds=seconds, patience=patience, held_out=probe,
+                             held_out_from=described, progress=progress)
     data, sha = tables_bytes(tuned)
     metrics = session.apply(parent.settings, label=f"fine-tuned ({parent.label})", origin=Origin.FINE_TUNED,
                             tables=tuned, tables_id=sha).metrics
-    return Tuned(parent, metrics, tuned, report, data, sha)
+    return Tuned(parent, metrics, tuned, report, data, sha, unseen, session.baseline)
+
+
+def first_half(session: Session) -> ImageSet | None:
+    """The first half of a session's evaluation images, for the held-out checks when it has no other images the
+    network never trained on (an image folder, an explorer session); `Tuned.judged` reports on the other half.
+    None when there are too few to split."""
+    half = len(session.eval_set) // 2
+    return session.eval_set.head(half) if half else None
+
+
+def _describe(images: ImageSet) -> str:
+    return f"{images.info.name} {images.split} images {_span(images, 0, len(images))}"
+
+
+def _span(images: ImageSet, start: int, stop: int) -> str:
+    """Positions in the split, as people count them (from 0, both ends included)."""
+    return f"{images.first + start}-{images.first + stop - 1}"
+
+
+def _after(held_out: ImageSet, evaluated: ImageSet) -> slice | None:
+    """The evaluation images after `held_out` when it overlaps their start (None: they do not overlap)."""
+    if held_out.split != evaluated.split or held_out.info.name != evaluated.info.name:
+        return None
+    lo, hi = held_out.first, held_out.first + len(held_out)
+    if hi <= evaluated.first or lo >= evaluated.first + len(evaluated):
+        return None
+    if lo > evaluated.first or hi >= evaluated.first + len(evaluated):
+        raise ValueError(f"the held-out images ({_describe(held_out)}) must be the first of the evaluation images "
+                         f"({_describe(evaluated)}) and leave some after them, or not overlap them")
+    return slice(hi - evaluated.first, None)
 
 
 def _make_trainable(student: nn.Module, quantizers: Mapping[str, ProductQuantizer]) -> dict[str, TrainableTables]:

@@ -85,6 +85,7 @@ class Session:
                               f"of {calibration_set.info.name} has only {len(calibration_set)} images")
         self.eval_set = eval_set
         self.calibration_set = calibration_set  # fine-tuning draws its images from here
+        self.left_out: ImageSet | None = None  # test images before eval_set (from_checkpoint's eval_skip)
         self.batch_size = _bounded_batch(batch_size, self.structure)
         calib = calibration_set.head(self.calibration.images)
         self.builder = TableBuilder(self.model, self.structure, calib.normalize(calib.images), self.calibration,
@@ -160,9 +161,10 @@ class Session:
         calibration = calibration or Calibration()
         calib_set = load_dataset(meta["dataset"], calibration.split, data_root, download)
         eval_set = load_dataset(meta["dataset"], "test", data_root, download)
+        left_out = None
         if eval_skip:
             try:
-                eval_set = eval_set.skip(eval_skip)
+                eval_set, left_out = eval_set.skip(eval_skip), eval_set.head(eval_skip)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
         if clamp:
@@ -170,7 +172,9 @@ class Session:
             eval_images = None if eval_images is None else min(eval_images, len(eval_set))
         if eval_images is not None:
             eval_set = eval_set.head(eval_images)
-        return cls(model, meta, calib_set, eval_set, calibration, cache, device, batch_size, progress)
+        session = cls(model, meta, calib_set, eval_set, calibration, cache, device, batch_size, progress)
+        session.left_out = left_out
+        return session
 
     @classmethod
     def from_user_model(cls, arch: str, weights: str | None = None, *, images: str, num_classes: int | None = None,

@@ -63,8 +63,10 @@ def test_fine_tune_export_and_import_round_trip(app: AppTest, media: list[Memory
     history = _history(app).set_index("id")
     assert history.loc[tuned_id, "origin"] == charts.FINE_TUNED
     compare = next(m.value for m in app.markdown if m.value.startswith(f"**Fine-tuned #{tuned_id} from #{parent_id}"))
-    accuracy = re.search(r"→ (\d+\.\d+%) on 200 test images", compare).group(1)
+    # checked on the first 100 of the 200 evaluation images, judged on the other 100
+    accuracy = re.search(r"→ (\d+\.\d+%) on the 100 test images the held-out checks did not use", compare).group(1)
     assert "distillation loss" in compare and "5 steps on 64 calibration images" in compare
+    assert "(digits test images 0-99)" in compare and "(on all 200: " in compare
     assert [b.label for b in app.download_button] == ["Export configuration", "Export tables file",
                                                     "Export model (zip)"]
     assert any("Keep both files together" in c.value for c in app.caption)
@@ -99,7 +101,7 @@ def test_fine_tune_export_and_import_round_trip(app: AppTest, media: list[Memory
     app.button(key="import_tuned").click().run()
     no_failure(app)
     assert app.session_state["current_id"] == tuned_id  # the same tables: the same configuration, same accuracy
-    assert any(m.value.startswith(f"**Fine-tuned #{tuned_id}") and f"→ {accuracy} on 200" in m.value
+    assert any(m.value.startswith(f"**Fine-tuned #{tuned_id}") and f"→ {accuracy} on the 100" in m.value
                for m in app.markdown)
     assert [b.label for b in app.download_button] == ["Export configuration", "Export tables file",
                                                     "Export model (zip)"]

@@ -249,11 +249,15 @@ def test_cli_finetune_saves_a_configuration_that_reloads_exactly(tiny_digits, tm
         assert key in data
     report = data["finetune"]
     assert report["steps"] == 40 and report["loss_after"] < report["loss_before"] and report["loss_curve"]
+    # the held-out checks took the first half of the 450 test images (never trained on); results are on the rest
+    assert (data["eval_first"], data["eval_images"], report["held_out"]) == (225, 225, 225)
+    assert report["held_out_from"] == "digits test images 0-224" and data["unseen"] is None
     written = json.loads(tuned.read_text())
     tables = tmp_path / "tuned.tables.pt"
     assert written["tables_file"] == "tuned.tables.pt" and tables.is_file()
     fresh = subprocess.run([sys.executable, "-m", "tabconv", "evaluate", "--checkpoint", str(tiny_digits), "--config",
-                            str(tuned), *calib, "--json"], capture_output=True, text=True, cwd=ROOT)
+                            str(tuned), *calib, "--eval-skip", "225", "--json"], capture_output=True, text=True,
+                           cwd=ROOT)
     assert fresh.returncode == 0, fresh.stderr
     again = json.loads(fresh.stdout)
     assert again["accuracy"] == data["accuracy"]
@@ -323,6 +327,29 @@ def test_finetuning_keeps_the_starting_tables_when_training_only_hurts(tiny_digi
     else:  # the kept tables are the best check's, and their inference loss is what that check measured
         assert dict(report.held_out_curve)[report.best_step] == min(loss for _, loss in report.held_out_curve)
         assert report.loss_after == pytest.approx(dict(report.held_out_curve)[report.best_step], rel=1e-4)
+
+
+def test_finetuning_checks_itself_on_test_images_and_is_judged_on_the_others(tiny_digits):
+    """The held-out checks use images the network never trained on (the first half of the evaluation images); the
+    run is judged on the other half, and even a run that only hurts hands back tables no worse there."""
+    session = _session(tiny_digits, fit="least-squares")
+    start = session.apply(session.uniform(LayerSetting("table", 4, 8))).metrics
+    half = finetuning.first_half(session)
+    assert (half.split, half.first, len(half)) == ("test", 0, len(session.eval_set) // 2)
+    run = finetuning.finetune_session(session, start, steps=20, images=256, lr=5.0, held_out=half)
+    report = run.report
+    assert report.held_out == len(half) and report.held_out_from == f"digits test images 0-{len(half) - 1}"
+    assert report.loss_after <= report.loss_before + 1e-6  # lr 5 wrecks the tables; the check keeps the better
+    assert run.unseen == slice(len(half), None)
+    judged, parent = run.judged()
+    assert judged.eval_images == parent.eval_images == len(session.eval_set) - len(half)
+    assert judged.correct == int(run.metrics.correct_images[len(half):].sum())
+    assert parent.correct == int(start.correct_images[len(half):].sum())
+    untouched = finetuning.finetune_session(session, start, steps=2, images=256)  # the training split's last images
+    assert untouched.unseen is None and untouched.judged() == (untouched.metrics, start)
+    assert untouched.report.held_out_from == "digits train images 224-255 (the network may have trained on them)"
+    with pytest.raises(ValueError, match="must be the first of the evaluation images"):
+        finetuning.finetune_session(session, start, steps=2, images=256, held_out=session.eval_set.skip(10).head(5))
 
 
 def test_finetuning_stops_on_its_own_and_says_why(tiny_digits):

@@ -54,9 +54,10 @@ def panel(wb: Workbench, current: Metrics) -> None:
                            icon=":material/model_training:")
     st.caption(f"Trains the tables, prototypes (or tree thresholds) and temperature of the {len(tabled)} table "
                "layer(s) to match the exact network's logits (distillation, straight-through codes); exact layers "
-               f"stay frozen. Held-out images check it {finetuning.CHECKS} times: the best check's tables are kept "
-               f"(the starting ones when none is better), and the run stops early after {PATIENCE} checks in a row "
-               f"without improvement. {BELONGS}")
+               f"stay frozen. The first half of the evaluation images (never trained on) checks it "
+               f"{finetuning.CHECKS} times: the best check's tables are kept (the starting ones when none is "
+               f"better), and the result is judged on the other half. The run stops early after {PATIENCE} "
+               f"checks in a row without improvement. {BELONGS}")
     if start:
         try:
             run = sweeps.finetune(wb, current, int(steps), int(images), float(lr), float(layer_loss),
@@ -70,14 +71,19 @@ def panel(wb: Workbench, current: Metrics) -> None:
 
 
 def compare_line(run: Tuned) -> str:
-    """Parent → tuned accuracy (with its interval and whether the change is real), loss before → after, time."""
+    """Parent → tuned accuracy on the images the held-out checks did not use (with its interval and whether the
+    change is real), on all of them, loss before → after, time and why the run stopped."""
     parent, tuned, report = run.parent, run.metrics, run.report
-    return (f"Fine-tuned #{tuned.id} from #{parent.id}: accuracy {parent.accuracy:.2%} → {tuned.accuracy:.2%} on "
-            f"{tuned.eval_images} test images ({interval_text(*tuned.accuracy_ci95)}), "
-            f"{tuned.against(parent).verdict()}; "
-            f"distillation loss {report.loss_before:.4f} → {report.loss_after:.4f}; "
-            f"{report.steps} steps on {report.images} calibration images (lr {report.lr:g}) in {report.seconds:.1f} s, "
-            f"stopped because it {report.stopped}.")
+    judged, judged_parent = run.judged()
+    where = (f"on the {judged.eval_images} test images the held-out checks did not use"
+             if run.unseen is not None else f"on {judged.eval_images} test images")
+    everywhere = (f" (on all {tuned.eval_images}: {parent.accuracy:.2%} → {tuned.accuracy:.2%})"
+                  if run.unseen is not None else "")
+    return (f"Fine-tuned #{tuned.id} from #{parent.id}: accuracy {judged_parent.accuracy:.2%} → {judged.accuracy:.2%} "
+            f"{where} ({interval_text(*judged.accuracy_ci95)}), {judged.against(judged_parent).verdict()}"
+            f"{everywhere}; held-out distillation loss {report.loss_before:.4f} → {report.loss_after:.4f} "
+            f"({report.held_out_from}); {report.steps} steps on {report.images} calibration images "
+            f"(lr {report.lr:g}) in {report.seconds:.1f} s, stopped because it {report.stopped}.")
 
 
 def _result(run: Tuned) -> None:
