@@ -25,6 +25,7 @@ from tabconv import zoo
 from tabconv.cache import TableCache
 from tabconv.config import Calibration
 from tabconv.metrics import Metrics
+from tabconv.progress import ProgressEvent, Stage
 from tabconv.search import SearchResult, greedy_search, pareto_front, priority_masking
 from tabconv.session import Session
 from tabconv.settings import LayerSetting
@@ -65,11 +66,11 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def progress(event: dict[str, Any]) -> None:
-    if event.get("layer") and event.get("stage") == "tables":
-        log(f"  tables {event['index'] + 1}/{event['total']} {event['layer']}")
-    elif "epoch" in event and event["step"] == event["steps"]:
-        log(f"  epoch {event['epoch']}/{event['epochs']} loss {event['loss']:.3f}")
+def progress(event: ProgressEvent) -> None:
+    """Log each table built and each tenth of training."""
+    if event.stage == Stage.TABLES and event.detail or (
+            event.stage == Stage.TRAIN and event.total and event.index % max(1, event.total // 10) == 0):
+        log(f"  {event.describe()}")
 
 
 def searches(session: Session, setting: LayerSetting, args: argparse.Namespace) -> dict[str, SearchResult]:

@@ -5,45 +5,12 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from typing import Any
 
 import streamlit as st
 from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
 from explorer.turns import POLL_S, Turn, cancel_clicked, give_way
-
-STAGES = {
-    "tables": "Building tables",
-    "evaluate": "Evaluating",
-    "baseline": "Evaluating the exact model",
-    "priority": "Priority masking",
-    "greedy": "Budgeted search",
-    "sensitivity": "Sensitivity sweep",
-    "propagation": "Error propagation",
-    "finetune": "Fine-tuning",
-    "latency": "Timing",
-    "decode calibration images": "Decoding the calibration images",
-    "decode evaluation images": "Decoding the evaluation images",
-}
-BETWEEN_STEPS = {"priority", "greedy", "sensitivity", "propagation", "finetune", "latency"}  # stages of long work
-
-
-def describe(event: dict[str, Any]) -> tuple[float | None, str]:
-    """(fraction done or None, one line of text) for any progress event of the library."""
-    if "epoch" in event:
-        done = ((event["epoch"] - 1) * event["steps"] + event["step"]) / (event["epochs"] * event["steps"])
-        return done, f"epoch {event['epoch']}/{event['epochs']}, loss {event['loss']:.3f}"
-    stage = STAGES.get(event.get("stage", ""), str(event.get("stage", "Working")))
-    if "images" in event:
-        return None, f"{stage} on {event['images']} images"
-    total, index = event.get("total"), event.get("index", 0)
-    if not total:
-        return None, stage
-    if event.get("stage") == "finetune":  # steps count from 1; the detail is the step's loss and the time left
-        left = f", about {event['seconds_left']:.0f} s left" if event.get("seconds_left") is not None else ""
-        return min(index / total, 1.0), f"{stage}: step {index}/{total}, {event.get('layer') or ''}".rstrip(", ") + left
-    detail = f": {event['layer']}" if event.get("layer") else ""
-    return min(index / total, 1.0), f"{stage} ({min(index + 1, total)}/{total}){detail}"
+from tabconv.progress import ProgressEvent
 
 
 class ProgressBar:
@@ -76,14 +43,14 @@ class ProgressBar:
         add_script_run_ctx(self._ticker)
         self._ticker.start()
 
-    def __call__(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: ProgressEvent) -> None:
         if self.turn is not None:
             self.turn.check()
-            if self.lock is not None and event.get("stage") in BETWEEN_STEPS:
+            if self.lock is not None and event.stage.long:
                 give_way(self.turn, self.lock)
-        fraction, self.text = describe(event)
-        if fraction is not None:
-            self.done = fraction
+        self.text = event.describe()
+        if event.fraction is not None:
+            self.done = event.fraction
         self._draw()
 
     def _draw(self) -> None:

@@ -7,7 +7,7 @@ already-approximated upstream layers, so its tables depend on every upstream set
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -17,11 +17,11 @@ from tabconv.cache import TableCache, cache_key
 from tabconv.config import Calibration
 from tabconv.convert import convert
 from tabconv.lowering import bias_vector, fold_batchnorm, im2col, weight_matrix
+from tabconv.progress import Progress, ProgressEvent, Stage
 from tabconv.quantizer import INT8_SCHEME, ProductQuantizer
 from tabconv.settings import LayerSetting
 from tabconv.structure import LayerInfo, ModelStructure
 
-Progress = Callable[[dict[str, Any]], None]
 CAPTURE_BYTES = 256 << 20  # bounds one batch's im2col rows of a layer (224x224 inputs: ~12,500 rows per image)
 # a grouped layer's rows are G groups wide (EfficientNet-B0's 5x5 depthwise convs: up to 28,800 columns), and its
 # k-means keeps max(16 K, max_rows / G) of them (grouped_sample): capturing 16,384 made 15 GB of rows there
@@ -255,10 +255,10 @@ class TableBuilder:
         for i, name in enumerate(names):
             setting = settings[name]
             if progress:
-                progress({"stage": "tables", "layer": name, "index": i, "total": len(names)})
+                progress(ProgressEvent(Stage.TABLES, i, len(names), name))
             built[name], source = self._build(name, setting, built)
             if sources is not None:
                 sources[name] = source
         if progress:
-            progress({"stage": "tables", "layer": None, "index": len(names), "total": len(names)})
+            progress(ProgressEvent(Stage.TABLES, len(names), len(names)))
         return built

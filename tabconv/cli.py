@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from tabconv.latencytable import DEFAULT_BATCH, LatencyTable
 from tabconv.lowering import LoweringError
 from tabconv.metrics import Origin
 from tabconv.models import model_names
+from tabconv.progress import Progress, ProgressEvent, Stage
 from tabconv.search import CONVENTIONS as SEARCH_CONVENTIONS
 from tabconv.settings import ENCODERS, EXACT, LUT_DTYPES, LayerSetting, SettingError
 from tabconv.stats import accuracy_text, p_text, wilson
@@ -49,28 +49,23 @@ class CliError(Exception):
     """An error whose message is the whole story."""
 
 
-def _progress_bar(desc: str) -> Callable[[dict[str, Any]], None]:
-    """A tqdm bar on stderr driven by the library's progress callbacks."""
+def _progress_bar(desc: str) -> Progress:
+    """A tqdm bar on stderr per stage, driven by the library's progress events."""
     from tqdm import tqdm
 
-    bars: dict[str, tqdm] = {}
+    bars: dict[Stage, tqdm] = {}
 
-    def update(event: dict[str, Any]) -> None:
-        if "epoch" in event:  # training: one bar over all epochs
-            event = {"stage": "epochs", "total": event["epochs"] * event["steps"],
-                     "index": (event["epoch"] - 1) * event["steps"] + event["step"],
-                     "layer": f"epoch {event['epoch']}/{event['epochs']} loss {event['loss']:.3f}"}
-        stage = event.get("stage", desc)
-        total = event.get("total")
-        if total is None:
+    def update(event: ProgressEvent) -> None:
+        if event.total is None:
             return
-        bar = bars.get(stage)
-        if bar is None or bar.total != total:
-            bar = bars[stage] = tqdm(total=total, desc=f"{desc}: {stage}", file=sys.stderr, leave=False)
-        done = event.get("index", 0)
-        bar.update(max(0, done - bar.n))
-        if event.get("layer"):
-            bar.set_postfix_str(str(event["layer"]))
+        bar = bars.get(event.stage)
+        if bar is None or bar.total != event.total:
+            bar = bars[event.stage] = tqdm(total=event.total, desc=f"{desc}: {event.stage}", file=sys.stderr,
+                                           leave=False)
+        bar.update(max(0, event.index - bar.n))
+        postfix = ", ".join(p for p in (event.detail, "" if event.loss is None else f"loss {event.loss:.3f}") if p)
+        if postfix:
+            bar.set_postfix_str(postfix)
 
     return update
 

@@ -14,16 +14,13 @@ accuracy on a slice comes from its per-image record.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from tabconv.metrics import Metrics, Origin
+from tabconv.progress import Progress, ProgressEvent, Stage
 from tabconv.search import Judge, feasible, flops, on_images
 from tabconv.session import Session
 from tabconv.settings import EXACT
-
-Progress = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -92,7 +89,8 @@ def _costliest(search: Session, searched: Judge, current: Metrics, convention: s
     trials = []
     for index, layer in enumerate(current.table_layers):
         if progress:
-            progress({"stage": "back-off", "index": index, "total": len(current.table_layers), "step": done + 1})
+            progress(ProgressEvent(Stage.BACK_OFF, index + 1, len(current.table_layers),
+                                   f"back-off {done + 1}: trying {layer} exact"))
         trial = searched(search.apply({**current.settings, layer: EXACT}, label=f"back-off: {layer} -> exact",
                                       origin=Origin.GREEDY).metrics)
         trials.append((trial.accuracy, -flops(trial, convention), layer, trial))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from tabconv.convert import convert
 from tabconv.data import ImageSet
 from tabconv.hashtree import encode_hash_trees
 from tabconv.metrics import Metrics, Origin
+from tabconv.progress import Progress, ProgressEvent, Stage
 from tabconv.quantizer import ProductQuantizer
 from tabconv.structure import ModelStructure
 from tabconv.tablesfile import tables_bytes
@@ -35,7 +36,6 @@ from tabconv.tablesfile import tables_bytes
 if TYPE_CHECKING:
     from tabconv.session import Session
 
-Progress = Callable[[dict[str, Any]], None]
 
 # Defaults measured on ResNet-18/MNIST, every layer tabled at S=9 K=16 (least-squares start, 300 steps, 4,096
 # images): lr 1e-3 raised the held-out loss within 4 steps and never recovered (Adam moves every table entry by
@@ -274,8 +274,8 @@ def finetune(teacher: nn.Module, structure: ModelStructure, quantizers: Mapping[
                 break
             if progress:
                 elapsed = time.perf_counter() - loop_start
-                progress({"stage": "finetune", "index": step, "total": plan.steps, "layer": f"loss {value:.4f}",
-                          "seconds_left": elapsed / step * (plan.steps - step)})
+                progress(ProgressEvent(Stage.FINETUNE, step, plan.steps, loss=value,
+                                       seconds_left=elapsed / step * (plan.steps - step)))
     finally:
         for watch in (watch_teacher, watch_student):
             if watch:

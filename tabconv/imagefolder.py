@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from tabconv.data import DatasetInfo, ImageSet, _cache_home, _read_npz, _save_npz_atomic
+from tabconv.progress import Progress, ProgressEvent, Stage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -33,7 +33,6 @@ INTERPOLATIONS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampl
 _LAYOUT_HELP = "expected DIR/<class>/*.jpg|png, or DIR/train/<class>/*.jpg|png and DIR/val/<class>/*.jpg|png"
 _CACHE_FORMAT = 1  # part of every decoded-cache key: bump when decoding changes
 
-Progress = Callable[[dict[str, Any]], None]
 
 
 class ImageFolderError(ValueError):
@@ -322,5 +321,5 @@ def _decode(files: Sequence[ImageFile], prep: Preprocessing, progress: Progress 
             raise ImageFolderError(f"{file.path}: cannot be read as an image ({reason}); "
                                    f"remove or replace it") from err
         if progress and (i + 1 == len(files) or (i + 1) % 64 == 0):
-            progress({"stage": f"decode {part} images", "total": len(files), "index": i + 1})
+            progress(ProgressEvent(Stage(f"decode {part} images"), i + 1, len(files)))
     return images

@@ -14,12 +14,13 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from tabconv.export import TabledNetwork
+from tabconv.progress import Progress, ProgressEvent, Stage
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
 NETWORKS = ("exact", "tabled")
 EAGER, ORT = "pytorch", "onnxruntime"
-Progress = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def measure(exact: nn.Module, tabled: nn.Module, x: torch.Tensor, repeats: int, 
     times: dict[str, dict[str, float]] = {name: {} for name in NETWORKS}
     for index, (runtime, name, run) in enumerate(runs):
         if progress is not None:
-            progress({"stage": "latency", "index": index, "total": len(runs), "layer": f"{name}, {runtime}"})
+            progress(ProgressEvent(Stage.LATENCY, index, len(runs), f"{name}, {runtime}"))
         times[name][runtime] = median_ms(run, repeats, warmup)
     return Latency(len(x), repeats, warmup, torch.get_num_threads(), times["exact"], times["tabled"])
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tabconv.metrics import Metrics, Origin
+from tabconv.progress import Progress, ProgressEvent, Stage
 from tabconv.session import Session
 from tabconv.settings import EXACT, LayerSetting
 
-Progress = Callable[[dict[str, Any]], None]
 Judge = Callable[[Metrics], Metrics]  # a configuration as a search sees it (e.g. on some of its images)
 RANKINGS = ("cumulative", "isolated")
 
@@ -59,9 +59,9 @@ def on_images(session: Session, images: slice | None) -> Judge:
     return lambda m: m.on_images(images, session.baseline)
 
 
-def _notify(progress: Progress | None, stage: str, index: int, total: int, **extra: Any) -> None:
+def _notify(progress: Progress | None, stage: Stage, index: int, total: int, detail: str = "") -> None:
     if progress:
-        progress({"stage": stage, "index": index, "total": total, **extra})
+        progress(ProgressEvent(stage, index, total, detail))
 
 
 def only_table(session: Session, layer: str, setting: LayerSetting) -> Metrics:
@@ -94,7 +94,7 @@ def priority_masking(session: Session, setting: LayerSetting, min_retention: flo
     ranking = sorted(names, key=lambda n: score[n])
     points = [all_table]
     for count in range(1, len(names) + 1):
-        _notify(progress, "priority", count, len(names), exact=count)
+        _notify(progress, Stage.PRIORITY, count, len(names), f"{count} exact")
         settings = session.uniform(setting)
         for name in ranking[:count]:
             settings[name] = EXACT
@@ -108,7 +108,7 @@ def sensitivity(session: Session, setting: LayerSetting, progress: Progress | No
     names = session.structure.names
     rows = []
     for i, name in enumerate(names):
-        _notify(progress, "sensitivity", i, len(names), layer=name)
+        _notify(progress, Stage.SENSITIVITY, i, len(names), name)
         alone, rest = only_table(session, name, setting), only_exact(session, name, setting)
         rows.append({"layer": name,
                      "only_table": _sweep_row(session, alone), "only_exact": _sweep_row(session, rest)})
@@ -131,7 +131,7 @@ def propagation_matrix(session: Session, setting: LayerSetting, current: Metrics
     names = session.structure.names
     cosine, relative = [], []
     for i, name in enumerate(names):
-        _notify(progress, "propagation", i, len(names), layer=name)
+        _notify(progress, Stage.PROPAGATION, i, len(names), name)
         m = only_table(session, name, setting)
         cosine.append([m.errors[n].cosine for n in names])
         relative.append([m.errors[n].relative_error for n in names])
@@ -202,7 +202,7 @@ def greedy_search(session: Session, setting: LayerSetting, min_retention: float,
 def _try(session: Session, current: Metrics, name: str, new: LayerSetting, progress: Progress | None, done: int,
          total: int, convention: str) -> Metrics:
     """One greedy move evaluated, announced first (a view can cancel the search or let other work run here)."""
-    _notify(progress, "greedy", done, total, best_flops=flops(current, convention))
+    _notify(progress, Stage.GREEDY, done, total)
     return session.apply({**current.settings, name: new}, label=f"greedy: {name} -> {_short(new)}",
                          origin=Origin.GREEDY).metrics
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from typing import Any
@@ -30,13 +30,13 @@ from tabconv.evaluate import ErrorAccumulator, LayerError, evaluate
 from tabconv.incremental import IncrementalRunner
 from tabconv.latencytable import LatencyEstimate, LatencyTable
 from tabconv.metrics import Metrics, Origin, pack_hits
+from tabconv.progress import Progress, ProgressEvent, Stage
 from tabconv.quantizer import ProductQuantizer
 from tabconv.settings import EXACT, LayerSetting
 from tabconv.structure import ModelStructure
 from tabconv.tablesfile import load_tables
 from tabconv.train import load_checkpoint
 
-Progress = Callable[[dict[str, Any]], None]
 MAX_INCREMENTAL_IMAGES = 2500  # above this, activations are not kept: evaluation streams in batches
 # Kept activations (exact and current, each): every node's when they fit, else the latest nodes' (2 GiB each keeps
 # layer4 and most of layer3 of ResNet-50 at 224x224 for 256 images, so late toggles start from kept inputs)
@@ -92,7 +92,7 @@ class Session:
                                     {"checkpoint_sha256": self.meta.get("sha256"), "dataset": self.meta.get("dataset")},
                                     cache)
         if progress:
-            progress({"stage": "baseline", "images": len(eval_set)})
+            progress(ProgressEvent(Stage.BASELINE, images=len(eval_set)))
         self.notes: list[str] = []  # what the user should know about how this session evaluates
         self.runner = self._runner(len(eval_set))
         self.incremental = self.runner is not None
@@ -292,7 +292,7 @@ class Session:
                   progress: Progress | None, label: str, origin: Origin) -> Metrics:
         """Evaluate with these tables and add the result to the history (it becomes the current one)."""
         if progress:
-            progress({"stage": "evaluate", "images": len(self.eval_set)})
+            progress(ProgressEvent(Stage.EVALUATE, images=len(self.eval_set)))
         if self.incremental:
             hits, errors = self._evaluate_incremental(quantizers)
         else:

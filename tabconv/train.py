@@ -12,7 +12,7 @@ import os
 import pickle
 import time
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from tabconv.atomic import atomic_write
 from tabconv.data import ImageSet, load_dataset
 from tabconv.devices import resolve_device
 from tabconv.models import build_model, build_training_model, deployable
+from tabconv.progress import Progress, ProgressEvent, Stage
 
 CHECKPOINT_FORMAT = "tabconv-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -35,7 +36,6 @@ _REQUIRED_META = ("model", "num_classes", "input_shape")
 DEFAULT_EPOCHS: dict[str, int] = {"digits": 5, "mnist": 3, "fashion-mnist": 5, "cifar10": 15, "cifar100": 15}
 DEFAULT_LR = 0.05
 
-Progress = Callable[[dict], None]
 
 
 class CheckpointError(ValueError):
@@ -85,15 +85,8 @@ def train_model(
             optimizer.step()
             schedule.step()
             if progress is not None:
-                progress(
-                    {
-                        "epoch": epoch + 1,
-                        "epochs": epochs,
-                        "step": step + 1,
-                        "steps": steps,
-                        "loss": loss.item(),
-                    }
-                )
+                progress(ProgressEvent(Stage.TRAIN, epoch * steps + step + 1, epochs * steps,
+                                       f"epoch {epoch + 1}/{epochs}", loss=loss.item()))
     return model.eval()
 
 

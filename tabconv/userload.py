@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from tabconv.imagefolder import (
     load_image_folder,
     scan_image_folder,
 )
+from tabconv.progress import Progress
 from tabconv.train import weights_sha256
 from tabconv.weights import (
     WeightEnum,
@@ -44,7 +45,6 @@ from tabconv.weights import (
     weight_enum,
 )
 
-Progress = Callable[[dict[str, Any]], None]
 INIT_SEED = 0  # random initialisation without weights (useful for timing) is the same network every time
 
 

@@ -9,18 +9,17 @@ one train it once.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
 
+from tabconv.progress import Progress
 from tabconv.train import DEFAULT_LR, train_and_save
 
 DEFAULT_MODEL = "resnet18"
 DEFAULT_DATASET = "digits"
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "checkpoints"
 
-Progress = Callable[[dict], None]
 
 
 def checkpoint_dir() -> Path:

@@ -17,6 +17,7 @@ from explorer.panels.tour import busiest_layer
 from explorer.workbench import open_workbench
 from tabconv import search
 from tabconv.metrics import Origin
+from tabconv.progress import ProgressEvent, Stage
 from tabconv.session import Session
 from tests.conftest import APP
 from tests.helpers import no_failure
@@ -100,8 +101,8 @@ def test_a_cancelled_search_gives_the_server_back_and_keeps_the_page(app: AppTes
     real = search.greedy_search
 
     def cancelled_midway(session: object, *args: object, progress: turns.Turn, **kwargs: object) -> object:
-        def relay(event: dict) -> None:
-            if event["stage"] == "greedy":  # past the masking sweep it starts from
+        def relay(event: ProgressEvent) -> None:
+            if event.stage == Stage.GREEDY:  # past the masking sweep it starts from
                 turns.LINE.running().cancel()
             progress(event)
 

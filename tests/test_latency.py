@@ -16,6 +16,7 @@ from tabconv import latency, native
 from tabconv.config import Calibration
 from tabconv.cost import model_cost
 from tabconv.export import TabledNetwork, onnx_bytes
+from tabconv.progress import Stage
 from tabconv.session import Session
 from tabconv.settings import LayerSetting
 from tabconv.train import save_checkpoint
@@ -54,7 +55,8 @@ def test_measure_times_both_networks_in_both_runtimes(tiny_session: Session):
                             progress=events.append)
     assert (timed.batch, timed.repeats, timed.warmup, timed.threads) == (3, 3, 1, torch.get_num_threads())
     assert timed.runtimes == ("pytorch", "onnxruntime")
-    assert [e["index"] for e in events] == [0, 1, 2, 3] and {e["total"] for e in events} == {4}
+    assert [e.index for e in events] == [0, 1, 2, 3] and {e.total for e in events} == {4}
+    assert {e.stage for e in events} == {Stage.LATENCY}
     for runtime in timed.runtimes:
         assert timed.exact_ms[runtime] > 0 and timed.tabled_ms[runtime] > 0
         assert timed.ratio(runtime) == timed.tabled_ms[runtime] / timed.exact_ms[runtime]

@@ -362,7 +362,8 @@ def test_finetuning_stops_on_its_own_and_says_why(tiny_digits):
     events = []
     _, full = finetune(session.model, session.structure, quantizers, images, steps=12, progress=events.append)
     assert (full.steps, full.max_steps, full.stopped) == (12, 12, finetuning.STOPPED_STEPS)
-    assert [e["index"] for e in events] == list(range(1, 13)) and events[-1]["seconds_left"] == 0
+    assert [e.index for e in events] == list(range(1, 13)) and events[-1].seconds_left == 0
+    assert events[-1].describe().startswith("Fine-tuning: step 12/12, loss ")
     per_step = full.seconds / 12
     _, timed = finetune(session.model, session.structure, quantizers, images, steps=100_000,
                         seconds=max(1.0, 30 * per_step))

@@ -10,6 +10,7 @@ from tabconv.calibrate import FITTED, LOADED, REUSED
 from tabconv.config import Calibration, ConfigError
 from tabconv.data import load_dataset
 from tabconv.metrics import Origin
+from tabconv.progress import Stage
 from tabconv.session import GIVEN, Session
 from tabconv.settings import EXACT, LayerSetting
 from tabconv.stats import mcnemar_p, wilson
@@ -175,8 +176,8 @@ def test_progress_reports_every_table_layer(digits):
     s = new_session(digits)
     events = []
     s.apply({"conv1": TABLE, "fc": TABLE}, progress=events.append)
-    layers = [e["layer"] for e in events if e["stage"] == "tables" and e["layer"]]
-    assert layers == ["conv1", "fc"] and events[-1]["stage"] == "evaluate"
+    layers = [e.detail for e in events if e.stage == Stage.TABLES and e.detail]
+    assert layers == ["conv1", "fc"] and events[-1].stage == Stage.EVALUATE
     assert torch.is_tensor(s.tables({"conv1": TABLE})["conv1"].tables_)
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from tabconv import __version__
 from tabconv.data import ImageSet, load_dataset
 from tabconv.models import build_model
+from tabconv.progress import ProgressEvent, Stage
 from tabconv.train import (
     CheckpointError,
     accuracy,
@@ -51,15 +52,16 @@ def test_training_learns_digits(tiny: nn.Module, digits: tuple[ImageSet, ImageSe
 
 
 def test_training_is_repeatable_and_reports_progress(tiny: nn.Module, digits: tuple[ImageSet, ImageSet]) -> None:
-    events: list[dict] = []
+    events: list[ProgressEvent] = []
     torch.manual_seed(0)
     again = train_model(build_model("tiny", 10, 1), digits[0], seed=0, progress=events.append, **TINY)
     assert weights_sha256(again.state_dict()) == weights_sha256(tiny.state_dict())
     steps = len(digits[0]) // TINY["batch_size"]
     assert len(events) == TINY["epochs"] * steps
-    assert events[-1].keys() == {"epoch", "epochs", "step", "steps", "loss"}
-    assert (events[-1]["epoch"], events[-1]["step"], events[-1]["steps"]) == (TINY["epochs"], steps, steps)
-    assert events[-1]["loss"] < events[0]["loss"]
+    assert {e.stage for e in events} == {Stage.TRAIN} and [e.index for e in events] == list(range(1, len(events) + 1))
+    assert (events[-1].index, events[-1].total, events[-1].detail) == (
+        TINY["epochs"] * steps, TINY["epochs"] * steps, f"epoch {TINY['epochs']}/{TINY['epochs']}")
+    assert events[-1].loss < events[0].loss
 
 
 def test_weights_hash_ignores_order_but_sees_every_change(tiny: nn.Module) -> None:

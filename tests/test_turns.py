@@ -13,6 +13,7 @@ from streamlit.runtime.scriptrunner_utils.script_requests import ScriptRequests
 
 from explorer import progress, turns
 from explorer.turns import Cancelled, Line, waiting_text
+from tabconv.progress import ProgressEvent, Stage
 
 WAIT_S = 60  # generous: a bound on a hang, never on speed
 
@@ -105,10 +106,10 @@ def test_a_cancelled_turn_stops_its_work_at_the_next_progress_event() -> None:
     held = line.join("a", "Budgeted search")
     bar = progress.ProgressBar("Budgeted search", cancellable=held)
     try:
-        bar({"stage": "greedy", "index": 0, "total": 10})  # runs on
+        bar(ProgressEvent(Stage.GREEDY, 0, 10))  # runs on
         held.cancel()
         with pytest.raises(Cancelled) as raised:
-            bar({"stage": "greedy", "index": 1, "total": 10})
+            bar(ProgressEvent(Stage.GREEDY, 1, 10))
     finally:
         bar.close()
         line.leave(held)
@@ -139,7 +140,7 @@ def test_a_cancel_click_queued_behind_the_running_script_reaches_the_work(monkey
         assert bar.key == "turn_cancel_7"
         assert held.cancel_requested.wait(WAIT_S)  # the ticker saw the click
         with pytest.raises(Cancelled):
-            bar({"stage": "finetune", "index": 3, "total": 300, "layer": "loss 0.1"})
+            bar(ProgressEvent(Stage.FINETUNE, 3, 300, loss=0.1))
     finally:
         bar.close()
         line.leave(held)

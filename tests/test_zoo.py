@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tabconv import zoo
+from tabconv.progress import ProgressEvent
 from tabconv.train import load_checkpoint
 
 
@@ -18,10 +19,10 @@ def test_checkpoint_dir_honours_the_environment(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_missing_checkpoint_is_trained_once_then_reused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    events: list[dict] = []
+    events: list[ProgressEvent] = []
     path = zoo.ensure_checkpoint("tiny", "digits", root=tmp_path, epochs=1, progress=events.append)
     assert path == tmp_path / "tiny-digits.pt"
-    assert events and events[-1]["epoch"] == 1
+    assert events and events[-1].detail == "epoch 1/1" and events[-1].fraction == 1.0
     model, meta = load_checkpoint(path)
     assert (meta["model"], meta["dataset"]) == ("tiny", "digits")
 
@@ -33,7 +34,7 @@ def test_missing_checkpoint_is_trained_once_then_reused(monkeypatch: pytest.Monk
 
 
 def test_interrupted_training_leaves_no_file(tmp_path: Path) -> None:
-    def interrupt(event: dict) -> None:
+    def interrupt(event: ProgressEvent) -> None:
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
