@@ -199,13 +199,15 @@ def configured() -> list[dict[str, Any]]:
 
 def speed_only() -> list[dict[str, Any]]:
     """Timings whose accuracy is not the point: the torch path, kernels alone."""
-    setup = _json("results-latency.json")["setup"]
+    setup, flops = _json("results-latency.json")["setup"], _json("results-latency.json")["flops"]
     claims = [{"id": "resnet18-mnist-all-c8k16-torch", "title": "every layer C=8, K=16, float32, torch path",
                "kind": "speed", "group": "torch-speed", "model": setup["model"], "dataset": setup["dataset"],
                "source": "docs/results-latency.json", "note": "",
                "command": "python bench/latency.py --checkpoint checkpoints/resnet18-mnist.pt --data-root DIR "
                           "--setting C=8,K=16 --repeats 20 --kernel torch --out docs/results-latency.json",
-               "commit": _commit("docs/results-latency.json"), "latency": _latency("results-latency.json", EAGER)},
+               "commit": _commit("docs/results-latency.json"), "latency": _latency("results-latency.json", EAGER),
+               "flops_reduction_paper": 1 - flops["tabled_paper"] / flops["exact"],
+               "flops_reduction_full": 1 - flops["tabled_full"] / flops["exact"]},
               {"id": "resnet18-mnist-fast-ft-speed", "title": "the fast configuration, fine-tuned, torch path",
                "kind": "speed", "group": "fast", "model": "resnet18", "dataset": "mnist",
                "source": "docs/results-latency-fast.json", "note": "",
@@ -216,7 +218,7 @@ def speed_only() -> list[dict[str, Any]]:
     kernels = _json("results-kernels.json")
     for row in kernels["layers"]:
         claims.append({
-            "id": f"kernel-{row['layer']}",
+            "id": f"kernel-{row['layer'].replace('.', '-')}",
             "title": f"{row['layer']} alone, one core, batch {kernels['setup']['batch']}",
             "kind": "benchmark", "group": "kernels", "model": "resnet18", "dataset": "mnist",
             "source": "docs/results-kernels.json", "note": "", "commit": _commit("docs/results-kernels.json"),

@@ -112,6 +112,8 @@ def claim_from_dict(data: Mapping[str, Any], where: str = str(REGISTRY)) -> Clai
     for key in required:
         if data.get(key) is None:
             raise ClaimError(f"{where}: claim {name!r} is missing the required field {key!r}")
+    if not re.fullmatch(r"[\w-]+", str(name)):
+        raise ClaimError(f"{where}: claim id {name!r} may hold only letters, digits, '-' and '_'")
     if data["kind"] not in KINDS:
         raise ClaimError(f"{where}: claim {name!r} has kind {data['kind']!r}, not one of {', '.join(KINDS)}")
     values = dict(data)
@@ -235,6 +237,8 @@ def span_text(claim: Claim, path: str, digits: int | None = None) -> str:
     if last.startswith("flops_reduction"):
         return reduction(value, 1 if digits is None else digits)
     unit = _unit(path)
+    if unit == "n" and digits is None:
+        digits = 0 if isinstance(value, int) else 1
     if last in ("accuracy", "baseline_accuracy") and digits is None:
         digits = 2
     return UNITS[unit](value, DEFAULT_DIGITS[unit] if digits is None else digits)
@@ -243,11 +247,15 @@ def span_text(claim: Claim, path: str, digits: int | None = None) -> str:
 # -- tables ---------------------------------------------------------------------------------------------
 def images_text(claim: Claim) -> str:
     """'9,000 (test 1000-9999), not chosen on' — how many images, which, and whether they chose the claim."""
+    if claim.images is None:
+        return "-"
     chosen = "not chosen on" if claim.held_out else "chosen on them"
     return f"{claim.images:,} ({claim.images_which}), {chosen}"
 
 
 def accuracy_cell(claim: Claim) -> str:
+    if claim.accuracy is None:
+        return "-"
     low, high = claim.accuracy_ci95 or (None, None)
     interval = f" [{100 * low:.1f}-{100 * high:.1f}]" if low is not None else ""
     return f"{pct(claim.accuracy, 2)}{interval}"
@@ -264,6 +272,11 @@ def _storage_cell(claim: Claim) -> str:
     return f"{claim.storage_bytes / 1e6:.1f}{base}"
 
 
+def _speed_cell(claim: Claim) -> str:
+    entry = claim.latency.get("pytorch-b64")
+    return "-" if entry is None else f"{times(entry.speedup)} ({entry.threads} threads)"
+
+
 COLUMNS: dict[str, tuple[str, Callable[[Claim], str]]] = {
     "claim": ("claim", lambda c: f"`{c.id}`"),
     "title": ("configuration", lambda c: c.title),
@@ -278,6 +291,7 @@ COLUMNS: dict[str, tuple[str, Callable[[Claim], str]]] = {
     "full": ("FLOP reduction, full conv. (encoding counted)", lambda c: reduction(c.flops_reduction_full)),
     "storage": ("storage MB (exact)", _storage_cell),
     "config": ("configuration file", _config_cell),
+    "speed": ("measured speed-up, PyTorch eager, batch 64", _speed_cell),
 }
 
 
@@ -299,7 +313,7 @@ ACCURACY_COLUMNS = ("claim", "title", "accuracy", "images", "retention", "paper"
 
 
 def _accuracy_group(group: str, columns: tuple[str, ...] = ACCURACY_COLUMNS) -> Callable[[Mapping[str, Claim]], str]:
-    return lambda claims: claims_table(_group(claims, group), columns)
+    return lambda claims: claims_table([c for c in _group(claims, group) if c.kind == "accuracy"], columns)
 
 
 def _speed_rows(claims: Iterable[Claim]) -> str:
@@ -321,7 +335,21 @@ def _values_table(claims: Iterable[Claim], columns: list[tuple[str, str]], first
 
 def _headline(claims: Mapping[str, Claim]) -> str:
     rows = [c for c in claims.values() if "headline" in c.values.get("tags", ())]
-    return claims_table(rows, ("claim", "model", "title", "accuracy", "images", "retention", "paper", "full"))
+    return claims_table(rows, ("claim", "model", "title", "accuracy", "images", "retention", "paper", "full",
+                               "speed"))
+
+
+def _baselines(claims: Mapping[str, Claim]) -> str:
+    """One row per checkpoint: how it was trained and its exact accuracy on the whole test split, where measured."""
+    rows: dict[str, list[str]] = {}
+    for c in claims.values():
+        if c.checkpoint_sha256 and c.baseline_accuracy is not None and c.images_which:
+            row = rows.setdefault(c.checkpoint_sha256, [f"{c.model} / {c.dataset}", f"`{c.checkpoint_sha256[:12]}…`",
+                                                        f"`{c.checkpoint_from}`", "-", f"`{c.id}`"])
+            if c.images_which.startswith("test 0-") and row[3] == "-":
+                row[3] = f"{pct(c.baseline_accuracy, 2)} ({c.images_which})"
+    return markdown_table(["model / dataset", "weights sha256", "trained by", "exact accuracy (images)",
+                           "first claim"], list(rows.values()))
 
 
 def _speed_group(group: str) -> Callable[[Mapping[str, Claim]], str]:
@@ -350,6 +378,7 @@ INTERACTIVE = [("floor_s", "one exact forward"), ("toggle_s", "toggle"), ("layer
 
 TABLES: dict[str, Callable[[Mapping[str, Claim]], str]] = {
     "headline": _headline,
+    "baselines": _baselines,
     "reproduction": _accuracy_group("reproduction", ("claim", "model", "title", "accuracy", "images", "baseline",
                                                      "retention", "paper_both", "full", "config")),
     "learned": _accuracy_group("learned", ACCURACY_COLUMNS + ("storage",)),
@@ -362,8 +391,6 @@ TABLES: dict[str, Callable[[Mapping[str, Claim]], str]] = {
     "torch-speed": _speed_group("torch-speed"),
     "latency-searches": _accuracy_group("latency-searches", ACCURACY_COLUMNS + ("config",)),
     "kernels": _values_group("kernels", KERNELS),
-    "tree-vs-exhaustive": _accuracy_group("tree-vs-exhaustive", ("claim", "model", "title", "accuracy", "images",
-                                                                 "full")),
     "user-models": _values_group("user-models", USER_MODELS),
     "classroom-browser": _values_group("classroom-browser", CLASSROOM),
     "classroom-websocket": _values_group("classroom-websocket", CLASSROOM),
