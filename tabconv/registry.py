@@ -192,7 +192,7 @@ UNITS: dict[str, Callable[[float, int], str]] = {
     "pct": pct, "x": times, "ms": lambda v, d: f"{v:.{d}f} ms", "s": lambda v, d: f"{v:.{d}f} s",
     "gb": lambda v, d: f"{v:.{d}f} GB", "mb": lambda v, d: f"{v / 1e6:.{d}f} MB", "n": lambda v, d: f"{v:,.{d}f}",
 }
-DEFAULT_DIGITS = {"pct": 1, "x": 2, "ms": 2, "s": 1, "gb": 1, "mb": 1, "n": 0}
+DEFAULT_DIGITS = {"pct": 1, "x": 2, "ms": 2, "s": 2, "gb": 1, "mb": 1, "n": 0}
 
 
 def _unit(path: str) -> str:
