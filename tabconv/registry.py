@@ -50,7 +50,16 @@ class Latency:
 
 @dataclass(frozen=True)
 class Claim:
-    """One published claim and where it comes from (see docs/results.md for the fields' meaning)."""
+    """One published claim and where it comes from.
+
+    `source` is the file a command wrote the numbers to (or "prose: ..." for a number only prose kept); `command`
+    measures it again; `checkpoint_from` says how the checkpoint (`checkpoint_sha256`, its weights' hash) is made.
+    Accuracy claims say which test images (`images_which`, "test FIRST-LAST") and whether they were `held_out` from
+    choosing the configuration. FLOP reductions are fractions of the exact network's FLOPs, paper convention
+    (encoding free) and full (encoding counted); negative is an increase. `latency` holds measured times by
+    "RUNTIME-bBATCH"; `values` any other measured number, its unit in its name's suffix (`_s`, `_ms`, `_gb`, `_pct`,
+    `_x`), and `tags` (e.g. "headline": the README's table).
+    """
 
     id: str
     title: str
