@@ -1,4 +1,5 @@
-"""Command line: python -m tabconv train | cost | evaluate | finetune | export | search | sensitivity | cache.
+"""Command line: python -m tabconv train | cost | evaluate | finetune | export | search | sensitivity | cache |
+reproduce.
 
 Every command prints JSON with --json; a bad argument or file exits with status 2 and one line
 saying what is wrong.
@@ -14,7 +15,7 @@ from typing import Any
 
 from tabconv import config as config_file
 from tabconv import finetune as finetuning
-from tabconv import native
+from tabconv import native, registry
 from tabconv.architectures import ArchitectureError, build_architecture
 from tabconv.atomic import atomic_write_bytes
 from tabconv.cache import TableCache
@@ -687,6 +688,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("reproduce", help="re-run a published claim's evaluation (docs/claims.json) and compare")
+    registry.add_reproduce_arguments(p)
+    p.set_defaults(func=registry.cmd_reproduce)
     return parser
 
 
