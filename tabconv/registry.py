@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tabconv.atomic import atomic_write_text
+from tabconv.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
 REGISTRY = ROOT / "docs" / "claims.json"
@@ -470,7 +471,7 @@ def check_checkpoint(claim: Claim, path: Path) -> None:
 
 
 def reproduce(claim: Claim, checkpoint: Path, *, root: Path = ROOT, data_root: str | None = None,
-              cache_dir: str | None = None, progress: Callable[[dict[str, Any]], None] | None = None
+              cache_dir: str | None = None, progress: Progress | None = None
               ) -> dict[str, Any]:
     """Re-run a claim's evaluation in-process (as `evaluate --config … --eval-skip N` does) and compare."""
     from tabconv.cache import TableCache
