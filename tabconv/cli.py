@@ -263,8 +263,11 @@ def _enable_latency(session, args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     session = _session(args, config_file.load(args.config).calibration if args.config else None)
     _enable_latency(session, args)
+    if args.retarget and not args.config:
+        raise CliError("--retarget goes with --config (it rebuilds a configuration file's tables for this checkpoint)")
+    loaded = None
     if args.config:
-        loaded, tables = session.load_configuration(args.config)
+        loaded, tables = _load_config(session, args)
         metrics = _apply_config(session, loaded, tables)
     else:
         setting = _table_setting(args) if args.all_table else EXACT
@@ -273,8 +276,19 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         if metrics.tables_sha256:
             raise CliError("--save-config cannot copy a fine-tuned configuration (its tables file belongs to it); "
                            "copy the configuration and its .tables.pt file together instead")
-        session.configuration(metrics).save(args.save_config)
+        session.configuration(metrics, loaded and loaded.retargeted_from).save(args.save_config)
     _emit(_metrics_json(session, metrics), args.json, _metrics_lines(session, metrics))
+
+
+def _load_config(session, args: argparse.Namespace):
+    """--config for this session (--retarget: rebuilt for its checkpoint), with its tables file's tables if any."""
+    try:
+        return session.load_configuration(args.config, retarget=args.retarget)
+    except ConfigError as exc:
+        if exc.field == "checkpoint_sha256":
+            raise CliError(f"{exc}; pass --retarget to rebuild its tables from this checkpoint with the "
+                           "configuration's calibration settings") from None
+        raise
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -283,7 +297,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if args.held_out == "test" and args.arch is None and not args.eval_skip:
         args.eval_skip = _search_images(args)  # the checks take the first test images, results the rest
     session = _session(args, config_file.load(args.config).calibration)
-    loaded, tables = session.load_configuration(args.config)
+    loaded, tables = _load_config(session, args)
     parent = _apply_config(session, loaded, tables, label="before fine-tuning")
     tuned = finetuning.finetune_session(session, parent, steps=args.steps, images=args.images, lr=args.lr,
                                         batch_size=args.batch_size, layer_loss=args.layer_loss, seed=args.seed,
@@ -291,7 +305,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                                         held_out=_held_out(args, session), progress=_progress_bar("finetune"))
     out, tables_path = Path(args.out), tables_path_for(args.out)
     atomic_write_bytes(tables_path, tuned.tables)
-    tuned.configuration(session, tables_path.name).save(out)
+    tuned.configuration(session, tables_path.name, loaded.retargeted_from).save(out)
     report, metrics = tuned.report, tuned.metrics
     judged, judged_parent = tuned.judged()
     data = {**_metrics_json(session, metrics), "finetune": tuned.record(), "config_file": str(out),
@@ -373,6 +387,9 @@ def cmd_search(args: argparse.Namespace) -> None:
            *_metrics_lines(confirmation_session, accepted)])
 
 
+RETARGET_HELP = ("the configuration was made for another checkpoint of this architecture: rebuild its tables from this "
+                 "one with its calibration settings (a fine-tuned tables file is not used) and record where it came "
+                 "from")
 DEFAULT_SEARCH_IMAGES = 1000  # a search chooses on these (or half the test split when smaller), confirms on the rest
 
 
@@ -478,7 +495,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     calibration = config_file.load(args.config).calibration
     prepare_folder(args.out)  # an unwritable folder is refused before any table is built
     session = _session(args, calibration)
-    loaded, tables = session.load_configuration(args.config)
+    loaded, tables = _load_config(session, args)
     quantizers = tables if tables is not None else session.tables(loaded.layers)
     paths = write_export(args.out, export_files(TabledNetwork.from_session(session, quantizers), args.format))
     sizes = {path.name: path.stat().st_size for path in paths}
@@ -620,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--all-exact", action="store_true")
     mode.add_argument("--all-table", action="store_true")
     mode.add_argument("--config", default=None, help="a configuration file (its calibration settings are used)")
+    p.add_argument("--retarget", action="store_true", help=RETARGET_HELP)
     _table_options(p)
     p.add_argument("--save-config", default=None, help="write this run's configuration file here")
     p.set_defaults(func=cmd_evaluate)
@@ -627,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="train a configuration's tables end to end, distilling the exact network")
     _session_options(p, ("--image-folder",))
     p.add_argument("--config", required=True, help="the configuration to fine-tune (its calibration is used)")
+    p.add_argument("--retarget", action="store_true", help=RETARGET_HELP)
     p.add_argument("--steps", type=_positive, default=finetuning.DEFAULT_STEPS,
                    help="at most this many Adam steps (default %(default)s)")
     p.add_argument("--seconds", type=float, default=None,
@@ -652,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     _session_options(p)
     p.add_argument("--config", required=True, help="the configuration to export (its calibration is used; "
                    "a fine-tuned one exports its tables file)")
+    p.add_argument("--retarget", action="store_true", help=RETARGET_HELP)
     p.add_argument("--out", required=True, help="folder for the files (created if needed)")
     p.add_argument("--format", type=_formats, default=FORMATS,
                    help=f"comma-separated subset of {','.join(FORMATS)} (default: all; onnx-ops: model-ops.onnx, "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,12 @@ FIT_METHODS = ("kmeans", "least-squares")
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the item at fault."""
+    """A configuration that cannot be used; the message names the item at fault, and `field` the configuration
+    field it concerns (e.g. "checkpoint_sha256"), so that each front end can say what to do in its own words."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,16 @@ class Configuration:
     tables_sha256: str | None = None
     finetune: dict[str, Any] = field(default_factory=dict)  # how the tables file was trained
     folder: Path | None = field(default=None, compare=False)  # where it was loaded from (tables_file is beside it)
+    retargeted_from: dict[str, Any] | None = None  # the configuration it was made from for another checkpoint
+
+    def retargeted(self, checkpoint_sha256: str | None, source: str) -> Configuration:
+        """This configuration for another checkpoint of the same architecture: the same layer settings and
+        calibration, tables to be rebuilt from that checkpoint (a tables file belongs to the weights it was
+        trained on, so it is dropped, as are the metrics measured with them); `source` names where it came from."""
+        origin = {"file": source, "checkpoint_sha256": self.checkpoint_sha256, "tables_sha256": self.tables_sha256,
+                  "accuracy": self.metrics.get("accuracy")}
+        return replace(self, checkpoint_sha256=checkpoint_sha256, metrics={}, tables_file=None, tables_sha256=None,
+                       finetune={}, layers=dict(self.layers), retargeted_from=origin)
 
     def tables_path(self) -> Path | None:
         """The fine-tuned tables file this configuration needs, or None when its tables are rebuilt."""
@@ -115,6 +130,7 @@ class Configuration:
             "tables_file": self.tables_file,
             "tables_sha256": self.tables_sha256,
             "finetune": self.finetune,
+            "retargeted_from": self.retargeted_from,
             "software": software_versions(),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
@@ -141,8 +157,7 @@ class Configuration:
         if checkpoint_sha256 and self.checkpoint_sha256 and checkpoint_sha256 != self.checkpoint_sha256:
             raise ConfigError(
                 f"checkpoint_sha256 {self.checkpoint_sha256[:12]}... was made for another checkpoint "
-                f"(this one is {checkpoint_sha256[:12]}...)"
-            )
+                f"(this one is {checkpoint_sha256[:12]}...)", field="checkpoint_sha256")
         for name in structure.names:
             self.layers.setdefault(name, EXACT)
         self.layers = {info.name: self.layers[info.name].for_inner_dim(info.inner_dim) for info in structure.layers}
@@ -187,13 +202,17 @@ def load(path: str | os.PathLike) -> Configuration:
 
 
 def load_for(path: str | os.PathLike, structure: ModelStructure, checkpoint_sha256: str | None = None, *,
-             model: str | None = None, dataset: str | None = None) -> Configuration:
-    """`load`, then `validate_against` what is loaded; every misfit names the file."""
+             model: str | None = None, dataset: str | None = None, retarget: bool = False) -> Configuration:
+    """`load`, then `validate_against` what is loaded; every misfit names the file. `retarget`: a configuration
+    made for another checkpoint of this architecture is accepted for this one (`Configuration.retargeted`); the
+    model, dataset, layers and input shape must still fit."""
     loaded = load(path)
+    if retarget:
+        loaded = loaded.retargeted(checkpoint_sha256, str(path))
     try:
         return loaded.validate_against(structure, checkpoint_sha256, model=model, dataset=dataset)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        raise ConfigError(f"{path}: {exc}", field=exc.field) from exc
 
 
 def from_json(text: str) -> Configuration:
@@ -234,9 +253,12 @@ def from_dict(data: Any) -> Configuration:
     finetune = data.get("finetune") or {}
     if not isinstance(finetune, dict):
         raise ConfigError("'finetune' must be an object")
+    retargeted_from = data.get("retargeted_from")
+    if retargeted_from is not None and not isinstance(retargeted_from, dict):
+        raise ConfigError("'retargeted_from' must be an object or null")
     return Configuration(data["model"], data["dataset"], data["num_classes"], tuple(shape),
                          _parse_layers(data["layers"]), _parse_calibration(data.get("calibration", {})), sha, metrics,
-                         tables_file, tables_sha, finetune)
+                         tables_file, tables_sha, finetune, retargeted_from=retargeted_from)
 
 
 def _parse_calibration(raw: Any) -> Calibration:

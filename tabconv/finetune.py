@@ -338,9 +338,10 @@ class Tuned:
         return {**self.report.to_dict(), "parent_accuracy": self.parent.accuracy,
                 "parent_label": self.parent.label}
 
-    def configuration(self, session: Session, tables_file: str) -> Configuration:
+    def configuration(self, session: Session, tables_file: str, retargeted_from: dict[str, Any] | None = None
+                      ) -> Configuration:
         """The configuration file of the tuned tables, pointing at `tables_file` (a name beside it)."""
-        config = session.configuration(self.metrics)
+        config = session.configuration(self.metrics, retargeted_from)
         config.tables_file, config.tables_sha256, config.finetune = tables_file, self.sha256, self.record()
         return config
 

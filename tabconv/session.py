@@ -227,22 +227,27 @@ class Session:
     def uniform(self, setting: LayerSetting) -> dict[str, LayerSetting]:
         return {name: setting for name in self.structure.names}
 
-    def load_configuration(self, path: str) -> tuple[Configuration, dict[str, ProductQuantizer] | None]:
+    def load_configuration(self, path: str, retarget: bool = False
+                           ) -> tuple[Configuration, dict[str, ProductQuantizer] | None]:
         """A configuration file checked against this session's model, dataset and checkpoint, with its fine-tuned
-        tables when it names a tables file (else None: its tables are built like any others)."""
+        tables when it names a tables file (else None: its tables are built like any others). `retarget`: made for
+        another checkpoint of the same architecture, its tables are rebuilt from this one with its calibration
+        settings (a tables file is not used), and it records where it came from."""
         loaded = load_for(path, self.structure, self.meta.get("sha256"), model=self.meta["model"],
-                          dataset=self.meta.get("dataset"))
+                          dataset=self.meta.get("dataset"), retarget=retarget)
         tables_path = loaded.tables_path()
         if tables_path is None:
             return loaded, None
         return loaded, load_tables(tables_path, loaded.tables_sha256, self.structure, loaded.layers, self.device)
 
-    def configuration(self, metrics: Metrics | None = None) -> Configuration:
-        """The configuration file of a metrics record (default: the current one), metrics included."""
+    def configuration(self, metrics: Metrics | None = None, retargeted_from: dict[str, Any] | None = None
+                      ) -> Configuration:
+        """The configuration file of a metrics record (default: the current one), metrics included, and the
+        configuration it was retargeted from, if any."""
         metrics = metrics or self.current
         return Configuration(self.meta["model"], self.meta["dataset"], self.meta["num_classes"], self.input_shape,
                              dict(metrics.settings), self.calibration, self.meta.get("sha256"),
-                             _metrics_summary(metrics))
+                             _metrics_summary(metrics), retargeted_from=retargeted_from)
 
     # -- evaluation --------------------------------------------------------------------------------
     def apply(self, settings: Mapping[str, LayerSetting] | Configuration, progress: Progress | None = None,

@@ -390,3 +390,51 @@ def test_cache_keys_hold_every_quantizer_parameter(tiny_digits):
     assert set(parts["quantizer"]) == set(inspect.signature(ProductQuantizer).parameters)
     assert parts["quantizer"]["random_state"] == session.calibration.seed
     assert parts["quantizer"]["groups"] == session.structure.layer(name).groups
+
+
+def test_a_configuration_made_for_another_checkpoint_is_retargeted_on_request(tiny_digits, tmp_path, capsys):
+    """A published configuration applies to a freshly trained checkpoint of the same architecture with --retarget:
+    its tables are rebuilt from the new weights with its calibration settings (a fine-tuned tables file is not used),
+    and the result says where it came from; without --retarget, and for another architecture, one-line errors."""
+    calib = ["--calibration-images", "256", "--max-rows", "4096", "--cache-dir", str(tmp_path / "cache"), "--json"]
+    table = ["--all-table", "-C", "4", "-K", "8", "--fit", "least-squares"]
+    published, tuned = tmp_path / "published.json", tmp_path / "tuned.json"
+    assert main(["evaluate", "--checkpoint", str(tiny_digits), *table, *calib, "--save-config", str(published)]) == 0
+    assert main(["finetune", "--checkpoint", str(tiny_digits), "--config", str(published), "--steps", "2", *calib,
+                 "--out", str(tuned)]) == 0
+    capsys.readouterr()
+    fresh = tmp_path / "fresh.pt"
+    train_and_save("tiny", "digits", fresh, epochs=3, seed=1)
+    mine = ["--checkpoint", str(fresh), *calib]
+
+    assert main(["evaluate", *mine, "--config", str(published)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "published.json" in err and "made for another checkpoint" in err and "--retarget" in err
+    assert "\n" not in err
+
+    assert main(["evaluate", *mine, *table]) == 0
+    direct = json.loads(capsys.readouterr().out)
+    retargeted = tmp_path / "retargeted.json"
+    assert main(["evaluate", *mine, "--config", str(published), "--retarget", "--save-config", str(retargeted)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["checkpoint"] == direct["checkpoint"] != json.loads(published.read_text())["checkpoint_sha256"]
+    assert data["accuracy"] == direct["accuracy"] and data["storage_bytes"] == direct["storage_bytes"]
+    written = json.loads(retargeted.read_text())
+    source = json.loads(published.read_text())
+    assert written["checkpoint_sha256"] == direct["checkpoint"] and written["layers"] == source["layers"]
+    assert written["retargeted_from"]["file"] == str(published)
+    assert written["retargeted_from"]["checkpoint_sha256"] == source["checkpoint_sha256"]
+
+    assert main(["evaluate", *mine, "--config", str(tuned), "--retarget"]) == 0  # its tables file is not used
+    assert json.loads(capsys.readouterr().out)["accuracy"] == direct["accuracy"]
+    out = tmp_path / "retuned.json"
+    assert main(["finetune", *mine, "--config", str(tuned), "--retarget", "--steps", "2", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert json.loads(out.read_text())["retargeted_from"]["tables_sha256"] == json.loads(tuned.read_text())[
+        "tables_sha256"]
+
+    other = tmp_path / "other-architecture.json"
+    other.write_text(json.dumps({**source, "model": "resnet18"}))
+    assert main(["evaluate", *mine, "--config", str(other), "--retarget"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "made for resnet18 on digits, but tiny on digits is loaded" in err and "\n" not in err
