@@ -103,7 +103,7 @@ def main() -> None:
             session = Session.from_checkpoint(args.checkpoint, calibration=calibration, eval_images=args.eval_images,
                                               data_root=args.data_root, cache=TableCache(f"{tmp}/cold{repeat}"))
             cold.append(timed(lambda s=session: s.apply(s.uniform(table)).metrics))
-        result = {"checkpoint": args.checkpoint, "model": session.meta["model"], "dataset": session.meta["dataset"],
+        result = {"checkpoint": args.checkpoint, "model": session.info.model, "dataset": session.info.dataset,
                   "eval_images": args.eval_images, "calibration_images": args.calibration_images,
                   "codebooks": args.codebooks, "centroids": args.centroids, "threads": torch.get_num_threads(),
                   "floor_s": floor_s(session, args.repeats * 3), "cold_build_s": statistics.median(cold)}

@@ -249,7 +249,7 @@ def layer_rows(session: Session, tables: Mapping[str, LayerSetting], per_layer: 
 
 
 def setup(args: argparse.Namespace, session: Session, tables: Mapping[str, LayerSetting]) -> dict[str, Any]:
-    return {"checkpoint": args.checkpoint, "model": session.meta["model"], "dataset": session.meta["dataset"],
+    return {"checkpoint": args.checkpoint, "model": session.info.model, "dataset": session.info.dataset,
             "config": args.config, "setting": None if args.config else args.setting.to_dict(),
             "table_layers": len(tables), "layers": len(session.structure.layers), "batches": args.batches,
             "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads, "layout": args.layout,

@@ -106,7 +106,7 @@ def final_row(row: Row, method: str, chosen: Metrics, full: Session, search: Ses
         "storage_ratio": final.storage_ratio, "table_layers": len(table), "layers": len(final.settings),
         "codebooks": setting.codebooks, "centroids": setting.centroids, "encoder": setting.encoder,
         "lut_dtype": setting.lut_dtype, "per_layer_codebooks": sorted({s.codebooks for s in table}),
-        "config": str(config_path), "checkpoint_sha256": full.meta["sha256"],
+        "config": str(config_path), "checkpoint_sha256": full.info.sha256,
         "paper_reduction": row.paper_reduction,
         "paper_target_met": None if row.paper_reduction is None else (
             final.retention >= args.min_retention and final.reduction_paper >= row.paper_reduction),
@@ -182,10 +182,11 @@ def run_row(row: Row, args: argparse.Namespace) -> list[dict[str, Any]]:
                 log(f"  {method}: nothing kept {args.min_retention:.0%} on the search images")
                 continue
             record = final_row(row, method + suffix, result.best, full, search, setting, args)
+            trained = full.info.details
             record.update(plot=str(plot_path), evaluated=len(result.points), fit=args.fit,
-                          train_epochs=full.meta.get("epochs"), train_images=full.meta.get("train_images"),
-                          train_accuracy=full.meta.get("test_accuracy"), train_augment=full.meta.get("augment"),
-                          train_seconds=full.meta.get("train_seconds"))
+                          train_epochs=trained.get("epochs"), train_images=trained.get("train_images"),
+                          train_accuracy=trained.get("test_accuracy"), train_augment=trained.get("augment"),
+                          train_seconds=trained.get("train_seconds"))
             verify(record, checkpoint, args)
             rows.append(record)
             log(f"  {method}{suffix}: acc {record['accuracy']:.4f} ({record['eval_images']} images), retention "

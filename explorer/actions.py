@@ -64,8 +64,8 @@ def import_tuned(wb: Workbench, config_text: str, name: str, tables: bytes, tabl
     mismatching file is one line of error, and the page keeps the configuration it shows."""
     session = wb.session
     try:
-        config = from_json(config_text).validate_against(session.structure, session.meta.get("sha256"),
-                                                         model=session.meta["model"], dataset=session.meta["dataset"])
+        config = from_json(config_text).validate_against(session.structure, session.info.sha256,
+                                                         model=session.info.model, dataset=session.info.dataset)
         if not config.tables_file:
             raise ConfigError("it names no tables file (its tables are rebuilt: load it as an ordinary configuration)")
         loaded = read_tables(tables, tables_name, config.tables_sha256, session.structure, config.layers,

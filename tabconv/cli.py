@@ -208,8 +208,8 @@ def _apply_config(session, loaded: Configuration, tables: dict | None, label: st
 
 
 def _metrics_json(session, metrics) -> dict[str, Any]:
-    return {"checkpoint": str(session.meta.get("sha256")), "model": session.meta["model"],
-            "dataset": session.meta["dataset"], "calibration": vars(session.calibration),
+    return {"checkpoint": str(session.info.sha256), "model": session.info.model,
+            "dataset": session.info.dataset, "calibration": vars(session.calibration),
             "eval_first": session.eval_set.first,
             **metrics.to_dict(session.structure, session.calibration.images), **_versus(metrics, session.baseline,
                                                                                          "exact")}
@@ -462,7 +462,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
     session = _session(args)
     rows = sensitivity(session, _table_setting(args), progress=_progress_bar("sensitivity"))
     base = session.baseline
-    data = {"model": session.meta["model"], "dataset": session.meta["dataset"],
+    data = {"model": session.info.model, "dataset": session.info.dataset,
             "eval_images": base.eval_images, "baseline_accuracy": base.accuracy,
             "baseline_accuracy_ci95": list(base.accuracy_ci95), "setting": _table_setting(args).to_dict(),
             "layers": rows}
@@ -500,9 +500,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     paths = write_export(args.out, export_files(TabledNetwork.from_session(session, quantizers), args.format))
     sizes = {path.name: path.stat().st_size for path in paths}
     kind = "fine-tuned" if tables is not None else "built"
-    data = {"model": session.meta["model"], "dataset": session.meta["dataset"], "config_file": args.config,
+    data = {"model": session.info.model, "dataset": session.info.dataset, "config_file": args.config,
             "table_layers": len(quantizers), "tables": kind, "out": str(args.out), "files": sizes}
-    lines = [f"exported {session.meta['model']} with {len(quantizers)} table layers ({kind} tables) -> {args.out}",
+    lines = [f"exported {session.info.model} with {len(quantizers)} table layers ({kind} tables) -> {args.out}",
              *(f"  {name}: {size:,} bytes" for name, size in sizes.items())]
     if MODEL_FILE in sizes:
         images = session.eval_set.normalize(session.eval_set.images[:KERNEL_CHECK_IMAGES]).float().cpu()

@@ -36,6 +36,7 @@ from tabconv.convert import convert, swap_in
 from tabconv.data import DatasetInfo
 from tabconv.exportreadme import export_readme
 from tabconv.graphform import graph_form
+from tabconv.modelinfo import ModelInfo
 from tabconv.models import build_model
 from tabconv.quantizer import ProductQuantizer
 from tabconv.structure import LayerInfo, ModelStructure
@@ -74,18 +75,18 @@ class TabledNetwork:
     """What an export holds: the exact network, what it is, and the tables of its table layers."""
 
     model: nn.Module  # the exact network
-    meta: Mapping[str, Any]  # model, num_classes, input_shape; dataset and sha256 (of the checkpoint) when known
+    info: ModelInfo
     structure: ModelStructure
     quantizers: Mapping[str, ProductQuantizer]
     preprocessing: Mapping[str, Any] | None = None  # what an image goes through before the network (see below)
 
     @classmethod
     def from_session(cls, session: Session, quantizers: Mapping[str, ProductQuantizer]) -> TabledNetwork:
-        return cls(session.model, session.meta, session.structure, quantizers, preprocessing(session.eval_set.info))
+        return cls(session.model, session.info, session.structure, quantizers, preprocessing(session.eval_set.info))
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.meta["input_shape"])
+        return self.info.input_shape
 
     def exact_cpu(self) -> nn.Module:
         """A copy of the exact network on the CPU in the default memory layout (the session runs channels-last)."""
@@ -181,9 +182,9 @@ def model_bytes(tabled: TabledNetwork) -> bytes:
 
 
 def _identity(tabled: TabledNetwork) -> dict[str, Any]:
-    meta = tabled.meta
-    return {"model": meta["model"], "num_classes": int(meta["num_classes"]), "input_shape": list(tabled.input_shape),
-            "dataset": meta.get("dataset"), "checkpoint_sha256": meta.get("sha256")}
+    info = tabled.info
+    return {"model": info.model, "num_classes": info.num_classes, "input_shape": list(tabled.input_shape),
+            "dataset": info.dataset, "checkpoint_sha256": info.sha256}
 
 
 def _payload_sha256(payload: Mapping[str, Any]) -> str:

@@ -35,9 +35,9 @@ HOW = {
 
 def export_readme(tabled: TabledNetwork, files: Mapping[str, bytes]) -> str:
     """README.md for an export holding `files` (manifest.json is always added after it)."""
-    meta = tabled.meta
+    info = tabled.info
     layers = len(tabled.structure.layers)
-    lines = [f"# {meta['model']} on {meta.get('dataset') or 'its data'}: a tabled network exported by tabconv", "",
+    lines = [f"# {info.model} on {info.dataset or 'its data'}: a tabled network exported by tabconv", "",
              f"{len(tabled.quantizers)} of its {layers} layers compute by table lookups ({_settings(tabled)}); the "
              "others are its exact layers. The tables alone take "
              f"{_table_bytes(tabled) / 2**20:.2f} MiB.", "",

@@ -30,6 +30,7 @@ from tabconv.evaluate import ErrorAccumulator, LayerError, evaluate
 from tabconv.incremental import IncrementalRunner
 from tabconv.latencytable import LatencyEstimate, LatencyTable
 from tabconv.metrics import Metrics, Origin, pack_hits
+from tabconv.modelinfo import ModelInfo
 from tabconv.progress import Progress, ProgressEvent, Stage
 from tabconv.quantizer import ProductQuantizer
 from tabconv.settings import EXACT, LayerSetting
@@ -76,9 +77,9 @@ class Session:
         self.device = resolve_device(device if device is None else str(device))
         # channels-last: measured 1.8x faster for ResNet-18 on this CPU, and the layout of table-layer outputs
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
-        self.meta = dict(meta)
+        self.info = ModelInfo.from_meta(meta)
         self.calibration = calibration or Calibration()
-        self.input_shape = tuple(self.meta["input_shape"])
+        self.input_shape = self.info.input_shape
         self.structure = ModelStructure(self.model, self.input_shape)
         if self.calibration.images > len(calibration_set):
             raise ConfigError(f"calibration.images={self.calibration.images} but the {calibration_set.split} split "
@@ -89,7 +90,7 @@ class Session:
         self.batch_size = _bounded_batch(batch_size, self.structure)
         calib = calibration_set.head(self.calibration.images)
         self.builder = TableBuilder(self.model, self.structure, calib.normalize(calib.images), self.calibration,
-                                    {"checkpoint_sha256": self.meta.get("sha256"), "dataset": self.meta.get("dataset")},
+                                    {"checkpoint_sha256": self.info.sha256, "dataset": self.info.dataset},
                                     cache)
         if progress:
             progress(ProgressEvent(Stage.BASELINE, images=len(eval_set)))
@@ -208,7 +209,7 @@ class Session:
     def result_key(self, kind: str, **parts: Any) -> dict[str, Any]:
         """What a result computed on this session depends on (the key of a stored result, e.g. a sweep): its
         kind, the weights, dataset, calibration and evaluation images, and the caller's own `parts`."""
-        return {"kind": kind, "checkpoint_sha256": self.meta.get("sha256"), "dataset": self.meta.get("dataset"),
+        return {"kind": kind, "checkpoint_sha256": self.info.sha256, "dataset": self.info.dataset,
                 "calibration": asdict(self.calibration), "eval_images": len(self.eval_set),
                 "eval_sha256": self.eval_sha256, **parts}
 
@@ -216,8 +217,8 @@ class Session:
     def complete(self, settings: Mapping[str, LayerSetting] | Configuration) -> dict[str, LayerSetting]:
         """Every layer's setting in forward order (unnamed layers exact); unknown names are refused."""
         if isinstance(settings, Configuration):
-            settings.validate_against(self.structure, self.meta.get("sha256"), model=self.meta.get("model"),
-                                      dataset=self.meta.get("dataset"))
+            settings.validate_against(self.structure, self.info.sha256, model=self.info.model,
+                                      dataset=self.info.dataset)
             settings = settings.layers
         for name in settings:
             self.structure.index(name)
@@ -233,8 +234,8 @@ class Session:
         tables when it names a tables file (else None: its tables are built like any others). `retarget`: made for
         another checkpoint of the same architecture, its tables are rebuilt from this one with its calibration
         settings (a tables file is not used), and it records where it came from."""
-        loaded = load_for(path, self.structure, self.meta.get("sha256"), model=self.meta["model"],
-                          dataset=self.meta.get("dataset"), retarget=retarget)
+        loaded = load_for(path, self.structure, self.info.sha256, model=self.info.model,
+                          dataset=self.info.dataset, retarget=retarget)
         tables_path = loaded.tables_path()
         if tables_path is None:
             return loaded, None
@@ -245,8 +246,8 @@ class Session:
         """The configuration file of a metrics record (default: the current one), metrics included, and the
         configuration it was retargeted from, if any."""
         metrics = metrics or self.current
-        return Configuration(self.meta["model"], self.meta["dataset"], self.meta["num_classes"], self.input_shape,
-                             dict(metrics.settings), self.calibration, self.meta.get("sha256"),
+        return Configuration(self.info.model, self.info.dataset, self.info.num_classes, self.input_shape,
+                             dict(metrics.settings), self.calibration, self.info.sha256,
                              _metrics_summary(metrics), retargeted_from=retargeted_from)
 
     # -- evaluation --------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from tabconv.calibrate import TableBuilder
 from tabconv.config import Calibration
 from tabconv.export import TabledNetwork, export_files, write_export
 from tabconv.lowering import im2col
+from tabconv.modelinfo import ModelInfo
 from tabconv.settings import LayerSetting
 from tabconv.structure import ModelStructure
 from tests.helpers import model, randomised_bn
@@ -74,7 +75,7 @@ def _tabled(name: str, net: nn.Module, shape: tuple[int, int, int], settings: di
     images = torch.randn(48, *shape, generator=torch.Generator().manual_seed(1))
     builder = TableBuilder(net, structure, images, Calibration(images=48, max_rows=4096), {}, None)
     meta = {"model": name, "num_classes": 10, "input_shape": list(shape), "dataset": "random", "sha256": None}
-    return TabledNetwork(net, meta, structure, builder.build_all(settings))
+    return TabledNetwork(net, ModelInfo.from_meta(meta), structure, builder.build_all(settings))
 
 
 @dataclass

@@ -37,6 +37,7 @@ from tabconv.export import (
     prepare_folder,
     write_export,
 )
+from tabconv.modelinfo import ModelInfo
 from tabconv.settings import LayerSetting
 from tabconv.structure import ModelStructure
 from tabconv.tablesfile import save_tables, tables_path_for
@@ -65,7 +66,7 @@ def _tabled(name: str, shape: tuple[int, int, int], settings: dict[str, LayerSet
     images = torch.randn(48, *shape, generator=torch.Generator().manual_seed(1))
     builder = TableBuilder(net, structure, images, Calibration(images=48, max_rows=4096), {}, None)
     meta = {"model": name, "num_classes": 10, "input_shape": list(shape), "dataset": "random", "sha256": None}
-    return TabledNetwork(net, meta, structure, builder.build_all(settings))
+    return TabledNetwork(net, ModelInfo.from_meta(meta), structure, builder.build_all(settings))
 
 
 def _images(count: int, shape: tuple[int, ...], seed: int = 2) -> torch.Tensor:

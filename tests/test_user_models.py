@@ -122,9 +122,9 @@ def test_a_torchvision_state_dict_predicts_what_torchvision_does(tmp_path, arch)
         assert torch.allclose(ours, logits, atol=1e-4, rtol=1e-4)
         assert torch.equal(ours.argmax(1), logits.argmax(1))
     assert np.array_equal(session.baseline.correct_images, (logits.argmax(1) == labels).numpy())
-    meta = session.meta
-    assert meta["model"] == arch and meta["dataset"].startswith("folder:photos@") and meta["num_classes"] == 3
-    assert meta["input_shape"] == [3, SIZE, SIZE] and meta["weights_kind"] == "state_dict"
+    info, meta = session.info, session.info.details
+    assert info.model == arch and info.dataset.startswith("folder:photos@") and info.num_classes == 3
+    assert info.input_shape == (3, SIZE, SIZE) and meta["weights_kind"] == "state_dict"
     assert meta["classes"] == list(CLASSES) and meta["mean"] == list(MEAN) and meta["std"] == list(STD)
     assert meta["calibration_images_clamped"]["used"] == len(session.calibration_set) == 15  # 5 of each class
     assert session.calibration.images == 15 and len(session.eval_set) == 3
@@ -372,7 +372,7 @@ def test_a_one_channel_checkpoint_reads_the_folder_as_greyscale_with_its_dataset
     with torch.no_grad():
         want = model(inputs).argmax(1)
     assert torch.equal(torch.tensor(session.baseline.correct_images), want == session.eval_set.labels)
-    assert session.meta["input_shape"] == [1, 28, 28] and session.meta["mean"] == list(mnist.mean)
+    assert session.info.input_shape == (1, 28, 28) and session.info.details["mean"] == list(mnist.mean)
 
     torch.save(model.state_dict(), tmp_path / "plain.pth")
     greyscale = r"plain\.pth: the first layer takes 1 channel.*--mean M --std S, or the explorer's Mean"

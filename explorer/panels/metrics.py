@@ -17,6 +17,7 @@ from explorer.workbench import Workbench
 from tabconv.config import Calibration
 from tabconv.cost import CostReport
 from tabconv.metrics import Metrics
+from tabconv.modelinfo import ModelInfo
 from tabconv.models import MODEL_NAMES
 from tabconv.stats import accuracy_text, interval_text
 
@@ -30,15 +31,15 @@ PAIRED_HELP = ("McNemar's exact test on the images exactly one of the two config
 def header(wb: Workbench) -> None:
     """Provenance of every number, what the user should know about how this model is evaluated, and the exact
     baseline's card."""
-    session, meta = wb.session, wb.session.meta
-    calibration = session.calibration
+    session, info = wb.session, wb.session.info
+    calibration, meta = session.calibration, info.details
     if "images" in meta:  # a user's own model on an image folder
-        st.caption(_user_provenance(meta, calibration, len(session.eval_set)))
+        st.caption(_user_provenance(info, calibration, len(session.eval_set)))
     else:
         trained = (f", test accuracy {_recorded(meta['test_accuracy'], meta['test_images'])} on the whole test "
                    "split when trained" if "test_accuracy" in meta else "")
-        st.caption(f"**{MODEL_NAMES.get(meta['model'], meta['model'])}** on **{meta['dataset']}** — checkpoint "
-                   f"`{str(meta.get('sha256', ''))[:12]}`{trained}. Calibration: first {calibration.images} training "
+        st.caption(f"**{MODEL_NAMES.get(info.model, info.model)}** on **{info.dataset}** — checkpoint "
+                   f"`{(info.sha256 or '')[:12]}`{trained}. Calibration: first {calibration.images} training "
                    f"images ({calibration.mode}, {_fitting(calibration)}, ≤ {calibration.max_rows} rows per layer). "
                    f"Evaluation: first {len(session.eval_set)} test images. FLOPs and storage are per image / per "
                    "model.")
@@ -55,8 +56,9 @@ def header(wb: Workbench) -> None:
         cols[3].metric("Layers that can become tables", len(wb.structure.names))
 
 
-def _user_provenance(meta: dict, calibration: Calibration, eval_images: int) -> str:
+def _user_provenance(info: ModelInfo, calibration: Calibration, eval_images: int) -> str:
     """Where a user's model, weights and images come from, and how the images were prepared."""
+    meta = info.details
     classes = meta.get("classes") or []
     shown = ", ".join(classes[:5]) + (f", … ({len(classes)} in all)" if len(classes) > 5 else "")
     weights = meta.get("weights", "")
@@ -65,8 +67,8 @@ def _user_provenance(meta: dict, calibration: Calibration, eval_images: int) -> 
     size, resize = meta.get("image_size"), meta.get("resize")
     mean = ", ".join(f"{v:g}" for v in meta.get("mean", []))
     std = ", ".join(f"{v:g}" for v in meta.get("std", []))
-    return (f"**{meta['model']}** on the image folder **{Path(str(meta['images'])).name}** ({meta['dataset']}; "
-            f"classes {shown}; {meta.get('split')}) — weights {weights}, sha256 `{str(meta.get('sha256', ''))[:12]}`. "
+    return (f"**{info.model}** on the image folder **{Path(str(meta['images'])).name}** ({info.dataset}; "
+            f"classes {shown}; {meta.get('split')}) — weights {weights}, sha256 `{(info.sha256 or '')[:12]}`. "
             f"Images resized to {resize} ({meta.get('interpolation')}), centre-cropped to {size}×{size}, normalised "
             f"with mean ({mean}) and std ({std}). Calibration: first {calibration.images} images of the folder's "
             f"calibration part ({calibration.mode}, {_fitting(calibration)}, ≤ {calibration.max_rows} rows per "

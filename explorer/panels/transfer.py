@@ -25,8 +25,8 @@ TOGETHER = ("Keep both files together, under these names: the configuration name
 
 def _name(wb: Workbench, current: Metrics) -> str:
     """A file name for downloads; an image folder's dataset name ('folder:photos@1a2b…') loses its ':' and '@'."""
-    meta = wb.session.meta
-    return re.sub(r"[^\w.-]+", "-", f"tabconv-{meta['model']}-{meta['dataset']}-config{current.id}")
+    info = wb.session.info
+    return re.sub(r"[^\w.-]+", "-", f"tabconv-{info.model}-{info.dataset}-config{current.id}")
 
 
 def tuned_files(wb: Workbench, metrics: Metrics, tables_file: str) -> tuple[str, bytes] | None:
@@ -166,5 +166,5 @@ def _parse(wb: Workbench, data: bytes) -> Configuration:
     except UnicodeDecodeError:
         raise ConfigError("not a UTF-8 text file") from None
     config = from_json(text)
-    meta = wb.session.meta
-    return config.validate_against(wb.structure, meta.get("sha256"), model=meta["model"], dataset=meta["dataset"])
+    info = wb.session.info
+    return config.validate_against(wb.structure, info.sha256, model=info.model, dataset=info.dataset)
