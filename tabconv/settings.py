@@ -59,8 +59,11 @@ class LayerSetting:
 
     def for_inner_dim(self, inner_dim: int) -> LayerSetting:
         """This setting for a layer of D = inner_dim inputs: C = ceil(D / subvector) when a sub-vector
-        length is set (the literature's way to give C: 9 = one input channel of a 3x3 conv)."""
-        if self.subvector is None or not self.is_table:
+        length is set (the literature's way to give C: 9 = one input channel of a 3x3 conv). Every exact setting
+        becomes EXACT, whatever table fields it carries, so one configuration has one key."""
+        if not self.is_table:
+            return EXACT
+        if self.subvector is None:
             return self
         return self.with_(codebooks=math.ceil(inner_dim / self.subvector))
 

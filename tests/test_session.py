@@ -299,3 +299,14 @@ def test_a_session_can_leave_out_the_test_images_a_search_chose_on(resnet18_digi
     assert len(rest.eval_set) == len(test) - 150
     with pytest.raises(ConfigError, match="cannot leave out the first 450"):
         Session.from_checkpoint(str(resnet18_digits), calibration=calibration, eval_skip=450)
+
+
+def test_an_exact_layer_is_one_setting_whatever_table_fields_it_carries(digits):
+    """An exact layer given a C, K or S (a front end's leftover) is EXACT: the configuration has one key and is
+    evaluated once."""
+    s = Session(model("resnet18"), META, digits[0], digits[1], Calibration(images=64))
+    tabled = s.apply({"fc": TABLE}).metrics
+    leftover = LayerSetting("exact", 8, 64, subvector=9)
+    assert s.complete({"fc": TABLE, "conv1": leftover})["conv1"] is EXACT
+    again = s.apply({"fc": TABLE, "conv1": leftover})
+    assert again.recalled and again.metrics.id == tabled.id
