@@ -35,7 +35,7 @@ from tabconv.stats import accuracy_text, p_text, wilson
 from tabconv.structure import ModelStructure, UnknownLayerError
 from tabconv.tablesfile import TablesFileError, tables_path_for
 from tabconv.train import CheckpointError
-from tabconv.userload import UserModelError
+from tabconv.userload import UserModelError, channel_values
 from tabconv.weights import WeightsError
 
 USER_ERRORS = (ConfigError, TablesFileError, CheckpointError, DatasetUnavailable, SettingError, UnknownLayerError,
@@ -110,14 +110,13 @@ def _fraction(text: str) -> float:
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    """'0.485,0.456,0.406' (or one number for every channel)."""
+    """'0.485,0.456,0.406' (or one number for every channel), read by the library's rule."""
     try:
-        values = tuple(float(p) for p in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.485,0.456,0.406, got {text!r}"
-                                         ) from None
-    if len(values) not in (1, 3):
-        raise argparse.ArgumentTypeError(f"expected 3 numbers (R,G,B) or one, got {len(values)} in {text!r}")
+        values = channel_values(text, "value")
+    except UserModelError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if values is None:
+        raise argparse.ArgumentTypeError("expected 3 numbers (R,G,B) or one, got nothing")
     return values
 
 

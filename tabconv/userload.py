@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,22 @@ INIT_SEED = 0  # random initialisation without weights (useful for timing) is th
 
 class UserModelError(ValueError):
     """The parts do not fit together (class counts, a missing folder argument); the message says how."""
+
+
+def channel_values(text: str, name: str) -> tuple[float, ...] | None:
+    """A per-channel mean or std as typed: '0.485, 0.456, 0.406', '0.485 0.456 0.406' or one number for every
+    channel; empty: None (the defaults). `name` is the field's name for the message."""
+    parts = [part for part in re.split(r"[\s,;]+", text.strip()) if part]
+    if not parts:
+        return None
+    try:
+        values = tuple(float(part) for part in parts)
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 3):
+        raise UserModelError(f"{name} {text.strip()!r}: give 3 numbers (R, G, B) or one for all channels, such as "
+                             "0.485, 0.456, 0.406")
+    return values
 
 
 @dataclass

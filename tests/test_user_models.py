@@ -4,6 +4,7 @@ that leaves the decoded-image cache as it was. Everything is generated here (no 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -380,3 +381,20 @@ def test_a_one_channel_checkpoint_reads_the_folder_as_greyscale_with_its_dataset
         open_user_model("resnet18", tmp_path / "plain.pth", root)
     opened = open_user_model("resnet18", tmp_path / "plain.pth", root, image_size=28, mean=[0.5], std=[0.25])
     assert opened.eval_set.images.shape[1:] == (1, 28, 28) and opened.meta["std"] == [0.25]
+
+
+def test_mean_and_std_are_read_by_one_rule_for_every_front_end():
+    """The command line's --mean/--std and the explorer's fields read the same way: commas, spaces or semicolons,
+    3 numbers or one; anything else names the field and gives an example."""
+    from tabconv.cli import _floats
+    from tabconv.userload import channel_values
+
+    assert channel_values("0.485, 0.456,0.406", "Mean") == channel_values("0.485 0.456 0.406", "Mean") == (
+        0.485, 0.456, 0.406)
+    assert channel_values(" 0.5 ", "Std") == (0.5,) and channel_values("  ", "Std") is None
+    for bad in ("a, b, c", "0.1, 0.2"):
+        with pytest.raises(UserModelError, match=rf"Mean '{bad}': give 3 numbers \(R, G, B\) or one"):
+            channel_values(bad, "Mean")
+    assert _floats("0.5;0.5;0.5") == (0.5, 0.5, 0.5)
+    with pytest.raises(argparse.ArgumentTypeError, match="give 3 numbers"):
+        _floats("0.1,0.2")

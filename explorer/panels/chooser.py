@@ -27,6 +27,7 @@ from tabconv.config import CALIBRATION_MODES, FIT_METHODS, Calibration
 from tabconv.data import DATASETS, is_available, resolve_root
 from tabconv.models import MODEL_DESCRIPTIONS, MODEL_NAMES
 from tabconv.settings import C_LIMITS, ENCODERS, K_LIMITS, LUT_DTYPES, S_LIMITS, LayerSetting, SettingError
+from tabconv.userload import channel_values
 
 MODE_HELP = ("**independent**: every layer learns from exact activations, so its tables serve any mask and a "
              "toggle rebuilds nothing: interactive. **sequential** (the paper's): each layer learns from the "
@@ -56,7 +57,6 @@ WEIGHTS_HELP = ("A file saved with torch.save(model.state_dict(), 'w.pth') (also
 FOLDER_HELP = ("A folder on this machine: DIR/<class>/*.jpg|png (a fixed, seeded split per class: 80% calibration, "
                "20% evaluation), or DIR/train/<class>/… and DIR/val/<class>/…. One subfolder per class the model "
                "predicts, in the order it numbers them (sorted names). Decoded images are cached.")
-NUMBERS = re.compile(r"[\s,;]+")
 
 
 def default_images(variable: str, fallback: int) -> int:
@@ -196,25 +196,13 @@ def _user_fields() -> UserChoice:
     std = right.text_input("Std (R, G, B)", key="choose_std", placeholder="ImageNet's",
                            help="Empty: ImageNet's (0.229, 0.224, 0.225), or the weight name's.")
     try:
-        mean_values, std_values, error = _numbers(mean, "Mean"), _numbers(std, "Std"), ""
+        mean_values, std_values, error = channel_values(mean, "Mean"), channel_values(std, "Std"), ""
     except ValueError as exc:
         mean_values, std_values, error = None, None, str(exc)
     weights = _weights_file(upload) if upload is not None else (named.strip() or None)
     return UserChoice(arch.strip(), weights, images.strip(), None if classes is None else int(classes),
                       None if size is None else int(size), mean_values, std_values,
                       upload.name if upload is not None else "", error)
-
-
-def _numbers(text: str, field: str) -> tuple[float, ...] | None:
-    """'0.485, 0.456, 0.406' as numbers (the library checks how many and their range); empty: None."""
-    parts = [part for part in NUMBERS.split(text.strip()) if part]
-    if not parts:
-        return None
-    try:
-        return tuple(float(part) for part in parts)
-    except ValueError:
-        raise ValueError(f"{field} {text.strip()!r}: give 3 numbers (R, G, B) or one for all, such as "
-                         "0.485, 0.456, 0.406") from None
 
 
 def _weights_file(upload: UploadedFile) -> str:
