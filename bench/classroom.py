@@ -379,7 +379,7 @@ class Student:
         return ready and await self.request("search", f"budget {budget}", run.click)
 
     async def masking(self) -> bool:
-        """The paper's priority masking, keeping as many layers exact as the configuration on screen."""
+        """The paper's priority masking, with as many layers exact as its slider says."""
         return await self.request("masking", "", self.page.get_by_role("button", name="Apply priority masking").click)
 
     async def final(self) -> Final:

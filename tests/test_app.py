@@ -128,6 +128,33 @@ def test_priority_masking_and_search_add_configurations(app: AppTest) -> None:
     assert any(c.value.startswith("It chooses on the first half of the") for c in app.caption)
 
 
+def test_the_masking_slider_moves_only_by_hand_and_apply_always_says_what_it_did(app: AppTest) -> None:
+    """One control: a search, a plot click or a history load leaves the slider where the user put it, moving it
+    loads nothing, and every press of Apply says what it loaded, also when the sweep was already computed."""
+    layers = len(open_workbench(app.session_state["spec"]).structure.names)
+    app.slider(key="mask_exact").set_value(layers - 1)
+    app.number_input(key="search_budget").set_value(2)
+    app.slider(key="search_target").set_value(50)
+    app.button(key="run_search").click().run()
+    no_failure(app)
+    assert app.slider(key="mask_exact").value == layers - 1  # the search loaded another configuration
+    app.session_state["load_request"] = 0  # a plot click or a history load
+    app.run()
+    assert app.slider(key="mask_exact").value == layers - 1
+    app.slider(key="mask_exact").set_value(2).run()
+    no_failure(app)
+    assert app.session_state["current_id"] == 0  # moving the slider alone loads nothing
+    app.button(key="run_masking").click().run()
+    no_failure(app)
+    assert "priority: 2 worst exact" in _current_label(app)
+    app.button(key="run_masking").click().run()  # pressed again: the sweep is there, the point on screen
+    no_failure(app)
+    said = [s.value for s in app.success if s.value.startswith("Applied priority masking")]
+    assert len(said) == 1 and "2 worst layer(s) exact" in said[0], said
+    assert "from the sweep already computed on this server (no new evaluation)" in said[0]
+    assert said[0].endswith("It was already on screen.")
+
+
 def test_measuring_speed_shows_its_own_box_apart_from_the_counted_cards(app: AppTest) -> None:
     app.radio(key="speed_batch").set_value(1)
     app.button(key="run_speed").click().run()
