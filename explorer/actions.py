@@ -55,7 +55,7 @@ def evaluate(wb: Workbench, settings: Mapping[str, LayerSetting], label: str, or
         "earlier": ("this tab" if metrics.id in st.session_state.seen else "this server") if done.recalled else None,
         "nodes": done.nodes, "seconds": done.seconds, "waited": waited,
     }
-    state.show_to(metrics.id, (done.label, done.origin))
+    state.show_to(metrics, (done.label, done.origin))
     return metrics
 
 
@@ -91,7 +91,7 @@ def load(wb: Workbench, config_id: int) -> None:
         st.session_state.locks = st.session_state.locks - set(released)
         state.notify("info", f"Unlocked {', '.join(released)}: configuration #{config_id} uses tables there.")
     st.session_state.last_apply = None
-    state.show_to(config_id)
+    state.show_to(wb.metrics(config_id))
     st.session_state.editor_version += 1
 
 

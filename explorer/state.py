@@ -26,7 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "spec": None,  # the Spec of the Session this tab shows
     "defaults": LayerSetting("table"),  # the default table setting (C, K, encoder, LUT dtype)
     # ids (Session history indices) of the configurations this tab evaluated or loaded, in order, each with the
-    # (label, origin) this tab asked for it under (None: a search's or sweep's point, shown as first evaluated)
+    # (label, origin) it has in this tab from then on: the one this tab asked for it under, else the session's
     "seen": {},
     "current_id": None,  # id (history index) of the configuration shown
     "previous_id": None,  # the one shown before it, for deltas
@@ -85,21 +85,22 @@ def show_notice() -> None:
         st.session_state.notice = None
 
 
-def show_to(config_id: int, asked: tuple[str, Origin] | None = None) -> None:
-    """Make a configuration the current one (and part of this tab's history, under the label and origin this tab
-    `asked` for it, when it did), remembering the previous one for deltas."""
-    remember([config_id])
-    if asked is not None and st.session_state.seen[config_id] is None:
-        st.session_state.seen = {**st.session_state.seen, config_id: asked}
-    if config_id != st.session_state.current_id:
+def show_to(metrics: Metrics, asked: tuple[str, Origin] | None = None) -> None:
+    """Make a configuration the current one, remembering the previous one for deltas. The first time this tab sees
+    it, it joins the tab's history under the label and origin this tab `asked` for it (else the session's), and
+    keeps them: a later request that recalls it never relabels it."""
+    if metrics.id not in st.session_state.seen:
+        st.session_state.seen = {**st.session_state.seen, metrics.id: asked or (metrics.label, metrics.origin)}
+    if metrics.id != st.session_state.current_id:
         st.session_state.previous_id = st.session_state.current_id
-        st.session_state.current_id = config_id
+        st.session_state.current_id = metrics.id
 
 
-def remember(ids: Iterable[int]) -> None:
-    """Add configurations to this tab's history (once each, in the order they came)."""
+def remember(evaluated: Iterable[Metrics]) -> None:
+    """Add configurations (a sweep's or a search's) to this tab's history, once each, in the order they came, under
+    the session's labels."""
     seen = st.session_state.seen
-    st.session_state.seen = {**seen, **{i: None for i in ids if i not in seen}}
+    st.session_state.seen = {**seen, **{m.id: (m.label, m.origin) for m in evaluated if m.id not in seen}}
 
 
 def view(wb: Workbench, config_id: int) -> Metrics:

@@ -170,6 +170,10 @@ def test_exact_layers_show_a_dash_and_unchanged_costs_show_no_delta(app: AppTest
 def test_group_names_and_the_storage_axis_read_right(app: AppTest) -> None:
     options = app.selectbox(key="group_target").options
     assert "stem (1 layer)" in options and "classifier (1 layer)" in options and "all (21 layers)" in options
+    names = open_workbench(app.session_state["spec"]).structure.names
+    assert set(names) <= set(options)  # single layers too, each right after the groups that start at it:
+    assert options[:6] == ["all (21 layers)", "stem (1 layer)", "conv1", "stage:layer1 (4 layers)",
+                           "block:layer1.0 (2 layers)", "layer1.0.conv1"]  # seen without scrolling past every group
     storage = json.loads(app.get("plotly_chart")[1].proto.spec)
     assert "(MiB)" in storage["layout"]["xaxis"]["title"]["text"] and storage["layout"]["xaxis"]["tickformat"] == "~g"
     assert charts.log_ticks([0.5, 12.0]) == {"dtick": "D2"} and charts.log_ticks([15.0, 45.0]) == {}

@@ -27,7 +27,7 @@ def group_controls(wb: Workbench, current: Metrics) -> None:
     exact, in one step."""
     structure, defaults = wb.structure, st.session_state.defaults
     cols = st.columns([3, 1.5, 1, 1, 1.4, 1.4, 1.2, 1.2], vertical_alignment="bottom")
-    cols[0].selectbox("Group or layer", list(structure.groups) + structure.names, key="group_target",
+    cols[0].selectbox("Group or layer", structure.targets(), key="group_target",
                       format_func=lambda t: f"{t} ({layers(len(structure.expand(t)))})" if t in structure.groups else t)
     c_from = cols[1].selectbox("Codebooks", editing.C_FROM, int(defaults.subvector is not None), key="group_c_from",
                                help=editing.C_FROM_HELP)

@@ -153,7 +153,7 @@ def start(wb: Workbench, choice: Choice) -> None:
                                    title="Tables")
         status.update(label="Tables ready", state="complete" if metrics else "error", expanded=metrics is None)
     if metrics is None:
-        state.show_to(wb.session.baseline.id)
+        state.show_to(wb.session.baseline)
     st.session_state.previous_id = wb.session.baseline.id
 
 
