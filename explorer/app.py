@@ -30,7 +30,8 @@ def workbench(wb: Workbench) -> None:
 
 
 def _core_loop(wb: Workbench) -> None:
-    actions.handle_requests(wb)
+    if actions.handle_requests(wb):
+        st.session_state.open_error = None  # another action succeeded: a failed Open is past
     state.show_notice()
     current = state.view(wb, st.session_state.current_id)
     previous = None if st.session_state.previous_id is None else state.view(wb, st.session_state.previous_id)

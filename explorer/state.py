@@ -35,6 +35,8 @@ DEFAULTS: dict[str, Any] = {
     "tables_request": None,  # (configuration JSON, its name, tables bytes, their name): a fine-tuned import
     "load_request": None,  # a history id a widget (chart click, history, test) asked to show
     "notice": None,  # (level, text) shown once at the top of the workbench
+    "open_error": None,  # why the sidebar's last choice could not be opened: shown there until an action succeeds
+    "open_failed": None,  # that choice (not tried again until Open is pressed)
     "last_apply": None,  # what the last evaluation rebuilt and re-ran, and how long it took
     "editor_version": 0,  # bumped to reset the data editor after its edits were applied
     "chart_version": 0,  # bumped to clear a chart's selection after a click was handled
@@ -44,6 +46,10 @@ DEFAULTS: dict[str, Any] = {
     "opened_source": None,  # the sidebar tab (built-in model or the user's own) last opened with Open
     "weights_uploads": {},  # an uploaded weights file's id -> where its copy is kept
 }
+
+
+STILL_SHOWING = ("Still showing the model opened before, as it was: change the choice in the sidebar and press Open "
+                 "again.")
 
 
 def init() -> None:
@@ -78,7 +84,11 @@ def cancelled(exc: Cancelled) -> NoReturn:
 
 
 def show_notice() -> None:
-    """Show the pending message once."""
+    """Show why the last Open failed (until another action succeeds), then the pending message once: both where
+    the workbench's messages appear, so that a failed Open never stays pinned far from the later ones."""
+    if st.session_state.open_error:
+        st.error(st.session_state.open_error)
+        st.info(STILL_SHOWING)
     if st.session_state.notice:
         level, text = st.session_state.notice
         getattr(st, level)(text)

@@ -348,3 +348,18 @@ def test_a_layer_with_too_few_calibration_rows_says_what_it_means_and_what_to_do
     assert said == ("K=64 but only 30 calibration rows: k-means memorises them (the tables fit these images, not new "
                     "ones); use more calibration images or a smaller K")
     assert editor._warning({"k_exceeds_rows": False, "slower_than_exact": False}) == ""
+
+
+def test_a_failed_open_is_said_beside_later_messages_and_goes_once_an_action_succeeds(app: AppTest) -> None:
+    app.selectbox(key="choose_dataset").set_value("cifar100")
+    next(b for b in app.button if b.label == "Open").click().run()
+    assert not app.exception
+    assert any("How to get them" in e.value for e in app.error)
+    assert any("Press Open to try it again" in c.value for c in app.sidebar.caption)
+    app.selectbox(key="group_target").set_value("layer4.0.conv2")
+    app.button(key="group_exact").click().run()
+    no_failure(app)  # the error of the failed Open is gone, and it was not tried again
+    assert "layer4.0.conv2 → exact" in _current_label(app)
+    assert not any("Still showing the model opened before" in i.value for i in app.info)
+    next(b for b in app.button if b.label == "Open").click().run()  # pressed again: tried again, said again
+    assert any("How to get them" in e.value for e in app.error)

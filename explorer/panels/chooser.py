@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import streamlit as st
@@ -93,6 +93,7 @@ class Choice:
     defaults_error: str = ""
     checkpoint_label: str = ""  # how messages name the checkpoint: an upload's own file name, not where it is kept
     user: UserChoice | None = None  # the user's own model (the form's second tab) instead of model and dataset
+    submitted: bool = field(default=False, compare=False)  # Open was pressed for this run
 
     @property
     def zoo_path(self) -> Path:
@@ -162,7 +163,8 @@ def _form() -> Choice:
         defaults, error = None, str(exc)
     return Choice(model, dataset, _checkpoint_file(upload, named), root,
                   _calibration(int(calibration), mode, fit, float(ridge), bool(refit)), int(evaluation), defaults,
-                  error, upload.name if upload is not None else "", user if _source(submitted) == USER else None)
+                  error, upload.name if upload is not None else "", user if _source(submitted) == USER else None,
+                  submitted)
 
 
 def _source(submitted: bool) -> str:
