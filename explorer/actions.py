@@ -91,7 +91,7 @@ def load(wb: Workbench, config_id: int) -> bool:
     if released:
         st.session_state.locks = st.session_state.locks - set(released)
         state.notify("info", f"Unlocked {', '.join(released)}: configuration #{config_id} uses tables there.")
-    st.session_state.last_apply = None
+    st.session_state.last_apply = {"id": config_id, "loaded": True}
     state.show_to(wb.metrics(config_id))
     st.session_state.editor_version += 1
     return True
