@@ -71,6 +71,7 @@ SEARCH_AT = (0.2, 0.6)  # when in a student's minutes the search or masking come
 WIDGET_TIMEOUT_S = 120  # a widget's own rerun (a selectbox, a number) does no computation
 VIEWPORT = {"width": 1400, "height": 1800}  # the per-layer table (21 rows) fits without scrolling inside it
 ROW_PX = 35  # the per-layer table's header and row height (Streamlit's data grid)
+ACCURACY_CARD = re.compile(r"Accuracy \(\d+ images\)")  # the cards' label: the baseline's, then the current one's
 TABLE_COLUMN_HALF_PX = 37  # half the width of its "table" checkbox column (header text + edit icon)
 SMALL_FRAME = 256  # websocket frames of at most this size are parsed (script_finished is ~50 bytes)
 # turns.waiting_text, e.g. "Waiting for the server: 2nd in line; running now: Budgeted search (another tab, 14 s)."
@@ -379,7 +380,7 @@ class Student:
         return ready and await self.request("search", f"budget {budget}", run.click)
 
     async def masking(self) -> bool:
-        """The paper's priority masking, keeping as many layers exact as the configuration on screen."""
+        """The paper's priority masking, with as many layers exact as its slider says."""
         return await self.request("masking", "", self.page.get_by_role("button", name="Apply priority masking").click)
 
     async def final(self) -> Final:
@@ -390,7 +391,7 @@ class Student:
                 await self.page.get_by_role("button", name="Export configuration").click()
             final.exported = json.loads(Path(await (await download.value).path()).read_text())
             # the first accuracy card is the exact baseline's, the second the current configuration's
-            cards = self.page.locator('[data-testid="stMetric"]').filter(has_text="test images)")
+            cards = self.page.locator('[data-testid="stMetric"]').filter(has_text=ACCURACY_CARD)
             final.page_accuracy = await cards.nth(1).locator('[data-testid="stMetricValue"]').inner_text()
         except Exception as exc:
             final.problem = f"no export: {type(exc).__name__}: {exc}"
@@ -549,7 +550,7 @@ class WsStudent(Student):
         final = Final(self.index)
         try:
             final.exported = self.configuration()
-            cards = [text for text in self.client.texts("metric") if text.split("\n")[0].endswith("test images)")]
+            cards = [text for text in self.client.texts("metric") if ACCURACY_CARD.fullmatch(text.split("\n")[0])]
             final.page_accuracy = cards[1].split("\n")[1]
         except Exception as exc:
             final.problem = f"no configuration on the page: {type(exc).__name__}: {exc}"

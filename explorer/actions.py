@@ -55,7 +55,7 @@ def evaluate(wb: Workbench, settings: Mapping[str, LayerSetting], label: str, or
         "earlier": ("this tab" if metrics.id in st.session_state.seen else "this server") if done.recalled else None,
         "nodes": done.nodes, "seconds": done.seconds, "waited": waited,
     }
-    state.show_to(metrics.id, (done.label, done.origin))
+    state.show_to(metrics, (done.label, done.origin))
     return metrics
 
 
@@ -80,29 +80,33 @@ def import_tuned(wb: Workbench, config_text: str, name: str, tables: bytes, tabl
     return metrics
 
 
-def load(wb: Workbench, config_id: int) -> None:
-    """Show an evaluated configuration; locks it would contradict are released (it was chosen whole)."""
+def load(wb: Workbench, config_id: int) -> bool:
+    """Show an evaluated configuration (whether there is one by that id); locks it would contradict are released
+    (it was chosen whole)."""
     if not 0 <= config_id < len(wb.session.history):
         state.notify("error", f"There is no configuration #{config_id} in this session.")
-        return
+        return False
     metrics = state.view(wb, config_id)
     released = sorted(st.session_state.locks & set(metrics.table_layers))
     if released:
         st.session_state.locks = st.session_state.locks - set(released)
         state.notify("info", f"Unlocked {', '.join(released)}: configuration #{config_id} uses tables there.")
-    st.session_state.last_apply = None
-    state.show_to(config_id)
+    st.session_state.last_apply = {"id": config_id, "loaded": True}
+    state.show_to(wb.metrics(config_id))
     st.session_state.editor_version += 1
+    return True
 
 
-def handle_requests(wb: Workbench) -> None:
-    """Carry out what widgets asked for since the last run."""
+def handle_requests(wb: Workbench) -> bool:
+    """Carry out what widgets asked for since the last run; whether any of it succeeded."""
+    done = False
     config_id, st.session_state.load_request = st.session_state.load_request, None
     if config_id is not None:
-        load(wb, int(config_id))
+        done = load(wb, int(config_id))
     pending, st.session_state.pending = st.session_state.pending, None
     if pending is not None:
-        evaluate(wb, *pending)
+        done = evaluate(wb, *pending) is not None or done
     tuned, st.session_state.tables_request = st.session_state.tables_request, None
     if tuned is not None:
-        import_tuned(wb, *tuned)
+        done = import_tuned(wb, *tuned) is not None or done
+    return done

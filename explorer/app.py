@@ -30,21 +30,19 @@ def workbench(wb: Workbench) -> None:
 
 
 def _core_loop(wb: Workbench) -> None:
-    actions.handle_requests(wb)
+    if actions.handle_requests(wb):
+        st.session_state.open_error = None  # another action succeeded: a failed Open is past
     state.show_notice()
     current = state.view(wb, st.session_state.current_id)
     previous = None if st.session_state.previous_id is None else state.view(wb, st.session_state.previous_id)
-    with st.container(border=True):
-        title, export = st.columns([4, 1], vertical_alignment="center")
-        with export:
-            transfer.export_button(wb, current)
-        with title:
-            metrics.title(current, previous)
+    with st.container(border=True):  # as high for every configuration: a click on a plot below moves nothing
+        metrics.title(current, previous)
+        transfer.export_button(wb, current)
         metrics.live(current, previous)
         metrics.breakdown(current)
         metrics.last_change()
-    speed.panel(wb, current)
     plots.tradeoffs(wb, current)
+    speed.panel(wb, current)  # below the plots: its result shows for the configuration it timed only
     st.subheader("Automatic choices")
     automatic.panel(wb)
     st.subheader("Fine-tuning")

@@ -30,6 +30,7 @@ ORIGIN_COLOURS = {Origin.EDIT: "#4C78A8", Origin.PRIORITY: "#F58518", Origin.GRE
 ORIGIN_SYMBOLS = {FINE_TUNED: "diamond"}
 TUNED_NOTE = ("fine-tuned tables belong to this exact configuration:<br>a toggle from it evaluates an ordinary "
               "(untuned) one")
+TRADEOFF_HEIGHT = 420  # pixels of a trade-off plot (the page keeps its place while a click redraws it)
 HEAT_LIMITS = {"cosine": (0.5, 1.0, "RdYlGn"), "relative_error": (0.0, 1.0, "RdYlGn_r")}
 HEAT_NAMES = {"cosine": "cosine similarity", "relative_error": "relative error"}
 
@@ -107,12 +108,14 @@ def tradeoff(points: Sequence[Metrics], baseline: Metrics, current: Metrics, cos
     fig.add_trace(_points([current], value, "current",
                           dict(size=20, symbol="circle-open", color="#E45756", line=dict(width=3))))
     fig.update_layout(
-        height=400, margin=dict(l=10, r=10, t=40, b=10), title=dict(text=f"Accuracy vs {title.split(' (')[0]}",
-                                                                    font=dict(size=15)),
+        height=TRADEOFF_HEIGHT, margin=dict(l=10, r=10, t=40, b=10),
+        title=dict(text=f"Accuracy vs {title.split(' (')[0]}", font=dict(size=15)),
         xaxis=dict(title=title, type="log", tickformat=TICK_FORMATS[cost],
                    **log_ticks([value(m) for m in points] or [value(baseline)])),
         yaxis=dict(title=f"top-1 accuracy (%) on {baseline.eval_images} test images"),
-        legend=dict(orientation="h", yanchor="top", y=-0.2, x=0), clickmode="event+select", hovermode="closest",
+        # the legend at the figure's foot (container coordinates), under the axis title, never over it
+        legend=dict(orientation="h", yref="container", yanchor="bottom", y=0, x=0), clickmode="event+select",
+        hovermode="closest",
         modebar=dict(orientation="v"),
     )
     return fig

@@ -26,7 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "spec": None,  # the Spec of the Session this tab shows
     "defaults": LayerSetting("table"),  # the default table setting (C, K, encoder, LUT dtype)
     # ids (Session history indices) of the configurations this tab evaluated or loaded, in order, each with the
-    # (label, origin) this tab asked for it under (None: a search's or sweep's point, shown as first evaluated)
+    # (label, origin) it has in this tab from then on: the one this tab asked for it under, else the session's
     "seen": {},
     "current_id": None,  # id (history index) of the configuration shown
     "previous_id": None,  # the one shown before it, for deltas
@@ -35,6 +35,8 @@ DEFAULTS: dict[str, Any] = {
     "tables_request": None,  # (configuration JSON, its name, tables bytes, their name): a fine-tuned import
     "load_request": None,  # a history id a widget (chart click, history, test) asked to show
     "notice": None,  # (level, text) shown once at the top of the workbench
+    "open_error": None,  # why the sidebar's last choice could not be opened: shown there until an action succeeds
+    "open_failed": None,  # that choice (not tried again until Open is pressed)
     "last_apply": None,  # what the last evaluation rebuilt and re-ran, and how long it took
     "editor_version": 0,  # bumped to reset the data editor after its edits were applied
     "chart_version": 0,  # bumped to clear a chart's selection after a click was handled
@@ -44,6 +46,10 @@ DEFAULTS: dict[str, Any] = {
     "opened_source": None,  # the sidebar tab (built-in model or the user's own) last opened with Open
     "weights_uploads": {},  # an uploaded weights file's id -> where its copy is kept
 }
+
+
+STILL_SHOWING = ("Still showing the model opened before, as it was: change the choice in the sidebar and press Open "
+                 "again.")
 
 
 def init() -> None:
@@ -78,28 +84,33 @@ def cancelled(exc: Cancelled) -> NoReturn:
 
 
 def show_notice() -> None:
-    """Show the pending message once."""
+    """Show why the last Open failed (until another action succeeds), then the pending message once: both where
+    the workbench's messages appear, so that a failed Open never stays pinned far from the later ones."""
+    if st.session_state.open_error:
+        st.error(st.session_state.open_error)
+        st.info(STILL_SHOWING)
     if st.session_state.notice:
         level, text = st.session_state.notice
         getattr(st, level)(text)
         st.session_state.notice = None
 
 
-def show_to(config_id: int, asked: tuple[str, Origin] | None = None) -> None:
-    """Make a configuration the current one (and part of this tab's history, under the label and origin this tab
-    `asked` for it, when it did), remembering the previous one for deltas."""
-    remember([config_id])
-    if asked is not None and st.session_state.seen[config_id] is None:
-        st.session_state.seen = {**st.session_state.seen, config_id: asked}
-    if config_id != st.session_state.current_id:
+def show_to(metrics: Metrics, asked: tuple[str, Origin] | None = None) -> None:
+    """Make a configuration the current one, remembering the previous one for deltas. The first time this tab sees
+    it, it joins the tab's history under the label and origin this tab `asked` for it (else the session's), and
+    keeps them: a later request that recalls it never relabels it."""
+    if metrics.id not in st.session_state.seen:
+        st.session_state.seen = {**st.session_state.seen, metrics.id: asked or (metrics.label, metrics.origin)}
+    if metrics.id != st.session_state.current_id:
         st.session_state.previous_id = st.session_state.current_id
-        st.session_state.current_id = config_id
+        st.session_state.current_id = metrics.id
 
 
-def remember(ids: Iterable[int]) -> None:
-    """Add configurations to this tab's history (once each, in the order they came)."""
+def remember(evaluated: Iterable[Metrics]) -> None:
+    """Add configurations (a sweep's or a search's) to this tab's history, once each, in the order they came, under
+    the session's labels."""
     seen = st.session_state.seen
-    st.session_state.seen = {**seen, **{i: None for i in ids if i not in seen}}
+    st.session_state.seen = {**seen, **{m.id: (m.label, m.origin) for m in evaluated if m.id not in seen}}
 
 
 def view(wb: Workbench, config_id: int) -> Metrics:

@@ -68,7 +68,8 @@ def sensitivity(wb: Workbench, setting: LayerSetting, run: bool = False) -> dict
         return rows, session.apply(session.uniform(setting), label="all tables", origin=Origin.SWEEP).metrics
 
     rows, every = _run(wb, f"Sensitivity: {layers} layers × 2 directions", both)
-    state.remember([row[side]["config_id"] for row in rows for side in ("only_table", "only_exact")] + [every.id])
+    state.remember([wb.metrics(row[side]["config_id"]) for row in rows for side in ("only_table", "only_exact")]
+                   + [every])
     wb.sweeps[key] = {"rows": rows, "all_tables_retention": every.retention}
     wb.store.put(parts, {"rows": [{**row, **{side: {k: v for k, v in row[side].items() if k != "config_id"}
                                              for side in ("only_table", "only_exact")}} for row in rows],
@@ -83,7 +84,7 @@ def masking(wb: Workbench, setting: LayerSetting, rank_by: str) -> dict[str, Any
         result = _run(wb, "Priority masking (one evaluation per number of exact layers)", search.priority_masking,
                       setting, rank_by=rank_by)
         wb.sweeps[key] = {"ranking": result.ranking, "ids": [m.id for m in result.points]}
-    state.remember(wb.sweeps[key]["ids"])  # this tab asked for them: they are on its plots
+    state.remember(wb.metrics(i) for i in wb.sweeps[key]["ids"])  # this tab asked for them: they are on its plots
     return wb.sweeps[key]
 
 
@@ -112,13 +113,13 @@ def budgeted(wb: Workbench, setting: LayerSetting, min_retention: float, max_sto
     result = _run(wb, "Budgeted search", search.greedy_search, setting, min_retention,
                   max_storage_bytes=max_storage_bytes, convention=convention, max_evaluations=max_evaluations,
                   images=split[0] if split else None)
-    state.remember(m.id for m in result.points)
+    state.remember(wb.metrics(m.id) for m in result.points)
     checked = None
     if result.best is not None and split is not None:
         checked = _run(wb, "Confirming the search's choice on the other half of the images", confirm, wb.session,
                        result.best, min_retention, max_storage_bytes, convention, search_images=split[0],
                        confirmation_images=split[1])
-        state.remember(b.searched.id for b in checked.backoffs)
+        state.remember(wb.metrics(b.searched.id) for b in checked.backoffs)
     return Budgeted(result, checked, split)
 
 

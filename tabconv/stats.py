@@ -82,10 +82,15 @@ def paired(first: np.ndarray, second: np.ndarray) -> Paired:
     return Paired(b, c, len(first), mcnemar_p(b, c))
 
 
+def verdict_word(p_value: float) -> str:
+    """'significant' or 'within noise': a verdict where there is no room for its p-value."""
+    return "significant" if p_value < ALPHA else "within noise"
+
+
 def verdict(p_value: float, images: int | None = None) -> str:
     """'within noise (p=0.41, McNemar on 450 images)' or 'significant (p=0.003, …)'; the test unnamed without
     `images` (where the page names it once)."""
-    word = "significant" if p_value < ALPHA else "within noise"
+    word = verdict_word(p_value)
     test = f", McNemar on {images:,} images" if images else ""
     return f"{word} ({p_text(p_value)}{test})"
 

@@ -77,6 +77,19 @@ class ModelStructure:
             raise UnknownLayerError(unknown_message("layer", name, self.names))
         return self._index[name]
 
+    def targets(self) -> list[str]:
+        """Every group and layer for a chooser, in forward order: 'all' first, then each layer right after the
+        groups that start at it (largest first), so single layers sit among their groups instead of after them."""
+        starting: dict[str, list[str]] = {}
+        for group, members in self.groups.items():
+            if group != "all" and members:
+                starting.setdefault(members[0], []).append(group)
+        order = ["all"] if "all" in self.groups else []
+        for name in self.names:
+            order += sorted(starting.get(name, []), key=lambda group: -len(self.groups[group]))
+            order.append(name)
+        return order
+
     def expand(self, group_or_layer: str) -> list[str]:
         """Layer names of a group (e.g. 'block:layer2.1', 'stage:layer3', 'all') or of one layer."""
         if group_or_layer in self.groups:

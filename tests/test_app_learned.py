@@ -134,4 +134,4 @@ def test_least_squares_fitting_from_the_sidebar(app: AppTest) -> None:
     assert app.session_state["spec"].calibration.fit == "least-squares"
     assert any("least-squares, ridge 0.01" in c.value for c in app.caption)
     assert "start: every layer tabled" in _current_label(app)
-    assert next(m.value for m in app.metric if m.label.startswith("Accuracy (200 test images)"))
+    assert next(m.value for m in app.metric if m.label.startswith("Accuracy (200 images)"))

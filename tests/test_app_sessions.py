@@ -150,3 +150,45 @@ def test_an_evaluation_can_be_cancelled_while_it_runs(app: AppTest, monkeypatch:
     app.button(key="group_table").click().run()  # asked again, it is evaluated
     no_failure(app)
     assert app.session_state["current_id"] == evaluated
+
+
+def test_a_configuration_keeps_the_label_this_tab_first_saw_it_under(app: AppTest) -> None:
+    """A masking point reached again by an edit is still listed, titled and plotted under its masking label."""
+    wb = open_workbench(app.session_state["spec"])
+    app.slider(key="mask_exact").set_value(1)
+    app.button(key="run_masking").click().run()
+    no_failure(app)
+    masked = app.session_state["current_id"]
+    first = _history(app).loc[masked, "label"]
+    worst = wb.sweeps[("priority", app.session_state["defaults"], app.session_state["mask_rank"])]["ranking"][0]
+    app.button(key="all_tables").click().run()
+    _make_exact(app, worst)  # the same settings, asked for as an edit
+    assert app.session_state["current_id"] == masked
+    assert _history(app).loc[masked, "label"] == first
+    assert any(m.value.startswith(f"**Current configuration #{masked}** — {first} (") for m in app.markdown)
+
+
+def test_numbers_missing_from_a_tabs_history_are_explained(app: AppTest) -> None:
+    """Ids are the server's: a configuration another tab evaluated in between is a gap, and the history says why."""
+    mine = _new_configuration(app, "layer1.1.conv1", 2, 4)
+    other = AppTest.from_file(str(APP), default_timeout=900)
+    other.run()
+    theirs = _new_configuration(other, "layer1.1.conv1", 2, 8)
+    assert _new_configuration(app, "layer1.1.conv1", 4, 4) > theirs > mine
+    ids = _history_ids(app)
+    assert theirs not in ids
+    said = next(c.value for c in app.caption if c.value.startswith("Numbers are this server's"))
+    spans = [(int(a), int(b or a)) for a, b in re.findall(r"#(\d+)(?:–#(\d+))?", said)]
+    assert any(a <= theirs <= b for a, b in spans) and "other tabs' work" in said, said
+    assert not any(a <= i <= b for i in ids for a, b in spans), said
+
+
+def _new_configuration(at: AppTest, layer: str, codebooks: int, centroids: int) -> int:
+    """Give one layer tables of an unusual C and K (a configuration no other test asks for): its id."""
+    at.selectbox(key="group_target").set_value(layer)
+    at.number_input(key="group_c").set_value(codebooks)
+    at.number_input(key="group_k").set_value(centroids)
+    at.button(key="group_table").click().run()
+    no_failure(at)
+    assert not at.session_state["last_apply"]["memoised"]
+    return at.session_state["current_id"]

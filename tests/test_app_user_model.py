@@ -78,7 +78,7 @@ def test_a_state_dict_and_an_image_folder_open_with_metrics(files: dict[str, Pat
     at = _open(files)
     spec = at.session_state["spec"]
     assert spec.user is not None and spec.user.arch == ARCH and spec.user.images == str(files["photos"])
-    assert _metric(at, "Accuracy (6 test images)")  # the baseline and the live card name their image count
+    assert _metric(at, "Accuracy (6 images)")  # the baseline and the live card name their image count
     for prefix in ("Retention", "FLOPs, paper", "FLOPs, full", "Storage"):
         assert _metric(at, prefix)
     caption = next(c.value for c in at.caption if c.value.startswith(f"**{ARCH}** on the image folder"))
@@ -124,7 +124,7 @@ def test_bad_input_is_one_error_naming_it_and_keeps_the_workbench(files: dict[st
         assert "**Architecture** right?" in first and listed.startswith("```\nmissing: "), errors[0]
     assert any("Still showing the model opened before" in i.value for i in at.info)
     assert at.session_state["spec"] == spec and at.session_state["current_id"] == current
-    assert _metric(at, "Accuracy (6 test images)")
+    assert _metric(at, "Accuracy (6 images)")
 
 
 def test_an_uploaded_weights_file_is_named_by_its_own_name(files: dict[str, Path]) -> None:

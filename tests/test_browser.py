@@ -87,8 +87,8 @@ def test_first_page_renders_and_reacts(server: str) -> None:
             assert _metric(page, "FLOPs, paper") != before
 
             # for the README: the paper's priority masking with 3 layers exact, its sweep on the plots
-            slider = page.locator('[data-testid="stSlider"]').filter(has_text="Layers that stay exact")
-            slider.get_by_role("slider").press("Home")  # it shows the 5 exact layers of the configuration on screen
+            slider = page.locator('[data-testid="stSlider"]').filter(has_text="Layers kept exact")
+            slider.get_by_role("slider").press("Home")
             _wait_idle(page, 60_000)
             for _ in range(3):
                 slider.get_by_role("slider").press("ArrowRight")

@@ -101,6 +101,14 @@ def test_unknown_layer_names_are_refused_with_suggestions():
     assert structure.expand("classifier") == ["fc"] and structure.expand("stem") == ["conv1"]
 
 
+def test_a_chooser_lists_every_group_and_layer_in_forward_order():
+    structure = ModelStructure(model("resnet18"), (1, 32, 32))
+    targets = structure.targets()
+    assert sorted(targets) == sorted([*structure.groups, *structure.names])
+    assert targets[:7] == ["all", "stem", "conv1", "stage:layer1", "block:layer1.0", "layer1.0.conv1", "layer1.0.conv2"]
+    assert targets[-2:] == ["classifier", "fc"]
+
+
 def test_evaluate_reports_per_layer_errors_against_exact():
     net = model("resnet18")
     images, labels = torch.randn(24, 1, 32, 32), torch.randint(0, 10, (24,))

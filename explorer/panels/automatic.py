@@ -6,9 +6,11 @@ import streamlit as st
 
 from explorer import editing, state, sweeps
 from explorer.workbench import Workbench
+from tabconv.metrics import Metrics
 from tabconv.search import RANKINGS
 from tabconv.settings import LayerSetting
 
+MASKED_DEFAULT = 3  # layers kept exact until the slider is moved (the tour's masking step keeps 3 too)
 SEARCH_DEFAULTS = {"search_target": 93, "search_convention": "paper", "search_cap": 0.0, "search_budget": 40}
 RANK_HELP = {"cumulative": "cosine of each layer's output with every layer tabled (the paper's reference code)",
              "isolated": "cosine at the network output with only that layer tabled (one extra evaluation per layer)"}
@@ -24,38 +26,41 @@ def panel(wb: Workbench) -> None:
 
 
 def _masking(wb: Workbench, setting: LayerSetting) -> None:
+    """One control: the slider chooses how many layers stay exact, and only the button applies it (nothing else
+    moves the slider); every press says what it loaded and whether the sweep ran or was already there."""
     layers = len(wb.structure.names)
     st.markdown(f"**Priority masking** (the paper's): rank layers by cosine, keep the worst exact, table the rest "
                 f"at {editing.describe(setting)}.")
     rank_by = st.radio("Rank layers by", RANKINGS, horizontal=True, key="mask_rank",
                        captions=[RANK_HELP[r] for r in RANKINGS])
-    _follow_current(wb)
-    st.slider("Layers that stay exact", 0, layers, key="mask_exact", on_change=_mask_moved,
-              args=(wb, setting, rank_by), help="Once masking has run, moving the slider loads that point at once.")
+    if st.session_state.get("mask_exact", 0) > layers:  # another model with fewer layers
+        st.session_state.pop("mask_exact")
+    exact = st.slider("Layers kept exact", 0, layers, min(MASKED_DEFAULT, layers), key="mask_exact",
+                      help="How many of the worst-ranked layers stay exact when you press Apply: moving the slider "
+                           "alone loads nothing.")
     if st.button("Apply priority masking", key="run_masking", type="primary"):
+        swept = ("priority", setting, rank_by) in wb.sweeps
         result = sweeps.masking(wb, setting, rank_by)
-        st.session_state.load_request = result["ids"][st.session_state.mask_exact]
+        point = wb.metrics(result["ids"][exact])
+        st.session_state.mask_outcome = applied_text(point, exact, rank_by, swept, len(result["ids"]),
+                                                     point.id == st.session_state.current_id)
+        st.session_state.load_request = point.id
         state.refresh()
+    if st.session_state.get("mask_outcome"):  # the last press's outcome, beside its button
+        st.success(st.session_state.mask_outcome)
     result = wb.sweeps.get(("priority", setting, rank_by))
     if result:
         st.caption(f"{len(result['ids'])} configurations on the plots. Ranking, worst first: "
                    + ", ".join(result["ranking"][:8]) + (" …" if layers > 8 else ""))
 
 
-def _follow_current(wb: Workbench) -> None:
-    """When another configuration is shown (a search, an import, a click), the slider shows its number of
-    exact layers, so that it never contradicts the configuration on screen."""
-    current_id = st.session_state.current_id
-    if st.session_state.get("mask_follows") != current_id:
-        current = wb.metrics(current_id)
-        st.session_state.mask_exact = len(current.settings) - len(current.table_layers)
-        st.session_state.mask_follows = current_id
-
-
-def _mask_moved(wb: Workbench, setting: LayerSetting, rank_by: str) -> None:
-    result = wb.sweeps.get(("priority", setting, rank_by))
-    if result:
-        st.session_state.load_request = result["ids"][st.session_state.mask_exact]
+def applied_text(point: Metrics, exact: int, rank_by: str, swept: bool, points: int, shown: bool) -> str:
+    """What one press of Apply did: the configuration it loaded, and where it came from."""
+    source = ("from the sweep already computed on this server (no new evaluation)" if swept
+              else f"the sweep ran now ({points} configurations, on the plots)")
+    again = " It was already on screen." if shown else ""
+    return (f"Applied priority masking, {exact} worst layer(s) exact ({rank_by} ranking): #{point.id}, accuracy "
+            f"{point.accuracy:.2%}, {len(point.table_layers)} table layers; {source}.{again}")
 
 
 def _search(wb: Workbench, setting: LayerSetting) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import streamlit as st
@@ -93,6 +93,7 @@ class Choice:
     defaults_error: str = ""
     checkpoint_label: str = ""  # how messages name the checkpoint: an upload's own file name, not where it is kept
     user: UserChoice | None = None  # the user's own model (the form's second tab) instead of model and dataset
+    submitted: bool = field(default=False, compare=False)  # Open was pressed for this run
 
     @property
     def zoo_path(self) -> Path:
@@ -136,25 +137,23 @@ def _form() -> Choice:
                                     value=min(default_images("TABCONV_EXPLORER_EVAL", 1000),
                                               DATASETS[dataset].test_images or 10000),
                                     help="The first N test images (capped at the test split's size).")
-    left, right = st.columns(2)
-    mode = left.selectbox("Calibration mode", CALIBRATION_MODES, key="choose_mode", help=MODE_HELP)
-    fit = right.selectbox("Table fitting", FIT_METHODS, key="choose_fit", help=FIT_HELP)
-    left, right = st.columns(2, vertical_alignment="bottom")
-    ridge = left.number_input("Ridge (least-squares)", 1e-6, 1e6, float(Calibration.ridge), 0.01, format="%g",
-                              key="choose_ridge", help=RIDGE_HELP)
-    refit = right.checkbox("Refit classifier to exact logits", key="choose_refit", help=REFIT_HELP)
+    mode = st.selectbox("Calibration mode", CALIBRATION_MODES, key="choose_mode", help=MODE_HELP)
+    fit = st.selectbox("Table fitting", FIT_METHODS, key="choose_fit", help=FIT_HELP)
+    ridge = st.number_input("Ridge (least-squares)", 1e-6, 1e6, float(Calibration.ridge), 0.01, format="%g",
+                            key="choose_ridge", help=RIDGE_HELP)
+    refit = st.checkbox("Refit classifier", key="choose_refit", help=REFIT_HELP)
     st.subheader("Default table setting")
     c_from = st.radio("Codebooks", C_FROM, horizontal=True, key="choose_c_from", help=C_FROM_HELP)
-    left, middle, right = st.columns(3)
+    left, right = st.columns(2)  # two to a row: three cut their labels in the sidebar
     codebooks = left.number_input("C (codebooks)", *C_LIMITS, 8, key="choose_c", help="With 'C per layer'.")
-    subvector = middle.number_input("S (sub-vector)", *S_LIMITS, 9, key="choose_s",
-                                    help="With 'sub-vector length S': each layer gets C = ⌈D / S⌉ (4, 8, 9, 16 …).")
-    centroids = right.number_input("K (prototypes)", *K_LIMITS, 64, key="choose_k")
+    subvector = right.number_input("S (sub-vector)", *S_LIMITS, 9, key="choose_s",
+                                   help="With 'sub-vector length S': each layer gets C = ⌈D / S⌉ (4, 8, 9, 16 …).")
     left, right = st.columns(2)
-    encoder = left.selectbox("Encoder", ENCODERS, key="choose_encoder",
-                             help="exhaustive: nearest prototype (N·K·D multiply-adds). tree: MADDNESS-style "
-                             "hash tree, log2(K) comparisons per subspace (K must be a power of two).")
+    centroids = left.number_input("K (prototypes)", *K_LIMITS, 64, key="choose_k")
     lut = right.selectbox("Table dtype", LUT_DTYPES, key="choose_lut")
+    encoder = st.selectbox("Encoder", ENCODERS, key="choose_encoder",
+                           help="exhaustive: nearest prototype (N·K·D multiply-adds). tree: MADDNESS-style "
+                           "hash tree, log2(K) comparisons per subspace (K must be a power of two).")
     submitted = st.form_submit_button("Open", type="primary", width="stretch")
     try:
         defaults, error = table_setting(c_from, codebooks, subvector, centroids, encoder, lut), ""
@@ -162,7 +161,8 @@ def _form() -> Choice:
         defaults, error = None, str(exc)
     return Choice(model, dataset, _checkpoint_file(upload, named), root,
                   _calibration(int(calibration), mode, fit, float(ridge), bool(refit)), int(evaluation), defaults,
-                  error, upload.name if upload is not None else "", user if _source(submitted) == USER else None)
+                  error, upload.name if upload is not None else "", user if _source(submitted) == USER else None,
+                  submitted)
 
 
 def _source(submitted: bool) -> str:

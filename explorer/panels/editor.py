@@ -26,8 +26,8 @@ def group_controls(wb: Workbench, current: Metrics) -> None:
     """Set a group (block, stage, all) or one layer to tables with a C (or sub-vector length S) and K, or to
     exact, in one step."""
     structure, defaults = wb.structure, st.session_state.defaults
-    cols = st.columns([3, 1.5, 1, 1, 1.4, 1.4, 1.2, 1.2], vertical_alignment="bottom")
-    cols[0].selectbox("Group or layer", list(structure.groups) + structure.names, key="group_target",
+    cols = st.columns([3, 1.5, 1, 1, 1.4, 1.4], vertical_alignment="bottom")
+    cols[0].selectbox("Group or layer", structure.targets(), key="group_target",
                       format_func=lambda t: f"{t} ({layers(len(structure.expand(t)))})" if t in structure.groups else t)
     c_from = cols[1].selectbox("Codebooks", editing.C_FROM, int(defaults.subvector is not None), key="group_c_from",
                                help=editing.C_FROM_HELP)
@@ -39,15 +39,15 @@ def group_controls(wb: Workbench, current: Metrics) -> None:
     cols[3].number_input("K", *K_LIMITS, defaults.centroids, key="group_k")
     cols[4].selectbox("Encoder", ENCODERS, ENCODERS.index(defaults.encoder), key="group_encoder")
     cols[5].selectbox("Table dtype", LUT_DTYPES, LUT_DTYPES.index(defaults.lut_dtype), key="group_lut")
-    cols[6].button("→ tables", key="group_table", width="stretch", on_click=_tabulate_group, args=(wb, current),
+    cols = st.columns([1, 1, 1.4, 1.4, 2.2])  # the buttons on a row of their own: wide enough for their labels
+    cols[0].button("→ tables", key="group_table", width="stretch", on_click=_tabulate_group, args=(wb, current),
                    help="Tabulate the group or layer with this C (or S), K, encoder and table dtype")
-    cols[7].button("→ exact", key="group_exact", width="stretch", on_click=_exact_group, args=(wb, current),
+    cols[1].button("→ exact", key="group_exact", width="stretch", on_click=_exact_group, args=(wb, current),
                    help="Compute the group or layer exactly")
-    left, right, _ = st.columns([1, 1, 4])
-    left.button("All tables (defaults)", key="all_tables", width="stretch", on_click=_request,
-                args=(current, structure.names, defaults, "all → tables (defaults)"))
-    right.button("None (all exact)", key="all_exact", width="stretch", on_click=_request,
-                 args=(current, structure.names, EXACT, "none: all exact"))
+    cols[2].button("All tables (defaults)", key="all_tables", width="stretch", on_click=_request,
+                   args=(current, structure.names, defaults, "all → tables (defaults)"))
+    cols[3].button("None (all exact)", key="all_exact", width="stretch", on_click=_request,
+                   args=(current, structure.names, EXACT, "none: all exact"))
 
 
 def layers(count: int) -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pandas as pd
 import streamlit as st
 
 from explorer import charts, editing, state
 from explorer.workbench import Workbench
-from tabconv.metrics import Metrics
+from tabconv.metrics import Metrics, Origin
 from tabconv.stats import range_text
 
 
@@ -18,6 +20,9 @@ def panel(wb: Workbench) -> None:
     rows = [_row(m, wb.session.baseline) for m in history]
     event = st.dataframe(pd.DataFrame(rows), key=key, hide_index=True, width="stretch",
                          height=min(400, 38 + 35 * len(history)), on_select="rerun", selection_mode="multi-row")
+    skipped = gaps([m.id for m in history], wb.session.history)
+    if skipped:
+        st.caption(skipped)
     chosen = [history[i] for i in event.selection.rows if 0 <= i < len(history)][:2]
     if not chosen:
         st.caption("Select one row to load it, or two to compare them.")
@@ -25,6 +30,37 @@ def panel(wb: Workbench) -> None:
     st.button(f"Load #{chosen[-1].id}", key="history_load", on_click=_load, args=(chosen[-1].id,))
     if len(chosen) == 2:
         compare(*chosen)
+
+
+# why a configuration evaluated on this server is not in this tab's history, by the kind of request that made it
+NOT_LISTED = {Origin.SWEEP: "sweeps' single-layer evaluations (the heatmap, sensitivity)",
+              Origin.GREEDY: "search trials not kept (back-offs) or other tabs' searches"}
+OTHER_TABS = "other tabs' work"
+
+
+def gaps(listed: Sequence[int], evaluated: Sequence[Metrics]) -> str:
+    """Why numbers are missing from this tab's history: ids are the server's, given in the order configurations
+    were first evaluated, by every tab and every sweep. Empty when none is missing."""
+    shown = set(listed)
+    missing: dict[str, list[int]] = {}
+    for m in evaluated[:max(listed, default=-1) + 1]:
+        if m.id not in shown:
+            missing.setdefault(NOT_LISTED.get(m.origin, OTHER_TABS), []).append(m.id)
+    if not missing:
+        return ""
+    return ("Numbers are this server's, in the order configurations were first evaluated (by every tab and sweep); "
+            "not listed here: " + "; ".join(f"{_spans(ids)} {why}" for why, ids in missing.items()) + ".")
+
+
+def _spans(ids: list[int]) -> str:
+    """'#2–#22, #40' from sorted ids."""
+    spans: list[list[int]] = []
+    for i in ids:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(f"#{a}" if a == b else f"#{a}–#{b}" for a, b in spans)
 
 
 def _load(config_id: int) -> None:

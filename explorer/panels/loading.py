@@ -34,26 +34,40 @@ MARKDOWN = re.compile(r"([\\`*<>$\[\]])")  # characters st.error's markdown woul
 
 
 class _Unavailable(Exception):
-    """The choice cannot be opened (the page already says why)."""
+    """The choice cannot be opened: `error` says why (None: the page already says what to do, e.g. train)."""
+
+    def __init__(self, error: str | None = None) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 def open_choice(choice: Choice) -> Workbench:
     """The workbench of the choice. When it cannot be had, the page says why and keeps the workbench it showed
-    before (nothing of that work is lost); with none before, the page stops there."""
+    before (nothing of that work is lost); with none before, the page stops there. While a workbench is shown, a
+    choice that failed is not tried again on every rerun, only when Open is pressed again."""
     try:
-        if choice.user is not None:
-            return _open_user(choice.user, choice)
-        path = _checkpoint(choice)
-        spec = Spec(str(path), file_digest(str(path)), choice.calibration, choice.eval_images, choice.data_root)
-        try:
-            with st.spinner(f"Loading {path.name} and evaluating the exact model (once per launch)…"):
-                return open_workbench(spec)
-        except USER_ERRORS as exc:
-            message = str(exc).replace(str(path), choice.checkpoint_label) if choice.checkpoint_label else str(exc)
-            st.error(f"Cannot open this checkpoint: {message}")
-            raise _Unavailable from exc
-    except _Unavailable:
-        return _previous()
+        if st.session_state.spec is not None and choice == st.session_state.open_failed and not choice.submitted:
+            raise _Unavailable
+        wb = _open_choice(choice)
+    except _Unavailable as exc:
+        if exc.error is not None:
+            st.session_state.open_failed = choice
+        return _previous(exc.error, choice)
+    st.session_state.open_failed = st.session_state.open_error = None
+    return wb
+
+
+def _open_choice(choice: Choice) -> Workbench:
+    if choice.user is not None:
+        return _open_user(choice.user, choice)
+    path = _checkpoint(choice)
+    spec = Spec(str(path), file_digest(str(path)), choice.calibration, choice.eval_images, choice.data_root)
+    try:
+        with st.spinner(f"Loading {path.name} and evaluating the exact model (once per launch)…"):
+            return open_workbench(spec)
+    except USER_ERRORS as exc:
+        message = str(exc).replace(str(path), choice.checkpoint_label) if choice.checkpoint_label else str(exc)
+        raise _Unavailable(f"Cannot open this checkpoint: {message}") from exc
 
 
 def _open_user(user: UserChoice, choice: Choice) -> Workbench:
@@ -61,14 +75,12 @@ def _open_user(user: UserChoice, choice: Choice) -> Workbench:
     spec); whatever the library finds wrong is its one line of error."""
     problem = user.error or _missing(user)
     if problem:
-        st.error(problem)
-        raise _Unavailable
+        raise _Unavailable(problem)
     spec = _user_spec(user, choice)
     try:
         return open_workbench(spec) if is_open(spec) else _opening(spec, user)
     except USER_MODEL_ERRORS as exc:
-        st.error(f"Cannot open this model: {_message(exc, user)}")
-        raise _Unavailable from exc
+        raise _Unavailable(f"Cannot open this model: {_message(exc, user)}") from exc
 
 
 def _missing(user: UserChoice) -> str:
@@ -124,12 +136,21 @@ def _field(match: re.Match[str]) -> str:
     return f"{name} = {match[2]}" if match[2] else name
 
 
-def _previous() -> Workbench:
+def _previous(error: str | None, choice: Choice) -> Workbench:
+    """The workbench shown before; the error pinned where the workbench shows its messages until another action
+    succeeds (state.show_notice), and a line under the sidebar's form while its choice is the one that failed."""
     spec = st.session_state.spec
     if spec is None:
+        if error:
+            st.error(error)
         st.stop()
-    st.info("Still showing the model opened before, as it was: change the choice in the sidebar and press Open "
-            "again.")
+    if error:
+        st.session_state.open_error = error
+    elif choice != st.session_state.open_failed:  # e.g. a checkpoint to train first: what to do is on the page
+        st.info(state.STILL_SHOWING)
+    if choice == st.session_state.open_failed:
+        st.sidebar.caption("The page shows the model opened before: this choice could not be opened. Press Open "
+                           "to try it again.")
     return open_workbench(spec)
 
 
@@ -153,7 +174,7 @@ def start(wb: Workbench, choice: Choice) -> None:
                                    title="Tables")
         status.update(label="Tables ready", state="complete" if metrics else "error", expanded=metrics is None)
     if metrics is None:
-        state.show_to(wb.session.baseline.id)
+        state.show_to(wb.session.baseline)
     st.session_state.previous_id = wb.session.baseline.id
 
 
@@ -167,8 +188,7 @@ def _checkpoint(choice: Choice) -> Path:
         return path
     problem = _dataset_problem(choice.dataset, choice.data_root)
     if problem:
-        st.error(problem)
-        raise _Unavailable
+        raise _Unavailable(problem)
     path = choice.zoo_path
     if path.is_file():
         return path
@@ -194,8 +214,7 @@ def _train(choice: Choice, name: str) -> None:
             raise _Unavailable from exc
         except USER_ERRORS as exc:
             status.update(state="error")
-            st.error(f"Training failed: {exc}")
-            raise _Unavailable from exc
+            raise _Unavailable(f"Training failed: {exc}") from exc
         status.update(label=f"Trained {name}; cached at {path}", state="complete", expanded=False)
 
 

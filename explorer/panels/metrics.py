@@ -19,7 +19,7 @@ from tabconv.cost import CostReport
 from tabconv.metrics import Metrics
 from tabconv.modelinfo import ModelInfo
 from tabconv.models import MODEL_NAMES
-from tabconv.stats import accuracy_text, interval_text
+from tabconv.stats import accuracy_text, interval_text, verdict_word
 
 MIB = 2**20
 INTERVAL_HELP = ("95% Wilson interval: measured on this many images, the accuracy on further images like them "
@@ -48,12 +48,19 @@ def header(wb: Workbench) -> None:
     with st.container(border=True):
         st.markdown("**Exact baseline**")
         cols = st.columns(4)
-        cols[0].metric(f"Accuracy ({base.eval_images} test images)", f"{base.accuracy:.2%}",
-                       interval_text(*base.accuracy_ci95), delta_color="off", delta_arrow="off", help=INTERVAL_HELP)
-        cols[1].metric("FLOPs per image (both conventions)", f"{base.flops_paper / 1e6:.2f} M",
-                       help="The exact model has no encoding, so the paper and full counts agree.")
-        cols[2].metric("Weight storage (float32)", f"{base.baseline.storage_bytes / MIB:.2f} MiB")
-        cols[3].metric("Layers that can become tables", len(wb.structure.names))
+        cols[0].metric(accuracy_label(base), f"{base.accuracy:.2%}", interval_text(*base.accuracy_ci95),
+                       delta_color="off", delta_arrow="off", help=f"On the first {base.eval_images} test images. "
+                                                                  + INTERVAL_HELP)
+        cols[1].metric("FLOPs per image", f"{base.flops_paper / 1e6:.2f} M",
+                       help="Both conventions: the exact model has no encoding, so the paper and full counts agree.")
+        cols[2].metric("Weight storage", f"{base.baseline.storage_bytes / MIB:.2f} MiB", help="float32 weights")
+        cols[3].metric("Convertible layers", len(wb.structure.names),
+                       help="Layers that can become tables (the others always stay exact)")
+
+
+def accuracy_label(m: Metrics) -> str:
+    """A card's short label that still names its image count: 'Accuracy (450 images)' (details in its help)."""
+    return f"Accuracy ({m.eval_images} images)"
 
 
 def _user_provenance(info: ModelInfo, calibration: Calibration, eval_images: int) -> str:
@@ -111,23 +118,27 @@ def live(current: Metrics, previous: Metrics | None) -> None:
     'within noise' unless McNemar's test finds the change significant)."""
     test = current.against(previous) if previous else None
     noise = "off" if test is None or not test.significant else "normal"
-    cols = st.columns(5)
-    cols[0].metric(f"Accuracy ({current.eval_images} test images)", f"{current.accuracy:.2%}",
+    cols = st.columns([1.25, 0.9, 0.95, 0.95, 1.2])  # short labels, details in help: nothing cut on a projector
+    cols[0].metric(accuracy_label(current), f"{current.accuracy:.2%}",
                    _delta(current.accuracy, previous and previous.accuracy, 100, " pp"), delta_color=noise,
-                   delta_description=test.verdict(name_test=False) if test else None,
-                   help=f"{accuracy_text(current.correct, current.eval_images, 2)}. {INTERVAL_HELP}")
-    cols[1].metric("Retention (of exact accuracy)", f"{current.retention:.1%}",
-                   _delta(current.retention, previous and previous.retention, 100, " pp"), delta_color=noise)
-    cols[2].metric(f"FLOPs, paper: {change(current.reduction_paper)}", f"{current.flops_paper / 1e6:.3g} M",
+                   delta_description=verdict_word(test.p_value) if test else None,
+                   help=f"{accuracy_text(current.correct, current.eval_images, 2)} on the first {current.eval_images} "
+                        f"test images. {INTERVAL_HELP} The change: {PAIRED_HELP}")
+    cols[1].metric("Retention", f"{current.retention:.1%}",
+                   _delta(current.retention, previous and previous.retention, 100, " pp"), delta_color=noise,
+                   help="Of the exact network's accuracy, on the same images.")
+    cols[2].metric("FLOPs, paper", f"{current.flops_paper / 1e6:.3g} M",
                    _delta(current.flops_paper, previous and previous.flops_paper, 1e-6, " M", 3), delta_color="inverse",
-                   help="Paper convention: encoding free (exact MACs + table lookups and additions).")
-    cols[3].metric(f"FLOPs, full: {change(current.reduction_full)}", f"{current.flops_full / 1e6:.3g} M",
+                   help=f"{change(current.reduction_paper)} against the exact model. Paper convention: encoding free "
+                        "(exact MACs + table lookups and additions).")
+    cols[3].metric("FLOPs, full", f"{current.flops_full / 1e6:.3g} M",
                    _delta(current.flops_full, previous and previous.flops_full, 1e-6, " M", 3), delta_color="inverse",
-                   help="Full convention: the encoding (nearest-prototype search or tree comparisons) counted too.")
-    cols[4].metric(f"Storage: ×{current.storage_ratio:.2f} of the original",
-                   f"{current.paper.storage_bytes / MIB:.2f} MiB",
+                   help=f"{change(current.reduction_full)} against the exact model. Full convention: the encoding "
+                        "(nearest-prototype search or tree comparisons) counted too.")
+    cols[4].metric("Storage", f"{current.paper.storage_bytes / MIB:.2f} MiB",
                    _delta(current.paper.storage_bytes, previous and previous.paper.storage_bytes, 1 / MIB, " MiB"),
-                   delta_color="inverse", help="Weights of exact layers + tables + prototypes.")
+                   delta_color="inverse", help=f"×{current.storage_ratio:.2f} of the original. Weights of exact layers "
+                                               "+ tables + prototypes.")
     measured(current)
     uncertainty(current, previous)
 
@@ -141,11 +152,10 @@ def measured(current: Metrics) -> None:
     line = (f"Latency on this machine: **{latency.total_ms:.3g} ms** per batch of {latency.batch} against "
             f"{latency.baseline_ms:.3g} ms exact ({latency.versus_exact()}; table "
             f"layers on {latency.kernel}, {latency.threads} threads; per-layer medians summed).")
-    if latency.speedup < 1:
-        st.warning(line + " This configuration counts fewer operations but runs **slower than the exact network** "
-                   "here" + (f"; slower tabled than exact: {', '.join(slower)}." if slower else "."))
-    else:
-        st.caption(line + (f" Slower tabled than exact: {', '.join(slower)}." if slower else ""))
+    if latency.speedup < 1:  # a caption too (a warning box is taller): the plots below stay where they are
+        line += (" :orange[This configuration counts fewer operations but runs **slower than the exact network** "
+                 "here]")
+    st.caption(line + (f" Slower tabled than exact: {', '.join(slower)}." if slower else ""))
 
 
 def uncertainty(current: Metrics, previous: Metrics | None) -> None:
@@ -176,7 +186,7 @@ def breakdown(current: Metrics) -> None:
 
 def _row(name: str, report: CostReport, current: Metrics) -> dict[str, object]:
     return {"convention": name, "FLOPs/image": f"{report.flops / 1e6:.3f} M",
-            "vs exact": change(1 - report.flops / current.baseline.flops),
+            "vs exact": change(1 - report.flops / current.baseline.flops), "storage": f"×{current.storage_ratio:.2f}",
             "exact MACs & other ops": f"{report.exact_ops / 1e6:.3f} M",
             "encoding": f"{report.encoding_ops / 1e6:.3f} M",
             "lookups + adds": f"{report.lookup_ops / 1e6:.3f} M",
@@ -189,6 +199,9 @@ def last_change() -> None:
     evidence that only the affected part was recomputed, or that it was evaluated before."""
     info = st.session_state.last_apply
     if not info:
+        return
+    if info.get("loaded"):  # a click or a history load: one line too, so that nothing below moves
+        st.caption(f"Loaded #{info['id']}, evaluated before: shown from memory.")
         return
     waited = f", after {info['waited']:.0f} s waiting for the server" if info["waited"] >= 0.5 else ""
     if info["memoised"]:

@@ -39,11 +39,11 @@ def tradeoffs(wb: Workbench, current: Metrics) -> None:
                                       help="paper: FLOPs, encoding free (the paper's count); full: FLOPs, encoding "
                                       "counted; latency: measured on this machine's CPU (per-layer medians, summed)")
     cost = "latency_ms" if convention == "latency" else f"flops_{convention or 'paper'}"
-    left, right = st.columns(2)
-    with left:
-        _chart(charts.tradeoff(history, wb.session.baseline, current, cost, links), "plot-flops")
-    with right:
-        _chart(charts.tradeoff(history, wb.session.baseline, current, "storage_bytes", links), "plot-storage")
+    # A click redraws both plots as new elements: a box of their height holds their place meanwhile, so that the
+    # browser's scroll anchoring never jumps the page while a plot is away (the plot clicked stays in view).
+    for column, axis, name in zip(st.columns(2), (cost, "storage_bytes"), ("plot-flops", "plot-storage"), strict=True):
+        with column, st.container(height=charts.TRADEOFF_HEIGHT, border=False):
+            _chart(charts.tradeoff(history, wb.session.baseline, current, axis, links), name)
     tuned = sum(charts.is_tuned(m) for m in history)
     st.caption(f"{len(history)} configurations in this tab's history, each on {current.eval_images} test images; "
                "vertical bars are 95% intervals (Wilson) of each accuracy. Hover for a summary; click a point to load "

@@ -19,8 +19,8 @@ def panel(wb: Workbench, current: Metrics) -> None:
         cols = st.columns([1, 1, 2], vertical_alignment="bottom")
         batch = cols[0].radio("Batch size", BATCHES, index=len(BATCHES) - 1, horizontal=True, key="speed_batch",
                               help="Images per forward: 1 is interactive use, 64 batched inference")
-        start = cols[1].button("Measure speed on this machine", key="run_speed", icon=":material/timer:",
-                               width="stretch")
+        start = cols[1].button("Measure speed", key="run_speed", icon=":material/timer:", width="stretch",
+                               help="On this machine's CPU")
         cols[2].caption(f"Times the exact and this tabled network, {REPEATS} runs each, in PyTorch eager on this "
                         "machine's CPU. Unlike the counted FLOPs above, a timing depends on the CPU and on whatever "
                         "else it is running.")

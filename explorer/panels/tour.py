@@ -48,8 +48,8 @@ def steps(wb: Workbench) -> list[Step]:
         Step("every layer as tables", "Every layer uses tables: the FLOPs drop the most, but the errors of all "
                                       "layers add up through the network (see the heatmap's last row)."),
         Step("priority masking", f"The paper's method: rank layers by how far their output drifts (cosine, every "
-                                 f"layer tabled) and keep the {MASKED} worst exact; the slider under Automatic "
-                                 "choices moves along this sweep." + _masking_outcome(wb)),
+                                 f"layer tabled) and keep the {MASKED} worst exact; under Automatic choices, choose "
+                                 "another number and press Apply to move along this sweep." + _masking_outcome(wb)),
         Step("a budgeted search", f"From masking's best point, a greedy search tables more layers or halves C or K "
                                   f"while keeping {SEARCH_TARGET}% of the exact accuracy on half the images, then "
                                   "confirms on the other half — here with a budget of "
@@ -109,8 +109,6 @@ def go(wb: Workbench, step: int) -> None:
     ss.tour_step, ss.tour_request = step, step
     if STEPS[step] == "one layer":
         ss.teach_layer = busiest_layer(wb)
-    if STEPS[step] == "priority masking":
-        ss.mask_rank = "cumulative"
     if STEPS[step] == "budgeted search":
         ss.search_target, ss.search_budget, ss.search_convention, ss.search_cap = (SEARCH_TARGET, SEARCH_BUDGET,
                                                                                    "paper", 0.0)

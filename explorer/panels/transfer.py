@@ -19,8 +19,8 @@ from tabconv.tablesfile import SUFFIX
 
 CONFIG_UPLOAD_MB = 1  # a ResNet-34 configuration with metrics is about 30 KB
 TABLES_UPLOAD_MB = 1024  # a fine-tuned tables file: every table layer's tables and prototypes (ResNet-18: MBs)
-TOGETHER = ("Keep both files together, under these names: the configuration names its tables file and checks "
-            "its sha256; without it the fine-tuned tables cannot be rebuilt.")
+TOGETHER = ("Keep both files together, under these names: the configuration checks its tables file's sha256, "
+            "and fine-tuned tables cannot be rebuilt without it.")
 
 
 def _name(wb: Workbench, current: Metrics) -> str:
@@ -48,26 +48,32 @@ def tuned_files(wb: Workbench, metrics: Metrics, tables_file: str) -> tuple[str,
 
 def export_button(wb: Workbench, current: Metrics) -> None:
     """Download the current configuration (settings, calibration, checkpoint hash, metrics, versions) - a
-    fine-tuned one comes as two files, the configuration and its tables - and its tabled network."""
+    fine-tuned one comes as two files, the configuration and its tables - and its tabled network: one row of
+    buttons, as high for every configuration, so that loading another never moves what is below."""
     name = _name(wb, current)
     common = dict(on_click="ignore", icon=":material/download:", width="stretch")
+    cols = st.columns([1.4, 1.2, 1.3, 1.5], vertical_alignment="center")  # wide enough for the labels
     if charts.is_tuned(current):
         files = tuned_files(wb, current, name + SUFFIX)
         if files is None:
-            st.caption("Fine-tuned tables that this page cannot export: not fine-tuned or imported here, or among "
-                       "the oldest runs, which the server no longer keeps (import its two files again).")
+            cols[3].caption("Fine-tuned tables that this page cannot export: not fine-tuned or imported here, or among "
+                            "the oldest runs, which the server no longer keeps (import its two files again).")
             return
         text, tables = files
-        st.download_button("Export configuration", text, key="export", file_name=f"{name}.json",
-                           mime="application/json", type="primary", help="The library's JSON file", **common)
-        st.download_button("Export tables file", tables, key="export_tables", file_name=name + SUFFIX,
-                           mime="application/octet-stream", help="The fine-tuned tables the configuration names",
-                           **common)
-        st.caption(TOGETHER)
+        cols[0].download_button("Export configuration", text, key="export", file_name=f"{name}.json",
+                                mime="application/json", type="primary", help="The library's JSON file", **common)
+        cols[1].download_button("Export tables file", tables, key="export_tables", file_name=name + SUFFIX,
+                                mime="application/octet-stream", help="The fine-tuned tables the configuration names",
+                                **common)
+        cols[3].caption(TOGETHER)
+        model = cols[2]
     else:
-        st.download_button("Export configuration", _json(wb, current), key="export", help="The library's JSON file",
-                           file_name=f"{name}.json", mime="application/json", type="primary", **common)
-    _model_button(wb, current, name, common)
+        cols[0].download_button("Export configuration", _json(wb, current), key="export",
+                                help="The library's JSON file", file_name=f"{name}.json", mime="application/json",
+                                type="primary", **common)
+        model = cols[1]
+    with model:
+        _model_button(wb, current, name, common)
 
 
 def _model_button(wb: Workbench, current: Metrics, name: str, common: dict) -> None:
