@@ -218,6 +218,26 @@ def test_export_then_import_round_trips(app: AppTest) -> None:
     assert json.loads(exported)["layers"]["layer2.0.conv1"]["mode"] == "exact"
 
 
+def test_a_configuration_made_for_another_checkpoint_can_be_retargeted(app: AppTest) -> None:
+    """Refused as it stands (its checkpoint differs), it is offered with tables rebuilt from the checkpoint open
+    here; the same layer settings then evaluate to the configuration this session would give them."""
+    app.selectbox(key="group_target").set_value("stage:layer3")
+    app.button(key="group_exact").click().run()
+    here = app.session_state["current_id"]
+    config = json.loads(next(c.value for c in app.code if '"schema": "tabconv-config"' in c.value))
+    config["checkpoint_sha256"] = "0" * 64
+    app.button(key="all_tables").click().run()
+    app.file_uploader(key="import_file").set_value(("theirs.json", json.dumps(config).encode(), "application/json"))
+    app.run()
+    no_failure(app)
+    warned = [w.value for w in app.warning if "theirs.json** was made for another checkpoint" in w.value]
+    assert len(warned) == 1 and "000000000000" in warned[0] and "rebuilt from the checkpoint open here" in warned[0]
+    assert not any("theirs.json" in e.value for e in app.error)
+    app.button(key="import_retarget").click().run()
+    no_failure(app)
+    assert app.session_state["current_id"] == here  # the same settings: the configuration evaluated before
+
+
 @pytest.mark.parametrize(("content", "message"), [
     (b"{not json", "not valid JSON"),
     (b'{"schema": "something-else"}', "not a TabConv configuration file"),

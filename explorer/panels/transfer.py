@@ -119,6 +119,9 @@ def _check(wb: Workbench, name: str, data: bytes) -> None:
     try:
         config = _parse(wb, data)
     except ConfigError as exc:
+        if exc.field == "checkpoint_sha256":
+            _retarget_offer(wb, name, data, exc)
+            return
         st.error(f"**{name}** is not a usable configuration: {exc}. {IMPORT_WAY_FORWARD}")
         return
     tabled = config.table_layers()
@@ -133,6 +136,21 @@ def _check(wb: Workbench, name: str, data: bytes) -> None:
         return
     st.button("Load this configuration", key="import_load", on_click=state.request,
               args=(dict(config.layers), f"imported: {name}", Origin.IMPORTED))
+
+
+def _retarget_offer(wb: Workbench, name: str, data: bytes, refusal: ConfigError) -> None:
+    """A configuration made for another checkpoint of this architecture: its layer settings can be used here with
+    tables rebuilt from the open checkpoint (the library's retarget), on request."""
+    config = _parse(wb, data, retarget=True)
+    source = config.retargeted_from or {}
+    st.warning(f"**{name}** was made for another checkpoint of {wb.session.info.model} ({refusal}). Its layer "
+               f"settings ({len(config.table_layers())}/{len(config.layers)} layers as tables) can be used with "
+               "tables rebuilt from the checkpoint open here"
+               + (" — not its fine-tuned tables file, which belongs to the other weights" if source.get(
+                   "tables_sha256") else "") + "; the accuracy it recorded does not carry over.")
+    st.button("Rebuild its tables for this checkpoint", key="import_retarget", on_click=state.request,
+              args=(dict(config.layers), f"imported: {name} (retargeted: tables rebuilt for this checkpoint)",
+                    Origin.IMPORTED))
 
 
 def _recorded(metrics: dict) -> str:
@@ -163,8 +181,9 @@ def _request_tuned(text: str, name: str, tables: bytes, tables_name: str) -> Non
     st.session_state.tables_request = (text, name, tables, tables_name)
 
 
-def _parse(wb: Workbench, data: bytes) -> Configuration:
-    """Every check: size, encoding, schema, and fit to this model's layers and checkpoint."""
+def _parse(wb: Workbench, data: bytes, retarget: bool = False) -> Configuration:
+    """Every check: size, encoding, schema, and fit to this model's layers and checkpoint (`retarget`: made for
+    another checkpoint of this architecture, it is taken for this one, its tables to be rebuilt)."""
     if len(data) > CONFIG_UPLOAD_MB * 2**20:
         raise ConfigError(f"the file is {len(data) / 2**20:.1f} MB; a configuration is at most {CONFIG_UPLOAD_MB} MB")
     try:
@@ -173,4 +192,6 @@ def _parse(wb: Workbench, data: bytes) -> Configuration:
         raise ConfigError("not a UTF-8 text file") from None
     config = from_json(text)
     info = wb.session.info
+    if retarget:
+        config = config.retargeted(info.sha256, "an uploaded file")
     return config.validate_against(wb.structure, info.sha256, model=info.model, dataset=info.dataset)
