@@ -15,33 +15,30 @@ import streamlit as st
 
 from explorer import state, turns
 from explorer.progress import ProgressBar
-from explorer.workbench import ImportedTables, Workbench
+from explorer.workbench import Workbench
 from tabconv.config import ConfigError, from_json
 from tabconv.metrics import Metrics, Origin
-from tabconv.quantizer import ProductQuantizer
-from tabconv.session import Applied
+from tabconv.session import Applied, GivenTables
 from tabconv.settings import LayerSetting
 from tabconv.tablesfile import TablesFileError, read_tables
 
 
 def evaluate(wb: Workbench, settings: Mapping[str, LayerSetting], label: str, origin: Origin = Origin.EDIT,
-             title: str = "Evaluating", tables: Mapping[str, ProductQuantizer] | None = None,
-             tables_id: str | None = None) -> Metrics | None:
+             title: str = "Evaluating", tables: GivenTables | None = None) -> Metrics | None:
     """Evaluate (or recall) a configuration and show it; failures become a notice, not a traceback.
 
     What it rebuilt and re-ran is the session's record of this request, made inside this tab's turn. `tables`
-    (fine-tuned ones, `tables_id` their file's sha256) replace the built tables of its table layers."""
+    (fine-tuned ones) replace the built tables of its table layers."""
     asked = time.monotonic()
     try:
-        known = wb.session.recall(dict(settings), tables_id)  # evaluated before: shown without waiting in line
+        known = wb.session.recall(dict(settings), tables and tables.sha256)  # shown without waiting in line
         if known is not None:
-            done = Applied(known, label, origin, True, {}, 0, None, time.monotonic() - asked)
+            done = Applied.recalled_now(known, label, origin, time.monotonic() - asked)
             waited = 0.0
         else:
             quick = tables is not None or not wb.session.unbuilt(dict(settings))  # builds no tables: goes first
             with turns.turn(title, short=quick) as held, ProgressBar(title, cancellable=held) as bar, wb.lock:
-                done = wb.session.apply(dict(settings), progress=bar, label=label, origin=origin, tables=tables,
-                                        tables_id=tables_id)
+                done = wb.session.apply(dict(settings), progress=bar, label=label, origin=origin, tables=tables)
             waited = max(0.0, (held.started or asked) - asked)  # behind other tabs' work
     except turns.Cancelled as exc:  # left the line, or cancelled at its next progress event: nothing was added
         state.note_cancelled(exc)
@@ -73,11 +70,9 @@ def import_tuned(wb: Workbench, config_text: str, name: str, tables: bytes, tabl
     except (ConfigError, TablesFileError) as exc:
         state.notify("error", f"Could not use **{name}** with **{tables_name}**: {exc}")
         return None
-    metrics = evaluate(wb, config.layers, f"imported: {name} (fine-tuned)", Origin.IMPORTED,
-                       "Evaluating the imported fine-tuned tables", tables=loaded, tables_id=config.tables_sha256)
-    if metrics is not None:
-        wb.imported.setdefault(config.tables_sha256, ImportedTables(tables, dict(config.finetune)))
-    return metrics
+    given = GivenTables(config.tables_sha256, loaded, tables, dict(config.finetune))
+    return evaluate(wb, config.layers, f"imported: {name} (fine-tuned)", Origin.IMPORTED,
+                    "Evaluating the imported fine-tuned tables", tables=given)
 
 
 def load(wb: Workbench, config_id: int) -> bool:

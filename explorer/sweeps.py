@@ -133,8 +133,6 @@ def finetune(wb: Workbench, parent: Metrics, steps: int, images: int, lr: float,
     run = _run(wb, f"Fine-tuning the {layers} table layer(s) of #{parent.id}", finetune_session, parent,
                steps=steps, images=images, lr=lr, layer_loss=layer_loss, seconds=seconds, patience=patience,
                held_out=first_half(wb.session))
-    with wb.lock:
-        wb.tuned[run.sha256] = run
     return run
 
 

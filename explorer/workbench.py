@@ -11,7 +11,8 @@ evaluations.
 Memory: at most two Sessions are kept (`_slot`'s max_entries); a Session's history grows by one small record
 (settings, costs, per-layer errors, one bit per evaluation image) per distinct configuration evaluated on the
 server, and goes with its Session. Everything larger is bounded: the result store's memory, the sweep results,
-and the fine-tuned tables (the latest session.MAX_GIVEN_TABLES sets; an older one is loaded again from its file).
+and the session's given tables (the latest session.MAX_GIVEN_TABLES sets; an older one is loaded again from its
+file).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from tabconv.finetune import Tuned
 from tabconv.latencytable import LatencyTable
 from tabconv.metrics import Metrics
 from tabconv.resultstore import ResultStore
-from tabconv.session import MAX_GIVEN_TABLES, Session
+from tabconv.session import Session
 from tabconv.settings import LayerSetting
 from tabconv.structure import ModelStructure
 
@@ -71,14 +72,6 @@ class Spec:
     user: UserSource | None = None  # a torchvision architecture + weights + image folder instead of a checkpoint
 
 
-@dataclass(frozen=True)
-class ImportedTables:
-    """Fine-tuned tables that came in as files (no Tuned run here): what re-exporting them needs."""
-
-    tables: bytes  # the tables file's content
-    finetune: dict[str, Any]  # the configuration's `finetune` record (how the tables were trained)
-
-
 @dataclass
 class Workbench:
     """A Session plus what the page derives from it (sweeps, fine-tuned tables), guarded by one lock."""
@@ -89,9 +82,6 @@ class Workbench:
     lock: threading.RLock = field(default_factory=threading.RLock)
     # this process's sweep results, with config ids (the most recent MEMORY_SWEEPS)
     sweeps: BoundedDict = field(default_factory=lambda: BoundedDict(MEMORY_SWEEPS))
-    # fine-tuning runs of this page and imported tables files, by tables sha256: as many as the session keeps
-    tuned: BoundedDict = field(default_factory=lambda: BoundedDict(MAX_GIVEN_TABLES))
-    imported: BoundedDict = field(default_factory=lambda: BoundedDict(MAX_GIVEN_TABLES))
 
     def settle(self, current: Metrics) -> None:
         """Bring the runner to the configuration on screen (after a sweep or a load), so that the next
@@ -115,15 +105,11 @@ class Workbench:
     def metrics(self, config_id: int) -> Metrics:
         return self.session.history[config_id]
 
-    @staticmethod
-    def tables_sha256(metrics: Metrics) -> str | None:
-        """The sha256 of a configuration's fine-tuned tables, None for built (ordinary) tables."""
-        return metrics.tables_sha256
-
     def tuning(self, metrics: Metrics) -> Tuned | None:
-        """The fine-tuning run (on this page) that produced a configuration's tables, if any."""
-        sha = self.tables_sha256(metrics)
-        return self.tuned.get(sha) if sha else None
+        """The fine-tuning run (in this process) that produced a configuration's tables, while the session keeps
+        them."""
+        given = self.session.given(metrics)
+        return given.run if given else None
 
     def identity(self, kind: str, setting: LayerSetting) -> dict[str, Any]:
         """Key parts of a stored sweep: what the session's results depend on, and the table setting."""

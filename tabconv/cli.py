@@ -199,11 +199,10 @@ def _table_setting(args: argparse.Namespace) -> LayerSetting:
     return LayerSetting("table", args.codebooks, args.centroids, args.encoder, args.lut_dtype, args.subvector)
 
 
-def _apply_config(session, loaded: Configuration, tables: dict | None, label: str = ""):
-    tables_id = loaded.tables_sha256 if tables is not None else None
+def _apply_config(session, loaded: Configuration, tables, label: str = ""):
     origin = Origin.EDIT if tables is None else Origin.IMPORTED
-    return session.apply(loaded, progress=_progress_bar("evaluate"), label=label, origin=origin, tables=tables,
-                         tables_id=tables_id).metrics
+    return session.apply(loaded, progress=_progress_bar("evaluate"), label=label, origin=origin,
+                         tables=tables).metrics
 
 
 def _metrics_json(session, metrics) -> dict[str, Any]:
@@ -495,7 +494,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     prepare_folder(args.out)  # an unwritable folder is refused before any table is built
     session = _session(args, calibration)
     loaded, tables = _load_config(session, args)
-    quantizers = tables if tables is not None else session.tables(loaded.layers)
+    quantizers = tables.quantizers if tables is not None else session.tables(loaded.layers)
     paths = write_export(args.out, export_files(TabledNetwork.from_session(session, quantizers), args.format))
     sizes = {path.name: path.stat().st_size for path in paths}
     kind = "fine-tuned" if tables is not None else "built"

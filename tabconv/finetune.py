@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,12 +30,9 @@ from tabconv.hashtree import encode_hash_trees
 from tabconv.metrics import Metrics, Origin
 from tabconv.progress import Progress, ProgressEvent, Stage
 from tabconv.quantizer import ProductQuantizer
+from tabconv.session import GivenTables, Session
 from tabconv.structure import ModelStructure
 from tabconv.tablesfile import tables_bytes
-
-if TYPE_CHECKING:
-    from tabconv.session import Session
-
 
 # Defaults measured on ResNet-18/MNIST, every layer tabled at S=9 K=16 (least-squares start, 300 steps, 4,096
 # images): lr 1e-3 raised the held-out loss within 4 steps and never recovered (Adam moves every table entry by
@@ -376,9 +373,12 @@ def finetune_session(session: Session, parent: Metrics, *, steps: int = DEFAULT_
                              layer_loss=layer_loss, seed=seed, seconds=seconds, patience=patience, held_out=probe,
                              held_out_from=described, progress=progress)
     data, sha = tables_bytes(tuned)
+    given = GivenTables(sha, tuned, data)
     metrics = session.apply(parent.settings, label=f"fine-tuned ({parent.label})", origin=Origin.FINE_TUNED,
-                            tables=tuned, tables_id=sha).metrics
-    return Tuned(parent, metrics, tuned, report, data, sha, unseen, session.baseline)
+                            tables=given).metrics
+    run = Tuned(parent, metrics, tuned, report, data, sha, unseen, session.baseline)
+    given.finetune, given.run = run.record(), run
+    return run
 
 
 def first_half(session: Session) -> ImageSet | None:

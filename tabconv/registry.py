@@ -489,7 +489,7 @@ def reproduce(claim: Claim, checkpoint: Path, *, root: Path = ROOT, data_root: s
                                       progress=progress, eval_skip=claim.first_image)
     loaded, tables = session.load_configuration(str(config_path))
     metrics = session.apply(loaded, progress=progress, origin=Origin.EDIT if tables is None else Origin.IMPORTED,
-                            tables=tables, tables_id=loaded.tables_sha256 if tables is not None else None).metrics
+                            tables=tables).metrics
     difference = metrics.accuracy - claim.accuracy
     return {"claim": claim.id, "config": claim.config, "images_which": claim.images_which,
             "recorded_images": claim.images, "measured_images": metrics.eval_images,

@@ -11,9 +11,9 @@ import hashlib
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -42,6 +42,9 @@ MAX_INCREMENTAL_IMAGES = 2500  # above this, activations are not kept: evaluatio
 # Kept activations (exact and current, each): every node's when they fit, else the latest nodes' (2 GiB each keeps
 # layer4 and most of layer3 of ResNet-50 at 224x224 for 256 images, so late toggles start from kept inputs)
 ACTIVATION_MEMORY_BYTES = 2 << 30
+if TYPE_CHECKING:
+    from tabconv.finetune import Tuned
+
 BATCH_ACTIVATION_BYTES = 256 << 20  # a batch's largest activation: bounds the transient memory of a pass
 MAX_GIVEN_TABLES = 8  # sets of given (fine-tuned) tables kept for re-activation and export: each is a network's tables
 GIVEN = "given"  # where a layer's tables came from when the caller passed them (e.g. fine-tuned ones)
@@ -65,6 +68,23 @@ class Applied:
     def fitted(self) -> list[str]:
         """Table layers whose tables were fitted for this request (not read from memory, disk or the caller)."""
         return [name for name, source in self.tables.items() if source == FITTED]
+
+    @classmethod
+    def recalled_now(cls, metrics: Metrics, label: str, origin: Origin, seconds: float) -> Applied:
+        """The record of a request answered from `Session.recall` (no work, no runner)."""
+        return cls(metrics, label, origin, True, {}, 0, None, seconds)
+
+
+@dataclass
+class GivenTables:
+    """Tables given to a session instead of built from calibration: fine-tuned in this process or read from a
+    tables file. The session keeps the latest MAX_GIVEN_TABLES of them, with what re-exporting them needs."""
+
+    sha256: str  # the tables file's sha256: the tables' identity
+    quantizers: Mapping[str, ProductQuantizer]
+    data: bytes | None = None  # the tables file's content (None: not kept)
+    finetune: Mapping[str, Any] = field(default_factory=dict)  # how they were trained (a configuration's record)
+    run: Tuned | None = None  # the fine-tuning run that made them, when it ran in this process
 
 
 class Session:
@@ -104,8 +124,8 @@ class Session:
         self.latency_table: LatencyTable | None = None  # set by enable_latency: every evaluation is then timed
         self._latencies: dict[tuple, LatencyEstimate] = {}
         self._seen: dict[tuple, Metrics] = {}
-        # given (e.g. fine-tuned) tables by tables_id, the most recent MAX_GIVEN_TABLES of them
-        self._tuned: BoundedDict = BoundedDict(MAX_GIVEN_TABLES)
+        # given (e.g. fine-tuned) tables by sha256, the most recent MAX_GIVEN_TABLES of them
+        self._given: BoundedDict = BoundedDict(MAX_GIVEN_TABLES)
         self.history: list[Metrics] = []
         self._errors = {info.name: LayerError(info.name, 1.0, 0.0) for info in self.structure.layers}  # exact
         self.cost_model = CostModel(self.model, self.input_shape, self.structure.calls)
@@ -228,8 +248,7 @@ class Session:
     def uniform(self, setting: LayerSetting) -> dict[str, LayerSetting]:
         return {name: setting for name in self.structure.names}
 
-    def load_configuration(self, path: str, retarget: bool = False
-                           ) -> tuple[Configuration, dict[str, ProductQuantizer] | None]:
+    def load_configuration(self, path: str, retarget: bool = False) -> tuple[Configuration, GivenTables | None]:
         """A configuration file checked against this session's model, dataset and checkpoint, with its fine-tuned
         tables when it names a tables file (else None: its tables are built like any others). `retarget`: made for
         another checkpoint of the same architecture, its tables are rebuilt from this one with its calibration
@@ -239,7 +258,8 @@ class Session:
         tables_path = loaded.tables_path()
         if tables_path is None:
             return loaded, None
-        return loaded, load_tables(tables_path, loaded.tables_sha256, self.structure, loaded.layers, self.device)
+        quantizers = load_tables(tables_path, loaded.tables_sha256, self.structure, loaded.layers, self.device)
+        return loaded, GivenTables(loaded.tables_sha256, quantizers, finetune=dict(loaded.finetune))
 
     def configuration(self, metrics: Metrics | None = None, retargeted_from: dict[str, Any] | None = None
                       ) -> Configuration:
@@ -252,18 +272,16 @@ class Session:
 
     # -- evaluation --------------------------------------------------------------------------------
     def apply(self, settings: Mapping[str, LayerSetting] | Configuration, progress: Progress | None = None,
-              label: str = "", origin: Origin = Origin.EDIT, tables: Mapping[str, ProductQuantizer] | None = None,
-              tables_id: str | None = None) -> Applied:
+              label: str = "", origin: Origin = Origin.EDIT, tables: GivenTables | None = None) -> Applied:
         """Evaluate a configuration (it becomes the current one), once per distinct settings: what it cost is in
         the returned record.
 
-        `tables` (e.g. fine-tuned ones, identified by `tables_id`, the tables file's sha256) replace the
-        built tables of every table layer instead of building them.
+        `tables` (e.g. fine-tuned ones) replace the built tables of every table layer instead of building them;
+        the session keeps them (`given`).
         """
         started = time.perf_counter()
         settings = self.complete(settings)
-        if (tables is None) != (tables_id is None):
-            raise ValueError("tables and tables_id go together")
+        tables_id = tables.sha256 if tables is not None else None
         key = _key(settings, tables_id)
         if key in self._seen:
             self.current = self._seen[key]
@@ -273,12 +291,13 @@ class Session:
         if tables is None:
             quantizers = self.builder.build_all(settings, progress, sources)
         else:
-            quantizers = self._pinned(settings, tables)
+            quantizers = self._pinned(settings, tables.quantizers)
             sources = dict.fromkeys(quantizers, GIVEN)
         metrics = self._evaluate(settings, quantizers, progress, label or f"config {len(self.history)}", origin)
-        if tables_id is not None:
-            metrics.tables_sha256 = tables_id
-            self._tuned[tables_id] = quantizers
+        if tables is not None:
+            metrics.tables_sha256 = tables.sha256
+            tables.quantizers = quantizers
+            self._given[tables.sha256] = tables
         self._seen[key] = metrics
         return Applied(metrics, metrics.label, origin, False, sources, self.runner.recomputed if self.incremental
                        else 0, self._nodes, time.perf_counter() - started)
@@ -400,7 +419,26 @@ class Session:
         """Whether this session can give an evaluated configuration's tables: built ones always (from memory, the
         cache or a rebuild), given (fine-tuned) ones while they are among the latest MAX_GIVEN_TABLES sets."""
         tuned = metrics.tables_sha256
-        return not tuned or tuned in self._tuned
+        return not tuned or tuned in self._given
+
+    def given(self, metrics: Metrics) -> GivenTables | None:
+        """The given (fine-tuned or imported) tables an evaluated configuration used, while the session keeps them;
+        None for built tables."""
+        return self._given.get(metrics.tables_sha256) if metrics.tables_sha256 else None
+
+    def given_tables(self) -> list[GivenTables]:
+        """Every set of given tables the session keeps, oldest first."""
+        return list(self._given.values())
+
+    def tuned_configuration(self, metrics: Metrics, tables_file: str) -> Configuration:
+        """The configuration file of a configuration with given tables, naming `tables_file` (a file beside it
+        holding them) and how they were trained."""
+        given = self.given(metrics)
+        if given is None:
+            raise ConfigError(f"configuration #{metrics.id} has no given tables in this session")
+        config = self.configuration(metrics)
+        config.tables_file, config.tables_sha256, config.finetune = tables_file, given.sha256, dict(given.finetune)
+        return config
 
     def quantizers(self, metrics: Metrics) -> dict[str, ProductQuantizer]:
         """The tables an evaluated configuration used: given (fine-tuned) ones, else built ones."""
@@ -410,7 +448,7 @@ class Session:
         if not self.has_tables(metrics):
             raise ConfigError(f"configuration #{metrics.id}'s fine-tuned tables are no longer in memory (this session "
                               f"keeps the latest {MAX_GIVEN_TABLES} sets): load them again from their tables file")
-        return dict(self._tuned[tuned])
+        return dict(self._given[tuned].quantizers)
 
 
 def _key(settings: Mapping[str, LayerSetting], tables_id: str | None) -> tuple:

@@ -18,7 +18,7 @@ from tabconv.cli import main
 from tabconv.config import Calibration, ConfigError
 from tabconv.finetune import TrainableTables, finetune
 from tabconv.quantizer import DegenerateCodebookWarning, ProductQuantizer
-from tabconv.session import Session
+from tabconv.session import GivenTables, Session
 from tabconv.settings import LayerSetting
 from tabconv.tablesfile import TablesFileError, load_tables, save_tables
 from tabconv.train import train_and_save
@@ -155,7 +155,7 @@ def test_finetuning_lowers_the_loss_and_raises_accuracy(tiny_digits):
     for name, quantizer in quantizers.items():  # the shared (cached) tables are never trained in place
         assert torch.equal(quantizer.tables_, snapshot[name])
         assert not torch.equal(tuned[name].tables_, snapshot[name])
-    after = session.apply(before.settings, tables=tuned, tables_id="tuned").metrics
+    after = session.apply(before.settings, tables=GivenTables("tuned", tuned)).metrics
     assert after.accuracy > before.accuracy
     assert after.tables_sha256 == "tuned"
 

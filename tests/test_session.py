@@ -11,7 +11,7 @@ from tabconv.config import Calibration, ConfigError
 from tabconv.data import load_dataset
 from tabconv.metrics import Origin
 from tabconv.progress import Stage
-from tabconv.session import GIVEN, Session
+from tabconv.session import GIVEN, GivenTables, Session
 from tabconv.settings import EXACT, LayerSetting
 from tabconv.stats import mcnemar_p, wilson
 from tabconv.structure import UnknownLayerError
@@ -257,13 +257,21 @@ def test_only_the_latest_given_tables_are_kept_and_an_older_set_says_how_to_get_
     runs = []
     for i, layer in enumerate(("conv1", "layer1.0.conv1", "fc")):
         settings = {layer: TABLE}
-        runs.append(s.apply(settings, tables=s.tables(settings), tables_id=f"set{i}", origin=Origin.FINE_TUNED))
+        runs.append(s.apply(settings, tables=GivenTables(f"set{i}", s.tables(settings), b"file", {"steps": i}),
+                            origin=Origin.FINE_TUNED))
     assert [run.tables for run in runs] == [{"conv1": GIVEN}, {"layer1.0.conv1": GIVEN}, {"fc": GIVEN}]
     oldest, newest = runs[0].metrics, runs[-1].metrics
     assert not s.has_tables(oldest) and s.has_tables(newest) and s.has_tables(s.baseline)
     with pytest.raises(ConfigError, match=r"#\d+'s fine-tuned tables are no longer in memory.*tables file"):
         s.quantizers(oldest)
     assert set(s.quantizers(newest)) == {"fc"}
+    # the session owns the record: what re-exporting needs, and the configuration file naming its tables file
+    assert s.given(oldest) is None and s.given(s.baseline) is None
+    assert [g.sha256 for g in s.given_tables()] == ["set1", "set2"] and s.given(newest).data == b"file"
+    config = s.tuned_configuration(newest, "mine.tables.pt")
+    assert (config.tables_file, config.tables_sha256, config.finetune) == ("mine.tables.pt", "set2", {"steps": 2})
+    with pytest.raises(ConfigError, match="no given tables"):
+        s.tuned_configuration(s.baseline, "x.tables.pt")
 
 
 def test_a_result_key_names_the_weights_the_data_and_the_calibration(digits):

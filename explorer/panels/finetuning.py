@@ -4,6 +4,7 @@ kind of point; a compare line says what fine-tuning changed. Toggles never re-ru
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
@@ -95,7 +96,8 @@ def _result(run: Tuned) -> None:
 
 
 def _imported(wb: Workbench, current: Metrics) -> None:
-    record: dict[str, Any] = wb.imported[sha].finetune if (sha := wb.tables_sha256(current)) in wb.imported else {}
+    given = wb.session.given(current)
+    record: Mapping[str, Any] = given.finetune if given is not None else {}
     line = f"Imported fine-tuned tables: accuracy {accuracy_text(current.correct, current.eval_images, 2)} here"
     if record:
         line += (f"; when tuned: from accuracy {record.get('parent_accuracy', float('nan')):.2%}, distillation "

@@ -31,7 +31,8 @@ def tradeoffs(wb: Workbench, current: Metrics) -> None:
     """Accuracy vs FLOPs and vs storage, with every configuration this tab evaluated or loaded."""
     history = state.own_history(wb)
     own = {m.id for m in history}
-    links = [(run.parent, run.metrics) for run in wb.tuned.values() if run.metrics.id in own]
+    runs = [given.run for given in wb.session.given_tables() if given.run is not None]
+    links = [(run.parent, run.metrics) for run in runs if run.metrics.id in own]
     choices = ["paper", "full"] + (["latency"] if current.latency is not None else [])
     if st.session_state.get("plot_convention") not in (None, *choices):
         st.session_state.plot_convention = "paper"  # a model opened without measured latency has no such axis

@@ -32,18 +32,10 @@ def _name(wb: Workbench, current: Metrics) -> str:
 def tuned_files(wb: Workbench, metrics: Metrics, tables_file: str) -> tuple[str, bytes] | None:
     """(configuration JSON naming `tables_file`, that file's bytes) of a fine-tuned configuration whose
     tables this page holds (fine-tuned or imported here, and not yet dropped from memory); None otherwise."""
-    sha = wb.tables_sha256(metrics)
-    if not wb.session.has_tables(metrics):
+    given = wb.session.given(metrics)
+    if given is None or given.data is None:
         return None
-    if sha in wb.tuned:
-        run = wb.tuned[sha]
-        return run.configuration(wb.session, tables_file).to_json(), run.tables
-    if sha in wb.imported:
-        imported = wb.imported[sha]
-        config = wb.session.configuration(metrics)
-        config.tables_file, config.tables_sha256, config.finetune = tables_file, sha, dict(imported.finetune)
-        return config.to_json(), imported.tables
-    return None
+    return wb.session.tuned_configuration(metrics, tables_file).to_json(), given.data
 
 
 def export_button(wb: Workbench, current: Metrics) -> None:
