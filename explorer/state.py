@@ -67,7 +67,7 @@ def reset_view() -> None:
 
 
 def notify(level: str, text: str) -> None:
-    """Leave a message ('error', 'warning', 'info', 'success') for the next workbench run."""
+    """Leave a message ('error', 'warning', 'info', 'success': a toast) for the next workbench run."""
     st.session_state.notice = (level, text)
 
 
@@ -91,7 +91,10 @@ def show_notice() -> None:
         st.info(STILL_SHOWING)
     if st.session_state.notice:
         level, text = st.session_state.notice
-        getattr(st, level)(text)
+        if level == "success":  # a toast: the next click (on a plot, say) removes no box above what it clicked
+            st.toast(text, icon=":material/check_circle:", duration="long")
+        else:
+            getattr(st, level)(text)
         st.session_state.notice = None
 
 
