@@ -35,6 +35,8 @@ DEFAULTS: dict[str, Any] = {
     "tables_request": None,  # (configuration JSON, its name, tables bytes, their name): a fine-tuned import
     "load_request": None,  # a history id a widget (chart click, history, test) asked to show
     "notice": None,  # (level, text) shown once at the top of the workbench
+    "mask_outcome": None,  # what the last press of Apply priority masking loaded, shown beside the button
+    "search_outcome": None,  # (level, text): what the last budgeted search did, beside its button
     "open_error": None,  # why the sidebar's last choice could not be opened: shown there until an action succeeds
     "open_failed": None,  # that choice (not tried again until Open is pressed)
     "last_apply": None,  # what the last evaluation rebuilt and re-ran, and how long it took
@@ -62,7 +64,7 @@ def init() -> None:
 def reset_view() -> None:
     """Forget what this tab showed (a different Session was opened)."""
     for key in ("seen", "current_id", "previous_id", "locks", "pending", "tables_request", "load_request", "notice",
-                "last_apply", "tour_step", "tour_request", "speed"):
+                "last_apply", "tour_step", "tour_request", "speed", "mask_outcome", "search_outcome"):
         st.session_state[key] = copy.copy(DEFAULTS[key])
 
 
