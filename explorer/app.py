@@ -21,6 +21,11 @@ from explorer.panels import (
 )
 from explorer.workbench import Workbench
 
+# A click on a plot redraws it as a new element. The browser keeps the page still by anchoring the scroll on a node
+# in view; one inside a plot is lost with it, and the plot then jumped by any change of height above it (a notice
+# gone, a shorter row of buttons). Never anchoring inside a plot keeps the clicked plot where it was.
+STYLE = '<style>[data-testid="stPlotlyChart"] { overflow-anchor: none; }</style>'
+
 
 @st.fragment
 def workbench(wb: Workbench) -> None:
@@ -62,6 +67,7 @@ def _core_loop(wb: Workbench) -> None:
 def main() -> None:
     st.set_page_config(page_title="TabConv Explorer", page_icon=":material/table_chart:", layout="wide")
     state.init()
+    st.html(STYLE)  # style only: it takes no space on the page
     st.title("TabConv Explorer")
     with turns.notices_here():
         choice = chooser.sidebar()

@@ -35,6 +35,8 @@ DEFAULTS: dict[str, Any] = {
     "tables_request": None,  # (configuration JSON, its name, tables bytes, their name): a fine-tuned import
     "load_request": None,  # a history id a widget (chart click, history, test) asked to show
     "notice": None,  # (level, text) shown once at the top of the workbench
+    "mask_outcome": None,  # what the last press of Apply priority masking loaded, shown beside the button
+    "search_outcome": None,  # (level, text): what the last budgeted search did, beside its button
     "open_error": None,  # why the sidebar's last choice could not be opened: shown there until an action succeeds
     "open_failed": None,  # that choice (not tried again until Open is pressed)
     "last_apply": None,  # what the last evaluation rebuilt and re-ran, and how long it took
@@ -62,12 +64,12 @@ def init() -> None:
 def reset_view() -> None:
     """Forget what this tab showed (a different Session was opened)."""
     for key in ("seen", "current_id", "previous_id", "locks", "pending", "tables_request", "load_request", "notice",
-                "last_apply", "tour_step", "tour_request", "speed"):
+                "last_apply", "tour_step", "tour_request", "speed", "mask_outcome", "search_outcome"):
         st.session_state[key] = copy.copy(DEFAULTS[key])
 
 
 def notify(level: str, text: str) -> None:
-    """Leave a message ('error', 'warning', 'info', 'success') for the next workbench run."""
+    """Leave a message ('error', 'warning', 'info', 'success': a toast) for the next workbench run."""
     st.session_state.notice = (level, text)
 
 
@@ -91,7 +93,10 @@ def show_notice() -> None:
         st.info(STILL_SHOWING)
     if st.session_state.notice:
         level, text = st.session_state.notice
-        getattr(st, level)(text)
+        if level == "success":  # a toast: the next click (on a plot, say) removes no box above what it clicked
+            st.toast(text, icon=":material/check_circle:", duration="long")
+        else:
+            getattr(st, level)(text)
         st.session_state.notice = None
 
 

@@ -130,8 +130,8 @@ def test_the_guided_tour_sets_the_page_for_each_step_and_can_be_left(app: AppTes
     ran = app.session_state["tour_search"]
     assert ran["new"] == after - before  # the small budget, and the confirmation's back-offs: the sweep was recalled
     assert ran["new"] <= SEARCH_BUDGET + ran["backoffs"] * len(names)
-    assert any(s.value.startswith(f"Search looked at {ran['points']} configurations ({ran['new']} newly") for s in
-               app.success)
+    assert any(t.value.startswith(f"Search looked at {ran['points']} configurations ({ran['new']} newly") for t in
+               app.toast)  # a toast: it moves nothing on the page
     sentence = next(m.value for m in app.markdown if m.value.startswith("**Guided tour · step 5"))
     assert f"It looked at {ran['points']} configurations: {ran['new']} newly evaluated" in sentence
     assert app.slider(key="mask_exact").value == slider
