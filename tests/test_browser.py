@@ -298,6 +298,8 @@ def test_a_lecture_walks_end_to_end(server: str, tmp_path: Path) -> None:
             with _timed(times, "fine-tuning (20 s budget), a second tab waiting behind it"):
                 page.get_by_role("button", name=re.compile(r"^Fine-tune #")).click()
                 page.locator('[data-testid="stProgress"]').filter(has_text="Fine-tuning").wait_for(timeout=60_000)
+                page.locator('[data-testid="stProgress"]').filter(  # its time-left estimate, while it runs
+                    has_text=re.compile(r"Fine-tuning: step \d+/\d+.*about \d+ s left")).wait_for(timeout=60_000)
                 _choose(second, "Group or layer", "layer2.1.conv2")
                 centroids = second.get_by_role("spinbutton", name="K", exact=True)  # new tables: long work, waits
                 centroids.fill("8")
