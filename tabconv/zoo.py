@@ -8,11 +8,14 @@ one train it once.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 
 from filelock import FileLock
 
+from tabconv.atomic import atomic_write_bytes
 from tabconv.progress import Progress
 from tabconv.train import DEFAULT_LR, train_and_save
 
@@ -25,6 +28,16 @@ DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "checkpoints"
 def checkpoint_dir() -> Path:
     """$TABCONV_CHECKPOINTS, else the repository's checkpoints/ (git-ignored)."""
     return Path(os.environ.get("TABCONV_CHECKPOINTS") or DEFAULT_ROOT).expanduser()
+
+
+def store_upload(data: bytes, name: str, root: str | os.PathLike[str] | None = None) -> Path:
+    """Where an uploaded checkpoint or weights file is kept: `<root>/uploads/<content hash>/<its own name>`
+    (characters other than letters, digits, '.', '-' and '_' become '_'), written once and atomically."""
+    safe = re.sub(r"[^\w.-]", "_", Path(name).name) or "upload.pt"
+    path = Path(root or checkpoint_dir()) / "uploads" / hashlib.sha256(data).hexdigest()[:16] / safe
+    if not path.is_file():
+        atomic_write_bytes(path, data)
+    return path
 
 
 def checkpoint_path(model: str, dataset: str, root: str | os.PathLike[str] | None = None) -> Path:

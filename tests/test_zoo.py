@@ -41,3 +41,15 @@ def test_interrupted_training_leaves_no_file(tmp_path: Path) -> None:
         zoo.ensure_checkpoint("tiny", "digits", root=tmp_path, epochs=1, progress=interrupt)
     assert not [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
     assert zoo.ensure_checkpoint("tiny", "digits", root=tmp_path, epochs=1).is_file()
+
+
+def test_an_upload_is_kept_once_by_content_under_its_own_name(tmp_path: Path) -> None:
+    """Checkpoints and weights files uploaded in the explorer share one layout: uploads/<content hash>/<name>."""
+    first = zoo.store_upload(b"weights", "my model (v2).pth", root=tmp_path)
+    assert first.parent.parent == tmp_path / "uploads" and first.name == "my_model__v2_.pth"
+    assert first.read_bytes() == b"weights"
+    mtime = first.stat().st_mtime_ns
+    assert zoo.store_upload(b"weights", "my model (v2).pth", root=tmp_path) == first
+    assert first.stat().st_mtime_ns == mtime  # written once
+    other = zoo.store_upload(b"other", "my model (v2).pth", root=tmp_path)
+    assert other != first and other.name == first.name and other.read_bytes() == b"other"

@@ -10,9 +10,7 @@ changes nothing.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +20,6 @@ from streamlit.runtime.uploaded_file_manager import UploadedFile
 from explorer.editing import C_FROM, C_FROM_HELP, table_setting
 from explorer.workbench import Spec
 from tabconv import zoo
-from tabconv.atomic import atomic_write_bytes
 from tabconv.config import CALIBRATION_MODES, FIT_METHODS, Calibration
 from tabconv.data import DATASETS, is_available, resolve_root
 from tabconv.models import MODEL_DESCRIPTIONS, MODEL_NAMES
@@ -210,12 +207,7 @@ def _weights_file(upload: UploadedFile) -> str:
     (remembered per upload, so that a rerun does not hash a large file again)."""
     stored = st.session_state.setdefault("weights_uploads", {})
     if upload.file_id not in stored:
-        data = upload.getvalue()
-        name = re.sub(r"[^\w.-]", "_", Path(upload.name).name) or "weights.pth"
-        path = zoo.checkpoint_dir() / "uploads" / hashlib.sha256(data).hexdigest()[:16] / name
-        if not path.is_file():
-            atomic_write_bytes(path, data)
-        stored[upload.file_id] = str(path)
+        stored[upload.file_id] = str(zoo.store_upload(upload.getvalue(), upload.name))
     return stored[upload.file_id]
 
 
@@ -229,11 +221,7 @@ def _calibration(images: int, mode: str, fit: str, ridge: float, refit: bool) ->
 def _checkpoint_file(upload: UploadedFile | None, named: str) -> str | None:
     """A path for the chosen file: an upload is stored once under checkpoints/uploads/ by content hash."""
     if upload is not None:
-        data = upload.getvalue()
-        path = zoo.checkpoint_dir() / "uploads" / f"{hashlib.sha256(data).hexdigest()[:16]}.pt"
-        if not path.is_file():
-            atomic_write_bytes(path, data)
-        return str(path)
+        return str(zoo.store_upload(upload.getvalue(), upload.name))
     return str(Path(named).expanduser()) if named.strip() else None
 
 
