@@ -2,9 +2,7 @@
 workbench lock, with a progress bar that can cancel it (a cancelled one says so and redraws the page). The
 configurations a tab's sweep or search evaluated (or recalled from another tab's) join that tab's history.
 
-Sweep results that are plain data (the propagation matrix, the sensitivity bars) are written to the
-result store, so a later launch shows them without evaluating anything; the configurations a sweep
-evaluated are in this process's history too (their ids are only valid here, so the disk copy drops them).
+Where sweep results are kept, and under which keys, is the library's (tabconv.sweepstore.SweepStore).
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ from tabconv.finetune import Tuned, finetune_session, first_half
 from tabconv.latency import Latency, measure_configuration
 from tabconv.metrics import Metrics, Origin
 from tabconv.settings import LayerSetting
+from tabconv.sweepstore import SIDES
 
 
 def _run(wb: Workbench, title: str, work: Any, *args: Any, on_cancel: Callable[[], None] | None = None,
@@ -41,51 +40,36 @@ def propagation(wb: Workbench, setting: LayerSetting, run: bool = True,
                 on_cancel: Callable[[], None] | None = None) -> dict[str, Any] | None:
     """Rows 'only layer i tabled' × columns 'output of every layer' (cosine and relative error); when not in
     the store, computed only when `run` (one evaluation per layer), else None."""
-    parts = wb.identity("propagation", setting)
-    found = wb.store.get(parts)
-    if found is None and run:
-        layers = len(wb.structure.names)
-        result = _run(wb, f"Error propagation: each of the {layers} layers tabled alone ({layers} evaluations, once)",
-                      search.propagation_matrix, setting, on_cancel=on_cancel)
-        found = {key: result[key] for key in ("layers", "cosine", "relative_error")}
-        wb.store.put(parts, found)
-    return found
+    layers = len(wb.structure.names)
+    title = f"Error propagation: each of the {layers} layers tabled alone ({layers} evaluations, once)"
+    compute = (lambda: _run(wb, title, search.propagation_matrix, setting, on_cancel=on_cancel)) if run else None
+    return wb.sweeps.propagation(setting, compute)
 
 
 def sensitivity(wb: Workbench, setting: LayerSetting, run: bool = False) -> dict[str, Any] | None:
     """Both directions per layer and the all-tables retention they compare with; computed only when
     `run` (2 evaluations per layer), else recalled from this process or the disk."""
-    key = ("sensitivity", setting)
-    parts = {**wb.identity("sensitivity", setting), "version": 2}  # version 2: rows with intervals and p-values
-    if key in wb.sweeps:
-        return wb.sweeps[key]
-    if not run:
-        return wb.store.get(parts)
     layers = len(wb.structure.names)
 
     def both(session: Any, progress: Any) -> tuple[list[dict[str, Any]], Any]:
         rows = search.sensitivity(session, setting, progress=progress)
         return rows, session.apply(session.uniform(setting), label="all tables", origin=Origin.SWEEP).metrics
 
-    rows, every = _run(wb, f"Sensitivity: {layers} layers × 2 directions", both)
-    state.remember([wb.metrics(row[side]["config_id"]) for row in rows for side in ("only_table", "only_exact")]
-                   + [every])
-    wb.sweeps[key] = {"rows": rows, "all_tables_retention": every.retention}
-    wb.store.put(parts, {"rows": [{**row, **{side: {k: v for k, v in row[side].items() if k != "config_id"}
-                                             for side in ("only_table", "only_exact")}} for row in rows],
-                         "all_tables_retention": every.retention})
-    return wb.sweeps[key]
+    def compute() -> tuple[list[dict[str, Any]], Metrics]:
+        rows, every = _run(wb, f"Sensitivity: {layers} layers × 2 directions", both)
+        state.remember([wb.metrics(row[side]["config_id"]) for row in rows for side in SIDES] + [every])
+        return rows, every
+
+    return wb.sweeps.sensitivity(setting, compute if run else None)
 
 
 def masking(wb: Workbench, setting: LayerSetting, rank_by: str) -> dict[str, Any]:
     """The paper's priority masking: point n keeps the n worst-ranked layers exact (0..L)."""
-    key = ("priority", setting, rank_by)
-    if key not in wb.sweeps:
-        result = _run(wb, "Priority masking (one evaluation per number of exact layers)", search.priority_masking,
-                      setting, rank_by=rank_by)
-        wb.sweeps[key] = {"ranking": result.ranking, "ids": [m.id for m in result.points]}
-    state.remember(wb.metrics(i) for i in wb.sweeps[key]["ids"])  # this tab asked for them: they are on its plots
-    return wb.sweeps[key]
+    sweep = wb.sweeps.masking(setting, rank_by, lambda: _run(
+        wb, "Priority masking (one evaluation per number of exact layers)", search.priority_masking, setting,
+        rank_by=rank_by))
+    state.remember(wb.metrics(i) for i in sweep["ids"])  # this tab asked for them: they are on its plots
+    return sweep
 
 
 @dataclass(frozen=True)

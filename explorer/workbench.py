@@ -28,7 +28,6 @@ from typing import Any
 import streamlit as st
 
 from explorer import turns
-from tabconv.bounded import BoundedDict
 from tabconv.cache import TableCache
 from tabconv.config import Calibration
 from tabconv.finetune import Tuned
@@ -36,14 +35,13 @@ from tabconv.latencytable import LatencyTable
 from tabconv.metrics import Metrics
 from tabconv.resultstore import ResultStore
 from tabconv.session import Session
-from tabconv.settings import LayerSetting
 from tabconv.structure import ModelStructure
+from tabconv.sweepstore import SweepStore
 
 LATENCY_BATCH = 64  # the batch of the latency the page shows (1 is interactive use; 64 batched inference)
 
 Progress = Callable[[dict[str, Any]], None]
 SETTLE_QUIET_S = 60.0  # settle only when no other tab asked for work this long (a lone user: always)
-MEMORY_SWEEPS = 32  # sweep and search results kept per workbench (rankings, rows and config ids: a few KiB each)
 
 
 @dataclass(frozen=True)
@@ -78,10 +76,8 @@ class Workbench:
 
     session: Session
     spec: Spec
-    store: ResultStore
+    sweeps: SweepStore
     lock: threading.RLock = field(default_factory=threading.RLock)
-    # this process's sweep results, with config ids (the most recent MEMORY_SWEEPS)
-    sweeps: BoundedDict = field(default_factory=lambda: BoundedDict(MEMORY_SWEEPS))
 
     def settle(self, current: Metrics) -> None:
         """Bring the runner to the configuration on screen (after a sweep or a load), so that the next
@@ -110,10 +106,6 @@ class Workbench:
         them."""
         given = self.session.given(metrics)
         return given.run if given else None
-
-    def identity(self, kind: str, setting: LayerSetting) -> dict[str, Any]:
-        """Key parts of a stored sweep: what the session's results depend on, and the table setting."""
-        return self.session.result_key(kind, setting=setting.to_dict())
 
 
 def file_digest(path: str) -> str:
@@ -196,7 +188,7 @@ def _open_checkpoint(spec: Spec) -> Workbench:
     session = Session.from_checkpoint(spec.checkpoint, calibration=spec.calibration, eval_images=spec.eval_images,
                                       data_root=spec.data_root, cache=cache, download=False, clamp=True)
     _measure_latency(session, cache)
-    return Workbench(session, spec, ResultStore(cache.root / "explorer"))
+    return Workbench(session, spec, SweepStore(session, ResultStore(cache.root / "explorer")))
 
 
 def _measure_latency(session: Session, cache: TableCache) -> None:
@@ -217,4 +209,4 @@ def _open_user(spec: Spec, progress: Progress | None) -> Workbench:
                                       calibration=spec.calibration, eval_images=spec.eval_images, cache=cache,
                                       progress=progress, clamp=True)
     _measure_latency(session, cache)
-    return Workbench(session, spec, ResultStore(cache.root / "explorer"))
+    return Workbench(session, spec, SweepStore(session, ResultStore(cache.root / "explorer")))

@@ -104,7 +104,7 @@ def test_priority_masking_and_search_add_configurations(app: AppTest) -> None:
     app.button(key="run_masking").click().run()
     no_failure(app)
     assert "priority: 3 worst exact" in _current_label(app)
-    sweep = wb.sweeps[("priority", app.session_state["defaults"], app.session_state["mask_rank"])]
+    sweep = wb.sweeps.masking(app.session_state["defaults"], app.session_state["mask_rank"])
     assert len(sweep["ids"]) == len(names) + 1 and app.session_state["current_id"] == sweep["ids"][3]
     masked = wb.metrics(sweep["ids"][3])
     assert {n for n, s in masked.settings.items() if not s.is_table} == set(sweep["ranking"][:3])  # 3 worst exact

@@ -160,7 +160,7 @@ def test_a_configuration_keeps_the_label_this_tab_first_saw_it_under(app: AppTes
     no_failure(app)
     masked = app.session_state["current_id"]
     first = _history(app).loc[masked, "label"]
-    worst = wb.sweeps[("priority", app.session_state["defaults"], app.session_state["mask_rank"])]["ranking"][0]
+    worst = wb.sweeps.masking(app.session_state["defaults"], app.session_state["mask_rank"])["ranking"][0]
     app.button(key="all_tables").click().run()
     _make_exact(app, worst)  # the same settings, asked for as an edit
     assert app.session_state["current_id"] == masked

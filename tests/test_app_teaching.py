@@ -116,7 +116,7 @@ def test_the_guided_tour_sets_the_page_for_each_step_and_can_be_left(app: AppTes
     assert app.slider(key="mask_exact").value == slider
     masking_id = app.session_state["current_id"]
     wb = open_workbench(app.session_state["spec"])
-    sweep = wb.sweeps[("priority", app.session_state["defaults"], "cumulative")]
+    sweep = wb.sweeps.masking(app.session_state["defaults"], "cumulative")
     every, masked = wb.metrics(sweep["ids"][0]), wb.metrics(masking_id)  # the sweep's first point, and this one
     sentence = next(m.value for m in app.markdown if m.value.startswith("**Guided tour · step 4"))
     assert every.table_layers == list(wb.session.structure.names) and sweep["ids"][MASKED] == masking_id

@@ -39,7 +39,7 @@ def _masking(wb: Workbench, setting: LayerSetting) -> None:
                       help="How many of the worst-ranked layers stay exact when you press Apply: moving the slider "
                            "alone loads nothing.")
     if st.button("Apply priority masking", key="run_masking", type="primary"):
-        swept = ("priority", setting, rank_by) in wb.sweeps
+        swept = wb.sweeps.masking(setting, rank_by) is not None
         result = sweeps.masking(wb, setting, rank_by)
         point = wb.metrics(result["ids"][exact])
         st.session_state.mask_outcome = applied_text(point, exact, rank_by, swept, len(result["ids"]),
@@ -48,7 +48,7 @@ def _masking(wb: Workbench, setting: LayerSetting) -> None:
         state.refresh()
     if st.session_state.get("mask_outcome"):  # the last press's outcome, beside its button
         st.success(st.session_state.mask_outcome)
-    result = wb.sweeps.get(("priority", setting, rank_by))
+    result = wb.sweeps.masking(setting, rank_by)
     if result:
         st.caption(f"{len(result['ids'])} configurations on the plots. Ranking, worst first: "
                    + ", ".join(result["ranking"][:8]) + (" …" if layers > 8 else ""))

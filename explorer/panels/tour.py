@@ -60,7 +60,7 @@ def steps(wb: Workbench) -> list[Step]:
 
 def _masking_outcome(wb: Workbench) -> str:
     """What masking did here, in the words of its own numbers (empty before the sweep ran)."""
-    sweep = wb.sweeps.get(("priority", st.session_state.defaults, "cumulative"))
+    sweep = wb.sweeps.masking(st.session_state.defaults, "cumulative")
     if not sweep:
         return ""
     every, masked = wb.metrics(sweep["ids"][0]), wb.metrics(sweep["ids"][min(MASKED, len(sweep["ids"]) - 1)])
