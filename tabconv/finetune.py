@@ -338,8 +338,8 @@ class Tuned:
     def configuration(self, session: Session, tables_file: str, retargeted_from: dict[str, Any] | None = None
                       ) -> Configuration:
         """The configuration file of the tuned tables, pointing at `tables_file` (a name beside it)."""
-        config = session.configuration(self.metrics, retargeted_from)
-        config.tables_file, config.tables_sha256, config.finetune = tables_file, self.sha256, self.record()
+        config = session.tuned_configuration(self.metrics, tables_file)
+        config.retargeted_from = retargeted_from
         return config
 
     def judged(self) -> tuple[Metrics, Metrics]:
