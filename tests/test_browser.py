@@ -132,10 +132,7 @@ def test_two_tabs_keep_their_own_histories_and_take_turns(server: str) -> None:
             second.keyboard.type("stage:layer4")
             second.keyboard.press("Enter")
             _wait_idle(second, 60_000)
-            budget = first.get_by_role("spinbutton", name="Evaluation budget")
-            budget.fill("400")
-            budget.press("Enter")
-            _wait_idle(first, 60_000)
+            _set_number(first, "Evaluation budget", "400")
             target = first.locator('[data-testid="stSlider"]').filter(has_text="Target retention")
             target.get_by_role("slider").press("Home")  # 50%: many feasible moves, each with new tables: minutes
             _wait_idle(first, 60_000)
@@ -189,6 +186,14 @@ def _timed(times: dict[str, float], action: str) -> Iterator[None]:
     yield
     times[action] = time.monotonic() - started
     print(f"{action}: {times[action]:.1f} s", flush=True)
+
+
+def _set_number(page: Page, label: str, value: str) -> None:
+    """Type a value into a number input, as a user does (Enter applies it), and wait for the page to settle."""
+    field = page.get_by_role("spinbutton", name=label)
+    field.fill(value)
+    field.press("Enter")
+    _wait_idle(page, 60_000)
 
 
 def _choose(page: Page, label: str, option: str) -> None:
@@ -277,10 +282,7 @@ def test_a_lecture_walks_end_to_end(server: str, tmp_path: Path) -> None:
                     page.get_by_text(said).wait_for(timeout=300_000)
                     _wait_idle(page, 120_000)
 
-            budget = page.get_by_role("spinbutton", name="Evaluation budget")
-            budget.fill("3")
-            budget.press("Enter")
-            _wait_idle(page, 60_000)
+            _set_number(page, "Evaluation budget", "3")
             with _timed(times, "budgeted search (budget 3)"):
                 page.get_by_role("button", name="Run budgeted search").click()
                 page.get_by_text("The search looked at").wait_for(timeout=300_000)
@@ -291,10 +293,7 @@ def test_a_lecture_walks_end_to_end(server: str, tmp_path: Path) -> None:
                 second.goto(server)
                 second.get_by_text("Current configuration #").wait_for(timeout=300_000)
                 _wait_idle(second, 300_000)
-            seconds = page.get_by_role("spinbutton", name="Time budget (s)")
-            seconds.fill("20")
-            seconds.press("Enter")
-            _wait_idle(page, 60_000)
+            _set_number(page, "Time budget (s)", "20")
             with _timed(times, "fine-tuning (20 s budget), a second tab waiting behind it"):
                 page.get_by_role("button", name=re.compile(r"^Fine-tune #")).click()
                 page.locator('[data-testid="stProgress"]').filter(has_text="Fine-tuning").wait_for(timeout=60_000)
