@@ -12,7 +12,7 @@ import os
 import pickle
 import time
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from tabconv import __version__
 from tabconv.atomic import atomic_write
 from tabconv.data import ImageSet, load_dataset
 from tabconv.devices import resolve_device
+from tabconv.inputs import Input, InputError, Part
 from tabconv.models import build_model, build_training_model, deployable
 from tabconv.progress import Progress, ProgressEvent, Stage
 
@@ -38,8 +39,10 @@ DEFAULT_LR = 0.05
 
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
+
+    concerns = Input.CHECKPOINT
 
 
 def train_model(
@@ -155,7 +158,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    payload = safe_load(path, CheckpointError, "checkpoint", _WAY_FORWARD)
+    payload = safe_load(path, CheckpointError, "checkpoint", (_WAY_FORWARD,))
     if _is_state_dict(payload):
         raise CheckpointError(f"{path}: a plain state_dict, without the model name, number of classes and input "
                               f"shape that tabconv needs to rebuild the network; {_WAY_FORWARD}")
@@ -171,18 +174,18 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
     return model.to(device).eval(), meta
 
 
-def safe_load(path: Path, error: type[Exception], what: str, way_forward: str) -> Any:
+def safe_load(path: Path, error: type[InputError], what: str, way_forward: Sequence[Part]) -> Any:
     """torch.load with weights_only=True; a file it refuses becomes `error` with one line naming the file (torch's
     own text there advises an unsafe load: never repeated)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if not zipfile.is_zipfile(path):  # not the archive torch.save writes: any other file ends up here too
-            raise error(f"{path}: not a PyTorch {what} (torch.save did not write it); {way_forward}") from err
+            raise error(f"{path}: not a PyTorch {what} (torch.save did not write it); ", *way_forward) from err
         raise error(f"{path}: holds Python objects besides tensors, which a safe (weights-only) load refuses and "
-                    f"tabconv never runs; {way_forward}") from err
+                    "tabconv never runs; ", *way_forward) from err
     except Exception as err:  # torch raises many types for a file that is not a torch archive
-        raise error(f"{path}: not a PyTorch {what} (torch.save did not write it); {way_forward}") from err
+        raise error(f"{path}: not a PyTorch {what} (torch.save did not write it); ", *way_forward) from err
 
 
 def is_checkpoint(payload: Any) -> bool:

@@ -32,6 +32,7 @@ from tabconv.imagefolder import (
     load_image_folder,
     scan_image_folder,
 )
+from tabconv.inputs import Ask, Input, InputError, Part
 from tabconv.progress import Progress
 from tabconv.train import weights_sha256
 from tabconv.weights import (
@@ -49,7 +50,7 @@ from tabconv.weights import (
 INIT_SEED = 0  # random initialisation without weights (useful for timing) is the same network every time
 
 
-class UserModelError(ValueError):
+class UserModelError(InputError):
     """The parts do not fit together (class counts, a missing folder argument); the message says how."""
 
 
@@ -94,8 +95,8 @@ def open_user_model(arch: str, weights: str | os.PathLike[str] | None = None,
     """
     check_architecture(arch)
     if images is None:
-        raise UserModelError(f"{arch}: an image folder is needed (--images DIR: DIR/<class>/*.jpg|png, or DIR/train "
-                             f"and DIR/val)")
+        raise UserModelError(f"{arch}: an image folder is needed (", Ask(Input.IMAGES),
+                             ": DIR/<class>/*.jpg|png, or DIR/train and DIR/val)")
     scan = scan_image_folder(images)
     enum, file = _weights_source(arch, weights)
     state = adapt_keys(arch, file.state_dict) if file else None
@@ -166,8 +167,8 @@ def _preprocessing(enum: WeightEnum | None, image_size: int | None, mean: Sequen
                              tuple(std or trained.std), channels)
     if channels == 1 and file is not None and (mean is None or std is None):
         raise UserModelError(f"{file.path}: the first layer takes 1 channel, so the images are read as greyscale; "
-                             f"give the mean and std used in training, one number each (e.g. MNIST's 0.1307 and "
-                             f"0.3081): --mean M --std S, or the explorer's Mean and Std fields")
+                             "give the mean and std used in training, one number each (e.g. MNIST's 0.1307 and "
+                             "0.3081): ", Ask(Input.MEAN), " and ", Ask(Input.STD))
     return Preprocessing(image_size or DEFAULT_IMAGE_SIZE, None, "bilinear", tuple(mean or IMAGENET_MEAN),
                          tuple(std or IMAGENET_STD), channels)
 
@@ -203,16 +204,17 @@ def _classes(scan: FolderScan, asked: int | None, weight_classes: int | None, so
         return len(categories), [categories.index(name) for name in scan.classes]
     names = ", ".join(scan.classes[:5]) + (f", ... ({folder} in all)" if folder > 5 else "")
     if asked is not None and weight_classes is not None and asked != weight_classes:
-        raise UserModelError(f"{source}: the weights have {weight_classes} classes, not {asked}; pass "
-                             f"--num-classes {weight_classes} (or leave it out)")
+        raise UserModelError(f"{source}: the weights have {weight_classes} classes, not {asked}; pass ",
+                             Ask(Input.NUM_CLASSES, str(weight_classes)), " (or leave it out)")
     count = asked or weight_classes or folder
     if count != folder:
-        whose = "the weights have" if asked is None else "the model has (--num-classes)"
+        whose: tuple[Part, ...] = ((f"the weights have {count} classes",) if asked is None else
+                                   (f"the model has {count} classes (", Ask(Input.NUM_CLASSES, str(count)), ")"))
         by_name = (f", or name the class folders after its categories ({', '.join(categories[:3])}, ...)"
                    if categories else "")
-        raise UserModelError(f"{scan.root}: {folder} class folders ({names}) but {whose} {count} classes; give a "
-                             f"folder with one subfolder per class the model predicts, in the order it numbers them "
-                             f"(sorted names){by_name}")
+        raise UserModelError(f"{scan.root}: {folder} class folders ({names}) but ", *whose,
+                             "; give a folder with one subfolder per class the model predicts, in the order it "
+                             f"numbers them (sorted names){by_name}")
     return count, None
 
 

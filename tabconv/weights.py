@@ -22,9 +22,11 @@ from torch import nn
 from tabconv.architectures import AUX_HEADS, check_architecture, is_project_model, torchvision_names
 from tabconv.atomic import atomic_write
 from tabconv.data import socket_timeout
+from tabconv.inputs import Ask, Input, InputError, Part
 from tabconv.train import _is_state_dict, checkpoint_contents, is_checkpoint, safe_load
 
-SAVE_HINT = "save a state_dict with torch.save(model.state_dict(), 'w.pth') and pass --weights w.pth"
+SAVE_HINT: tuple[Part, ...] = ("save a state_dict with torch.save(model.state_dict(), 'w.pth') and pass ",
+                               Ask(Input.WEIGHTS, "w.pth"))
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")  # {"state_dict": {...}, "epoch": 3}
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
 DOWNLOAD_TIMEOUT_S = 20.0
@@ -37,8 +39,10 @@ _DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12
                                r"running_var))$")
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError):
     """Weights that cannot be used; the message names the file (or enum) and the way forward."""
+
+    concerns = Input.WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -121,9 +125,8 @@ def enum_weights_file(enum: WeightEnum) -> Path:
     except Exception as err:  # no network, a proxy, a full disk: one line, and the offline way
         reason = " ".join(str(err).split()) or type(err).__name__
         raise WeightsError(f"{enum.name}: its weights file {path} is not here and downloading {enum.url} failed "
-                           f"({reason}); on a machine with internet, save a state_dict with "
-                           f"torch.save(model.state_dict(), 'w.pth') and pass --weights w.pth, or copy "
-                           f"{path.name} to {path.parent}") from err
+                           f"({reason}); on a machine with internet, ", *SAVE_HINT,
+                           f", or copy {path.name} to {path.parent}") from err
     return path
 
 
@@ -152,9 +155,9 @@ def read_weights_file(path: str | os.PathLike[str], arch: str) -> WeightsFile:
     "module." prefix, or a tabconv checkpoint of the same architecture."""
     path = Path(path).expanduser()
     if path.is_dir():
-        raise WeightsError(f"{path}: a folder, not a weights file; {SAVE_HINT}")
+        raise WeightsError(f"{path}: a folder, not a weights file; ", *SAVE_HINT)
     if not path.is_file():
-        raise WeightsError(f"{path}: no such weights file (nor a weight name such as IMAGENET1K_V1); {SAVE_HINT}")
+        raise WeightsError(f"{path}: no such weights file (nor a weight name such as IMAGENET1K_V1); ", *SAVE_HINT)
     payload = safe_load(path, WeightsError, "weights file", SAVE_HINT)
     if is_checkpoint(payload):
         return _tabconv_checkpoint(path, payload, arch)
@@ -164,7 +167,7 @@ def read_weights_file(path: str | os.PathLike[str], arch: str) -> WeightsFile:
         if not inner:
             what = (f"top-level keys: {_names([str(k) for k in payload])}" if isinstance(payload, Mapping)
                     else f"a {type(payload).__name__}")
-            raise WeightsError(f"{path}: a PyTorch file but no state_dict in it ({what}); {SAVE_HINT}")
+            raise WeightsError(f"{path}: a PyTorch file but no state_dict in it ({what}); ", *SAVE_HINT)
         kind, state = f"state_dict under {inner[0]!r}", payload[inner[0]]
     return WeightsFile(path, _strip_prefixes(dict(state)), kind)
 
@@ -172,12 +175,13 @@ def read_weights_file(path: str | os.PathLike[str], arch: str) -> WeightsFile:
 def _tabconv_checkpoint(path: Path, payload: Mapping[str, Any], arch: str) -> WeightsFile:
     meta, state = checkpoint_contents(path, payload)
     if meta.get("model") != arch:
-        raise WeightsError(f"{path}: a tabconv checkpoint of {meta.get('model')!r}, not of {arch!r}; pass --arch "
-                           f"{meta.get('model')} (or open it with --checkpoint)")
+        raise WeightsError(f"{path}: a tabconv checkpoint of {meta.get('model')!r}, not of {arch!r}; pass ",
+                           Ask(Input.ARCH, str(meta.get("model"))), " (or open it with ",
+                           Ask(Input.CHECKPOINT, str(path)), ")")
     shape = meta.get("input_shape") or [3]
     if shape[0] not in (1, 3):
         raise WeightsError(f"{path}: a checkpoint for {shape[0]}-channel images, but image folders are read as "
-                           f"RGB or greyscale; open it with --checkpoint and its own dataset")
+                           "RGB or greyscale; open it with ", Ask(Input.CHECKPOINT, str(path)), " and its own dataset")
     return WeightsFile(path, dict(state), "tabconv checkpoint", dict(meta))
 
 
@@ -224,10 +228,9 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, 
         classes = file_classes(state, classifier)
         model_classes = {shape[classifier[key]] for key, _, shape in shapes}.pop()
         raise WeightsError(f"{source}: the file has {classes} classes but the {arch} model is built for "
-                           f"{model_classes}; pass --num-classes {classes} (and give an image folder with "
-                           f"{classes} classes)")
-    lines = [f"{source}: the weights do not fit {arch} ({len(missing)} of the model's {len(own)} tensors missing, "
-             f"{len(unexpected)} unexpected, {len(shapes)} of different shape; is --arch right?)"]
+                           f"{model_classes}; pass ", Ask(Input.NUM_CLASSES, str(classes)),
+                           f" (and give an image folder with {classes} classes)")
+    lines: list[str] = []
     if missing:
         lines.append(f"  missing: {_names(missing)}")
     if unexpected:
@@ -235,7 +238,9 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, 
     if shapes:
         shown = "; ".join(f"{key}: file {list(a)} vs model {list(b)}" for key, a, b in shapes[:_SHOWN])
         lines.append(f"  shapes: {shown}" + (f" (+{len(shapes) - _SHOWN} more)" if len(shapes) > _SHOWN else ""))
-    raise WeightsError("\n".join(lines))
+    raise WeightsError(f"{source}: the weights do not fit {arch} ({len(missing)} of the model's {len(own)} tensors "
+                       f"missing, {len(unexpected)} unexpected, {len(shapes)} of different shape; is ",
+                       Ask(Input.ARCH, arch), " right?)", details="\n".join(lines))
 
 
 def _names(names: list[str]) -> str:

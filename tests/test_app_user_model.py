@@ -121,7 +121,7 @@ def test_bad_input_is_one_error_naming_it_and_keeps_the_workbench(files: dict[st
     assert len(errors) == 1 and expected in errors[0], errors
     if field == "choose_weights":  # one line, then the keys that do not fit, as a short list
         first, _, listed = errors[0].partition("\n\n")
-        assert "**Architecture** right?" in first and listed.startswith("```\nmissing: "), errors[0]
+        assert f"is **Architecture** = {ARCH} right?" in first and listed.startswith("```\nmissing: "), errors[0]
     assert any("Still showing the model opened before" in i.value for i in at.info)
     assert at.session_state["spec"] == spec and at.session_state["current_id"] == current
     assert _metric(at, "Accuracy (6 images)")

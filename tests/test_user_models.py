@@ -17,6 +17,7 @@ from PIL import Image
 from tabconv.architectures import ArchitectureError, architecture_names, build_architecture
 from tabconv.cli import main
 from tabconv.imagefolder import ImageFolderError, Preprocessing, preprocess_image, scan_image_folder
+from tabconv.inputs import Input
 from tabconv.userload import UserModelError, open_user_model
 from tabconv.weights import WeightsError, weight_enum
 
@@ -376,9 +377,11 @@ def test_a_one_channel_checkpoint_reads_the_folder_as_greyscale_with_its_dataset
     assert session.info.input_shape == (1, 28, 28) and session.info.details["mean"] == list(mnist.mean)
 
     torch.save(model.state_dict(), tmp_path / "plain.pth")
-    greyscale = r"plain\.pth: the first layer takes 1 channel.*--mean M --std S, or the explorer's Mean"
-    with pytest.raises(UserModelError, match=greyscale):
+    greyscale = r"plain\.pth: the first layer takes 1 channel.*: --mean M and --std S$"
+    with pytest.raises(UserModelError, match=greyscale) as raised:
         open_user_model("resnet18", tmp_path / "plain.pth", root)
+    assert raised.value.field is Input.MEAN  # each front end words the asks itself: the explorer by its fields
+    assert raised.value.worded(lambda ask: ask.input.name.title()).endswith(": Mean and Std")
     opened = open_user_model("resnet18", tmp_path / "plain.pth", root, image_size=28, mean=[0.5], std=[0.25])
     assert opened.eval_set.images.shape[1:] == (1, 28, 28) and opened.meta["std"] == [0.25]
 

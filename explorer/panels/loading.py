@@ -17,6 +17,7 @@ from explorer.workbench import Spec, UserSource, Workbench, file_digest, folder_
 from tabconv import zoo
 from tabconv.config import ConfigError
 from tabconv.data import DatasetUnavailable, is_available, load_dataset
+from tabconv.inputs import Ask, Input, InputError
 from tabconv.models import MODEL_NAMES
 from tabconv.train import DEFAULT_EPOCHS, CheckpointError
 
@@ -25,11 +26,10 @@ USER_ERRORS = (CheckpointError, ConfigError, DatasetUnavailable, ValueError, OSE
 # A user's network may also fail to run on the images given (too small an image size for its pooling, say):
 # torch says why in a RuntimeError, which the page shows like any other reason.
 USER_MODEL_ERRORS = (*USER_ERRORS, RuntimeError)
-# The library words its advice as command-line flags; the page names the sidebar's fields instead.
-FIELDS = {"arch": "Architecture", "weights": "Weights", "images": "Image folder", "num-classes": "Classes",
-          "image-size": "Image size", "mean": "Mean", "std": "Std",
-          "checkpoint": f"the {BUILT_IN} tab's checkpoint file"}
-FLAG = re.compile(r"--([a-z-]+)(?: ([\w.]+)(?=[\s,;)]|$))?")
+# The sidebar's name for each input the library's errors ask for.
+FIELDS = {Input.ARCH: "Architecture", Input.WEIGHTS: "Weights", Input.IMAGES: "Image folder",
+          Input.NUM_CLASSES: "Classes", Input.IMAGE_SIZE: "Image size", Input.MEAN: "Mean", Input.STD: "Std",
+          Input.CHECKPOINT: f"the {BUILT_IN} tab's checkpoint file", Input.DATA_ROOT: "Data root"}
 MARKDOWN = re.compile(r"([\\`*<>$\[\]])")  # characters st.error's markdown would take as formatting
 
 
@@ -119,21 +119,31 @@ def _opening(spec: Spec, user: UserChoice) -> Workbench:
 
 
 def _message(exc: BaseException, user: UserChoice) -> str:
-    """The library's message for the page: an upload named by its own file name, the sidebar's field names for
-    command-line flags, and a list of keys (wrong weights) under the line, as code."""
-    text = str(exc).strip() or type(exc).__name__
-    if user.weights_label and user.weights:
-        text = text.replace(user.weights, user.weights_label)
-    first, *rest = text.splitlines()
-    first = FLAG.sub(_field, MARKDOWN.sub(r"\\\1", first))
+    """The library's message for the page: an upload named by its own file name, the sidebar's field names where
+    the library asks for an input, and lines of data (wrong weights' keys) under the line, as code."""
+    def text(part: str) -> str:
+        if user.weights_label and user.weights:
+            part = part.replace(user.weights, user.weights_label)
+        return _escaped(part)
+
+    if isinstance(exc, InputError):
+        first, rest = exc.worded(_field, text), exc.details.splitlines()
+    else:
+        first, *rest = (str(exc).strip() or type(exc).__name__).splitlines()
+        first = text(first)
     return first + ("\n\n```\n" + "\n".join(line.strip() for line in rest) + "\n```" if rest else "")
 
 
-def _field(match: re.Match[str]) -> str:
-    if match[1] not in FIELDS:
-        return match[0]
-    name = f"**{FIELDS[match[1]]}**"
-    return f"{name} = {match[2]}" if match[2] else name
+def _field(ask: Ask) -> str:
+    """An input by the sidebar's name, with the value to give it (a checkpoint's path is the tab's own)."""
+    name = f"**{FIELDS[ask.input]}**"
+    if ask.value is None or ask.input is Input.CHECKPOINT:
+        return name
+    return f"{name} = {_escaped(ask.value)}"
+
+
+def _escaped(text: str) -> str:
+    return MARKDOWN.sub(r"\\\1", text)
 
 
 def _previous(error: str | None, choice: Choice) -> Workbench:
