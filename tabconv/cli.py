@@ -297,10 +297,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     session = _session(args, config_file.load(args.config).calibration)
     loaded, tables = _load_config(session, args)
     parent = _apply_config(session, loaded, tables, label="before fine-tuning")
-    tuned = finetuning.finetune_session(session, parent, steps=args.steps, images=args.images, lr=args.lr,
-                                        batch_size=args.batch_size, layer_loss=args.layer_loss, seed=args.seed,
-                                        seconds=args.seconds, patience=args.patience,
-                                        held_out=_held_out(args, session), progress=_progress_bar("finetune"))
+    tuned = finetuning.finetune_session(session, parent, held_out=_held_out(args, session),
+                                        progress=_progress_bar("finetune"), **_finetuning(args))
     out, tables_path = Path(args.out), tables_path_for(args.out)
     atomic_write_bytes(tables_path, tuned.tables)
     tuned.configuration(session, tables_path.name, loaded.retargeted_from).save(out)
@@ -323,6 +321,28 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                             f"-> {out} + {tables_path.name}", *_metrics_lines(session, metrics)])
 
 
+def _finetune_options(p: argparse.ArgumentParser, images: str = "--images") -> None:
+    """Fine-tuning's options; `images` names the training-image count's flag (a search's --images is its folder)."""
+    p.add_argument("--steps", type=_positive, default=finetuning.DEFAULT_STEPS,
+                   help="at most this many Adam steps (default %(default)s)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="time budget: the first steps' speed sets how many fit (and the schedule follows them)")
+    p.add_argument("--patience", type=_positive, default=None,
+                   help=f"stop after this many of the {finetuning.CHECKS} held-out checks in a row without improvement")
+    p.add_argument(images, dest="images", type=_positive, default=finetuning.DEFAULT_IMAGES,
+                   help="first N training images (default %(default)s)")
+    p.add_argument("--lr", type=float, default=finetuning.DEFAULT_LR, help="Adam learning rate (default %(default)g)")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--layer-loss", type=float, default=finetuning.DEFAULT_LAYER_LOSS,
+                   help="weight of the per-layer output loss beside the logits' (default %(default)g; 0: logits only)")
+
+
+def _finetuning(args: argparse.Namespace) -> dict[str, Any]:
+    """The fine-tuning options as `finetune_session` takes them."""
+    return {"steps": args.steps, "images": args.images, "lr": args.lr, "batch_size": args.batch_size,
+            "layer_loss": args.layer_loss, "seed": args.seed, "seconds": args.seconds, "patience": args.patience}
+
+
 def _held_out(args: argparse.Namespace, session):
     """The images a fine-tuning run checks itself on: the test images left out (--checkpoint), the first half of
     the folder's evaluation images (--arch), or None (--held-out train: the last fine-tuning images)."""
@@ -343,19 +363,25 @@ def cmd_search(args: argparse.Namespace) -> None:
     if args.convention == "latency" and args.no_latency:
         raise CliError("--convention latency measures latency: drop --no-latency")
     confirming = not args.no_confirm and args.arch is None
+    if args.finetune and not confirming:
+        raise CliError("--finetune fine-tunes before confirming: drop --no-confirm (and use --checkpoint, whose test "
+                       "images split into search and confirmation images)")
+    if args.search_retention is not None and not args.finetune:
+        raise CliError("--search-retention is the untuned target of a search that fine-tunes: add --finetune")
+    target = args.search_retention if args.search_retention is not None else args.min_retention
     if confirming and args.eval_images is None:
         args.eval_images = _search_images(args)
     session = _session(args)
     _enable_latency(session, args)
     setting = _table_setting(args)
     if args.strategy == "priority":
-        result = priority_masking(session, setting, args.min_retention, max_storage_bytes=args.max_storage_bytes,
+        result = priority_masking(session, setting, target, max_storage_bytes=args.max_storage_bytes,
                                   progress=_progress_bar("priority"))
     else:
-        result = greedy_search(session, setting, args.min_retention, args.max_storage_bytes, args.convention,
+        result = greedy_search(session, setting, target, args.max_storage_bytes, args.convention,
                                args.max_evaluations, progress=_progress_bar("greedy"))
     if result.best is None:
-        raise CliError(f"no evaluated configuration keeps {args.min_retention:.0%} of the baseline accuracy "
+        raise CliError(f"no evaluated configuration keeps {target:.0%} of the baseline accuracy "
                        f"({len(result.points)} tried); lower --min-retention or raise --centroids")
     data = {"strategy": args.strategy, "evaluated": len(result.points), "ranking": result.ranking,
             "config_file": str(args.out)}
@@ -373,10 +399,18 @@ def cmd_search(args: argparse.Namespace) -> None:
         return
     confirmation_session = _confirmation_session(args, session)
     _enable_latency(confirmation_session, args)
+    tune = (finetuning.tuner(session, confirmation_session, progress=_progress_bar("finetune"), **_finetuning(args))
+            if args.finetune else None)
     checked = confirm(session, confirmation_session, result.best, args.min_retention, args.max_storage_bytes,
-                      args.convention, progress=_progress_bar("back-off"))
+                      args.convention, progress=_progress_bar("back-off"), tune=tune)
     accepted = checked.confirmed
-    confirmation_session.configuration(accepted).save(args.out)
+    if tune is None:
+        confirmation_session.configuration(accepted).save(args.out)
+    else:
+        tables_path = tables_path_for(args.out)
+        atomic_write_bytes(tables_path, confirmation_session.given(accepted).data)
+        confirmation_session.tuned_configuration(accepted, tables_path.name).save(args.out)
+        data["tables_file"] = str(tables_path)
     data["confirmation"] = _confirmation_json(checked, session, confirmation_session)
     _emit({**_metrics_json(confirmation_session, accepted), **data}, args.json,
           [f"{args.strategy}: best of {len(result.points)} configurations, chosen on test images "
@@ -428,8 +462,10 @@ def _image_range(session) -> str:
 def _confirmation_json(checked, search, confirmation) -> dict[str, Any]:
     return {"search_images": [search.eval_set.first, len(search.eval_set)],
             "confirmation_images": [confirmation.eval_set.first, len(confirmation.eval_set)],
-            "min_retention": checked.min_retention,
+            "min_retention": checked.min_retention, "finetuned": checked.chosen_tuned is not None,
             "chosen": _on_both(checked.chosen, checked.chosen_confirmed),
+            "chosen_finetuned_searched": None if checked.chosen_tuned is None else {
+                "accuracy": checked.chosen_tuned.accuracy, "retention": checked.chosen_tuned.retention},
             "backoffs": [{"layer": b.layer, **_on_both(b.searched, b.confirmed)} for b in checked.backoffs],
             "accepted": _on_both(checked.searched, checked.confirmed)}
 
@@ -442,9 +478,12 @@ def _on_both(searched, confirmed) -> dict[str, Any]:
 
 
 def _confirmation_lines(checked) -> list[str]:
-    chosen, first = checked.chosen, checked.chosen_confirmed
+    chosen, first, tuned = checked.chosen, checked.chosen_confirmed, checked.chosen_tuned
     lines = [f"the search's choice: retention {chosen.retention:.1%} on its images, {first.retention:.1%} on the "
-             f"confirmation images (target {checked.min_retention:.1%})"]
+             f"confirmation images (target {checked.min_retention:.1%})" if tuned is None else
+             f"the search's choice: retention {chosen.retention:.1%} on its images untuned; fine-tuned "
+             f"{tuned.retention:.1%} there, {first.retention:.1%} on the confirmation images (target "
+             f"{checked.min_retention:.1%}; each back-off is fine-tuned too)"]
     for step, b in enumerate(checked.backoffs, 1):
         lines.append(f"back-off {step}: {b.layer} -> exact: retention {b.searched.retention:.1%} on the search "
                      f"images, {b.confirmed.retention:.1%} on the confirmation images")
@@ -644,18 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     _session_options(p, ("--image-folder",))
     p.add_argument("--config", required=True, help="the configuration to fine-tune (its calibration is used)")
     p.add_argument("--retarget", action="store_true", help=RETARGET_HELP)
-    p.add_argument("--steps", type=_positive, default=finetuning.DEFAULT_STEPS,
-                   help="at most this many Adam steps (default %(default)s)")
-    p.add_argument("--seconds", type=float, default=None,
-                   help="time budget: the first steps' speed sets how many fit (and the schedule follows them)")
-    p.add_argument("--patience", type=_positive, default=None,
-                   help=f"stop after this many of the {finetuning.CHECKS} held-out checks in a row without improvement")
-    p.add_argument("--images", type=_positive, default=finetuning.DEFAULT_IMAGES,
-                   help="first N training images (default %(default)s)")
-    p.add_argument("--lr", type=float, default=finetuning.DEFAULT_LR, help="Adam learning rate (default %(default)g)")
-    p.add_argument("--batch-size", type=_positive, default=64)
-    p.add_argument("--layer-loss", type=float, default=finetuning.DEFAULT_LAYER_LOSS,
-                   help="weight of the per-layer output loss beside the logits' (default %(default)g; 0: logits only)")
+    _finetune_options(p)
     p.add_argument("--held-out", choices=("test", "train"), default="test",
                    help="images the held-out checks use (they pick the tables kept): test (default) = the first "
                    "--eval-skip test images (default: as a search, 1000 or half the split), the results are measured "
@@ -692,6 +720,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-confirm", action="store_true",
                    help="keep the search's choice unconfirmed (its accuracy is then measured on the images that "
                    "chose it)")
+    p.add_argument("--finetune", action="store_true",
+                   help="fine-tune the choice (and each back-off) before confirming it: the held-out checks use the "
+                   "search's images, the target is judged on the confirmation images; the fine-tuning options below "
+                   "apply, with --finetune-images for the training images")
+    p.add_argument("--search-retention", type=_fraction, default=None,
+                   help="with --finetune: the retention the search asks of untuned tables (default --min-retention; "
+                   "lower, since fine-tuning lifts it)")
+    _finetune_options(p, "--finetune-images")
     p.add_argument("--out", required=True, help="where the configuration file is written (the confirmed one, with "
                    "its accuracy on the confirmation images)")
     p.set_defaults(func=cmd_search)

@@ -10,10 +10,15 @@ choice is confirmed again. The exact network always holds, so a back-off ends.
 The two sets of images are two sessions' (the CLI: the test images after the search's), or two slices of one
 session's (the explorer: the halves of its evaluation images), where one evaluation serves both: a configuration's
 accuracy on a slice comes from its per-image record.
+
+With `tune`, every configuration confirmed is fine-tuned first and its fine-tuned tables are what the target is
+judged on (the best rows need fine-tuning). Backing off still chooses on the untuned tables of the search images:
+fine-tuning every candidate layer would cost one run per layer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tabconv.metrics import Metrics, Origin
@@ -22,10 +27,15 @@ from tabconv.search import Judge, feasible, flops, on_images
 from tabconv.session import Session
 from tabconv.settings import EXACT
 
+# Fine-tunes a configuration as the confirmation session evaluated it: (the fine-tuned tables on the search
+# images' session, the same on the confirmation images' session).
+Tune = Callable[[Metrics], tuple[Metrics, Metrics]]
+
 
 @dataclass(frozen=True)
 class BackOff:
-    """One step back: a table layer returned to exact, and the configuration it left on both sets of images."""
+    """One step back: a table layer returned to exact, and the configuration it left on both sets of images
+    (fine-tuned, when the confirmation fine-tunes)."""
 
     layer: str
     searched: Metrics  # on the search images
@@ -38,13 +48,14 @@ class Confirmation:
 
     min_retention: float
     chosen: Metrics  # the search's choice, on its own images
-    chosen_confirmed: Metrics  # the same configuration on the confirmation images
+    chosen_confirmed: Metrics  # the same configuration on the confirmation images (fine-tuned, with `tune`)
     backoffs: tuple[BackOff, ...]
+    chosen_tuned: Metrics | None = None  # the choice fine-tuned, on the search images (None: no fine-tuning)
 
     @property
     def searched(self) -> Metrics:
         """The accepted configuration on the search images."""
-        return self.backoffs[-1].searched if self.backoffs else self.chosen
+        return self.backoffs[-1].searched if self.backoffs else (self.chosen_tuned or self.chosen)
 
     @property
     def confirmed(self) -> Metrics:
@@ -61,21 +72,31 @@ def halves(images: int) -> tuple[slice, slice] | None:
 
 def confirm(search: Session, confirmation: Session, chosen: Metrics, min_retention: float,
             max_storage_bytes: int | None = None, convention: str = "paper", progress: Progress | None = None,
-            search_images: slice | None = None, confirmation_images: slice | None = None) -> Confirmation:
+            search_images: slice | None = None, confirmation_images: slice | None = None,
+            tune: Tune | None = None) -> Confirmation:
     """`chosen` (evaluated by `search`) on `confirmation`'s images, backed off until it meets `min_retention`
     (and the storage bound) there. Both sessions must be of the same model and calibration, so that their tables
     are the same (the confirmation session reads them from the shared cache); they may be one session judged on
     two slices of its images (`search_images`, `confirmation_images`). Every Metrics reported is as seen on its
-    images (its id is the session's record of the whole configuration)."""
+    images (its id is the session's record of the whole configuration). With `tune`, what is confirmed (and
+    accepted) is each configuration's fine-tuned tables."""
     searched, confirming = on_images(search, search_images), on_images(confirmation, confirmation_images)
+
+    def judged(current: Metrics, label: str) -> tuple[Metrics, Metrics]:
+        untuned = _on(confirmation, current, label)
+        if tune is None:
+            return current, confirming(untuned)
+        on_search, on_confirmation = tune(untuned)
+        return searched(on_search), confirming(on_confirmation)
+
     chosen = searched(chosen)
-    confirmed = confirming(_on(confirmation, chosen, "confirmation"))
+    chosen_tuned, confirmed = judged(chosen, "confirmation")
     first, current, steps = confirmed, chosen, []
     while not feasible(confirmed, min_retention, max_storage_bytes) and current.table_layers:
         layer, current = _costliest(search, searched, current, convention, progress, len(steps))
-        confirmed = confirming(_on(confirmation, current, f"confirmation after {len(steps) + 1} back-off(s)"))
-        steps.append(BackOff(layer, current, confirmed))
-    return Confirmation(min_retention, chosen, first, tuple(steps))
+        now, confirmed = judged(current, f"confirmation after {len(steps) + 1} back-off(s)")
+        steps.append(BackOff(layer, now, confirmed))
+    return Confirmation(min_retention, chosen, first, tuple(steps), chosen_tuned if tune is not None else None)
 
 
 def _on(session: Session, m: Metrics, label: str) -> Metrics:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -384,6 +384,21 @@ def finetune_session(session: Session, parent: Metrics, *, steps: int = DEFAULT_
     run = Tuned(parent, metrics, tuned, report, data, sha, unseen, session.baseline)
     given.finetune, given.run = run.record(), run
     return run
+
+
+def tuner(search: Session, confirmation: Session, progress: Progress | None = None, **options: Any
+          ) -> Callable[[Metrics], tuple[Metrics, Metrics]]:
+    """Fine-tuning inside a confirmed search (`confirm.confirm(..., tune=)`): each configuration, as the
+    confirmation session evaluated it, is fine-tuned with its held-out checks on the search's images (which already
+    chose; the confirmation images stay unseen), and its tables are evaluated on both sessions. `options` are
+    `finetune_session`'s."""
+    def tune(untuned: Metrics) -> tuple[Metrics, Metrics]:
+        run = finetune_session(confirmation, untuned, held_out=search.eval_set, progress=progress, **options)
+        on_search = search.apply(untuned.settings, label=run.metrics.label, origin=Origin.FINE_TUNED,
+                                 tables=confirmation.given(run.metrics)).metrics
+        return on_search, run.metrics
+
+    return tune
 
 
 def first_half(session: Session) -> ImageSet | None:

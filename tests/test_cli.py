@@ -222,6 +222,33 @@ def test_module_entry_point_and_argument_errors():
     assert bad.returncode == 2 and "positive integer" in bad.stderr
 
 
+def test_a_search_can_fine_tune_what_it_confirms(evaluated, resnet18_digits, capsys):
+    """With --finetune the search asks its own (lower) retention of untuned tables, then fine-tunes the choice,
+    checking on the search's images, and judges the target on the confirmation images; the file written holds the
+    fine-tuned tables that were confirmed, so evaluating it on those images gives the same accuracy."""
+    tmp, cache, _ = evaluated
+    out = tmp / "tuned-search.json"
+    code, data, err = run(capsys, "search", "--checkpoint", str(resnet18_digits), "--strategy", "priority",
+                          "--min-retention", "0.95", "--search-retention", "0.85", "--finetune", "--steps", "10",
+                          "--finetune-images", "256", "--codebooks", "8", "--centroids", "64", *CALIB, "--cache-dir", cache,
+                          "--out", str(out), "--json")
+    assert code == 0, err
+    check = data["confirmation"]
+    assert check["finetuned"] and check["chosen"]["retention_searched"] >= 0.85
+    assert check["chosen_finetuned_searched"]["accuracy"] > 0
+    assert data["retention"] >= 0.95 or not check["accepted"]["table_layers"]
+    saved = json.loads(out.read_text())
+    assert saved["tables_file"] == out.name.removesuffix(".json") + ".tables.pt" and saved["tables_sha256"]
+    assert saved["finetune"]["held_out_from"] == "digits test images 0-224"
+    code, again, err = run(capsys, "evaluate", "--checkpoint", str(resnet18_digits), "--config", str(out),
+                           "--eval-skip", "225", "--cache-dir", cache, "--no-latency", "--json")
+    assert code == 0, err
+    assert (again["eval_first"], again["eval_images"], again["accuracy"]) == (225, 225, data["accuracy"])
+    code, _, err = run(capsys, "search", "--checkpoint", str(resnet18_digits), "--strategy", "priority",
+                       "--min-retention", "0.95", "--search-retention", "0.85", *CALIB, "--out", str(out))
+    assert code == 2 and "add --finetune" in err
+
+
 def test_a_search_confirms_its_choice_on_test_images_it_did_not_choose_on(evaluated, resnet18_digits, capsys):
     """By default a search chooses on the first half of the test images (at most 1,000) and confirms on the rest:
     the configuration written, and the numbers printed, are the confirmed ones."""
