@@ -16,7 +16,7 @@ from explorer.progress import ProgressBar
 from explorer.workbench import Workbench
 from tabconv import search
 from tabconv.confirm import Confirmation, confirm, halves
-from tabconv.finetune import Tuned, finetune_session, first_half
+from tabconv.finetune import Tuned, finetune_session, first_half, tuner
 from tabconv.latency import Latency, measure_configuration
 from tabconv.metrics import Metrics, Origin
 from tabconv.settings import LayerSetting
@@ -89,22 +89,35 @@ class Budgeted:
 
 
 def budgeted(wb: Workbench, setting: LayerSetting, min_retention: float, max_storage_bytes: int | None,
-             convention: str, max_evaluations: int) -> Budgeted:
+             convention: str, max_evaluations: int, tune_seconds: float | None = None,
+             search_retention: float | None = None) -> Budgeted:
     """Greedy search from priority masking's best point (the most FLOPs saved within the budget), judged on the
     first half of the evaluation images, then confirmed on the second half (tabconv.confirm): one evaluation per
-    configuration serves both halves."""
+    configuration serves both halves. With `tune_seconds`, the search asks `search_retention` of untuned tables,
+    and the choice (and each back-off) is fine-tuned for that long, its checks on the first half, before the
+    target is judged on the second."""
     split = halves(len(wb.session.eval_set))
-    result = _run(wb, "Budgeted search", search.greedy_search, setting, min_retention,
+    result = _run(wb, "Budgeted search", search.greedy_search, setting, search_retention or min_retention,
                   max_storage_bytes=max_storage_bytes, convention=convention, max_evaluations=max_evaluations,
                   images=split[0] if split else None)
     state.remember(wb.metrics(m.id) for m in result.points)
     checked = None
     if result.best is not None and split is not None:
-        checked = _run(wb, "Confirming the search's choice on the other half of the images", confirm, wb.session,
-                       result.best, min_retention, max_storage_bytes, convention, search_images=split[0],
-                       confirmation_images=split[1])
-        state.remember(wb.metrics(b.searched.id) for b in checked.backoffs)
+        title = ("Confirming the search's choice on the other half of the images"
+                 + ("" if tune_seconds is None else f", each configuration fine-tuned for {tune_seconds:.0f} s first"))
+        checked = _run(wb, title, _confirmed, result.best, min_retention, max_storage_bytes, convention,
+                       search_images=split[0], confirmation_images=split[1], tune_seconds=tune_seconds)
+        state.remember(wb.metrics(m.id) for m in (checked.chosen_tuned, *(b.searched for b in checked.backoffs))
+                       if m is not None)
     return Budgeted(result, checked, split)
+
+
+def _confirmed(session: Any, *args: Any, progress: Any, tune_seconds: float | None, **kwargs: Any) -> Confirmation:
+    """One session's confirmation (tabconv.confirm), fine-tuning each configuration it judges when asked, with
+    the same progress bar (and Cancel)."""
+    tune = None if tune_seconds is None else tuner(session, session, held_out=first_half(session), progress=progress,
+                                                  seconds=tune_seconds)
+    return confirm(session, session, *args, progress=progress, tune=tune, **kwargs)
 
 
 def finetune(wb: Workbench, parent: Metrics, steps: int, images: int, lr: float, layer_loss: float,

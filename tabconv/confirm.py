@@ -84,7 +84,7 @@ def confirm(search: Session, confirmation: Session, chosen: Metrics, min_retenti
 
     def judged(current: Metrics, label: str) -> tuple[Metrics, Metrics]:
         untuned = _on(confirmation, current, label)
-        if tune is None:
+        if tune is None or not current.table_layers:  # the exact network has nothing to fine-tune
             return current, confirming(untuned)
         on_search, on_confirmation = tune(untuned)
         return searched(on_search), confirming(on_confirmation)

@@ -386,14 +386,19 @@ def finetune_session(session: Session, parent: Metrics, *, steps: int = DEFAULT_
     return run
 
 
-def tuner(search: Session, confirmation: Session, progress: Progress | None = None, **options: Any
-          ) -> Callable[[Metrics], tuple[Metrics, Metrics]]:
+def tuner(search: Session, confirmation: Session, held_out: ImageSet | None = None, progress: Progress | None = None,
+          **options: Any) -> Callable[[Metrics], tuple[Metrics, Metrics]]:
     """Fine-tuning inside a confirmed search (`confirm.confirm(..., tune=)`): each configuration, as the
     confirmation session evaluated it, is fine-tuned with its held-out checks on the search's images (which already
-    chose; the confirmation images stay unseen), and its tables are evaluated on both sessions. `options` are
-    `finetune_session`'s."""
+    chose; the confirmation images stay unseen), and its tables are evaluated on both sessions. One session
+    searching on its first half confirms on its second: `held_out` is then that first half (default: all of the
+    search session's images). `options` are `finetune_session`'s."""
+    checks = held_out if held_out is not None else search.eval_set
+
     def tune(untuned: Metrics) -> tuple[Metrics, Metrics]:
-        run = finetune_session(confirmation, untuned, held_out=search.eval_set, progress=progress, **options)
+        run = finetune_session(confirmation, untuned, held_out=checks, progress=progress, **options)
+        if search is confirmation:
+            return run.metrics, run.metrics
         on_search = search.apply(untuned.settings, label=run.metrics.label, origin=Origin.FINE_TUNED,
                                  tables=confirmation.given(run.metrics)).metrics
         return on_search, run.metrics

@@ -128,6 +128,27 @@ def test_priority_masking_and_search_add_configurations(app: AppTest) -> None:
     assert any(c.value.startswith("It chooses on the first half of the") for c in app.caption)
 
 
+def test_a_search_can_fine_tune_what_it_confirms(app: AppTest) -> None:
+    """With "Fine-tune what it confirms" the search asks its own retention of untuned tables, and what it loads is
+    the fine-tuned choice, judged on the second half of the images; the outcome says both."""
+    wb = open_workbench(app.session_state["spec"])
+    app.checkbox(key="search_finetune").check().run()
+    app.slider(key="search_untuned").set_value(50)
+    app.slider(key="search_target").set_value(50)
+    app.number_input(key="search_tune_seconds").set_value(5)
+    app.number_input(key="search_budget").set_value(2)
+    app.button(key="run_search").click().run()
+    no_failure(app)
+    found = next(s.value for s in app.success if s.value.startswith("The search looked at"))
+    shown = wb.metrics(app.session_state["current_id"])
+    assert shown.tables_sha256 and shown.label.startswith("fine-tuned")  # the fine-tuned tables are what loaded
+    half = len(wb.session.eval_set) // 2
+    on_second = shown.on_images(slice(half, None), wb.session.baseline)
+    assert f"fine-tuned, and {on_second.retention:.1%} on images {half + 1}-" in found, found
+    assert wb.session.given(shown).finetune["held_out_from"].endswith(f"test images 0-{half - 1}")
+    app.checkbox(key="search_finetune").uncheck().run()
+
+
 def test_the_masking_slider_moves_only_by_hand_and_apply_always_says_what_it_did(app: AppTest) -> None:
     """One control: a search, a plot click or a history load leaves the slider where the user put it, moving it
     loads nothing, and every press of Apply says what it loaded, also when the sweep was already computed."""

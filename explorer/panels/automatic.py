@@ -11,7 +11,8 @@ from tabconv.search import RANKINGS
 from tabconv.settings import LayerSetting
 
 MASKED_DEFAULT = 3  # layers kept exact until the slider is moved (the tour's masking step keeps 3 too)
-SEARCH_DEFAULTS = {"search_target": 93, "search_convention": "paper", "search_cap": 0.0, "search_budget": 40}
+SEARCH_DEFAULTS = {"search_target": 93, "search_convention": "paper", "search_cap": 0.0, "search_budget": 40,
+                   "search_finetune": False, "search_untuned": 85, "search_tune_seconds": 20}
 RANK_HELP = {"cumulative": "cosine of each layer's output with every layer tabled (the paper's reference code)",
              "isolated": "cosine at the network output with only that layer tabled (one extra evaluation per layer)"}
 
@@ -78,14 +79,24 @@ def _search(wb: Workbench, setting: LayerSetting) -> None:
                             help=f"Original: {base.baseline.storage_bytes / 2**20:.2f} MiB")
     budget = right.number_input("Evaluation budget", 1, 400, key="search_budget",
                                 help="At most this many greedy evaluations after the masking sweep.")
+    tune = st.checkbox("Fine-tune what it confirms", key="search_finetune",
+                       help="Fine-tuning lifts accuracy, so the search can ask less of untuned tables: its choice, "
+                            "and each back-off, is fine-tuned (checked on the first half) before the target is "
+                            "judged on the second half.")
+    untuned, seconds = target, None
+    if tune:
+        left, right = st.columns(2)
+        untuned = left.slider("Search asks of untuned tables (%)", 50, 100, key="search_untuned")
+        seconds = float(right.number_input("Fine-tuning per run (s)", 5, 600, step=5, key="search_tune_seconds"))
     images = len(wb.session.eval_set)
     st.caption(f"It chooses on the first half of the {images} evaluation images and confirms on the second half: "
                "while the target fails there, the table layer whose return to exact gains most on the first half "
                "goes back to exact. The cards above count all the images, the half it chose on included.")
     if st.button("Run budgeted search", key="run_search", type="primary"):
         cap_bytes = int(cap * base.baseline.storage_bytes) if cap > 0 else None
-        ran = sweeps.budgeted(wb, setting, target / 100, cap_bytes, convention, int(budget))
-        st.session_state.search_outcome = outcome(ran, target, cap_bytes is not None, len(wb.structure.names))
+        ran = sweeps.budgeted(wb, setting, target / 100, cap_bytes, convention, int(budget), seconds,
+                              untuned / 100 if tune else None)
+        st.session_state.search_outcome = outcome(ran, untuned if tune else target, cap_bytes is not None, len(wb.structure.names))
         if ran.accepted is not None:
             st.session_state.load_request = ran.accepted
         state.refresh()
@@ -107,8 +118,10 @@ def outcome(ran: sweeps.Budgeted, target: int, capped: bool, layers: int) -> tup
         return "success", f"{looked}. Too few images to confirm on: best, on all of them, {ran.result.best.summary()}."
     check = ran.checked
     first, second = ran.halves
-    text = (f"{looked}. Chosen on images {first.start + 1}-{first.stop}: its choice kept {check.chosen.retention:.1%} "
-            f"there and {check.chosen_confirmed.retention:.1%} on images {second.start + 1}-{second.stop}")
+    kept = (f"{check.chosen.retention:.1%} there" if check.chosen_tuned is None else
+            f"{check.chosen.retention:.1%} there untuned, {check.chosen_tuned.retention:.1%} fine-tuned,")
+    text = (f"{looked}. Chosen on images {first.start + 1}-{first.stop}: its choice kept {kept} "
+            f"and {check.chosen_confirmed.retention:.1%} on images {second.start + 1}-{second.stop}")
     if check.backoffs:
         layers_back = ", ".join(b.layer for b in check.backoffs)
         text += (f"; {len(check.backoffs)} layer(s) went back to exact ({layers_back}) until the target held there "
