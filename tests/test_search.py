@@ -9,6 +9,7 @@ import pytest
 from tabconv.config import Calibration
 from tabconv.confirm import confirm
 from tabconv.data import load_dataset
+from tabconv.finetune import tuner
 from tabconv.search import greedy_search, pareto_front, priority_masking, propagation_matrix, sensitivity
 from tabconv.session import Session
 from tabconv.settings import EXACT, LayerSetting
@@ -149,3 +150,20 @@ def test_one_session_can_search_on_half_its_images_and_confirm_on_the_other(sess
     assert checked.confirmed.retention >= 0.95
     for b in checked.backoffs:
         assert b.searched.eval_images == b.confirmed.eval_images == 75 and b.searched.id == b.confirmed.id
+
+
+def test_a_confirmation_that_fine_tunes_judges_and_backs_off_on_fine_tuned_tables(trained):
+    """With `tune`, the choice and every back-off are fine-tuned (checks on the search images) before the target is
+    judged on the confirmation images; the exact network, which has nothing to tune, ends any back-off."""
+    search, other = _session(trained, 0, 150), _session(trained, 150, None)
+    chosen = search.apply(search.uniform(TABLE), label="every layer").metrics
+    tune = tuner(search, other, steps=3, images=64)
+    checked = confirm(search, other, chosen, 1.0, tune=tune)  # only the exact network surely holds 100%
+    assert checked.chosen is not checked.chosen_tuned and checked.chosen_tuned.tables_sha256
+    assert checked.chosen_confirmed.tables_sha256 == checked.chosen_tuned.tables_sha256
+    assert other.given(checked.chosen_confirmed).finetune["held_out_from"] == "digits test images 0-149"
+    assert checked.confirmed.retention >= 1.0
+    for b in checked.backoffs:
+        assert b.confirmed.settings == b.searched.settings and b.confirmed.eval_images == len(other.eval_set)
+        assert bool(b.confirmed.tables_sha256) == bool(b.confirmed.table_layers)  # tuned unless exact
+        assert b.confirmed.tables_sha256 == b.searched.tables_sha256
