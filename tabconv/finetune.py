@@ -41,13 +41,15 @@ from tabconv.tablesfile import tables_bytes
 # held-out checks on test images (300 steps, 4,096 images; results on test images the checks did not use), lr 1e-4 /
 # 3e-4 / 1e-3: ResNet-18/digits, every layer least squares C=8 K=64, 82.67% before: 83.56% / 88.00% / 93.33%
 # (225 images); ResNet-18/MNIST, every layer tree S=9 K=16 int8, 93.64% before: 96.89% / 97.17% / 97.70% (9,000
-# images). 1e-3 won on both, but it diverged from the exhaustive start above, so 3e-4 stays the default until that
-# start is measured the same way.
+# images); ResNet-18/MNIST, the exhaustive "fast" configuration (docs/configs/resnet18-mnist-fast.json retargeted,
+# K=16/64), 88.71% before: 94.22% at 3e-4, 95.36% at 1e-3, the held-out loss falling at every check (9,000 images).
+# 1e-3 won on all three, and with the held-out checks on test images the old divergence did not recur: it is the
+# default. The runs before it (every published row up to then) used 3e-4, and their commands say so.
 DEFAULT_STEPS = 300
 DEFAULT_IMAGES = 4096
 CHECKS = 10  # held-out checks in a run (they pick the tables kept, and patience counts them)
 CALIBRATION_STEPS = 5  # under a time budget, the speed of the first steps sets how many steps fit
-DEFAULT_LR = 3e-4
+DEFAULT_LR = 1e-3
 DEFAULT_LAYER_LOSS = 1.0
 
 

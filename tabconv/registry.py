@@ -393,6 +393,8 @@ TABLES: dict[str, Callable[[Mapping[str, Claim]], str]] = {
                                                      "retention", "paper_both", "full", "config")),
     "learned": _accuracy_group("learned", ACCURACY_COLUMNS + ("storage",)),
     "paper-k1024": _accuracy_group("paper-k1024", ACCURACY_COLUMNS + ("storage", "config")),
+    "every-layer-ft": _accuracy_group("every-layer-ft", ("claim", "model", "title", "accuracy", "images", "baseline",
+                                                         "retention", "paper", "full", "config")),
     "cifar10-target": _accuracy_group("cifar10-target", ACCURACY_COLUMNS + ("config",)),
     "fast": _accuracy_group("fast", ACCURACY_COLUMNS + ("config",)),
     "native-accuracy": _accuracy_group("native", ACCURACY_COLUMNS + ("config",)),

@@ -230,8 +230,8 @@ def test_a_search_can_fine_tune_what_it_confirms(evaluated, resnet18_digits, cap
     out = tmp / "tuned-search.json"
     code, data, err = run(capsys, "search", "--checkpoint", str(resnet18_digits), "--strategy", "priority",
                           "--min-retention", "0.95", "--search-retention", "0.85", "--finetune", "--steps", "10",
-                          "--finetune-images", "256", "--codebooks", "8", "--centroids", "64", *CALIB, "--cache-dir", cache,
-                          "--out", str(out), "--json")
+                          "--finetune-images", "256", "--codebooks", "8", "--centroids", "64", *CALIB,
+                          "--cache-dir", cache, "--out", str(out), "--json")
     assert code == 0, err
     check = data["confirmation"]
     assert check["finetuned"] and check["chosen"]["retention_searched"] >= 0.85
