@@ -187,3 +187,27 @@ def test_reproduce_says_when_a_claim_cannot_be_re_run(tiny_claim, capsys) -> Non
                      str(checkpoint)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "no configuration to re-run" in err and "python bench/latency.py" in err
+
+
+def test_reproduce_retargets_a_claim_to_another_checkpoint(tiny_claim, capsys, tmp_path: Path) -> None:
+    """A checkpoint trained anew cannot give the recorded number: --retarget rebuilds the configuration's tables from
+    it and judges the recorded accuracy against the measured one's 95% interval (on the claim's own checkpoint the
+    rebuilt tables are the same, so the number is too)."""
+    from tabconv.train import save_checkpoint
+    from tests.helpers import model
+
+    registry_path, checkpoint = tiny_claim
+    base = ["reproduce", "tiny-digits", "--registry", str(registry_path), "--cache-dir", str(tmp_path), "--retarget"]
+    assert cli.main([*base, "--checkpoint", str(checkpoint), "--json"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert same["retargeted"] and same["match"] and same["difference"] == 0
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, model("tiny", seed=1), {"model": "tiny", "num_classes": 10, "input_shape": [1, 32, 32],
+                                                   "dataset": "digits"})
+    code = cli.main([*base, "--checkpoint", str(other)])
+    out = capsys.readouterr()
+    session_accuracy = float(re.search(r"measured ([\d.]+)% on 100, 95% CI ([\d.]+)%-([\d.]+)%", out.out)[1]) / 100
+    recorded = json.loads(registry_path.read_text())["claims"][0]["accuracy"]
+    low, high = (float(v) / 100 for v in re.search(r"95% CI ([\d.]+)%-([\d.]+)%", out.out).groups())
+    assert "(retargeted to another checkpoint)" in out.out and 0 <= session_accuracy <= 1
+    assert code == (0 if low <= recorded <= high else 2)
