@@ -104,7 +104,7 @@ def table_quantizers(session: Session, args: argparse.Namespace) -> tuple[dict, 
     """The tables to time: a configuration file's (its tables file when fine-tuned) or the uniform setting's."""
     if args.config:
         loaded, tuned = session.load_configuration(args.config)
-        return (tuned if tuned is not None else session.tables(loaded.layers)), loaded.layers
+        return (tuned.quantizers if tuned is not None else session.tables(loaded.layers)), loaded.layers
     settings = session.complete(session.uniform(args.setting))
     return session.tables(settings), settings
 

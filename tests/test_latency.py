@@ -110,3 +110,21 @@ def test_latency_main_times_both_networks_in_both_runtimes(tmp_path: Path, capsy
     assert results["flops"]["exact"] == model_cost(model("tiny"), (1, 32, 32)).flops
     printed = capsys.readouterr().out
     assert "onnxruntime" in printed and "conv2" in printed
+
+
+def test_the_bench_times_a_fine_tuned_configuration_with_its_own_tables(tiny_session: Session, tmp_path: Path):
+    """A fine-tuned configuration file brings its tables file: those tables, not rebuilt ones, are what is timed."""
+    from argparse import Namespace
+
+    from tabconv.finetune import finetune_session
+    from tabconv.tablesfile import tables_path_for
+
+    session = tiny_session
+    tuned = finetune_session(session, session.current, steps=2, images=32)
+    out = tmp_path / "tuned.json"
+    tables_path_for(out).write_bytes(tuned.tables)
+    tuned.configuration(session, tables_path_for(out).name).save(out)
+    quantizers, settings = _bench().table_quantizers(session, Namespace(config=str(out)))
+    assert set(quantizers) == set(tuned.quantizers) and dict(settings) == dict(session.current.settings)
+    for name, q in quantizers.items():
+        assert torch.equal(q.table_values(), tuned.quantizers[name].table_values())
