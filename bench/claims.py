@@ -22,7 +22,7 @@ TRAIN = "python -m tabconv train --model {model} --dataset {dataset} --data-root
 CHECKPOINTS = {  # weights sha256 prefix -> the train flags that made it (docs/results.md's baselines)
     "a4d7ad18": "--epochs 2", "8e666dc6": "--epochs 2", "09544ab1": "--epochs 2",
     "59c845a2": "--epochs 24 --augment --lr 0.1", "94c0e4ad": "--epochs 1 --train-images 12000",
-    "05c51496": "--epochs 3", "1aca1d52": "--epochs 24 --augment --lr 0.1",
+    "05c51496": "--epochs 3", "1aca1d52": "--epochs 24 --augment --lr 0.1", "79c5a839": "--epochs 2",
 }
 EVALUATE = "python -m tabconv evaluate --checkpoint {checkpoint} --config {config} --data-root DIR{skip} --json"
 HAND_FIELDS = ("note", "commit")
@@ -93,7 +93,7 @@ LEARNED_SHA = "a4d7ad18539c2d7e9119262cf02f4229eabf3ff47fb62f1a297cd7f36a06c9a8"
 def _learned_claim(claim_id: str, title: str, row: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     return {"id": f"resnet18-mnist-learned-{claim_id}", "title": title, "kind": "accuracy", "group": "learned",
             "model": "resnet18", "dataset": "mnist", "source": "docs/results-learned.json", "note": "",
-            "command": "python bench/learned.py --checkpoint checkpoints/resnet18-mnist.pt --data-root DIR",
+            "command": "python bench/learned.py --checkpoint checkpoints/resnet18-mnist.pt --data-root DIR --lr 3e-4",
             "checkpoint_sha256": LEARNED_SHA, "checkpoint_from": checkpoint_from("resnet18", "mnist", LEARNED_SHA),
             "commit": _commit("docs/results-learned.json"), **_accuracy(row["accuracy"], row["eval_images"], 0),
             "held_out": True, "baseline_accuracy": row["baseline_accuracy"], "retention": row["retention"],
@@ -197,6 +197,35 @@ def configured() -> list[dict[str, Any]]:
     ]
 
 
+TREE = "-S 9 -K 16 --encoder tree --lut-dtype int8 --fit least-squares"
+FINETUNE = ("python -m tabconv finetune --checkpoint checkpoints/{model}-mnist.pt --config {config} --data-root DIR "
+            "--lr 1e-3 --out TUNED.json --json")
+CIFAR_SEARCH = ("python -m tabconv search --checkpoint checkpoints/resnet18-cifar10.pt --data-root DIR "
+                f"--strategy greedy --convention paper --min-retention 0.93 --search-retention 0.90 {TREE} "
+                "--ridge 0.01 --calibration-images 1000 --eval-images 1000 --max-evaluations 60 --finetune --steps 600 "
+                "--finetune-images 8192 --out SEARCHED.json --json > docs/results-search-cifar10-ft-93.json")
+
+
+def every_layer_ft() -> list[dict[str, Any]]:
+    """Every layer on the native kernels' settings, fine-tuned with the default learning rate and held-out checks
+    on test images 0-999; and the CIFAR-10 search that fine-tunes what it confirms."""
+    tuned = "every layer: tree, S=9, K=16, int8, fine-tuned (lr 1e-3, checks on test 0-999)"
+    untuned_nin, untuned_resnet = (f"docs/configs/{m}-mnist-tree-s9k16-int8.json" for m in ("nin", "resnet18"))
+    return [
+        from_config("resnet18-mnist-tree-s9k16-int8-ft-lr1e-3", tuned, "every-layer-ft",
+                    "docs/configs/resnet18-mnist-tree-s9k16-int8-ft-lr1e-3.json", 1000, True,
+                    command=FINETUNE.format(model="resnet18", config=untuned_resnet)),
+        from_config("nin-mnist-tree-s9k16-int8", "every layer: tree, S=9, K=16, int8, untuned", "every-layer-ft",
+                    untuned_nin, 0, True),
+        from_config("nin-mnist-tree-s9k16-int8-ft", tuned, "every-layer-ft",
+                    "docs/configs/nin-mnist-tree-s9k16-int8-ft.json", 1000, True,
+                    command=FINETUNE.format(model="nin", config=untuned_nin)),
+        from_config("resnet18-cifar10-search-ft-93", "greedy search (paper FLOPs) at >= 93%, fine-tuned in the loop, "
+                    "confirmed", "cifar10-target", "docs/configs/resnet18-cifar10-search-ft-93.json", 1000, True,
+                    command=CIFAR_SEARCH, latency=_latency("results-speed-cifar10-search-ft.json", NATIVE)),
+    ]
+
+
 def speed_only() -> list[dict[str, Any]]:
     """Timings whose accuracy is not the point: the torch path, kernels alone."""
     setup, flops = _json("results-latency.json")["setup"], _json("results-latency.json")["flops"]
@@ -279,7 +308,8 @@ def classroom() -> list[dict[str, Any]]:
 
 
 def generated() -> list[dict[str, Any]]:
-    return [*reproduction(), *learned(), *configured(), *native(), *speed_only(), *user_models(), *classroom()]
+    return [*reproduction(), *learned(), *configured(), *native(), *every_layer_ft(), *speed_only(), *user_models(),
+            *classroom()]
 
 
 def merge(fresh: list[dict[str, Any]], existing: dict[str, Claim]) -> list[Claim]:

@@ -396,6 +396,7 @@ TABLES: dict[str, Callable[[Mapping[str, Claim]], str]] = {
     "every-layer-ft": _accuracy_group("every-layer-ft", ("claim", "model", "title", "accuracy", "images", "baseline",
                                                          "retention", "paper", "full", "config")),
     "cifar10-target": _accuracy_group("cifar10-target", ACCURACY_COLUMNS + ("config",)),
+    "cifar10-target-speed": _speed_group("cifar10-target"),
     "fast": _accuracy_group("fast", ACCURACY_COLUMNS + ("config",)),
     "native-accuracy": _accuracy_group("native", ACCURACY_COLUMNS + ("config",)),
     "native-speed": _speed_group("native"),
