@@ -381,8 +381,9 @@ def cmd_search(args: argparse.Namespace) -> None:
         result = greedy_search(session, setting, target, args.max_storage_bytes, args.convention,
                                args.max_evaluations, progress=_progress_bar("greedy"))
     if result.best is None:
+        lower = "--search-retention" if args.search_retention is not None else "--min-retention"
         raise CliError(f"no evaluated configuration keeps {target:.0%} of the baseline accuracy "
-                       f"({len(result.points)} tried); lower --min-retention or raise --centroids")
+                       f"({len(result.points)} tried); lower {lower} or raise --centroids")
     data = {"strategy": args.strategy, "evaluated": len(result.points), "ranking": result.ranking,
             "config_file": str(args.out)}
     if not confirming:
