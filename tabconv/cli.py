@@ -17,7 +17,6 @@ from tabconv import config as config_file
 from tabconv import finetune as finetuning
 from tabconv import native, registry
 from tabconv.architectures import ArchitectureError, build_architecture
-from tabconv.atomic import atomic_write_bytes
 from tabconv.cache import TableCache
 from tabconv.config import FIT_METHODS, Calibration, ConfigError, Configuration
 from tabconv.cost import CONVENTIONS, model_cost
@@ -33,7 +32,7 @@ from tabconv.search import CONVENTIONS as SEARCH_CONVENTIONS
 from tabconv.settings import ENCODERS, EXACT, LUT_DTYPES, LayerSetting, SettingError
 from tabconv.stats import accuracy_text, p_text, wilson
 from tabconv.structure import ModelStructure, UnknownLayerError
-from tabconv.tablesfile import TablesFileError, tables_path_for
+from tabconv.tablesfile import TablesFileError
 from tabconv.train import CheckpointError
 from tabconv.userload import UserModelError, channel_values
 from tabconv.weights import WeightsError
@@ -299,9 +298,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     parent = _apply_config(session, loaded, tables, label="before fine-tuning")
     tuned = finetuning.finetune_session(session, parent, held_out=_held_out(args, session),
                                         progress=_progress_bar("finetune"), **_finetuning(args))
-    out, tables_path = Path(args.out), tables_path_for(args.out)
-    atomic_write_bytes(tables_path, tuned.tables)
-    tuned.configuration(session, tables_path.name, loaded.retargeted_from).save(out)
+    out = Path(args.out)
+    tables_path = session.save_tuned(tuned.metrics, out, loaded.retargeted_from)
     report, metrics = tuned.report, tuned.metrics
     judged, judged_parent = tuned.judged()
     data = {**_metrics_json(session, metrics), "finetune": tuned.record(), "config_file": str(out),
@@ -408,10 +406,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     if tune is None:
         confirmation_session.configuration(accepted).save(args.out)
     else:
-        tables_path = tables_path_for(args.out)
-        atomic_write_bytes(tables_path, confirmation_session.given(accepted).data)
-        confirmation_session.tuned_configuration(accepted, tables_path.name).save(args.out)
-        data["tables_file"] = str(tables_path)
+        data["tables_file"] = str(confirmation_session.save_tuned(accepted, args.out))
     data["confirmation"] = _confirmation_json(checked, session, confirmation_session)
     _emit({**_metrics_json(confirmation_session, accepted), **data}, args.json,
           [f"{args.strategy}: best of {len(result.points)} configurations, chosen on test images "

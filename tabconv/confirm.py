@@ -55,7 +55,9 @@ class Confirmation:
     @property
     def searched(self) -> Metrics:
         """The accepted configuration on the search images."""
-        return self.backoffs[-1].searched if self.backoffs else (self.chosen_tuned or self.chosen)
+        if self.backoffs:
+            return self.backoffs[-1].searched
+        return self.chosen if self.chosen_tuned is None else self.chosen_tuned
 
     @property
     def confirmed(self) -> Metrics:

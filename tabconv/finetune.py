@@ -23,7 +23,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tabconv.config import Configuration
 from tabconv.convert import convert
 from tabconv.data import ImageSet
 from tabconv.hashtree import encode_hash_trees
@@ -341,13 +340,6 @@ class Tuned:
         """The `finetune` entry of the configuration file."""
         return {**self.report.to_dict(), "parent_accuracy": self.parent.accuracy,
                 "parent_label": self.parent.label}
-
-    def configuration(self, session: Session, tables_file: str, retargeted_from: dict[str, Any] | None = None
-                      ) -> Configuration:
-        """The configuration file of the tuned tables, pointing at `tables_file` (a name beside it)."""
-        config = session.tuned_configuration(self.metrics, tables_file)
-        config.retargeted_from = retargeted_from
-        return config
 
     def judged(self) -> tuple[Metrics, Metrics]:
         """(tuned, parent) on the evaluation images the held-out checks did not pick tables on."""

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from tabconv.atomic import atomic_write_bytes
 from tabconv.bounded import BoundedDict
 from tabconv.cache import TableCache
 from tabconv.calibrate import FITTED, TableBuilder
@@ -35,7 +38,7 @@ from tabconv.progress import Progress, ProgressEvent, Stage
 from tabconv.quantizer import ProductQuantizer
 from tabconv.settings import EXACT, LayerSetting
 from tabconv.structure import ModelStructure
-from tabconv.tablesfile import load_tables
+from tabconv.tablesfile import load_tables, tables_path_for
 from tabconv.train import load_checkpoint
 
 MAX_INCREMENTAL_IMAGES = 2500  # above this, activations are not kept: evaluation streams in batches
@@ -439,6 +442,20 @@ class Session:
         config = self.configuration(metrics)
         config.tables_file, config.tables_sha256, config.finetune = tables_file, given.sha256, dict(given.finetune)
         return config
+
+    def save_tuned(self, metrics: Metrics, path: str | os.PathLike[str],
+                   retargeted_from: dict[str, Any] | None = None) -> Path:
+        """Write the configuration file of a configuration with given tables to `path` and its tables file beside
+        it (both atomically); returns the tables file's path."""
+        given = self.given(metrics)
+        if given is None or given.data is None:
+            raise ConfigError(f"configuration #{metrics.id} has no tables file content in this session")
+        tables_path = tables_path_for(path)
+        atomic_write_bytes(tables_path, given.data)
+        config = self.tuned_configuration(metrics, tables_path.name)
+        config.retargeted_from = retargeted_from
+        config.save(path)
+        return tables_path
 
     def quantizers(self, metrics: Metrics) -> dict[str, ProductQuantizer]:
         """The tables an evaluated configuration used: given (fine-tuned) ones, else built ones."""

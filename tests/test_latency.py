@@ -117,13 +117,11 @@ def test_the_bench_times_a_fine_tuned_configuration_with_its_own_tables(tiny_ses
     from argparse import Namespace
 
     from tabconv.finetune import finetune_session
-    from tabconv.tablesfile import tables_path_for
 
     session = tiny_session
     tuned = finetune_session(session, session.current, steps=2, images=32)
     out = tmp_path / "tuned.json"
-    tables_path_for(out).write_bytes(tuned.tables)
-    tuned.configuration(session, tables_path_for(out).name).save(out)
+    session.save_tuned(tuned.metrics, out)
     quantizers, settings = _bench().table_quantizers(session, Namespace(config=str(out)))
     assert set(quantizers) == set(tuned.quantizers) and dict(settings) == dict(session.current.settings)
     for name, q in quantizers.items():

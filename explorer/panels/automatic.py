@@ -96,8 +96,7 @@ def _search(wb: Workbench, setting: LayerSetting) -> None:
         cap_bytes = int(cap * base.baseline.storage_bytes) if cap > 0 else None
         ran = sweeps.budgeted(wb, setting, target / 100, cap_bytes, convention, int(budget), seconds,
                               untuned / 100 if tune else None)
-        st.session_state.search_outcome = outcome(ran, untuned if tune else target, cap_bytes is not None,
-                                                  len(wb.structure.names))
+        st.session_state.search_outcome = outcome(ran, untuned, cap_bytes is not None, len(wb.structure.names))
         if ran.accepted is not None:
             st.session_state.load_request = ran.accepted
         state.refresh()
