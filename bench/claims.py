@@ -73,9 +73,13 @@ def reproduction() -> list[dict[str, Any]]:
     for r in _json("results.json")["rows"]:
         first = r.get("eval_first") or 0
         title = f"{r['method']}: {r['table_layers']}/{r['layers']} layers tabled, C in {r['per_layer_codebooks']}"
+        values = {"search_retention_pct": r["search_retention"]}
+        if "backoffs" in r:  # confirmed on the images after the search's
+            title += f", confirmed after {len(r['backoffs'])} back-off(s)"
+            values |= {"backoffs": len(r["backoffs"]),
+                       "chosen_confirmed_retention_pct": r["chosen_confirmed_retention"]}
         claim = from_config(f"{r['model']}-{r['dataset']}-{r['method']}", title, "reproduction", r["config"],
-                            first, held_out=bool(first), paper_reduction=r["paper_reduction"],
-                            values={"search_retention_pct": r["search_retention"]})
+                            first, held_out=bool(first), paper_reduction=r["paper_reduction"], values=values)
         claim["source"] = "docs/results.json"
         claims.append(claim)
     return claims
