@@ -92,34 +92,55 @@ LEARNED_IDS = {"k-means, C=8 K=64": "kmeans-c8k64", "least squares (independent)
                "least squares + fine-tuned, tree, S=9 K=16": "tree-ft-s9k16",
                "least squares + fine-tuned, tree, C=8 K=64": "tree-ft-c8k64"}
 LEARNED_SHA = "a4d7ad18539c2d7e9119262cf02f4229eabf3ff47fb62f1a297cd7f36a06c9a8"
+LEARNED_CIFAR10_ROWS = "0,1,3,4,5,6,7"  # every row but sequential least squares and K=1024
 
 
-def _learned_claim(claim_id: str, title: str, row: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-    return {"id": f"resnet18-mnist-learned-{claim_id}", "title": title, "kind": "accuracy", "group": "learned",
-            "model": "resnet18", "dataset": "mnist", "source": "docs/results-learned.json", "note": "",
-            "command": "python bench/learned.py --checkpoint checkpoints/resnet18-mnist.pt --data-root DIR --lr 3e-4",
-            "checkpoint_sha256": LEARNED_SHA, "checkpoint_from": checkpoint_from("resnet18", "mnist", LEARNED_SHA),
-            "commit": _commit("docs/results-learned.json"), **_accuracy(row["accuracy"], row["eval_images"], 0),
+LEARNED_FILES = {  # bench/learned.py's files: the registry group and the command that made each
+    "results-learned.json": (
+        "learned", "python bench/learned.py --checkpoint checkpoints/resnet18-mnist.pt --data-root DIR --lr 3e-4"),
+    "results-learned-cifar10.json": (
+        "learned-cifar10", "python bench/learned.py --checkpoint checkpoints/resnet18-cifar10.pt --data-root DIR "
+        f"--eval-skip 1000 --rows {LEARNED_CIFAR10_ROWS} --out docs/results-learned-cifar10"),
+}
+
+
+def _learned_claim(claim_id: str, title: str, row: dict[str, Any], values: dict[str, Any], source: str,
+                   ) -> dict[str, Any]:
+    """A row of a bench/learned.py file (rows before the file recorded its checkpoint: ResNet-18/MNIST)."""
+    group, command = LEARNED_FILES[source]
+    model, dataset = row.get("model", "resnet18"), row.get("dataset", "mnist")
+    sha = row.get("checkpoint_sha256", LEARNED_SHA)
+    return {"id": f"{model}-{dataset}-learned-{claim_id}", "title": title, "kind": "accuracy", "group": group,
+            "model": model, "dataset": dataset, "source": f"docs/{source}", "note": "", "command": command,
+            "checkpoint_sha256": sha, "checkpoint_from": checkpoint_from(model, dataset, sha),
+            "commit": _commit(f"docs/{source}"),
+            **_accuracy(row["accuracy"], row["eval_images"], row.get("eval_first", 0)),
             "held_out": True, "baseline_accuracy": row["baseline_accuracy"], "retention": row["retention"],
             "flops_reduction_paper": row["reduction_paper"], "flops_reduction_full": row["reduction_full"],
             "storage_bytes": row["storage_bytes"], "values": values}
 
 
 def learned() -> list[dict[str, Any]]:
-    """docs/results-learned.json: every layer of ResNet-18/MNIST tabled; a fine-tuned row also gives its start."""
+    """bench/learned.py's files: every layer tabled, per fitting method; a fine-tuned row also gives its start."""
     claims = []
-    for row in _json("results-learned.json"):
-        key = LEARNED_IDS[row["row"]]
-        tune = row.get("finetune")
-        if tune and key.replace("-ft", "") not in {c["id"].rsplit("learned-", 1)[1] for c in claims}:
-            untuned = {**row, **row["untuned"]}
-            claims.append(_learned_claim(key.replace("-ft", ""), row["row"].replace(" + fine-tuned", ""), untuned,
-                                         {"build_s": row["build_s"]}))
-        values = {"build_s": row["build_s"], "peak_rss_gb": row["peak_rss_gb"]}
-        if tune:
-            values |= {"finetune_s": tune["seconds"], "finetune_steps": tune["steps"],
-                       "finetune_images": tune["images"]}
-        claims.append(_learned_claim(key, row["row"], row, values))
+    for source in LEARNED_FILES:
+        if not (DOCS / source).exists():
+            continue
+        keys: set[str] = set()
+        for row in _json(source):
+            key = LEARNED_IDS[row["row"]]
+            tune = row.get("finetune")
+            if tune and key.replace("-ft", "") not in keys:
+                untuned = {**row, **row["untuned"]}
+                keys.add(key.replace("-ft", ""))
+                claims.append(_learned_claim(key.replace("-ft", ""), row["row"].replace(" + fine-tuned", ""),
+                                             untuned, {"build_s": row["build_s"]}, source))
+            values = {"build_s": row["build_s"], "peak_rss_gb": row["peak_rss_gb"]}
+            if tune:
+                values |= {"finetune_s": tune["seconds"], "finetune_steps": tune["steps"],
+                           "finetune_images": tune["images"]}
+            keys.add(key)
+            claims.append(_learned_claim(key, row["row"], row, values, source))
     return claims
 
 

@@ -1,10 +1,12 @@
 """Learned tables against k-means tables, every layer tabled: docs/results-learned.json.
 
-python bench/learned.py --checkpoint checkpoints/resnet18-mnist.pt --data-root DIR [--eval-images N] [--steps 300]
+python bench/learned.py --checkpoint checkpoints/resnet18-mnist.pt --data-root DIR [--eval-skip 1000] [--steps N]
 
 Per row: build the all-table configuration with its fitting method (timed, tables cache bypassed so the
-build is really measured), optionally fine-tune it (timed, peak memory), and evaluate on the first
---eval-images test images (default: the whole test split). Prints one JSON line per row as it goes.
+build is really measured), optionally fine-tune it (timed, peak memory), and evaluate on the test images after
+the first --eval-skip (default: the whole test split). With --eval-skip, fine-tuning checks itself on the skipped
+test images, which the network never trained on, and keeps the tables that did best there; without it, on the last
+fine-tuning images. Prints one JSON line per row as it goes.
 """
 
 from __future__ import annotations
@@ -60,23 +62,28 @@ ROWS = [
 def measure(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     calibration = Calibration(images=row.images, fit=row.fit, mode=row.mode, ridge=RIDGE, max_rows=row.max_rows)
     session = Session.from_checkpoint(args.checkpoint, calibration=calibration, eval_images=args.eval_images,
-                                      data_root=args.data_root, cache=None)
+                                      eval_skip=args.eval_skip, data_root=args.data_root, cache=None)
     start = time.perf_counter()
     quantizers = session.tables(session.uniform(row.setting))
     build_s = time.perf_counter() - start
     metrics = session.apply(session.uniform(row.setting), label=row.name).metrics
-    result = {"row": row.name, "fit": row.fit, "calibration": row.mode, "calibration_images": row.images,
-              "max_rows": row.max_rows, "setting": row.setting.to_dict(),
+    info = session.info
+    result = {"row": row.name, "model": info.model, "dataset": info.dataset, "checkpoint_sha256": info.sha256,
+              "eval_first": session.eval_set.first, "fit": row.fit, "calibration": row.mode,
+              "calibration_images": row.images, "max_rows": row.max_rows, "setting": row.setting.to_dict(),
               "layers_tabled": len(quantizers), "build_s": round(build_s, 1), **_numbers(metrics)}
     if row.steps:
-        tuned = finetune_session(session, metrics, steps=row.steps, images=args.finetune_images, lr=args.lr,
-                                 layer_loss=args.layer_loss)
+        tuned = finetune_session(session, metrics, steps=args.steps or row.steps, images=args.finetune_images,
+                                 lr=args.lr, layer_loss=args.layer_loss,
+                                 held_out=session.left_out if args.eval_skip else None)
         report = tuned.report
         result["untuned"] = _numbers(metrics)
         result.update(_numbers(tuned.metrics))
         result["finetune"] = {"steps": report.steps, "images": report.images, "lr": report.lr,
                               "layer_loss": report.layer_loss, "seconds": round(report.seconds, 1),
-                              "loss_before": report.loss_before, "loss_after": report.loss_after}
+                              "loss_before": report.loss_before, "loss_after": report.loss_after,
+                              "held_out": report.held_out_from, "stopped": report.stopped,
+                              "best_step": report.best_step}
     result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
     return result
 
@@ -93,7 +100,10 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--eval-images", type=int, default=None)
+    parser.add_argument("--eval-skip", type=int, default=0,
+                        help="report on the test images after the first N; fine-tuning checks itself on those N")
     parser.add_argument("--finetune-images", type=int, default=8192)
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: each row's, 300)")
     parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="fine-tuning learning rate")
     parser.add_argument("--layer-loss", type=float, default=DEFAULT_LAYER_LOSS,
                         help="fine-tuning per-layer loss weight")
