@@ -392,6 +392,7 @@ TABLES: dict[str, Callable[[Mapping[str, Claim]], str]] = {
     "reproduction": _accuracy_group("reproduction", ("claim", "model", "title", "accuracy", "images", "baseline",
                                                      "retention", "paper_both", "full", "config")),
     "learned": _accuracy_group("learned", ACCURACY_COLUMNS + ("storage",)),
+    "learned-cifar10": _accuracy_group("learned-cifar10", ACCURACY_COLUMNS + ("storage",)),
     "paper-k1024": _accuracy_group("paper-k1024", ACCURACY_COLUMNS + ("storage", "config")),
     "every-layer-ft": _accuracy_group("every-layer-ft", ("claim", "model", "title", "accuracy", "images", "baseline",
                                                          "retention", "paper", "full", "config")),
