@@ -236,7 +236,8 @@ def every_layer_ft() -> list[dict[str, Any]]:
     """Every layer on the native kernels' settings, fine-tuned with the default learning rate and held-out checks
     on test images 0-999; and the CIFAR-10 search that fine-tunes what it confirms."""
     tuned = "every layer: tree, S=9, K=16, int8, fine-tuned (lr 1e-3, checks on test 0-999)"
-    untuned_nin, untuned_resnet = (f"docs/configs/{m}-mnist-tree-s9k16-int8.json" for m in ("nin", "resnet18"))
+    untuned_nin, untuned_resnet, untuned_34 = (f"docs/configs/{m}-mnist-tree-s9k16-int8.json"
+                                               for m in ("nin", "resnet18", "resnet34"))
     return [
         from_config("resnet18-mnist-tree-s9k16-int8-ft-lr1e-3", tuned, "every-layer-ft",
                     "docs/configs/resnet18-mnist-tree-s9k16-int8-ft-lr1e-3.json", 1000, True,
@@ -246,6 +247,11 @@ def every_layer_ft() -> list[dict[str, Any]]:
         from_config("nin-mnist-tree-s9k16-int8-ft", tuned, "every-layer-ft",
                     "docs/configs/nin-mnist-tree-s9k16-int8-ft.json", 1000, True,
                     command=FINETUNE.format(model="nin", config=untuned_nin)),
+        from_config("resnet34-mnist-tree-s9k16-int8", "every layer: tree, S=9, K=16, int8, untuned", "every-layer-ft",
+                    untuned_34, 0, True),
+        from_config("resnet34-mnist-tree-s9k16-int8-ft", tuned, "every-layer-ft",
+                    "docs/configs/resnet34-mnist-tree-s9k16-int8-ft.json", 1000, True,
+                    command=FINETUNE.format(model="resnet34", config=untuned_34)),
         from_config("resnet18-cifar10-search-ft-93", "greedy search (paper FLOPs) at >= 93%, fine-tuned in the loop, "
                     "confirmed", "cifar10-target", "docs/configs/resnet18-cifar10-search-ft-93.json", 1000, True,
                     command=CIFAR_SEARCH, latency=_latency("results-speed-cifar10-search-ft.json", NATIVE)),
