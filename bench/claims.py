@@ -93,7 +93,7 @@ LEARNED_IDS = {"k-means, C=8 K=64": "kmeans-c8k64", "least squares (independent)
                "least squares + fine-tuned, tree, S=9 K=16": "tree-ft-s9k16",
                "least squares + fine-tuned, tree, C=8 K=64": "tree-ft-c8k64"}
 LEARNED_SHA = "a4d7ad18539c2d7e9119262cf02f4229eabf3ff47fb62f1a297cd7f36a06c9a8"
-LEARNED_CIFAR10_ROWS = "0,1,3,4,5,6,7"  # every row but sequential least squares and K=1024
+LEARNED_CIFAR10_ROWS = "0,1,3,4,5,6"  # k-means, least squares, fine-tuned: C=8 K=64, S=9 K=16 exhaustive and tree
 
 
 LEARNED_FILES = {  # bench/learned.py's files: the registry group and the command that made each
@@ -231,6 +231,10 @@ CIFAR_SEARCH = ("python -m tabconv search --checkpoint checkpoints/resnet18-cifa
                 "--ridge 0.01 --calibration-images 1000 --eval-images 1000 --max-evaluations 60 --finetune --steps 600 "
                 "--finetune-images 8192 --out SEARCHED.json --json > docs/results-search-cifar10-ft-93.json")
 
+CIFAR_ALL = "docs/configs/resnet18-cifar10-tree-s9k16-int8.json"
+CIFAR_ALL_FT = ("python -m tabconv finetune --checkpoint checkpoints/resnet18-cifar10.pt --data-root DIR "
+                f"--config {CIFAR_ALL} --seconds 1560 --steps 4000 --images 32768 --out TUNED.json --json")
+
 
 def every_layer_ft() -> list[dict[str, Any]]:
     """Every layer on the native kernels' settings, fine-tuned with the default learning rate and held-out checks
@@ -252,6 +256,11 @@ def every_layer_ft() -> list[dict[str, Any]]:
         from_config("resnet34-mnist-tree-s9k16-int8-ft", tuned, "every-layer-ft",
                     "docs/configs/resnet34-mnist-tree-s9k16-int8-ft.json", 1000, True,
                     command=FINETUNE.format(model="resnet34", config=untuned_34)),
+        from_config("resnet18-cifar10-tree-s9k16-int8", "every layer: tree, S=9, K=16, int8, untuned",
+                    "learned-cifar10", CIFAR_ALL, 1000, True),
+        from_config("resnet18-cifar10-tree-s9k16-int8-ft", "every layer: tree, S=9, K=16, int8, fine-tuned within "
+                    "26 minutes on 32,768 images", "learned-cifar10",
+                    "docs/configs/resnet18-cifar10-tree-s9k16-int8-ft.json", 1000, True, command=CIFAR_ALL_FT),
         from_config("resnet18-cifar10-search-ft-93", "greedy search (paper FLOPs) at >= 93%, fine-tuned in the loop, "
                     "confirmed", "cifar10-target", "docs/configs/resnet18-cifar10-search-ft-93.json", 1000, True,
                     command=CIFAR_SEARCH, latency=_latency("results-speed-cifar10-search-ft.json", NATIVE)),
