@@ -256,10 +256,14 @@ def span_text(claim: Claim, path: str, digits: int | None = None) -> str:
 
 # -- tables ---------------------------------------------------------------------------------------------
 def images_text(claim: Claim) -> str:
-    """'9,000 (test 1000-9999), not chosen on' — how many images, which, and whether they chose the claim."""
+    """'9,000 (test 1000-9999), not chosen on' — how many images, which, and whether they chose the claim (a
+    confirmed search's images that stopped its back-off chose when it ended)."""
     if claim.images is None:
         return "-"
-    chosen = "not chosen on" if claim.held_out else "chosen on them"
+    if claim.held_out:
+        chosen = "not chosen on"
+    else:
+        chosen = "its back-off stopped on them" if claim.values.get("backoffs") else "chosen on them"
     return f"{claim.images:,} ({claim.images_which}), {chosen}"
 
 

@@ -211,3 +211,15 @@ def test_reproduce_retargets_a_claim_to_another_checkpoint(tiny_claim, capsys, t
     low, high = (float(v) / 100 for v in re.search(r"95% CI ([\d.]+)%-([\d.]+)%", out.out).groups())
     assert "(retargeted to another checkpoint)" in out.out and 0 <= session_accuracy <= 1
     assert code == (0 if low <= recorded <= high else 2)
+
+
+def test_the_images_column_says_what_the_images_decided() -> None:
+    base = {"id": "x", "title": "t", "kind": "accuracy", "group": "g", "model": "m", "dataset": "d", "source": "s",
+            "note": "", "images": 9000, "images_which": "test 1000-9999", "accuracy": 0.9,
+            "accuracy_ci95": [0.89, 0.91], "baseline_accuracy": 0.95, "retention": 0.95}
+    text = {name: registry.images_text(registry.claim_from_dict({**base, **extra})) for name, extra in {
+        "held out": {"held_out": True}, "chosen": {"held_out": False},
+        "back-off": {"held_out": False, "values": {"backoffs": 1}}}.items()}
+    assert text == {"held out": "9,000 (test 1000-9999), not chosen on",
+                    "chosen": "9,000 (test 1000-9999), chosen on them",
+                    "back-off": "9,000 (test 1000-9999), its back-off stopped on them"}
