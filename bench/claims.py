@@ -23,7 +23,7 @@ CHECKPOINTS = {  # weights sha256 prefix -> the train flags that made it (docs/r
     "a4d7ad18": "--epochs 2", "8e666dc6": "--epochs 2", "09544ab1": "--epochs 2",
     "59c845a2": "--epochs 24 --augment --lr 0.1", "94c0e4ad": "--epochs 1 --train-images 12000",
     "05c51496": "--epochs 3", "1aca1d52": "--epochs 24 --augment --lr 0.1", "79c5a839": "--epochs 2",
-    "86873cc0": "--epochs 2",
+    "86873cc0": "--epochs 2", "a3ada93e": "--epochs 1 --train-images 12000",
 }
 EVALUATE = "python -m tabconv evaluate --checkpoint {checkpoint} --config {config} --data-root DIR{skip} --json"
 HAND_FIELDS = ("note", "commit")

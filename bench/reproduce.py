@@ -133,17 +133,19 @@ def final_row(row: Row, method: str, checked: Confirmation, full: Session, searc
 
 def verify(record: dict[str, Any], checkpoint: Path, args: argparse.Namespace) -> None:
     """Reload the row's configuration file in a fresh process, as a user would, and re-measure its accuracy."""
+    skip = ["--eval-skip", str(record["eval_first"])] if record.get("eval_first") else []
     command = [sys.executable, "-m", "tabconv", "evaluate", "--checkpoint", str(checkpoint), "--config",
-               str(ROOT / record["config"]), "--json"]
+               str(ROOT / record["config"]), "--json", *skip]
     command += ["--data-root", args.data_root] if args.data_root else []
     command += ["--cache-dir", args.cache_dir] if args.cache_dir else []
-    command += ["--eval-skip", str(record["eval_first"])] if record.get("eval_first") else []
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
     measured = json.loads(done.stdout)
     record["verified_accuracy"] = measured["accuracy"]
     record["verified"] = measured["accuracy"] == record["accuracy"] and measured["eval_images"] == record[
         "eval_images"]
-    record["verify_command"] = " ".join(["python", *command[1:]]).replace(str(ROOT) + "/", "")
+    record["verify_command"] = " ".join(  # as a user runs it, without this machine's paths
+        ["python", "-m", "tabconv", "evaluate", "--checkpoint", f"checkpoints/{checkpoint.name}", "--config",
+         record["config"], "--json", *skip, "--data-root", "DIR"])
 
 
 def plot(title: str, search: Session, results: dict[str, SearchResult], out: Path) -> None:
