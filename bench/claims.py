@@ -27,6 +27,7 @@ CHECKPOINTS = {  # weights sha256 prefix -> the train flags that made it (docs/r
 }
 EVALUATE = "python -m tabconv evaluate --checkpoint {checkpoint} --config {config} --data-root DIR{skip} --json"
 HAND_FIELDS = ("note", "commit")
+TREE = "-S 9 -K 16 --encoder tree --lut-dtype int8 --fit least-squares"  # the native kernels' setting
 
 
 def _json(name: str) -> Any:
@@ -68,6 +69,15 @@ def from_config(claim_id: str, title: str, group: str, config: str, first: int, 
             "storage_bytes": m["storage_bytes"], "baseline_storage_bytes": m["baseline_storage_bytes"], **extra}
 
 
+def _confirmed_title(backoffs: list[str]) -> str:
+    return f", confirmed after {len(backoffs)} back-off(s)"
+
+
+def _confirmed_values(backoffs: list[str], chosen_confirmed: float) -> dict[str, Any]:
+    """A confirmed search's values: how many layers went back to exact, and what its choice kept before."""
+    return {"backoffs": len(backoffs), "chosen_confirmed_retention_pct": chosen_confirmed}
+
+
 def reproduction() -> list[dict[str, Any]]:
     """docs/results.json: the paper's rows, searched on the first test images."""
     claims = []
@@ -76,9 +86,8 @@ def reproduction() -> list[dict[str, Any]]:
         title = f"{r['method']}: {r['table_layers']}/{r['layers']} layers tabled, C in {r['per_layer_codebooks']}"
         values = {"search_retention_pct": r["search_retention"]}
         if "backoffs" in r:  # confirmed on the images after the search's
-            title += f", confirmed after {len(r['backoffs'])} back-off(s)"
-            values |= {"backoffs": len(r["backoffs"]),
-                       "chosen_confirmed_retention_pct": r["chosen_confirmed_retention"]}
+            title += _confirmed_title(r["backoffs"])
+            values |= _confirmed_values(r["backoffs"], r["chosen_confirmed_retention"])
         claim = from_config(f"{r['model']}-{r['dataset']}-{r['method']}", title, "reproduction", r["config"],
                             first, held_out=bool(first) and not r.get("backoffs"),
                             paper_reduction=r["paper_reduction"], values=values)
@@ -131,12 +140,11 @@ def learned() -> list[dict[str, Any]]:
         keys: set[str] = set()
         for row in _json(source):
             key = LEARNED_IDS[row["row"]]
-            tune = row.get("finetune")
-            if tune and key.replace("-ft", "") not in keys:
-                untuned = {**row, **row["untuned"]}
-                keys.add(key.replace("-ft", ""))
-                claims.append(_learned_claim(key.replace("-ft", ""), row["row"].replace(" + fine-tuned", ""),
-                                             untuned, {"build_s": row["build_s"]}, source))
+            tune, start = row.get("finetune"), key.replace("-ft", "")
+            if tune and start not in keys:
+                keys.add(start)
+                claims.append(_learned_claim(start, row["row"].replace(" + fine-tuned", ""),
+                                             {**row, **row["untuned"]}, {"build_s": row["build_s"]}, source))
             values = {"build_s": row["build_s"], "peak_rss_gb": row["peak_rss_gb"]}
             if tune:
                 values |= {"finetune_s": tune["seconds"], "finetune_steps": tune["steps"],
@@ -196,8 +204,8 @@ def native() -> list[dict[str, Any]]:
 
 
 SEARCH_99 = ("python -m tabconv search --checkpoint checkpoints/resnet18-mnist.pt --data-root DIR --strategy greedy "
-             "--convention {convention} --min-retention 0.99 -S 9 -K 16 --encoder tree --lut-dtype int8 --fit "
-             "least-squares --ridge 0.01 --calibration-images 1000 --eval-images 1000 --max-evaluations 60 "
+             f"--convention {{convention}} --min-retention 0.99 {TREE} --ridge 0.01 --calibration-images 1000 "
+             "--eval-images 1000 --max-evaluations 60 "
              "--out {config} --json > docs/results-search-mnist-99-{convention}.json")
 SEARCH_99_CONFIG = {"latency": "latency-search", "paper": "tree-greedy-paper", "full": "tree-greedy-full"}
 
@@ -208,10 +216,10 @@ def _mnist_search_99(convention: str, what: str) -> dict[str, Any]:
     record = _json(f"results-search-mnist-99-{convention}.json")["confirmation"]
     backoffs = [step["layer"] for step in record["backoffs"]]
     claim = from_config(f"resnet18-mnist-{SEARCH_99_CONFIG[convention]}-99-confirmed",
-                        f"{what} at >= 99%, confirmed after {len(backoffs)} back-off(s), untuned", "latency-searches",
+                        f"{what} at >= 99%{_confirmed_title(backoffs)}, untuned", "latency-searches",
                         config, 1000, False, command=SEARCH_99.format(convention=convention, config=config))
-    claim["values"] = {**claim.get("values", {}), "backoffs": len(backoffs),
-                       "chosen_confirmed_retention_pct": record["chosen"]["retention_confirmed"],
+    claim["values"] = {**claim.get("values", {}),
+                       **_confirmed_values(backoffs, record["chosen"]["retention_confirmed"]),
                        "search_retention_pct": record["accepted"]["retention_searched"]}
     claim["note"] = (f"Chosen on test images 0-999; on 1000-9999 the choice kept "
                      f"{record['chosen']['retention_confirmed']:.2%} of the exact accuracy, so "
@@ -247,7 +255,6 @@ def configured() -> list[dict[str, Any]]:
     ]
 
 
-TREE = "-S 9 -K 16 --encoder tree --lut-dtype int8 --fit least-squares"
 FINETUNE = ("python -m tabconv finetune --checkpoint checkpoints/{model}-mnist.pt --config {config} --data-root DIR "
             "--lr 1e-3 --out TUNED.json --json")
 CIFAR_SEARCH = ("python -m tabconv search --checkpoint checkpoints/resnet18-cifar10.pt --data-root DIR "

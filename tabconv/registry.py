@@ -262,8 +262,10 @@ def images_text(claim: Claim) -> str:
         return "-"
     if claim.held_out:
         chosen = "not chosen on"
+    elif claim.values.get("backoffs"):
+        chosen = "its back-off stopped on them"
     else:
-        chosen = "its back-off stopped on them" if claim.values.get("backoffs") else "chosen on them"
+        chosen = "chosen on them"
     return f"{claim.images:,} ({claim.images_which}), {chosen}"
 
 
