@@ -81,12 +81,8 @@ class TrainableTables(nn.Module):
         """(N, D) rows -> (N, M): the hard lookup's value with the soft assignment's gradient."""
         xs = self.base[0].subspaces(rows)
         soft, hard = self._tree_assign(xs) if self.tree else self._nearest_assign(xs)
-        onehot = F.one_hot(hard, self.centroids).to(soft.dtype)  # (C', N, K)
-        assign = onehot - soft.detach() + soft
-        # per group: its rows' assignments (N, C*K) times its tables (C*K, M / G); one group: a plain matmul
-        flat = assign.permute(1, 0, 2).reshape(rows.shape[0], self.groups, -1)
-        per_group = torch.einsum("ngk,gkm->ngm", flat, self.tables.reshape(self.groups, -1, self.tables.shape[-1]))
-        return per_group.reshape(rows.shape[0], -1)
+        # reshaped out here: a view made inside a custom Function may not be modified in place (ReLU(inplace))
+        return _StraightThrough.apply(soft, self.tables, hard, self.groups).reshape(rows.shape[0], -1)
 
     def _temperature(self, spread: torch.Tensor) -> torch.Tensor:
         if not self.scale:
@@ -128,6 +124,37 @@ class TrainableTables(nn.Module):
                 tuned.prototypes_ = self.prototypes.detach().clone()
             tuned._store_tables(self.tables.detach().clone())
         return tuned
+
+
+class _StraightThrough(torch.autograd.Function):
+    """The straight-through estimator (one-hot - soft.detach() + soft) times the tables, without the dense (N, C'K)
+    assignment matrix: the forward sums looked-up rows (embedding_bag), the tables' gradient sums each row's output
+    gradient into the entry it used (per codebook, index_add), and the soft assignment (C', N, K) gets the output
+    gradient times the tables. Measured on a CIFAR-10 layer1 conv (C'=64, N=65,536, K=16, M=64): 1.4 s for the dense
+    form's forward and backward; embedding_bag's own backward alone took 0.7 s, index_add 0.15 s."""
+
+    @staticmethod
+    def forward(ctx, soft: torch.Tensor, tables: torch.Tensor, hard: torch.Tensor, groups: int) -> torch.Tensor:
+        codebooks, rows = hard.shape
+        offsets = torch.arange(codebooks, device=hard.device).unsqueeze(1) * tables.shape[1]
+        bags = (hard + offsets).t().reshape(rows * groups, codebooks // groups)  # each group's codebooks: one bag
+        ctx.save_for_backward(tables, hard)
+        ctx.groups = groups
+        return F.embedding_bag(bags, tables.reshape(-1, tables.shape[-1]), mode="sum")  # (N G, M / G): no view
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        tables, hard = ctx.saved_tensors
+        groups, (codebooks, centroids, width) = ctx.groups, tables.shape
+        rows, per_group = hard.shape[1], codebooks // groups
+        columns = grad.reshape(rows, groups, width)
+        table_grad = torch.zeros_like(tables)
+        for c in range(codebooks):
+            table_grad[c].index_add_(0, hard[c], columns[:, c // per_group])
+        weights = tables.reshape(groups, per_group * centroids, width)
+        soft_grad = torch.bmm(columns.transpose(0, 1), weights.transpose(1, 2))  # (G, N, C'K / G)
+        soft_grad = soft_grad.reshape(groups, rows, per_group, centroids).permute(0, 2, 1, 3)
+        return soft_grad.reshape(codebooks, rows, centroids), table_grad, None, None
 
 
 STOPPED_STEPS = "ran its steps"

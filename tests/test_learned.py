@@ -174,6 +174,32 @@ def test_the_straight_through_forward_is_the_inference_forward_and_trees_learn_t
         assert trainable.tables.grad.abs().sum() > 0 and trainable.log_temperature.grad is not None
 
 
+@pytest.mark.parametrize(("encoder", "groups"), [("exhaustive", 1), ("exhaustive", 2), ("tree", 1)])
+def test_the_lookup_and_soft_path_give_the_dense_straight_through_gradients(encoder, groups):
+    """The fine-tuning forward (looked-up rows plus a soft path that only carries gradient) against the dense
+    straight-through formula it replaces: (one-hot - soft.detach() + soft) times the tables, per group."""
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(300, 16, generator=g), torch.randn(16 // groups, 6, generator=g)
+    pq = ProductQuantizer(4, 8, encoder=encoder, groups=groups).fit(x).set_weight(w)
+    trainable = TrainableTables(pq)
+    upstream = x.clone().requires_grad_(True)
+    out = trainable(upstream)
+    grad_out = torch.randn(out.shape, generator=g)
+    fast = torch.autograd.grad(out, [upstream, trainable.tables], grad_out)
+
+    xs = pq.subspaces(upstream)
+    soft, hard = trainable._tree_assign(xs) if encoder == "tree" else trainable._nearest_assign(xs)
+    assign = torch.nn.functional.one_hot(hard, 8).float() - soft.detach() + soft
+    flat = assign.permute(1, 0, 2).reshape(len(x), groups, -1)
+    dense = torch.einsum("ngk,gkm->ngm", flat, trainable.tables.reshape(groups, -1, 6 // groups)).reshape(len(x), -1)
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, pq(x), atol=1e-5, rtol=1e-5)
+    reference = torch.autograd.grad(dense, [upstream, trainable.tables], grad_out)
+    for got, want in zip(fast, reference, strict=True):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 def test_tree_nodes_that_never_split_keep_every_gradient_finite():
     """A constant subspace leaves tree nodes with infinite thresholds; they must not turn the temperature's
     gradient into nan (it did: 0 * inf), which silently stopped every tree fine-tuning run."""
