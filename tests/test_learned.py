@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -376,6 +377,28 @@ def test_finetuning_checks_itself_on_test_images_and_is_judged_on_the_others(tin
     assert untouched.report.held_out_from == "digits train images 224-255 (the network may have trained on them)"
     with pytest.raises(ValueError, match="must be the first of the evaluation images"):
         finetuning.finetune_session(session, start, steps=2, images=256, held_out=session.eval_set.skip(10).head(5))
+
+
+def test_a_time_budget_is_replanned_from_the_speed_measured_since(tiny_digits, monkeypatch):
+    """Slow first steps (other work on the cores) plan too few steps; the checks re-plan from the speed measured since,
+    so the run still fills its budget. A fake clock: its first ten readings are a second apart, the rest a millisecond."""
+    session = _session(tiny_digits, fit="least-squares")
+    start = session.apply(session.uniform(LayerSetting("table", 4, 8))).metrics
+    images = session.calibration_set.normalize(session.calibration_set.images)
+    readings, clock = [float(i) for i in range(10)], {"now": 0.0}
+
+    def perf_counter() -> float:
+        clock["now"] = readings.pop(0) if readings else clock["now"] + 1e-3
+        return clock["now"]
+
+    monkeypatch.setattr(finetuning, "time", SimpleNamespace(perf_counter=perf_counter))
+    events = []
+    _, report = finetune(session.model, session.structure, session.quantizers(start), images, steps=60, seconds=40,
+                         progress=events.append)
+    first_plan = events[finetuning.CALIBRATION_STEPS - 1].total
+    assert first_plan < 60  # the first steps' speed alone would have stopped the run early
+    assert (report.steps, report.stopped) == (60, finetuning.STOPPED_STEPS)
+    assert len(report.held_out_curve) <= finetuning.CHECKS + 1
 
 
 def test_finetuning_stops_on_its_own_and_says_why(tiny_digits):
