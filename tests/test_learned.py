@@ -380,8 +380,9 @@ def test_finetuning_checks_itself_on_test_images_and_is_judged_on_the_others(tin
 
 
 def test_a_time_budget_is_replanned_from_the_speed_measured_since(tiny_digits, monkeypatch):
-    """Slow first steps (other work on the cores) plan too few steps; the checks re-plan from the speed measured since,
-    so the run still fills its budget. A fake clock: its first ten readings are a second apart, the rest a millisecond."""
+    """Slow first steps (other work on the cores) plan too few steps; the checks re-plan from the speed measured
+    since, so the run still fills its budget. A fake clock: its first ten readings are a second apart, the rest a
+    millisecond."""
     session = _session(tiny_digits, fit="least-squares")
     start = session.apply(session.uniform(LayerSetting("table", 4, 8))).metrics
     images = session.calibration_set.normalize(session.calibration_set.images)
