@@ -267,8 +267,8 @@ CIFAR_ALL_FT = ("python -m tabconv finetune --checkpoint checkpoints/resnet18-ci
                 "--config {config} --seconds 1560 --steps 4000 --images 32768 --out TUNED.json --json")
 CIFAR_SEQ = "docs/configs/resnet18-cifar10-tree-s9k16-int8-seq4000.json"
 CIFAR_SEQ_BUILD = ("python -m tabconv evaluate --checkpoint checkpoints/resnet18-cifar10.pt --data-root DIR "
-                   f"--all-table {TREE} --ridge 0.01 --calibration sequential --calibration-images 4000 --max-rows 65536 "
-                   f"--eval-skip 1000 --save-config {CIFAR_SEQ} --json")
+                   f"--all-table {TREE} --ridge 0.01 --calibration sequential --calibration-images 4000 "
+                   f"--max-rows 65536 --eval-skip 1000 --save-config {CIFAR_SEQ} --json")
 
 
 def every_layer_ft() -> list[dict[str, Any]]:
