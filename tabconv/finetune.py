@@ -273,6 +273,13 @@ def finetune(teacher: nn.Module, structure: ModelStructure, quantizers: Mapping[
     best = (loss_before, 0, _snapshot(trainables))
     running, stale, stopped, step, checking_s = [], 0, STOPPED_STEPS, 0, 0.0
     loop_start = time.perf_counter()
+
+    def replan() -> str:
+        """Fit the plan to the budget left, at the training speed so far, keeping time for the checks to come."""
+        now = time.perf_counter()
+        return plan.fit(step, steps, seconds - (now - start), (now - loop_start - checking_s) / step,
+                        probe_s * (CHECKS - len(checks) + 1))
+
     try:
         while step < plan.steps:
             step += 1
@@ -293,8 +300,7 @@ def finetune(teacher: nn.Module, structure: ModelStructure, quantizers: Mapping[
             value = float(loss.detach())
             running.append(value)
             if seconds is not None and step == min(CALIBRATION_STEPS, plan.steps):
-                stopped = plan.fit(step, steps, seconds - (time.perf_counter() - start),
-                                   (time.perf_counter() - loop_start) / step, probe_s * (CHECKS + 1))
+                stopped = replan()
             if step % max(1, plan.steps // 50) == 0 or step == plan.steps:
                 curve.append((step, sum(running) / len(running)))
                 running = []
@@ -303,9 +309,7 @@ def finetune(teacher: nn.Module, structure: ModelStructure, quantizers: Mapping[
                 checks.append((step, _probe_loss(student, teacher, probe, device)))
                 checking_s += time.perf_counter() - check_start
                 if seconds is not None and step < plan.steps:  # the steps so far are a better guide than the first
-                    stopped = plan.fit(step, steps, seconds - (time.perf_counter() - start),
-                                       (time.perf_counter() - loop_start - checking_s) / step,
-                                       probe_s * (max(0, CHECKS - len(checks)) + 1))
+                    stopped = replan()
                 improved = checks[-1][1] < best[0]
                 stale = 0 if improved else stale + 1
                 if improved:
