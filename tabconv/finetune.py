@@ -23,9 +23,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tabconv.allocator import reused_memory
 from tabconv.convert import convert
 from tabconv.data import ImageSet
 from tabconv.hashtree import encode_hash_trees
+from tabconv.lowering import im2col, output_hw
 from tabconv.metrics import Metrics, Origin
 from tabconv.progress import Progress, ProgressEvent, Stage
 from tabconv.quantizer import ProductQuantizer
@@ -61,7 +63,14 @@ DEFAULT_LAYER_LOSS = 1.0
 
 
 class TrainableTables(nn.Module):
-    """A fitted ProductQuantizer's learned tensors as Parameters, with a straight-through forward."""
+    """A fitted ProductQuantizer's learned tensors as Parameters, with a straight-through forward.
+
+    Soft assignments are (K, C', N), rows last: every elementwise step of the tree's soft path runs along the long
+    (C', N) block (the same steps over a last dimension of 2, 15 or 16, or as skinny matrix products, were measured
+    slower than the rest of the step together), and the tables times the output gradient is one matrix product
+    per group. The tree encoder reads only the columns its levels split on (`columns`), so a conv layer gathers
+    those straight from its input (`forward_conv`) instead of copying every im2col row and sending their gradient
+    back through a strided view."""
 
     def __init__(self, quantizer: ProductQuantizer) -> None:
         super().__init__()
@@ -74,47 +83,80 @@ class TrainableTables(nn.Module):
         self.register_buffer("scale", torch.zeros((), device=self.tables.device))  # set by the first batch
         if self.tree:
             finite = torch.isfinite(quantizer.thresholds_)
-            self.register_buffer("finite", finite)
-            self.register_buffer("split_dims", quantizer.split_dims_.clone())
             self.thresholds = nn.Parameter(torch.where(finite, quantizer.thresholds_, 0.0).clone())
+            split_dims = quantizer.split_dims_
+            codebooks, depth = split_dims.shape
+            width = quantizer.padded_dim(quantizer.in_features_) // codebooks
+            first = torch.arange(codebooks, device=split_dims.device).unsqueeze(1) * width
+            levels = torch.arange(depth, device=split_dims.device)
+            constants = {"finite": finite,
+                         "columns": (first + split_dims).t().reshape(-1),  # (depth C',) of the padded rows
+                         "levels": levels.repeat(codebooks, 1),  # the values' own columns, for encode_hash_trees
+                         "node_level": levels.repeat_interleave(2**levels)}  # heap node -> its level
+            for name, value in constants.items():
+                self.register_buffer(name, value, persistent=False)
         else:
             self.prototypes = nn.Parameter(quantizer.prototypes_.detach().clone().float())
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """(N, D) rows -> (N, M): the hard lookup's value with the soft assignment's gradient."""
-        xs = self.base[0].subspaces(rows)
-        soft, hard = self._tree_assign(xs) if self.tree else self._nearest_assign(xs)
-        # reshaped out here: a view made inside a custom Function may not be modified in place (ReLU(inplace))
-        return _StraightThrough.apply(soft, self.tables, hard, self.groups).reshape(rows.shape[0], -1)
+        if self.tree:
+            padded = self.base[0].pad(rows.float())
+            return self._tree_lookup(padded.index_select(1, self.columns).t().contiguous(), padded)
+        soft, hard = self._nearest_assign(self.base[0].subspaces(rows))
+        return self._lookup(soft.permute(2, 0, 1), hard.t().contiguous(), rows.shape[0])
 
-    def _temperature(self, spread: torch.Tensor) -> torch.Tensor:
+    def forward_conv(self, x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+        """A conv's output rows (N H_out W_out, M) from its input (N, C_in, H, W), without im2col for trees."""
+        if not self.tree:
+            return self(im2col(x, conv))
+        if not self.scale:  # the first batch's spread: the same rows as forward(im2col(x)) would see
+            self.scale.copy_(self.base[0].pad(im2col(x.detach(), conv).float()).std().clamp(min=1e-6))
+        return self._tree_lookup(patch_columns(x.float(), conv, self.columns), None)
+
+    def _tree_lookup(self, values: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """values (depth C', N): every row's value at each level's split column of each codebook."""
+        count = values.shape[1]
+        soft, hard = self._tree_assign(values.view(-1, self.codebooks, count), rows)
+        return self._lookup(soft, hard, count)
+
+    def _lookup(self, soft: torch.Tensor, hard: torch.Tensor, count: int) -> torch.Tensor:
+        # reshaped out here: a view made inside a custom Function may not be modified in place (ReLU(inplace))
+        return _StraightThrough.apply(soft, self.tables, hard, self.groups).reshape(count, -1)
+
+    def _temperature(self, spread: Callable[[], torch.Tensor]) -> torch.Tensor:
         if not self.scale:
-            self.scale.copy_(spread.detach().clamp(min=1e-6))
+            self.scale.copy_(spread().detach().clamp(min=1e-6))
         return self.log_temperature.exp() * self.scale
 
     def _nearest_assign(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft assignment (C', N, K) and nearest codes (C', N) of subspace rows xs (C', N, s)."""
         p = self.prototypes
         dist = (torch.baddbmm((p * p).sum(-1).unsqueeze(1), xs, p.transpose(1, 2), alpha=-2.0)
                 + (xs * xs).sum(-1, keepdim=True)).clamp(min=0)  # (C, N, K)
         nearest = dist.min(-1)
-        temperature = self._temperature(nearest.values.mean())
+        temperature = self._temperature(lambda: nearest.values.mean())
         return F.softmax(-(dist - nearest.values.unsqueeze(-1)) / temperature, dim=-1), nearest.indices
 
-    def _tree_assign(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tree_assign(self, values: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft assignment (K, C', N) and codes (N, C') from values (depth, C', N) at the levels' split columns.
+
+        A leaf's probability is the product of the sigmoid decisions along its path, built level by level in heap
+        order: node i's probability times (1 - p_right, p_right) gives its children 2i and 2i + 1."""
         with torch.no_grad():
-            hard = encode_hash_trees(xs, self.split_dims, torch.where(self.finite, self.thresholds, torch.inf)).t()
-        temperature = self._temperature(xs.std())
-        codebooks, rows, _ = xs.shape
-        prob = xs.new_ones(codebooks, rows, 1)
-        for level in range(self.split_dims.shape[1]):
-            nodes = 2**level
-            value = xs.gather(2, self.split_dims[:, level].view(-1, 1, 1).expand(codebooks, rows, 1))
-            level_nodes = slice(nodes - 1, 2 * nodes - 1)
-            soft = torch.sigmoid((value - self.thresholds[:, level_nodes].unsqueeze(1)) / temperature)
-            # an infinite threshold (a node that never splits) sends every row left; selecting 0 there keeps
-            # inf out of the graph: d/d(temperature) of sigmoid(-inf / t) would be 0 * inf = nan
-            right = torch.where(self.finite[:, level_nodes].unsqueeze(1), soft, 0.0)
-            prob = torch.stack([prob * (1 - right), prob * right], dim=-1).reshape(codebooks, rows, 2 * nodes)
+            thresholds = torch.where(self.finite, self.thresholds, torch.inf)
+            hard = encode_hash_trees(values.permute(1, 2, 0), self.levels, thresholds)  # (N, C')
+        temperature = self._temperature(lambda: rows.std())
+        per_node = values.index_select(0, self.node_level)  # (nodes, C', N)
+        right = torch.sigmoid((per_node - self.thresholds.t().unsqueeze(-1)) / temperature)
+        # a node that never splits (infinite threshold) sends every row left: its trained threshold is 0 and the
+        # mask zeroes its decision, keeping inf out of the graph (d/d(temperature) of sigmoid(-inf / t) is nan)
+        right = right.masked_fill(~self.finite.t().unsqueeze(-1), 0.0)
+        prob = None
+        for level in range(values.shape[0]):
+            decision = right[2**level - 1:2 ** (level + 1) - 1]
+            pair = torch.stack([1 - decision, decision], dim=1)  # (nodes, 2, C', N)
+            prob = (pair if prob is None else prob.unsqueeze(1) * pair).flatten(0, 1)
         return prob, hard
 
     def to_quantizer(self) -> ProductQuantizer:
@@ -131,35 +173,62 @@ class TrainableTables(nn.Module):
 
 class _StraightThrough(torch.autograd.Function):
     """The straight-through estimator (one-hot - soft.detach() + soft) times the tables, without the dense (N, C'K)
-    assignment matrix: the forward sums looked-up rows (embedding_bag), the tables' gradient sums each row's output
-    gradient into the entry it used (per codebook, index_add), and the soft assignment (C', N, K) gets the output
-    gradient times the tables. Measured on one layer of C'=64, N=65,536 rows, K=16, M=64: 1.4 s for the dense form's
-    forward and backward against 0.65 s (embedding_bag's own backward alone took 0.7 s, index_add 0.15 s); on a whole
-    step of ResNet-18/CIFAR-10 with every layer tabled (tree, S=9, K=16; 25 steps of 64 images, checks included,
-    median of 3): 2.26 s against 2.03 s."""
+    assignment held for the whole batch: the forward sums looked-up rows (embedding_bag); the backward gives the soft
+    assignment (K, C', N) the tables times the output gradient (one matrix product per group), and the tables the
+    one-hot's transpose times the output gradient, in row chunks (BLAS; a per-codebook index_add made thousands of
+    small calls a step on deep layers)."""
 
     @staticmethod
     def forward(ctx, soft: torch.Tensor, tables: torch.Tensor, hard: torch.Tensor, groups: int) -> torch.Tensor:
-        codebooks, rows = hard.shape
-        offsets = torch.arange(codebooks, device=hard.device).unsqueeze(1) * tables.shape[1]
-        bags = (hard + offsets).t().reshape(rows * groups, codebooks // groups)  # each group's codebooks: one bag
-        ctx.save_for_backward(tables, hard)
+        rows, codebooks = hard.shape
+        flat = hard + torch.arange(codebooks, device=hard.device) * tables.shape[1]
+        ctx.save_for_backward(tables, flat)
         ctx.groups = groups
+        bags = flat.reshape(rows * groups, codebooks // groups)  # each group's codebooks: one bag
         return F.embedding_bag(bags, tables.reshape(-1, tables.shape[-1]), mode="sum")  # (N G, M / G): no view
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
-        tables, hard = ctx.saved_tensors
+        tables, flat = ctx.saved_tensors
         groups, (codebooks, centroids, width) = ctx.groups, tables.shape
-        rows, per_group = hard.shape[1], codebooks // groups
-        columns = grad.reshape(rows, groups, width)
-        table_grad = torch.zeros_like(tables)
-        for c in range(codebooks):
-            table_grad[c].index_add_(0, hard[c], columns[:, c // per_group])
-        weights = tables.reshape(groups, per_group * centroids, width)
-        soft_grad = torch.bmm(columns.transpose(0, 1), weights.transpose(1, 2))  # (G, N, C'K / G)
-        soft_grad = soft_grad.reshape(groups, rows, per_group, centroids).permute(0, 2, 1, 3)
-        return soft_grad.reshape(codebooks, rows, centroids), table_grad, None, None
+        rows = flat.shape[0]
+        columns = grad.reshape(rows, groups, width).transpose(0, 1)  # (G, N, M / G)
+        per_group = codebooks // groups
+        by_centroid = tables.reshape(groups, per_group, centroids, width).transpose(1, 2)  # (G, K, C' / G, M / G)
+        soft_grad = torch.bmm(by_centroid.reshape(groups, -1, width), columns.transpose(1, 2))  # (G, K C' / G, N)
+        soft_grad = soft_grad.reshape(groups, centroids, per_group, rows).transpose(0, 1)
+        weights = tables.reshape(groups, -1, width)  # (G, C'K / G, M / G)
+        table_grad = torch.zeros_like(weights)
+        step = max(1, _ONE_HOT_ELEMENTS // (codebooks * centroids))
+        for start in range(0, rows, step):
+            part = flat[start:start + step]
+            onehot = grad.new_zeros(part.shape[0], codebooks * centroids).scatter_(1, part, 1.0)
+            onehot = onehot.reshape(part.shape[0], groups, -1).permute(1, 2, 0)  # (G, C'K / G, n)
+            table_grad.baddbmm_(onehot, columns[:, start:start + step])
+        return soft_grad.reshape(centroids, codebooks, rows), table_grad.reshape(tables.shape), None, None
+
+
+_ONE_HOT_ELEMENTS = 1 << 24  # bounds the one-hot row block of the tables' gradient
+
+
+def patch_columns(x: torch.Tensor, conv: nn.Module, columns: torch.Tensor) -> torch.Tensor:
+    """im2col(x, conv)[:, columns].t() (len(columns), N H_out W_out) read straight from the padded input: one gather,
+    whose backward is one index_add, in place of every row's copy. Columns past D (the quantizer's zero padding)
+    read a zero."""
+    (ph, pw), (sh, sw), (dh, dw), (kh, kw) = conv.padding, conv.stride, conv.dilation, conv.kernel_size
+    padded = F.pad(x, (pw, pw, ph, ph)).contiguous()
+    batch, channels, height, width = padded.shape
+    out_h, out_w = output_hw(conv, x.shape[2], x.shape[3])
+    flat = torch.cat([padded.reshape(-1), padded.new_zeros(1)])  # the last element: the padding columns' zero
+    channel, tap = columns.div(kh * kw, rounding_mode="floor"), columns.remainder(kh * kw)
+    ky, kx = tap.div(kw, rounding_mode="floor"), tap.remainder(kw)
+    offset = (channel * height + ky * dh) * width + kx * dw  # (columns,) within one image
+    ys = torch.arange(out_h, device=x.device) * sh * width
+    xs = torch.arange(out_w, device=x.device) * sw
+    origin = (torch.arange(batch, device=x.device) * (channels * height * width)).view(-1, 1, 1) + (ys.view(-1, 1) + xs)
+    index = offset.unsqueeze(1) + origin.reshape(1, -1)
+    index = torch.where((channel < channels).unsqueeze(1), index, flat.shape[0] - 1)
+    return flat.index_select(0, index.reshape(-1)).reshape(len(columns), -1)
 
 
 STOPPED_STEPS = "ran its steps"
@@ -280,54 +349,55 @@ def finetune(teacher: nn.Module, structure: ModelStructure, quantizers: Mapping[
         return plan.fit(step, steps, seconds - (now - start), (now - loop_start - checking_s) / step,
                         probe_s * (CHECKS - len(checks) + 1))
 
-    try:
-        while step < plan.steps:
-            step += 1
-            batch = images[torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)]
-            batch = batch.to(device).contiguous(memory_format=torch.channels_last)
-            with torch.no_grad():
-                target = teacher(batch)
-            loss = distillation_loss(student(batch), target)
-            if layer_loss:
-                loss = loss + layer_loss * _layer_term(watch_student, watch_teacher, exact_outputs)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"fine-tuning diverged: the loss is {float(loss.detach())} at step {step}; "
-                                         f"try a smaller learning rate than {lr}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            value = float(loss.detach())
-            running.append(value)
-            if seconds is not None and step == min(CALIBRATION_STEPS, plan.steps):
-                stopped = replan()
-            if step % max(1, plan.steps // 50) == 0 or step == plan.steps:
-                curve.append((step, sum(running) / len(running)))
-                running = []
-            if (step % max(1, plan.steps // CHECKS) == 0 and len(checks) < CHECKS) or step == plan.steps:
-                check_start = time.perf_counter()
-                checks.append((step, _probe_loss(student, teacher, probe, device)))
-                checking_s += time.perf_counter() - check_start
-                if seconds is not None and step < plan.steps:  # the steps so far are a better guide than the first
+    with reused_memory():  # the same large buffers every step: reused, not faulted in afresh
+        try:
+            while step < plan.steps:
+                step += 1
+                batch = images[torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)]
+                batch = batch.to(device).contiguous(memory_format=torch.channels_last)
+                with torch.no_grad():
+                    target = teacher(batch)
+                loss = distillation_loss(student(batch), target)
+                if layer_loss:
+                    loss = loss + layer_loss * _layer_term(watch_student, watch_teacher, exact_outputs)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"fine-tuning diverged: the loss is {float(loss.detach())} at step "
+                                             f"{step}; try a smaller learning rate than {lr}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                value = float(loss.detach())
+                running.append(value)
+                if seconds is not None and step == min(CALIBRATION_STEPS, plan.steps):
                     stopped = replan()
-                improved = checks[-1][1] < best[0]
-                stale = 0 if improved else stale + 1
-                if improved:
-                    best = (checks[-1][1], step, _snapshot(trainables))
-                if patience is not None and stale >= patience and step < plan.steps:
-                    stopped = STOPPED_PATIENCE
+                if step % max(1, plan.steps // 50) == 0 or step == plan.steps:
+                    curve.append((step, sum(running) / len(running)))
+                    running = []
+                if (step % max(1, plan.steps // CHECKS) == 0 and len(checks) < CHECKS) or step == plan.steps:
+                    check_start = time.perf_counter()
+                    checks.append((step, _probe_loss(student, teacher, probe, device)))
+                    checking_s += time.perf_counter() - check_start
+                    if seconds is not None and step < plan.steps:  # the steps so far are a better guide than the first
+                        stopped = replan()
+                    improved = checks[-1][1] < best[0]
+                    stale = 0 if improved else stale + 1
+                    if improved:
+                        best = (checks[-1][1], step, _snapshot(trainables))
+                    if patience is not None and stale >= patience and step < plan.steps:
+                        stopped = STOPPED_PATIENCE
+                        break
+                if seconds is not None and time.perf_counter() - start > seconds and step < plan.steps:
+                    stopped = STOPPED_TIME  # slower than planned (other work on the cores)
                     break
-            if seconds is not None and time.perf_counter() - start > seconds and step < plan.steps:
-                stopped = STOPPED_TIME  # slower than planned (other work on the cores)
-                break
-            if progress:
-                elapsed = time.perf_counter() - loop_start
-                progress(ProgressEvent(Stage.FINETUNE, step, plan.steps, loss=value,
-                                       seconds_left=elapsed / step * (plan.steps - step)))
-    finally:
-        for watch in (watch_teacher, watch_student):
-            if watch:
-                watch.remove()
+                if progress:
+                    elapsed = time.perf_counter() - loop_start
+                    progress(ProgressEvent(Stage.FINETUNE, step, plan.steps, loss=value,
+                                           seconds_left=elapsed / step * (plan.steps - step)))
+        finally:
+            for watch in (watch_teacher, watch_student):
+                if watch:
+                    watch.remove()
     for name, trainable in trainables.items():
         trainable.load_state_dict(best[2][name])
     tuned = {name: t.to_quantizer() for name, t in trainables.items()}

@@ -52,8 +52,8 @@ class TableConv2d(nn.Module):
             if out is not None:
                 return out if out.dtype == x.dtype else out.to(x.dtype)
         height, width = output_hw(self, x.shape[2], x.shape[3])
-        if self.training:  # fine-tuning: the quantizer is trainable and computes rows -> outputs itself
-            return rows_to_nchw(self.quantizer(im2col(x, self)), x.shape[0], height, width)
+        if self.training:  # fine-tuning: the quantizer is trainable and reads the conv's input itself
+            return rows_to_nchw(self.quantizer.forward_conv(x, self), x.shape[0], height, width)
         step = self._images_per_chunk(height * width)
         parts = [self._lookup_rows(x[start:start + step]) for start in range(0, x.shape[0], step)]
         rows = parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tabconv.lowering import im2col
 from tabconv.settings import LayerSetting, SettingError
 
 KMEANS_BACKENDS = ("torch", "sklearn")
@@ -409,6 +410,11 @@ class ProductQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lookup(self.encode(x))
+
+    def forward_conv(self, x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+        """A conv's output rows (N H_out W_out, M) from its input: what a trainable quantizer computes without
+        im2col (`tabconv.finetune.TrainableTables`), here through it."""
+        return self(im2col(x, conv))
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

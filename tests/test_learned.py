@@ -17,7 +17,8 @@ from tabconv import finetune as finetuning
 from tabconv.calibrate import refit_linear
 from tabconv.cli import main
 from tabconv.config import Calibration, ConfigError
-from tabconv.finetune import TrainableTables, finetune
+from tabconv.finetune import TrainableTables, finetune, patch_columns
+from tabconv.lowering import bias_vector, im2col, weight_matrix
 from tabconv.quantizer import DegenerateCodebookWarning, ProductQuantizer
 from tabconv.session import GivenTables, Session
 from tabconv.settings import LayerSetting
@@ -175,6 +176,23 @@ def test_the_straight_through_forward_is_the_inference_forward_and_trees_learn_t
         assert trainable.tables.grad.abs().sum() > 0 and trainable.log_temperature.grad is not None
 
 
+def _reference_soft(trainable: TrainableTables, pq: ProductQuantizer, xs: torch.Tensor) -> torch.Tensor:
+    """The soft assignment (C', N, K) by its definition: softmax over distances (exhaustive), or the product of
+    sigmoid decisions along each root-to-leaf path, read level by level from the subspace rows xs (tree)."""
+    if not trainable.tree:
+        return trainable._nearest_assign(xs)[0]
+    temperature = trainable.log_temperature.exp() * trainable.scale
+    codebooks, rows, _ = xs.shape
+    prob = xs.new_ones(codebooks, rows, 1)
+    for level in range(pq.split_dims_.shape[1]):
+        nodes = slice(2**level - 1, 2 ** (level + 1) - 1)
+        value = xs.gather(2, pq.split_dims_[:, level].view(-1, 1, 1).expand(codebooks, rows, 1))
+        right = torch.sigmoid((value - trainable.thresholds[:, nodes].unsqueeze(1)) / temperature)
+        right = right * trainable.finite[:, nodes].unsqueeze(1)
+        prob = torch.stack([prob * (1 - right), prob * right], dim=-1).reshape(codebooks, rows, -1)
+    return prob
+
+
 @pytest.mark.parametrize(("encoder", "groups"), [("exhaustive", 1), ("exhaustive", 2), ("tree", 1)])
 def test_the_lookup_and_soft_path_give_the_dense_straight_through_gradients(encoder, groups):
     """The fine-tuning forward (looked-up rows plus a soft path that only carries gradient) against the dense
@@ -186,17 +204,50 @@ def test_the_lookup_and_soft_path_give_the_dense_straight_through_gradients(enco
     upstream = x.clone().requires_grad_(True)
     out = trainable(upstream)
     grad_out = torch.randn(out.shape, generator=g)
-    fast = torch.autograd.grad(out, [upstream, trainable.tables], grad_out)
+    params = [upstream, trainable.tables, trainable.log_temperature,
+              trainable.thresholds if encoder == "tree" else trainable.prototypes]
+    fast = torch.autograd.grad(out, params, grad_out)
 
-    xs = pq.subspaces(upstream)
-    soft, hard = trainable._tree_assign(xs) if encoder == "tree" else trainable._nearest_assign(xs)
-    assign = torch.nn.functional.one_hot(hard, 8).float() - soft.detach() + soft
+    soft = _reference_soft(trainable, pq, pq.subspaces(upstream))
+    assign = torch.nn.functional.one_hot(pq.encode(x).t(), 8).float() - soft.detach() + soft
     flat = assign.permute(1, 0, 2).reshape(len(x), groups, -1)
     dense = torch.einsum("ngk,gkm->ngm", flat, trainable.tables.reshape(groups, -1, 6 // groups)).reshape(len(x), -1)
     torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, pq(x), atol=1e-5, rtol=1e-5)
-    reference = torch.autograd.grad(dense, [upstream, trainable.tables], grad_out)
+    reference = torch.autograd.grad(dense, params, grad_out)
     for got, want in zip(fast, reference, strict=True):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("stride", "padding", "dilation"), [(1, 1, 1), (2, 3, 1), (1, 2, 2)])
+def test_a_tree_conv_reads_its_split_columns_from_the_input_as_im2col_would(stride, padding, dilation):
+    """Fine-tuning a tree conv gathers only the split columns from the padded input: values and every gradient
+    (the input's included) must be those of the im2col rows; 3 channels of 3x3 in 4 codebooks pad D=27 to 28."""
+    g = torch.Generator().manual_seed(7)
+    conv = torch.nn.Conv2d(3, 5, 3, stride=stride, padding=padding, dilation=dilation)
+    x = torch.randn(2, 3, 9, 8, generator=g)
+    rows = im2col(x, conv)
+    pq = ProductQuantizer(4, 8, encoder="tree").fit(rows).set_weight(weight_matrix(conv), bias_vector(conv))
+    trainable = TrainableTables(pq)
+    columns = torch.cat([trainable.columns, torch.tensor([27, 0])])  # 27: the padding column, which reads 0
+    upstream = x.clone().requires_grad_(True)
+    picked = patch_columns(upstream, conv, columns)
+    reference_input = x.clone().requires_grad_(True)
+    reference = pq.pad(im2col(reference_input, conv))[:, columns].t()
+    torch.testing.assert_close(picked, reference, atol=0, rtol=0)
+    weights = torch.randn(picked.shape, generator=g)
+    (picked * weights).sum().backward()
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(upstream.grad, reference_input.grad)
+
+    params = [trainable.tables, trainable.thresholds, trainable.log_temperature]
+    out = trainable.forward_conv(upstream, conv)
+    torch.testing.assert_close(out, pq(rows), atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn(out.shape, generator=g)
+    fast = torch.autograd.grad(out, [upstream, *params], grad_out)
+    slow = torch.autograd.grad(trainable(im2col(reference_input, conv)), [reference_input, *params], grad_out)
+    for got, want in zip(fast, slow, strict=True):
         assert want.abs().sum() > 0
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
