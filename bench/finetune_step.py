@@ -4,20 +4,17 @@ python bench/finetune_step.py --checkpoint checkpoints/resnet18-cifar10.pt --dat
     [--encoder tree] [--lut-dtype int8] [--steps 40] [--batch 64] [--repeats 3]
 
 Builds the all-table configuration on 200 calibration images (the weights do not change a step's work), then runs
-`finetune` for --steps steps, --repeats times, with glibc's freed memory kept for reuse (the library's behaviour)
-and without it, alternating, in one process. A step's time is the gap between consecutive progress events; the
-median over all steps of a run (held-out checks land on a few of them) is the run's figure, and the table prints
-each setting's median run. Run it alone: other work on the cores changes every number.
+`finetune` for --steps steps, --repeats times. A step's time is the gap between consecutive progress events; the
+median over all steps of a run (held-out checks land on a few of them) is the run's figure, and the median run is
+the result. Run it alone: other work on the cores changes every number.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
-from unittest import mock
 
 import torch
 
@@ -54,16 +51,10 @@ def main() -> None:
                                       data_root=args.data_root)
     setting = LayerSetting("table", 8, args.centroids, args.encoder, args.lut_dtype, args.subvector)
     settings = session.uniform(setting)
-    runs: dict[str, list[float]] = {"reused memory": [], "fresh memory": []}
-    for _ in range(args.repeats):
-        runs["reused memory"].append(step_seconds(session, settings, args.steps, args.batch))
-        with mock.patch.object(finetuning, "reused_memory", contextlib.nullcontext):
-            runs["fresh memory"].append(step_seconds(session, settings, args.steps, args.batch))
-    result = {"checkpoint": args.checkpoint, "setting": vars(args), "threads": torch.get_num_threads(),
-              "seconds_per_step": {k: statistics.median(v) for k, v in runs.items()}, "runs": runs}
-    print(json.dumps(result))
-    for name, values in runs.items():
-        print(f"{name}: {statistics.median(values):.3f} s a step (runs: {', '.join(f'{v:.3f}' for v in values)})")
+    runs = [step_seconds(session, settings, args.steps, args.batch) for _ in range(args.repeats)]
+    print(json.dumps({"setting": vars(args), "threads": torch.get_num_threads(),
+                      "seconds_per_step": statistics.median(runs), "runs": runs}))
+    print(f"{statistics.median(runs):.3f} s a step (runs: {', '.join(f'{v:.3f}' for v in runs)})")
 
 
 if __name__ == "__main__":

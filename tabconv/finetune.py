@@ -23,7 +23,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tabconv.allocator import reused_memory
 from tabconv.convert import convert
 from tabconv.data import ImageSet
 from tabconv.hashtree import encode_hash_trees
@@ -349,55 +348,54 @@ def finetune(teacher: nn.Module, structure: ModelStructure, quantizers: Mapping[
         return plan.fit(step, steps, seconds - (now - start), (now - loop_start - checking_s) / step,
                         probe_s * (CHECKS - len(checks) + 1))
 
-    with reused_memory():  # the same large buffers every step: reused, not faulted in afresh
-        try:
-            while step < plan.steps:
-                step += 1
-                batch = images[torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)]
-                batch = batch.to(device).contiguous(memory_format=torch.channels_last)
-                with torch.no_grad():
-                    target = teacher(batch)
-                loss = distillation_loss(student(batch), target)
-                if layer_loss:
-                    loss = loss + layer_loss * _layer_term(watch_student, watch_teacher, exact_outputs)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"fine-tuning diverged: the loss is {float(loss.detach())} at step "
-                                             f"{step}; try a smaller learning rate than {lr}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                value = float(loss.detach())
-                running.append(value)
-                if seconds is not None and step == min(CALIBRATION_STEPS, plan.steps):
+    try:
+        while step < plan.steps:
+            step += 1
+            batch = images[torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)]
+            batch = batch.to(device).contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                target = teacher(batch)
+            loss = distillation_loss(student(batch), target)
+            if layer_loss:
+                loss = loss + layer_loss * _layer_term(watch_student, watch_teacher, exact_outputs)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fine-tuning diverged: the loss is {float(loss.detach())} at step {step}; "
+                                         f"try a smaller learning rate than {lr}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            value = float(loss.detach())
+            running.append(value)
+            if seconds is not None and step == min(CALIBRATION_STEPS, plan.steps):
+                stopped = replan()
+            if step % max(1, plan.steps // 50) == 0 or step == plan.steps:
+                curve.append((step, sum(running) / len(running)))
+                running = []
+            if (step % max(1, plan.steps // CHECKS) == 0 and len(checks) < CHECKS) or step == plan.steps:
+                check_start = time.perf_counter()
+                checks.append((step, _probe_loss(student, teacher, probe, device)))
+                checking_s += time.perf_counter() - check_start
+                if seconds is not None and step < plan.steps:  # the steps so far are a better guide than the first
                     stopped = replan()
-                if step % max(1, plan.steps // 50) == 0 or step == plan.steps:
-                    curve.append((step, sum(running) / len(running)))
-                    running = []
-                if (step % max(1, plan.steps // CHECKS) == 0 and len(checks) < CHECKS) or step == plan.steps:
-                    check_start = time.perf_counter()
-                    checks.append((step, _probe_loss(student, teacher, probe, device)))
-                    checking_s += time.perf_counter() - check_start
-                    if seconds is not None and step < plan.steps:  # the steps so far are a better guide than the first
-                        stopped = replan()
-                    improved = checks[-1][1] < best[0]
-                    stale = 0 if improved else stale + 1
-                    if improved:
-                        best = (checks[-1][1], step, _snapshot(trainables))
-                    if patience is not None and stale >= patience and step < plan.steps:
-                        stopped = STOPPED_PATIENCE
-                        break
-                if seconds is not None and time.perf_counter() - start > seconds and step < plan.steps:
-                    stopped = STOPPED_TIME  # slower than planned (other work on the cores)
+                improved = checks[-1][1] < best[0]
+                stale = 0 if improved else stale + 1
+                if improved:
+                    best = (checks[-1][1], step, _snapshot(trainables))
+                if patience is not None and stale >= patience and step < plan.steps:
+                    stopped = STOPPED_PATIENCE
                     break
-                if progress:
-                    elapsed = time.perf_counter() - loop_start
-                    progress(ProgressEvent(Stage.FINETUNE, step, plan.steps, loss=value,
-                                           seconds_left=elapsed / step * (plan.steps - step)))
-        finally:
-            for watch in (watch_teacher, watch_student):
-                if watch:
-                    watch.remove()
+            if seconds is not None and time.perf_counter() - start > seconds and step < plan.steps:
+                stopped = STOPPED_TIME  # slower than planned (other work on the cores)
+                break
+            if progress:
+                elapsed = time.perf_counter() - loop_start
+                progress(ProgressEvent(Stage.FINETUNE, step, plan.steps, loss=value,
+                                       seconds_left=elapsed / step * (plan.steps - step)))
+    finally:
+        for watch in (watch_teacher, watch_student):
+            if watch:
+                watch.remove()
     for name, trainable in trainables.items():
         trainable.load_state_dict(best[2][name])
     tuned = {name: t.to_quantizer() for name, t in trainables.items()}
