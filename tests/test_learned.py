@@ -539,3 +539,19 @@ def test_a_configuration_made_for_another_checkpoint_is_retargeted_on_request(ti
     assert main(["evaluate", *mine, "--config", str(other), "--retarget"]) == 2
     err = capsys.readouterr().err.strip()
     assert "made for resnet18 on digits, but tiny on digits is loaded" in err and "\n" not in err
+
+
+def test_a_tuned_tree_shares_its_untrained_ridge_prototypes_and_owns_what_was_trained():
+    """The tree's full-width ridge prototypes are not trained; copying them doubled fine-tuning's peak memory at S=3."""
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(256, 12, generator=g), torch.randn(12, 3, generator=g)
+    pq = ProductQuantizer(4, 8, encoder="tree").fit(x).set_weight(w)
+    trainable = TrainableTables(pq)
+    with torch.no_grad():
+        trainable.tables.add_(1.0)
+        trainable.thresholds.add_(0.5)
+    tuned = trainable.to_quantizer()
+    assert tuned.prototypes_ is pq.prototypes_
+    torch.testing.assert_close(tuned.tables_, pq.tables_ + 1.0)
+    assert not torch.equal(tuned.thresholds_, pq.thresholds_)
+    torch.testing.assert_close(pq(x), TrainableTables(pq)(x), atol=1e-5, rtol=1e-5)  # the base is untouched
