@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from tabconv.convert import convert
 from tabconv.data import ImageSet
 from tabconv.hashtree import encode_hash_trees
-from tabconv.lowering import im2col, output_hw
+from tabconv.lowering import im2col, patch_columns
 from tabconv.metrics import Metrics, Origin
 from tabconv.progress import Progress, ProgressEvent, Stage
 from tabconv.quantizer import ProductQuantizer
@@ -104,7 +104,7 @@ class TrainableTables(nn.Module):
         """(N, D) rows -> (N, M): the hard lookup's value with the soft assignment's gradient."""
         if self.tree:
             padded = self.base[0].pad(rows.float())
-            return self._tree_lookup(padded.index_select(1, self.columns).t().contiguous(), padded)
+            return self._tree_lookup(padded.index_select(1, self.columns).t().contiguous(), padded.std)
         soft, hard = self._nearest_assign(self.base[0].subspaces(rows))
         return self._lookup(soft.permute(2, 0, 1), hard.t().contiguous(), rows.shape[0])
 
@@ -112,14 +112,17 @@ class TrainableTables(nn.Module):
         """A conv's output rows (N H_out W_out, M) from its input (N, C_in, H, W), without im2col for trees."""
         if not self.tree:
             return self(im2col(x, conv))
-        if not self.scale:  # the first batch's spread: the same rows as forward(im2col(x)) would see
-            self.scale.copy_(self.base[0].pad(im2col(x.detach(), conv).float()).std().clamp(min=1e-6))
-        return self._tree_lookup(patch_columns(x.float(), conv, self.columns), None)
 
-    def _tree_lookup(self, values: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """values (depth C', N): every row's value at each level's split column of each codebook."""
+        def spread() -> torch.Tensor:  # of the rows forward(im2col(x)) would see
+            return self.base[0].pad(im2col(x.detach(), conv).float()).std()
+
+        return self._tree_lookup(patch_columns(x.float(), conv, self.columns), spread)
+
+    def _tree_lookup(self, values: torch.Tensor, spread: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """values (depth C', N): every row's value at each level's split column of each codebook; `spread`: the
+        rows' standard deviation, read only by the first batch (the temperature's scale)."""
         count = values.shape[1]
-        soft, hard = self._tree_assign(values.view(-1, self.codebooks, count), rows)
+        soft, hard = self._tree_assign(values.view(-1, self.codebooks, count), spread)
         return self._lookup(soft, hard, count)
 
     def _lookup(self, soft: torch.Tensor, hard: torch.Tensor, count: int) -> torch.Tensor:
@@ -140,7 +143,8 @@ class TrainableTables(nn.Module):
         temperature = self._temperature(lambda: nearest.values.mean())
         return F.softmax(-(dist - nearest.values.unsqueeze(-1)) / temperature, dim=-1), nearest.indices
 
-    def _tree_assign(self, values: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tree_assign(self, values: torch.Tensor, spread: Callable[[], torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft assignment (K, C', N) and codes (N, C') from values (depth, C', N) at the levels' split columns.
 
         A leaf's probability is the product of the sigmoid decisions along its path, built level by level in heap
@@ -148,7 +152,7 @@ class TrainableTables(nn.Module):
         with torch.no_grad():
             thresholds = torch.where(self.finite, self.thresholds, torch.inf)
             hard = encode_hash_trees(values.permute(1, 2, 0), self.levels, thresholds)  # (N, C')
-        temperature = self._temperature(lambda: rows.std())
+        temperature = self._temperature(spread)
         per_node = values.index_select(0, self.node_level)  # (nodes, C', N)
         right = torch.sigmoid((per_node - self.thresholds.t().unsqueeze(-1)) / temperature)
         # a node that never splits (infinite threshold) sends every row left: its trained threshold is 0 and the
@@ -202,8 +206,7 @@ class _StraightThrough(torch.autograd.Function):
         by_centroid = tables.reshape(groups, per_group, centroids, width).transpose(1, 2)  # (G, K, C' / G, M / G)
         soft_grad = torch.bmm(by_centroid.reshape(groups, -1, width), columns.transpose(1, 2))  # (G, K C' / G, N)
         soft_grad = soft_grad.reshape(groups, centroids, per_group, rows).transpose(0, 1)
-        weights = tables.reshape(groups, -1, width)  # (G, C'K / G, M / G)
-        table_grad = torch.zeros_like(weights)
+        table_grad = tables.new_zeros(groups, codebooks * centroids // groups, width)
         step = max(1, _ONE_HOT_ELEMENTS // (codebooks * centroids))
         for start in range(0, rows, step):
             part = flat[start:start + step]
@@ -214,26 +217,6 @@ class _StraightThrough(torch.autograd.Function):
 
 
 _ONE_HOT_ELEMENTS = 1 << 24  # bounds the one-hot row block of the tables' gradient
-
-
-def patch_columns(x: torch.Tensor, conv: nn.Module, columns: torch.Tensor) -> torch.Tensor:
-    """im2col(x, conv)[:, columns].t() (len(columns), N H_out W_out) read straight from the padded input: one gather,
-    whose backward is one index_add, in place of every row's copy. Columns past D (the quantizer's zero padding)
-    read a zero."""
-    (ph, pw), (sh, sw), (dh, dw), (kh, kw) = conv.padding, conv.stride, conv.dilation, conv.kernel_size
-    padded = F.pad(x, (pw, pw, ph, ph)).contiguous()
-    batch, channels, height, width = padded.shape
-    out_h, out_w = output_hw(conv, x.shape[2], x.shape[3])
-    flat = torch.cat([padded.reshape(-1), padded.new_zeros(1)])  # the last element: the padding columns' zero
-    channel, tap = columns.div(kh * kw, rounding_mode="floor"), columns.remainder(kh * kw)
-    ky, kx = tap.div(kw, rounding_mode="floor"), tap.remainder(kw)
-    offset = (channel * height + ky * dh) * width + kx * dw  # (columns,) within one image
-    ys = torch.arange(out_h, device=x.device) * sh * width
-    xs = torch.arange(out_w, device=x.device) * sw
-    origin = (torch.arange(batch, device=x.device) * (channels * height * width)).view(-1, 1, 1) + (ys.view(-1, 1) + xs)
-    index = offset.unsqueeze(1) + origin.reshape(1, -1)
-    index = torch.where((channel < channels).unsqueeze(1), index, flat.shape[0] - 1)
-    return flat.index_select(0, index.reshape(-1)).reshape(len(columns), -1)
 
 
 STOPPED_STEPS = "ran its steps"

@@ -47,6 +47,26 @@ def im2col(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return view.reshape(batch * height * width, channels * kh * kw)
 
 
+def patch_columns(x: torch.Tensor, conv: nn.Module, columns: torch.Tensor) -> torch.Tensor:
+    """im2col(x, conv)[:, columns].t() (len(columns), N H_out W_out) read straight from the padded input: one gather,
+    whose backward is one index_add, in place of every row's copy (fine-tuning's hash trees read a few columns). Columns
+    past D = C_in kh kw read a zero, as a quantizer's zero padding columns do."""
+    (ph, pw), (sh, sw), (dh, dw), (kh, kw) = conv.padding, conv.stride, conv.dilation, conv.kernel_size
+    padded = F.pad(x, (pw, pw, ph, ph)).contiguous()
+    batch, channels, height, width = padded.shape
+    out_h, out_w = output_hw(conv, x.shape[2], x.shape[3])
+    flat = torch.cat([padded.reshape(-1), padded.new_zeros(1)])  # the last element: the padding columns' zero
+    channel, tap = columns.div(kh * kw, rounding_mode="floor"), columns.remainder(kh * kw)
+    ky, kx = tap.div(kw, rounding_mode="floor"), tap.remainder(kw)
+    offset = (channel * height + ky * dh) * width + kx * dw  # (columns,) within one image
+    ys = torch.arange(out_h, device=x.device) * sh * width
+    xs = torch.arange(out_w, device=x.device) * sw
+    origin = (torch.arange(batch, device=x.device) * (channels * height * width)).view(-1, 1, 1) + (ys.view(-1, 1) + xs)
+    index = offset.unsqueeze(1) + origin.reshape(1, -1)
+    index = torch.where((channel < channels).unsqueeze(1), index, flat.shape[0] - 1)
+    return flat.index_select(0, index.reshape(-1)).reshape(len(columns), -1)
+
+
 def output_hw(conv: nn.Conv2d, height: int, width: int) -> tuple[int, int]:
     """Spatial output size of a conv, by PyTorch's formula."""
     sizes = []

@@ -17,8 +17,8 @@ from tabconv import finetune as finetuning
 from tabconv.calibrate import refit_linear
 from tabconv.cli import main
 from tabconv.config import Calibration, ConfigError
-from tabconv.finetune import TrainableTables, finetune, patch_columns
-from tabconv.lowering import bias_vector, im2col, weight_matrix
+from tabconv.finetune import TrainableTables, finetune
+from tabconv.lowering import bias_vector, im2col, patch_columns, weight_matrix
 from tabconv.quantizer import DegenerateCodebookWarning, ProductQuantizer
 from tabconv.session import GivenTables, Session
 from tabconv.settings import LayerSetting
