@@ -32,7 +32,7 @@ from tabconv.progress import Progress, ProgressEvent, Stage
 from tabconv.quantizer import ProductQuantizer
 from tabconv.session import GivenTables, Session
 from tabconv.structure import ModelStructure
-from tabconv.tablesfile import tables_bytes
+from tabconv.tablesfile import tables_sha256
 
 # Defaults measured on ResNet-18/MNIST, every layer tabled at S=9 K=16 (least-squares start, 300 steps, 4,096
 # images): lr 1e-3 raised the held-out loss within 4 steps and never recovered (Adam moves every table entry by
@@ -431,7 +431,7 @@ def _probe_loss(student: nn.Module, teacher: nn.Module, images: torch.Tensor, de
 
 @dataclass
 class Tuned:
-    """A fine-tuned configuration: its metrics (evaluated like any other), tables, file content and report.
+    """A fine-tuned configuration: its metrics (evaluated like any other), tables, their file's sha256 and report.
 
     `unseen`: the session's evaluation images the held-out checks did not use (None: all of them), the ones
     that judge the run without favouring it."""
@@ -440,8 +440,7 @@ class Tuned:
     metrics: Metrics
     quantizers: dict[str, ProductQuantizer]
     report: FinetuneReport
-    tables: bytes  # the tables file's content
-    sha256: str
+    sha256: str  # the tables file's (`Session.save_tuned` writes it)
     unseen: slice | None = None
     baseline: Metrics | None = None  # the exact network's record, for judging on `unseen`
 
@@ -480,11 +479,11 @@ def finetune_session(session: Session, parent: Metrics, *, steps: int = DEFAULT_
                              chosen.normalize(chosen.images), steps=steps, lr=lr, batch_size=batch_size,
                              layer_loss=layer_loss, seed=seed, seconds=seconds, patience=patience, held_out=probe,
                              held_out_from=described, progress=progress)
-    data, sha = tables_bytes(tuned)
-    given = GivenTables(sha, tuned, data)
+    sha = tables_sha256(tuned)  # the file's content is serialised only when written or downloaded
+    given = GivenTables(sha, tuned)
     metrics = session.apply(parent.settings, label=f"fine-tuned ({parent.label})", origin=Origin.FINE_TUNED,
                             tables=given).metrics
-    run = Tuned(parent, metrics, tuned, report, data, sha, unseen, session.baseline)
+    run = Tuned(parent, metrics, tuned, report, sha, unseen, session.baseline)
     given.finetune, given.run = run.record(), run
     return run
 

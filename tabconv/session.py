@@ -38,7 +38,7 @@ from tabconv.progress import Progress, ProgressEvent, Stage
 from tabconv.quantizer import ProductQuantizer
 from tabconv.settings import EXACT, LayerSetting
 from tabconv.structure import ModelStructure
-from tabconv.tablesfile import load_tables, tables_path_for
+from tabconv.tablesfile import load_tables, save_tables, tables_bytes, tables_path_for
 from tabconv.train import load_checkpoint
 
 MAX_INCREMENTAL_IMAGES = 2500  # above this, activations are not kept: evaluation streams in batches
@@ -85,9 +85,23 @@ class GivenTables:
 
     sha256: str  # the tables file's sha256: the tables' identity
     quantizers: Mapping[str, ProductQuantizer]
-    data: bytes | None = None  # the tables file's content (None: not kept)
+    data: bytes | None = None  # the tables file's content (None: not kept; serialised from `quantizers` when asked)
     finetune: Mapping[str, Any] = field(default_factory=dict)  # how they were trained (a configuration's record)
     run: Tuned | None = None  # the fine-tuning run that made them, when it ran in this process
+
+    def content(self) -> bytes:
+        """The tables file's content (for a download), serialised the first time it is asked for when not kept."""
+        if self.data is None:
+            self.data = tables_bytes(self.quantizers, self.sha256)[0]
+        return self.data
+
+    def write(self, path: str | os.PathLike[str]) -> None:
+        """Write the tables file atomically: its kept content, else streamed from `quantizers` (no copy in memory),
+        refused unless it hashes to `sha256`."""
+        if self.data is not None:
+            atomic_write_bytes(path, self.data)
+        else:
+            save_tables(path, self.quantizers, self.sha256)
 
 
 class Session:
@@ -448,10 +462,10 @@ class Session:
         """Write the configuration file of a configuration with given tables to `path` and its tables file beside
         it (both atomically); returns the tables file's path."""
         given = self.given(metrics)
-        if given is None or given.data is None:
-            raise ConfigError(f"configuration #{metrics.id} has no tables file content in this session")
+        if given is None:
+            raise ConfigError(f"configuration #{metrics.id} has no given tables in this session")
         tables_path = tables_path_for(path)
-        atomic_write_bytes(tables_path, given.data)
+        given.write(tables_path)
         config = self.tuned_configuration(metrics, tables_path.name)
         config.retargeted_from = retargeted_from
         config.save(path)

@@ -13,10 +13,11 @@ import io
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
-from tabconv.atomic import atomic_write_bytes
+from tabconv.atomic import atomic_write
 from tabconv.quantizer import ProductQuantizer
 from tabconv.settings import LayerSetting
 from tabconv.structure import ModelStructure
@@ -37,22 +38,57 @@ def tables_path_for(config_path: str | os.PathLike) -> Path:
     return path.with_name(path.name.removesuffix(".json") + SUFFIX)
 
 
-def tables_bytes(quantizers: Mapping[str, ProductQuantizer]) -> tuple[bytes, str]:
-    """The tables file's content and its sha256 (for a download, or to write)."""
+def tables_bytes(quantizers: Mapping[str, ProductQuantizer], sha256: str | None = None) -> tuple[bytes, str]:
+    """The tables file's content and its sha256 (for a download); with `sha256`, TablesFileError unless they match."""
+    buffer = io.BytesIO()
+    sha = _save(quantizers, buffer, sha256, "these tables")
+    return buffer.getvalue(), sha
+
+
+def tables_sha256(quantizers: Mapping[str, ProductQuantizer]) -> str:
+    """The tables file's sha256 without holding its content (every layer of ResNet-18/CIFAR-10 tabled at S=3 with
+    the tree encoder: 2 GB, mostly its ridge prototypes)."""
+    return _save(quantizers, None)
+
+
+def save_tables(path: str | os.PathLike, quantizers: Mapping[str, ProductQuantizer],
+                sha256: str | None = None) -> str:
+    """Write the tables atomically, streamed; returns the file's sha256 (to record in the configuration). With
+    `sha256`, a file whose content does not hash to it is not written (TablesFileError)."""
+    written: list[str] = []
+    atomic_write(Path(path), lambda handle: written.append(_save(quantizers, handle, sha256, str(path))))
+    return written[0]
+
+
+class _HashingWriter:
+    """A write-only file object that hashes what passes through it, and copies it to `target` when given."""
+
+    def __init__(self, target: BinaryIO | None) -> None:
+        self.target, self.hash = target, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        return self.target.write(data) if self.target is not None else len(data)
+
+    def flush(self) -> None:
+        if self.target is not None:
+            self.target.flush()
+
+
+def _save(quantizers: Mapping[str, ProductQuantizer], target: BinaryIO | None, expected: str | None = None,
+          where: str = "") -> str:
+    """torch.save the file's entry into `target` (None: nowhere) and return its sha256 (torch.save writes the same
+    bytes for the same tensors); TablesFileError, naming `where`, when it is not `expected`."""
     entry = {"format": FORMAT, "version": VERSION,
              "layers": {name: {"params": q.get_params(),
                                "state": {k: v.detach().cpu() for k, v in q.state_dict().items()}}
                         for name, q in quantizers.items()}}
-    buffer = io.BytesIO()
-    torch.save(entry, buffer)
-    data = buffer.getvalue()
-    return data, hashlib.sha256(data).hexdigest()
-
-
-def save_tables(path: str | os.PathLike, quantizers: Mapping[str, ProductQuantizer]) -> str:
-    """Write the tables atomically; returns the file's sha256 (to record in the configuration)."""
-    data, sha = tables_bytes(quantizers)
-    atomic_write_bytes(Path(path), data)
+    writer = _HashingWriter(target)
+    torch.save(entry, writer)
+    sha = writer.hash.hexdigest()
+    if expected is not None and sha != expected:
+        raise TablesFileError(f"{where}: the tables serialise to sha256 {sha[:12]}…, not the recorded "
+                              f"{expected[:12]}…; load them again from their tables file or {AGAIN}")
     return sha
 
 

@@ -22,7 +22,7 @@ from tabconv.lowering import bias_vector, im2col, patch_columns, weight_matrix
 from tabconv.quantizer import DegenerateCodebookWarning, ProductQuantizer
 from tabconv.session import GivenTables, Session
 from tabconv.settings import LayerSetting
-from tabconv.tablesfile import TablesFileError, load_tables, save_tables
+from tabconv.tablesfile import TablesFileError, load_tables, save_tables, tables_bytes, tables_sha256
 from tabconv.train import train_and_save
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -291,6 +291,15 @@ def test_tables_file_round_trip_and_refusals(tiny_digits, tmp_path):
     quantizers = session.tables(settings)
     path = tmp_path / "t.tables.pt"
     sha = save_tables(path, quantizers)
+    # written streamed, hashed without the content, serialised in memory: the same bytes
+    data, same = tables_bytes(quantizers)
+    assert same == sha == tables_sha256(quantizers) and data == path.read_bytes()
+    assert GivenTables(sha, quantizers).content() == data
+    with pytest.raises(TablesFileError, match="not the recorded"):  # not written: the file there stays
+        save_tables(path, quantizers, "0" * 64)
+    with pytest.raises(TablesFileError, match="not the recorded"):
+        GivenTables("0" * 64, quantizers).content()
+    assert path.read_bytes() == data and list(tmp_path.iterdir()) == [path]
     loaded = load_tables(path, sha, session.structure, settings)
     for name, quantizer in quantizers.items():
         for key, value in quantizer.state_dict().items():

@@ -33,9 +33,9 @@ def tuned_files(wb: Workbench, metrics: Metrics, tables_file: str) -> tuple[str,
     """(configuration JSON naming `tables_file`, that file's bytes) of a fine-tuned configuration whose
     tables this page holds (fine-tuned or imported here, and not yet dropped from memory); None otherwise."""
     given = wb.session.given(metrics)
-    if given is None or given.data is None:
+    if given is None:
         return None
-    return wb.session.tuned_configuration(metrics, tables_file).to_json(), given.data
+    return wb.session.tuned_configuration(metrics, tables_file).to_json(), given.content()
 
 
 def export_button(wb: Workbench, current: Metrics) -> None:
