@@ -475,6 +475,7 @@ def finetune_session(session: Session, parent: Metrics, *, steps: int = DEFAULT_
     else:
         last = _span(chosen, len(chosen) - min(512, len(chosen) // 8), len(chosen))
         described = f"{chosen.info.name} {chosen.split} images {last} (the network may have trained on them)"
+    session.release_activations()
     tuned, report = finetune(session.model, session.structure, session.quantizers(parent),
                              chosen.normalize(chosen.images), steps=steps, lr=lr, batch_size=batch_size,
                              layer_loss=layer_loss, seed=seed, seconds=seconds, patience=patience, held_out=probe,

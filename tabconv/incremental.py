@@ -41,6 +41,12 @@ class IncrementalRunner:
         self._run({node.name for node in self.nodes}, ())
         self.exact_values = [dict(values) for values in self.values]
 
+    def forget(self) -> None:
+        """Drop the current overrides' activations and keep the exact network's: frees up to `memory_bytes` before
+        memory-hungry work (fine-tuning); the next run recomputes what its overrides change from the exact values."""
+        self.values = [dict(values) for values in self.exact_values]
+        self.overrides = {}
+
     @property
     def keeps_everything(self) -> bool:
         return len(self.kept) == len(self.nodes)

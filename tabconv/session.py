@@ -432,6 +432,13 @@ class Session:
             self._held = metrics.id
         self.current = metrics
 
+    def release_activations(self) -> None:
+        """Free the incremental runner's activations of the current configuration (the exact network's stay) before
+        memory-hungry work: fine-tuning every layer of ResNet-18/CIFAR-10 at S=3 otherwise kept 2 GiB of them."""
+        if self.incremental:
+            self.runner.forget()
+            self._held = self.baseline.id
+
     def has_tables(self, metrics: Metrics) -> bool:
         """Whether this session can give an evaluated configuration's tables: built ones always (from memory, the
         cache or a rebuild), given (fine-tuned) ones while they are among the latest MAX_GIVEN_TABLES sets."""

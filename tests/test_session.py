@@ -95,6 +95,23 @@ def test_the_session_knows_which_configuration_its_runner_holds(digits):
     assert s.apply({"layer4.1.conv2": TABLE, "fc": TABLE}).recomputed <= 3  # from `late`'s kept activations
 
 
+def test_released_activations_are_the_exact_networks_and_a_later_evaluation_matches_a_fresh_one(digits):
+    s = new_session(digits)
+    settings = {"layer2.0.conv1": TABLE, "layer4.1.conv2": TABLE}
+    held = s.apply(settings).metrics
+    owned = [name for name, value in s.runner.values[0].items() if value is not s.runner.exact_values[0][name]]
+    assert owned and s.holds(held)
+    s.release_activations()  # the current configuration's own activations go; the exact network's stay
+    assert s.holds(s.baseline) and not s.holds(held) and s.runner.overrides == {}
+    for values, exact in zip(s.runner.values, s.runner.exact_values, strict=True):
+        assert values.keys() == exact.keys() and all(values[name] is exact[name] for name in values)
+    s.activate(held)  # recomputed from the exact activations: the same result, the same work as the first time
+    assert s.holds(held) and s.runner.recomputed > 0
+    again = s.apply({**settings, "fc": TABLE}).metrics
+    fresh = new_session(digits).apply({**settings, "fc": TABLE}).metrics
+    assert again.hits == fresh.hits and again.errors == fresh.errors
+
+
 def test_suffix_only_reevaluation_matches_a_full_evaluation_exactly(digits):
     s = new_session(digits)
     steps = [s.uniform(TABLE)]
