@@ -210,10 +210,11 @@ _ONE_HOT_ELEMENTS = 1 << 24  # bounds the one-hot row block of the tables' gradi
 class _TreeSoft(torch.autograd.Function):
     """The tree's soft assignment: a leaf's probability is the product of the sigmoid decisions along its path.
 
-    Written by hand so that only the split values are kept for the backward pass (autograd kept about ten (nodes,
-    C', N) tensors per layer: 3 GB of a ResNet-18/CIFAR-10 step at S=3, batch 64). The backward recomputes the
-    decisions d, the reach probabilities R top-down (the forward's levels) and the leaves' gradient summed below
-    each node bottom-up, S(node) = (1 - d) S(left) + d S(right); then dL/dd = R (S(right) - S(left)).
+    Written by hand so that only the split values are kept for the backward pass: autograd kept about ten (nodes,
+    C', N) tensors per layer, and fine-tuning every layer of ResNet-18/CIFAR-10 at S=3 (batch 64) ran at 7.0-8.0 GB
+    resident with them, 5.7-6.1 GB with this Function. The backward recomputes the decisions d, the reach
+    probabilities R top-down (the forward's levels) and the leaves' gradient summed below each node bottom-up,
+    S(node) = (1 - d) S(left) + d S(right); then dL/dd = R (S(right) - S(left)).
     Heap order: node i's children are 2i + 1 (left: 1 - d) and 2i + 2 (right: d). A node that never splits
     (`finite` false) sends every row left and gets no gradient."""
 
