@@ -198,22 +198,28 @@ def native() -> list[dict[str, Any]]:
     ]
 
 
-SEARCH_FT_99 = ("python -m tabconv search --checkpoint checkpoints/resnet18-mnist.pt --data-root DIR --strategy greedy "
-                f"--convention latency --min-retention 0.99 {TREE} --ridge 0.01 --calibration-images 1000 "
-                "--eval-images 1000 --max-evaluations 60 --finetune --finetune-images 8192 "
-                "--out docs/configs/resnet18-mnist-latency-search-ft-99.json --json "
-                "> docs/results-search-mnist-ft-99-latency.json")
+SEARCH_99 = ("python -m tabconv search --checkpoint checkpoints/resnet18-mnist.pt --data-root DIR --strategy greedy "
+             f"--convention {{convention}} --min-retention 0.99 {TREE} --ridge 0.01 --calibration-images 1000 "
+             "--eval-images 1000 --max-evaluations 60 {extra}--out {config} --json > docs/{results}")
+SEARCH_FT_99_CONFIG = "docs/configs/resnet18-mnist-latency-search-ft-99.json"
+SEARCH_FT_99_RESULTS = "results-search-mnist-ft-99-latency.json"
+
+
+def _confirmation(results: str) -> tuple[dict[str, Any], list[str]]:
+    """A confirmed search's record (its JSON's `confirmation`) and the layers its back-offs returned to exact."""
+    record = _json(results)["confirmation"]
+    return record, [step["layer"] for step in record["backoffs"]]
 
 
 def _mnist_search_ft_99() -> dict[str, Any]:
     """The >= 99% latency search on ResNet-18/MNIST with fine-tuning in its loop: chosen on test images 0-999,
     fine-tuned (checks on them), confirmed on 1000-9999."""
-    record = _json("results-search-mnist-ft-99-latency.json")["confirmation"]
-    backoffs = [step["layer"] for step in record["backoffs"]]
+    record, backoffs = _confirmation(SEARCH_FT_99_RESULTS)
+    command = SEARCH_99.format(convention="latency", extra="--finetune --finetune-images 8192 ",
+                               config=SEARCH_FT_99_CONFIG, results=SEARCH_FT_99_RESULTS)
     claim = from_config("resnet18-mnist-latency-search-ft-99", "latency search at >= 99%, fine-tuned in the loop"
-                        f"{_confirmed_title(backoffs)}", "native",
-                        "docs/configs/resnet18-mnist-latency-search-ft-99.json", 1000, not backoffs,
-                        command=SEARCH_FT_99, latency=_latency("results-speed-latency-search.json", NATIVE))
+                        f"{_confirmed_title(backoffs)}", "native", SEARCH_FT_99_CONFIG, 1000, not backoffs,
+                        command=command, latency=_latency("results-speed-latency-search.json", NATIVE))
     claim["values"] = {**_confirmed_values(backoffs, record["chosen"]["retention_confirmed"]),
                        "search_retention_pct": record["chosen"]["retention_searched"],
                        "finetuned_search_retention_pct": record["chosen_finetuned_searched"]["retention"]}
@@ -225,21 +231,18 @@ def _mnist_search_ft_99() -> dict[str, Any]:
     return claim
 
 
-SEARCH_99 = ("python -m tabconv search --checkpoint checkpoints/resnet18-mnist.pt --data-root DIR --strategy greedy "
-             f"--convention {{convention}} --min-retention 0.99 {TREE} --ridge 0.01 --calibration-images 1000 "
-             "--eval-images 1000 --max-evaluations 60 "
-             "--out {config} --json > docs/results-search-mnist-99-{convention}.json")
 SEARCH_99_CONFIG = {"latency": "latency-search", "paper": "tree-greedy-paper", "full": "tree-greedy-full"}
 
 
 def _mnist_search_99(convention: str, what: str) -> dict[str, Any]:
     """A >= 99% search on ResNet-18/MNIST, chosen on test images 0-999 and confirmed on 1000-9999."""
     config = f"docs/configs/resnet18-mnist-{SEARCH_99_CONFIG[convention]}-99-confirmed.json"
-    record = _json(f"results-search-mnist-99-{convention}.json")["confirmation"]
-    backoffs = [step["layer"] for step in record["backoffs"]]
+    results = f"results-search-mnist-99-{convention}.json"
+    record, backoffs = _confirmation(results)
     claim = from_config(f"resnet18-mnist-{SEARCH_99_CONFIG[convention]}-99-confirmed",
-                        f"{what} at >= 99%{_confirmed_title(backoffs)}, untuned", "latency-searches",
-                        config, 1000, False, command=SEARCH_99.format(convention=convention, config=config))
+                        f"{what} at >= 99%{_confirmed_title(backoffs)}, untuned", "latency-searches", config, 1000,
+                        False, command=SEARCH_99.format(convention=convention, extra="", config=config,
+                                                        results=results))
     claim["values"] = {**claim.get("values", {}),
                        **_confirmed_values(backoffs, record["chosen"]["retention_confirmed"]),
                        "search_retention_pct": record["accepted"]["retention_searched"]}
